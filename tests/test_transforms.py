@@ -1,0 +1,77 @@
+"""Recipe transforms: pretrain / eval / linear-probe crops, and RandAugment surviving Pillow 13."""
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data.auto_augment import AugmentOp, RandAugment
+
+from util.crop import RandomResizedCrop
+from util.datasets import (build_eval_transform, build_linprobe_transform, build_pretrain_transform,
+                           build_transform, posterize_any_bits)
+
+FINETUNE_ARGS = SimpleNamespace(input_size=32, color_jitter=None, aa='rand-m9-mstd0.5-inc1', reprob=0.25,
+                                remode='pixel', recount=1)
+
+
+def noise_image(size=(40, 30), seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def test_pretrain_and_eval_transforms_give_normalised_tensors_of_input_size():
+    img = noise_image((64, 48))
+    for transform in (build_pretrain_transform(32), build_eval_transform(32),
+                      build_linprobe_transform(True, 32), build_transform(True, FINETUNE_ARGS)):
+        out = transform(img)
+        assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+
+
+def test_eval_resize_is_input_size_over_0_875_up_to_224_and_none_above():
+    assert build_eval_transform(224).transforms[0].size == 256
+    assert build_eval_transform(384).transforms[0].size == 384
+    assert build_eval_transform(32).transforms[1].size == (32, 32)
+
+
+def test_pretrain_crop_scale_and_bicubic_follow_the_recipe():
+    crop = build_pretrain_transform(224).transforms[0]
+    assert crop.scale == (0.2, 1.0) and crop.interpolation.value == 'bicubic'
+
+
+def test_tf_style_crop_stays_inside_the_image_with_one_draw():
+    torch.manual_seed(0)
+    for _ in range(200):
+        i, j, h, w = RandomResizedCrop.get_params(noise_image((40, 30)), (0.08, 1.0), (3 / 4, 4 / 3))
+        assert 0 <= i <= 30 - h and 0 <= j <= 40 - w and 1 <= h <= 30 and 1 <= w <= 40
+
+
+def test_posterize_with_zero_bits_gives_the_black_image_older_pillow_gave():
+    img = noise_image()
+    out = posterize_any_bits(img, 0)
+    assert out.mode == 'RGB' and out.size == img.size and not np.asarray(out).any()
+    assert np.array_equal(np.asarray(posterize_any_bits(img, 4)), np.asarray(img) & 0xF0)
+    assert posterize_any_bits(img, 8) is img
+
+
+def test_the_official_magnitude_noise_reaches_posterize_zero_bits():
+    op = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=9, hparams={'magnitude_std': 0.5})
+    bits = [op.level_fn(min(random.gauss(9, 0.5), 10.0), op.hparams)[0] for _ in range(2000)]
+    assert 0 in bits  # P(magnitude >= 10) = P(z >= 2) ~ 2.3%
+
+
+def test_finetune_transform_routes_every_posterize_op_to_the_safe_function():
+    randaug = next(t for t in build_transform(True, FINETUNE_ARGS).transforms if isinstance(t, RandAugment))
+    posterize_ops = [op for op in randaug.ops if op.name.startswith('Posterize')]
+    assert posterize_ops and all(op.aug_fn is posterize_any_bits for op in posterize_ops)
+
+
+@pytest.mark.slow
+def test_three_thousand_official_randaugment_draws_raise_nothing():
+    random.seed(0)
+    torch.manual_seed(0)
+    transform = build_transform(True, FINETUNE_ARGS)
+    img = noise_image((48, 48))
+    for _ in range(3000):
+        assert transform(img).shape == (3, 32, 32)

@@ -1,0 +1,18 @@
+"""Learning-rate schedule: linear warm-up, then a half-cycle cosine down to min_lr, set every iteration."""
+import math
+
+
+def lr_at(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: float) -> float:
+    """Learning rate at a fractional epoch (epoch + iteration / iterations_per_epoch)."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    progress = (epoch - warmup_epochs) / (epochs - warmup_epochs)
+    return min_lr + (lr - min_lr) * 0.5 * (1. + math.cos(math.pi * progress))
+
+
+def adjust_learning_rate(optimizer, epoch: float, args) -> float:
+    """Set every param group's lr for this fractional epoch, scaled by the group's `lr_scale` if it has one."""
+    lr = lr_at(epoch, args.lr, args.min_lr, args.warmup_epochs, args.epochs)
+    for param_group in optimizer.param_groups:
+        param_group['lr'] = lr * param_group.get('lr_scale', 1.0)
+    return lr
