@@ -6,8 +6,8 @@ def lr_at(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: 
     """Learning rate at a fractional epoch (epoch + iteration / iterations_per_epoch)."""
     if epoch < warmup_epochs:
         return lr * epoch / warmup_epochs
-    progress = (epoch - warmup_epochs) / (epochs - warmup_epochs)
-    return min_lr + (lr - min_lr) * 0.5 * (1. + math.cos(math.pi * progress))
+    # keep this operation order: it reproduces the official schedule bit for bit
+    return min_lr + (lr - min_lr) * 0.5 * (1. + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
 
 
 def adjust_learning_rate(optimizer, epoch: float, args) -> float:
