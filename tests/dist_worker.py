@@ -1,0 +1,33 @@
+"""Run by tests under torchrun or with SLURM variables: start up through util/, reduce metrics, report as JSON."""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from util import distributed  # noqa: E402
+from util.device import setup_runtime  # noqa: E402
+from util.metrics import MetricLogger  # noqa: E402
+
+
+def main(out_dir):
+    launch = distributed.detect_launch()
+    runtime = setup_runtime('cpu', local_rank=launch.local_rank)
+    distributed.init_distributed(launch, runtime.dist_backend, runtime.device, timeout_minutes=2)
+    rank = distributed.get_rank()
+    logger = MetricLogger()
+    logger.update(loss=float(rank + 1))  # rank 0 logs 1.0, rank 1 logs 2.0
+    logger.update(loss=float(rank + 1) * 3)
+    logger.synchronize_between_processes()
+    result = dict(launcher=launch.launcher, rank=rank, world_size=distributed.get_world_size(),
+                  local_rank=launch.local_rank, backend=runtime.dist_backend,
+                  mean=distributed.all_reduce_mean(float(rank + 1)), loss_global_avg=logger.loss.global_avg,
+                  loss_count=logger.loss.count, main=distributed.is_main_process())
+    distributed.barrier()
+    with open(os.path.join(out_dir, f'rank{rank}.json'), 'w') as f:
+        json.dump(result, f)
+    distributed.cleanup()
+
+
+if __name__ == '__main__':
+    main(sys.argv[1])

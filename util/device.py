@@ -1,0 +1,191 @@
+"""The one place that knows the accelerator backends: CUDA, Ascend NPU (torch_npu), Tecorigin SDAA (torch_sdaa),
+Apple MPS and CPU. Everything else asks a `Runtime` for its device, autocast, gradient scaler, synchronisation,
+peak memory and collective backend, so no `torch.cuda` call lives outside this file.
+"""
+import contextlib
+import importlib
+import importlib.util
+import random
+import resource
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+DEVICE_CHOICES = ('auto', 'cuda', 'npu', 'sdaa', 'mps', 'cpu')
+AMP_CHOICES = ('fp16', 'bf16', 'off')
+AUTO_ORDER = ('npu', 'sdaa', 'cuda', 'mps')  # plugins first: their CUDA shims can make torch.cuda answer for them
+
+PLUGINS = {
+    'npu': ('torch_npu', 'pip install torch-npu matching your torch and CANN versions'),
+    'sdaa': ('torch_sdaa', "install Tecorigin's torch_sdaa wheel matching your torch and SDAA driver versions"),
+}
+DIST_BACKENDS = {'cuda': 'nccl', 'npu': 'hccl', 'sdaa': 'tccl', 'mps': 'gloo', 'cpu': 'gloo'}
+VISIBLE_DEVICES_VAR = {'cuda': 'CUDA_VISIBLE_DEVICES', 'npu': 'ASCEND_RT_VISIBLE_DEVICES',
+                       'sdaa': 'SDAA_VISIBLE_DEVICES'}
+AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16}
+
+
+class DeviceError(RuntimeError):
+    """A requested backend or precision is not usable here; the message is one line for the user."""
+
+
+def load_plugin(device_type: str):
+    """Import torch_npu / torch_sdaa if installed. Returns (module or None, reason it is unusable or '')."""
+    name, install_hint = PLUGINS[device_type]
+    if name in sys.modules:
+        return sys.modules[name], ''
+    if importlib.util.find_spec(name) is None:
+        return None, f'{name} is not installed ({install_hint})'
+    try:
+        return importlib.import_module(name), ''
+    except Exception as e:  # a broken plugin (missing driver libraries, version skew) must not stop CPU work
+        return None, f'{name} is installed but failed to import: {type(e).__name__}: {e}'.splitlines()[0]
+
+
+def unavailable_reason(device_type: str) -> str:
+    """'' when `device_type` can be used in this process, else why not (one line)."""
+    if device_type == 'cpu':
+        return ''
+    if device_type == 'mps':
+        if torch.backends.mps.is_available():
+            return ''
+        return 'MPS is not available (it needs Apple silicon, macOS 12.3+ and an MPS-enabled torch build)'
+    if device_type in PLUGINS:
+        plugin, reason = load_plugin(device_type)
+        if plugin is None:
+            return reason
+    module = getattr(torch, device_type, None)
+    if module is not None and module.is_available():
+        return ''
+    return (f'no {device_type.upper()} device is visible (check the driver and '
+            f'{VISIBLE_DEVICES_VAR[device_type]})')
+
+
+def resolve_device_type(requested: str = 'auto') -> str:
+    """'auto' -> npu, else sdaa, else cuda, else mps, else cpu. An explicit choice must be usable."""
+    if requested not in DEVICE_CHOICES:
+        raise DeviceError(f'--device {requested}: unknown device; choose from {", ".join(DEVICE_CHOICES)}')
+    if requested == 'auto':
+        return next((t for t in AUTO_ORDER if not unavailable_reason(t)), 'cpu')
+    reason = unavailable_reason(requested)
+    if reason:
+        raise DeviceError(f'--device {requested}: {reason}')
+    return requested
+
+
+def default_amp(device_type: str) -> str:
+    """fp16 with a gradient scaler on accelerators (the official recipe), full precision on cpu and mps."""
+    return 'fp16' if device_type in ('cuda', 'npu', 'sdaa') else 'off'
+
+
+@dataclass
+class Runtime:
+    """The chosen backend for this process: device, precision and the backend-specific calls."""
+    type: str
+    index: Optional[int] = None
+    amp: str = 'off'
+
+    @property
+    def device_str(self) -> str:
+        return f'{self.type}:{self.index}' if self.index is not None else self.type
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.device_str)
+
+    @property
+    def module(self):
+        """torch.cuda / torch.npu / torch.sdaa / torch.mps, or None on cpu."""
+        return getattr(torch, self.type, None) if self.type != 'cpu' else None
+
+    @property
+    def dist_backend(self) -> str:
+        return DIST_BACKENDS[self.type]
+
+    @property
+    def amp_dtype(self) -> Optional[torch.dtype]:
+        return AMP_DTYPES.get(self.amp)
+
+    @property
+    def pin_memory_supported(self) -> bool:
+        return self.type in ('cuda', 'npu', 'sdaa')
+
+    def autocast(self):
+        """Mixed-precision context for forward passes; a no-op when amp is off."""
+        if self.amp == 'off':
+            return contextlib.nullcontext()
+        return torch.amp.autocast(device_type=self.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self):
+        """A gradient scaler for fp16, else None (bf16 and fp32 need none). Plugins' own scalers come first:
+        torch.amp.GradScaler('npu') is reported to fail in update() on some CANN versions."""
+        if self.amp != 'fp16':
+            return None
+        plugin_amp = getattr(self.module, 'amp', None) if self.type in PLUGINS else None
+        if plugin_amp is not None and hasattr(plugin_amp, 'GradScaler'):
+            return plugin_amp.GradScaler()
+        return torch.amp.GradScaler(self.type)
+
+    def synchronize(self):
+        if self.module is not None and hasattr(self.module, 'synchronize'):
+            self.module.synchronize()
+
+    def max_memory_allocated(self) -> int:
+        """Peak bytes allocated on the device since the last reset (cpu: the process's peak resident memory;
+        mps: memory currently held by the driver, MPS keeps no peak)."""
+        if self.type == 'cpu':
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if self.type == 'mps':
+            return self.module.driver_allocated_memory()
+        return self.module.max_memory_allocated(self.index)
+
+    def reset_peak_memory_stats(self):
+        if self.type in ('cuda', 'npu', 'sdaa') and hasattr(self.module, 'reset_peak_memory_stats'):
+            self.module.reset_peak_memory_stats(self.index)
+
+    def set_device(self):
+        """Make `index` this process's current device; hccl and tccl require it before init_process_group."""
+        if self.index is not None and self.type in ('cuda', 'npu', 'sdaa'):
+            self.module.set_device(self.index)
+
+    def supports_fused_adamw(self) -> bool:
+        return self.type in ('cuda', 'mps')
+
+    def describe(self) -> str:
+        name = self.device_str
+        if self.type in ('cuda', 'npu', 'sdaa') and hasattr(self.module, 'get_device_name'):
+            name += f' ({self.module.get_device_name(self.index)})'
+        return f'{name}, amp {self.amp}'
+
+
+def check_amp_supported(device_type: str, amp: str):
+    if amp == 'bf16' and device_type in ('cuda', 'npu', 'sdaa'):
+        module = getattr(torch, device_type)
+        if hasattr(module, 'is_bf16_supported') and not module.is_bf16_supported():
+            raise DeviceError(f'--amp bf16: this {device_type.upper()} has no bfloat16 support '
+                              '(e.g. Ascend 910A, pre-Ampere GPUs); use --amp fp16')
+
+
+def setup_runtime(device: str = 'auto', amp: Optional[str] = None, local_rank: int = 0) -> Runtime:
+    """Resolve --device and --amp, and make local_rank this process's current device."""
+    device_type = resolve_device_type(device)
+    amp = amp or default_amp(device_type)
+    if amp not in AMP_CHOICES:
+        raise DeviceError(f'--amp {amp}: choose from {", ".join(AMP_CHOICES)}')
+    check_amp_supported(device_type, amp)
+    index = local_rank if device_type in ('cuda', 'npu', 'sdaa') else None
+    runtime = Runtime(device_type, index, amp)
+    runtime.set_device()
+    if device_type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest conv kernel
+    return runtime
+
+
+def seed_everything(seed: int):
+    """Seed torch (every device), numpy and python's random for this process."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
