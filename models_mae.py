@@ -179,12 +179,13 @@ def _mae(embed_dim: int, depth: int, num_heads: int, patch_size: int, overrides:
     return MaskedAutoencoderViT(**config)
 
 
+# tiny and small are not official MAE configs: they exist for CPU work, so their decoders are scaled down too
 def mae_vit_tiny_patch16(**kwargs) -> MaskedAutoencoderViT:
-    return _mae(192, 12, 3, 16, kwargs)
+    return _mae(192, 12, 3, 16, {**dict(decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4), **kwargs})
 
 
 def mae_vit_small_patch16(**kwargs) -> MaskedAutoencoderViT:
-    return _mae(384, 12, 6, 16, kwargs)
+    return _mae(384, 12, 6, 16, {**dict(decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8), **kwargs})
 
 
 def mae_vit_base_patch16(**kwargs) -> MaskedAutoencoderViT:

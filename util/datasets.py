@@ -1,14 +1,20 @@
-"""Datasets and transforms of the official recipes: ImageFolder `train/` and `val/` under --data_path.
+"""Datasets, loaders and transforms of the official recipes: ImageFolder `train/` and `val/` under --data_path.
 
 pretrain: RandomResizedCrop(scale 0.2-1, bicubic) + flip.  fine-tune: timm's create_transform with RandAugment,
 random erasing; eval: resize to input_size / 0.875, centre crop.  linear probe: TF-style RandomResizedCrop + flip.
+A file that cannot be decoded is reported once and replaced by the next one, instead of ending the run.
 """
+import multiprocessing
 import os
+import struct
+from typing import Callable, Dict, List, Optional
 
+import torch
 from PIL import Image, ImageOps
 from timm.data import create_transform
 from timm.data.auto_augment import RandAugment
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
@@ -65,12 +71,169 @@ def build_transform(is_train: bool, args) -> transforms.Compose:
     return build_finetune_train_transform(args) if is_train else build_eval_transform(args.input_size)
 
 
-def build_dataset(is_train: bool, args, transform=None) -> datasets.ImageFolder:
+class DataError(RuntimeError):
+    """The dataset cannot be used; the message is one line for the user."""
+
+
+# what PIL raises for truncated, corrupt or non-image files
+DECODE_ERRORS = (OSError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+MAX_CONSECUTIVE_BAD = 20
+
+
+def decode_rgb(img: Image.Image) -> Image.Image:
+    """Decode to 3-channel RGB, as the official loader does (torchvision's pil_loader)."""
+    return img.convert('RGB')
+
+
+class BadImageLog:
+    """Unreadable files reported by any process (DataLoader workers included), collected in the main process."""
+
+    def __init__(self):
+        self._queue = multiprocessing.get_context().SimpleQueue()
+        self._reported_here = set()
+        self.files: Dict[str, str] = {}  # path -> error, in the main process after collect()
+
+    def report(self, path: str, error: Exception):
+        if path not in self._reported_here:
+            self._reported_here.add(path)
+            self._queue.put((path, f'{type(error).__name__}: {error}'.splitlines()[0]))
+
+    def collect(self) -> List[str]:
+        """Drain reports; print each new file once. Returns the newly seen paths."""
+        new = []
+        while not self._queue.empty():
+            path, error = self._queue.get()
+            if path not in self.files:
+                self.files[path] = error
+                new.append(path)
+                print(f'Unreadable image replaced by another sample: {path} ({error})', flush=True)
+        return new
+
+    def __len__(self):
+        return len(self.files)
+
+
+class ImageFolderDataset(datasets.ImageFolder):
+    """torchvision's ImageFolder (same samples, classes and order), surviving bad files: a file that cannot be
+    decoded is reported to `bad_images` and replaced by the next readable one, with that one's label."""
+
+    def __init__(self, root: str, transform=None, decode: Callable = decode_rgb,
+                 bad_images: Optional[BadImageLog] = None):
+        super().__init__(root, transform=transform)
+        self.decode = decode
+        self.bad_images = bad_images if bad_images is not None else BadImageLog()
+
+    def read(self, path: str) -> Image.Image:
+        with open(path, 'rb') as f:
+            return self.decode(Image.open(f))  # PIL decodes lazily: every decoding error surfaces here
+
+    def __getitem__(self, index: int):
+        for _ in range(MAX_CONSECUTIVE_BAD):
+            path, target = self.samples[index]
+            try:
+                img = self.read(path)
+            except DECODE_ERRORS as e:
+                self.bad_images.report(path, e)
+                index = (index + 1) % len(self.samples)
+                continue
+            return (self.transform(img) if self.transform is not None else img), target
+        raise DataError(f'{MAX_CONSECUTIVE_BAD} unreadable images in a row up to {path}: is the dataset intact?')
+
+
+def build_image_folder(root: str, transform, decode: Callable = decode_rgb) -> ImageFolderDataset:
+    """ImageFolder over `root` with a one-line DataError when the folder is missing, empty or has no images."""
+    if not os.path.isdir(root):
+        raise DataError(f'{root}: no such folder; --data_path must hold train/ and val/ with one sub-folder '
+                        'per class (the ImageNet layout)')
+    try:
+        return ImageFolderDataset(root, transform=transform, decode=decode)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f'{root}: {str(e).splitlines()[0]} (expected {root}/<class>/<image>)') from None
+
+
+def build_dataset(is_train: bool, args, transform=None) -> ImageFolderDataset:
     """ImageFolder over data_path/train or data_path/val, with the fine-tuning transforms by default."""
     root = os.path.join(args.data_path, 'train' if is_train else 'val')
     if transform is None:
         transform = build_transform(is_train, args)
-    return datasets.ImageFolder(root, transform=transform)
+    return build_image_folder(root, transform)
+
+
+def build_classification_data(args, runtime, train_transform, eval_transform):
+    """Train and val ImageFolders (no train set with --eval) and their loaders, with the class count checked."""
+    dataset_val = build_image_folder(os.path.join(args.data_path, 'val'), eval_transform)
+    dataset_train = None
+    if not args.eval:
+        dataset_train = build_image_folder(os.path.join(args.data_path, 'train'), train_transform)
+    for dataset in (dataset_train, dataset_val):
+        if dataset is not None and len(dataset.classes) > args.nb_classes:
+            raise DataError(f'--nb_classes {args.nb_classes}: {dataset.root} has {len(dataset.classes)} classes; '
+                            'pass --nb_classes of at least that')
+    loader_train = None if dataset_train is None else build_loader(
+        dataset_train, args, runtime, train=True, rank=args.rank, world_size=args.world_size)
+    loader_val = build_loader(dataset_val, args, runtime, train=False, rank=args.rank,
+                              world_size=args.world_size, dist_eval=args.dist_eval)
+    return dataset_train, dataset_val, loader_train, loader_val
+
+
+# --- sampling and loading ------------------------------------------------------------------------------------
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (shuffled by seed + epoch, sharded over ranks; also used for one process) that can
+    start part-way through an epoch, so a resumed run sees exactly the samples the interrupted one had left."""
+
+    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.start_index = 0
+
+    def set_epoch(self, epoch: int):
+        super().set_epoch(epoch)
+        self.start_index = 0
+
+    def skip(self, num_samples: int):
+        """Leave out the first `num_samples` samples of this rank's share of the current epoch."""
+        self.start_index = num_samples
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start_index:])
+
+    def __len__(self):
+        return self.num_samples - self.start_index
+
+
+def build_loader(dataset, args, runtime, train: bool, rank: int = 0, world_size: int = 1,
+                 dist_eval: bool = False) -> DataLoader:
+    """Train loaders shuffle (resumably) and drop the last partial batch; eval loaders keep every sample."""
+    if train:
+        sampler = ResumableSampler(dataset, world_size, rank, shuffle=True, seed=args.seed)
+    elif dist_eval and world_size > 1:
+        if len(dataset) % world_size:
+            print('Warning: enabling distributed evaluation with an eval dataset not divisible by process '
+                  'number. This will slightly alter validation results as extra duplicate entries are added '
+                  'to achieve equal num of samples per-process.', flush=True)
+        sampler = DistributedSampler(dataset, world_size, rank, shuffle=True)  # shuffle: unbiased progress
+    else:
+        sampler = SequentialSampler(dataset)
+    # a private generator: worker seeds never draw from (and shift) the global RNG that masking uses
+    generator = torch.Generator()
+    generator.manual_seed(loader_seed(args.seed, 0, rank))
+    return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+                      pin_memory=args.pin_mem and runtime.pin_memory_supported, drop_last=train,
+                      generator=generator, persistent_workers=getattr(args, 'persistent_workers', False)
+                      and args.num_workers > 0)
+
+
+def loader_seed(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch * 1_009 + rank) % (2 ** 63)
+
+
+def start_epoch_of(loader: DataLoader, epoch: int, rank: int, seed: int, skip_batches: int = 0):
+    """Shuffle for `epoch`, reseed the workers for it, and skip batches already done when resuming."""
+    if hasattr(loader.sampler, 'set_epoch'):
+        loader.sampler.set_epoch(epoch)
+    if skip_batches and hasattr(loader.sampler, 'skip'):
+        loader.sampler.skip(skip_batches * loader.batch_size)
+    loader.generator.manual_seed(loader_seed(seed, epoch, rank))
 
 
 # --- RandAugment on Pillow >= 13 ---------------------------------------------------------------------------

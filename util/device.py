@@ -146,6 +146,18 @@ class Runtime:
         if self.type in ('cuda', 'npu', 'sdaa') and hasattr(self.module, 'reset_peak_memory_stats'):
             self.module.reset_peak_memory_stats(self.index)
 
+    def get_rng_state(self) -> Optional[torch.Tensor]:
+        """The device generator's state (masking noise is drawn there); None on cpu, which torch's covers."""
+        if self.type == 'cpu' or not hasattr(self.module, 'get_rng_state'):
+            return None
+        return self.module.get_rng_state() if self.type == 'mps' else self.module.get_rng_state(self.index)
+
+    def set_rng_state(self, state: torch.Tensor):
+        if self.type == 'mps':
+            self.module.set_rng_state(state)
+        elif self.type != 'cpu' and hasattr(self.module, 'set_rng_state'):
+            self.module.set_rng_state(state, self.index)
+
     def set_device(self):
         """Make `index` this process's current device; hccl and tccl require it before init_process_group."""
         if self.index is not None and self.type in ('cuda', 'npu', 'sdaa'):

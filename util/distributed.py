@@ -3,11 +3,12 @@
 The collective backend comes from the device layer (nccl / hccl / tccl / gloo); reductions run on the device
 that backend wants (the accelerator, or the CPU for gloo), never a hard-coded 'cuda'.
 """
+import contextlib
 import datetime
 import os
 import re
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -136,6 +137,31 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     t = tensor.detach().to(_comm_device)
     dist.all_reduce(t)
     return t.to(tensor.device)
+
+
+def all_gather_bytes(data: bytes) -> List[bytes]:
+    """Every rank's `data`, in rank order, on every rank (sizes may differ between ranks)."""
+    world_size = get_world_size()
+    if world_size == 1:
+        return [data]
+    local = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(_comm_device)
+    size = torch.tensor([local.numel()], dtype=torch.int64, device=_comm_device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s.item()) for s in sizes]
+    padded = torch.zeros(max(sizes), dtype=torch.uint8, device=_comm_device)
+    padded[:local.numel()] = local
+    gathered = [torch.zeros_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    return [g[:n].cpu().numpy().tobytes() for g, n in zip(gathered, sizes)]
+
+
+def grad_sync(model: torch.nn.Module, enabled: bool):
+    """Context for forward + backward: with enabled=False a DDP model accumulates gradients locally instead of
+    all-reducing them (same result after the final micro-step, one all-reduce per optimizer step)."""
+    if not enabled and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
 
 
 def cleanup():

@@ -1,0 +1,31 @@
+"""Run outputs on rank 0: TensorBoard scalars and log.txt, one JSON object per epoch (the official format)."""
+import json
+import os
+from typing import Optional
+
+from util import distributed
+
+
+def make_log_writer(log_dir: Optional[str]):
+    """A TensorBoard SummaryWriter on rank 0 when log_dir is set, else None."""
+    if not log_dir or not distributed.is_main_process():
+        return None
+    from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
+    os.makedirs(log_dir, exist_ok=True)
+    return SummaryWriter(log_dir=log_dir)
+
+
+def append_log(output_dir: str, stats: dict, log_writer=None):
+    """Append one epoch's stats to output_dir/log.txt (rank 0), flushing TensorBoard first."""
+    if not output_dir or not distributed.is_main_process():
+        return
+    if log_writer is not None:
+        log_writer.flush()
+    with open(os.path.join(output_dir, 'log.txt'), mode='a', encoding='utf-8') as f:
+        f.write(json.dumps(stats) + '\n')
+
+
+def read_log(path: str) -> list:
+    """The JSON objects of a log.txt, one per epoch."""
+    with open(path, encoding='utf-8') as f:
+        return [json.loads(line) for line in f if line.strip()]

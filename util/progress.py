@@ -1,0 +1,133 @@
+"""Progress of one training epoch. Losses stay on the device and are synchronised once per logging window
+(not every iteration): one all-reduce gives the cross-rank loss for TensorBoard, the non-finite check and the
+stop-signal agreement. Logs images/s over all ranks, data-loading time, ETA and peak device memory."""
+import datetime
+import math
+import time
+from typing import Optional
+
+import torch
+
+from util import distributed, preemption
+from util.distributed import print0
+from util.metrics import MetricLogger, SmoothedValue
+
+
+class NonFiniteLossError(RuntimeError):
+    def __init__(self, epoch: int, iteration: int, value: float):
+        self.epoch, self.iteration, self.value = epoch, iteration, value
+        super().__init__(f'Loss is {value} at epoch {epoch}, iteration {iteration}, stopping training')
+
+
+def format_seconds(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+class EpochProgress:
+    """Collects per-iteration loss/lr; every `print_freq` iterations prints a line and writes TensorBoard."""
+
+    def __init__(self, runtime, epoch: int, iters_per_epoch: int, print_freq: int = 20, start_iter: int = 0,
+                 log_writer=None, tb_loss_name: str = 'train_loss', header: Optional[str] = None):
+        self.runtime = runtime
+        self.epoch = epoch
+        self.iters_per_epoch = iters_per_epoch
+        self.print_freq = max(1, print_freq)
+        self.start_iter = start_iter
+        self.log_writer = log_writer
+        self.tb_loss_name = tb_loss_name
+        self.header = header or f'Epoch: [{epoch}]'
+        self.meters = MetricLogger()
+        self.meters.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
+        self.window = []  # (iteration, loss on device, lr, write to TensorBoard)
+        self.world_size = distributed.get_world_size()
+        self._stop_agreed = False
+        self.epoch_images = 0
+        self.data_time = 0.0
+        self.runtime.reset_peak_memory_stats()
+        self.epoch_start = self.window_start = time.perf_counter()
+        self.window_images = 0
+        self.window_data_time = 0.0
+
+    def iterate(self, loader):
+        """Yield (iteration, batch), timing how long the loop waits for each batch."""
+        iteration = self.start_iter
+        waited_since = time.perf_counter()
+        for batch in loader:
+            wait = time.perf_counter() - waited_since
+            self.data_time += wait
+            self.window_data_time += wait
+            yield iteration, batch
+            iteration += 1
+            waited_since = time.perf_counter()
+
+    def update(self, iteration: int, loss: torch.Tensor, lr: float, batch_size: int, write_tb: bool = True):
+        self.window.append((iteration, loss.detach(), lr, write_tb))
+        self.window_images += batch_size
+        self.epoch_images += batch_size
+        if (iteration + 1) % self.print_freq == 0 or iteration + 1 == self.iters_per_epoch:
+            self.flush()
+
+    @property
+    def stop_agreed(self) -> bool:
+        """True once every rank knows a stop signal arrived (single process: as soon as it arrives)."""
+        if self.world_size == 1:
+            return preemption.stop_requested()
+        return self._stop_agreed
+
+    def flush(self):
+        """Synchronise the window: reduce losses across ranks, check them, log, write TensorBoard."""
+        if not self.window:
+            return
+        local = torch.stack([loss.float() for _, loss, _, _ in self.window])
+        flags = torch.tensor([float(preemption.stop_requested())], device=local.device)
+        reduced = distributed.all_reduce_sum(torch.cat([local, flags]))
+        self._stop_agreed = self._stop_agreed or reduced[-1].item() > 0
+        reduced_losses = (reduced[:-1] / self.world_size).tolist()
+        local_losses = local.tolist()
+        self.runtime.synchronize()  # the window's time includes its last backward and step
+        for (iteration, _, lr, write_tb), value, value_all in zip(self.window, local_losses, reduced_losses):
+            if not math.isfinite(value) or not math.isfinite(value_all):
+                bad = value if not math.isfinite(value) else value_all
+                raise NonFiniteLossError(self.epoch, iteration, bad)
+            self.meters.update(loss=value, lr=lr)
+            if self.log_writer is not None and write_tb:
+                step = int((iteration / self.iters_per_epoch + self.epoch) * 1000)  # epoch_1000x, as official
+                self.log_writer.add_scalar(self.tb_loss_name, value_all, step)
+                self.log_writer.add_scalar('lr', lr, step)
+        self.print_window(self.window[-1][0])
+        self.window = []
+
+    def print_window(self, iteration: int):
+        now = time.perf_counter()
+        elapsed = now - self.window_start
+        images_per_sec = self.window_images * self.world_size / max(elapsed, 1e-9)
+        done = iteration + 1 - self.start_iter
+        eta = (now - self.epoch_start) / max(done, 1) * (self.iters_per_epoch - iteration - 1)
+        width = len(str(self.iters_per_epoch))
+        print0(f'{self.header}  [{iteration + 1:>{width}}/{self.iters_per_epoch}]  eta: {format_seconds(eta)}  '
+               f'{self.meters}  img/s: {images_per_sec:.1f}  '
+               f'data: {self.window_data_time / max(elapsed, 1e-9):.0%}  '
+               f'mem: {self.runtime.max_memory_allocated() / 2 ** 30:.2f} GiB')
+        self.window_start = now
+        self.window_images = 0
+        self.window_data_time = 0.0
+
+    def finish(self) -> dict:
+        """Flush, average over ranks, print the epoch's summary line; returns the epoch's stats."""
+        self.flush()
+        self.runtime.synchronize()
+        elapsed = time.perf_counter() - self.epoch_start
+        local_loss = self.meters.meters['loss'].global_avg if 'loss' in self.meters.meters else float('nan')
+        self.meters.synchronize_between_processes()
+        stats = self.meters.global_averages()
+        if self.world_size > 1:  # each rank's own average: a rank drifting away from the others shows here
+            gathered = distributed.all_gather_bytes(repr(local_loss).encode())
+            stats['loss_per_rank'] = [float(b.decode()) for b in gathered]
+        stats.update(images_per_sec=self.epoch_images * self.world_size / max(elapsed, 1e-9),
+                     data_wait_frac=self.data_time / max(elapsed, 1e-9), epoch_time_sec=elapsed,
+                     peak_mem_gib=self.runtime.max_memory_allocated() / 2 ** 30)
+        print0(f'{self.header} done in {format_seconds(elapsed)}: loss {stats.get("loss", float("nan")):.4f}  '
+               f'lr {stats.get("lr", 0):.6f}  {stats["images_per_sec"]:.1f} img/s '
+               f'({self.world_size} process{"es" if self.world_size > 1 else ""})  '
+               f'data wait {stats["data_wait_frac"]:.0%}  peak mem {stats["peak_mem_gib"]:.2f} GiB')
+        return stats
