@@ -94,8 +94,6 @@ def train_and_evaluate(args, runtime, model, model_without_ddp, criterion, optim
         if test_stats['acc1'] > max_accuracy:
             max_accuracy = test_stats['acc1']
             checkpointer.save_best(epoch, {'acc1': test_stats['acc1'], 'acc5': test_stats['acc5']})
-        checkpointer.extra_state['max_accuracy'] = max_accuracy
-        checkpointer.save(epoch)
         print0(f'Max accuracy: {max_accuracy:.2f}%')
         if log_writer is not None:
             for name in ('acc1', 'acc5', 'loss'):
@@ -104,6 +102,8 @@ def train_and_evaluate(args, runtime, model, model_without_ddp, criterion, optim
                      **{f'test_{k}': v for k, v in test_stats.items()},
                      'epoch': epoch, 'n_parameters': n_parameters, 'max_accuracy': max_accuracy,
                      'bad_images': len(loader_train.dataset.bad_images)}
-        append_log(args.output_dir, log_stats, log_writer)
+        append_log(args.output_dir, log_stats, log_writer)  # before the checkpoint: see truncate_log
+        checkpointer.extra_state['max_accuracy'] = max_accuracy
+        checkpointer.save(epoch)
         loop.stop_if_signalled(epoch)
     return max_accuracy

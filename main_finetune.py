@@ -69,19 +69,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def validate(args):
     errors = []
-    cli.check_ranges(args, errors)
-    cli.check_model(args, models_vit.MODELS, ('classifier', 'an MAE (pretraining) model'), models_mae.MODELS,
-                    'main_pretrain.py', errors)
-    if args.model in models_vit.MODELS:
-        cli.check_patch_grid(args, 14 if args.model.endswith('patch14') else 16, errors)
-    cli.check_data_path(args, ['val'] if args.eval else ['train', 'val'], errors)
-    cli.check_checkpoint_path('--finetune', args.finetune, errors)
-    cli.check_checkpoint_path('--resume', args.resume, errors)
+    cli.check_classifier_args(args, models_vit.MODELS, models_mae.MODELS, errors)
     if mixup_active(args) and args.batch_size % 2:
         errors.append(f'--batch_size {args.batch_size}: mixup/cutmix needs an even batch size')
+    try:
+        build_transform(True, args)
+    except (AssertionError, ValueError, KeyError) as e:
+        errors.append(f'--aa {args.aa}: not an augmentation policy timm knows ({e}); e.g. rand-m9-mstd0.5-inc1, '
+                      'original, v0, or none')
     if args.mixup_mode not in ('batch', 'pair', 'elem'):
         errors.append(f'--mixup_mode {args.mixup_mode}: choose from batch, pair, elem')
-    cli.check_output(args, errors, training=not args.eval)
     cli.raise_if_errors(errors)
 
 

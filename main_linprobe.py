@@ -8,8 +8,9 @@ import argparse
 
 import torch
 
+import models_mae
+import models_vit
 from engine_finetune import evaluate, train_and_evaluate
-from main_finetune import validate
 from util import args as cli
 from util import launch
 from util.amp import LossScaler
@@ -29,9 +30,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     cli.add_data_args(parser)
     cli.add_output_args(parser)
     cli.add_runtime_args(parser)
-    # fixed for linear probing; present so that validation and helpers shared with fine-tuning see them
-    parser.set_defaults(mixup=0, cutmix=0, cutmix_minmax=None, mixup_mode='batch', clip_grad=None)
+    parser.set_defaults(clip_grad=None)  # no clipping in linear probing
     return parser
+
+
+def validate(args):
+    errors = []
+    cli.check_classifier_args(args, models_vit.MODELS, models_mae.MODELS, errors)
+    cli.raise_if_errors(errors)
 
 
 def add_batchnorm_head_and_freeze(model: torch.nn.Module) -> torch.nn.Module:

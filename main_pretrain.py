@@ -89,11 +89,10 @@ def main(args):
     for epoch, start_iter in loop.epochs():
         train_stats = loop.run(train_one_epoch, model, data_loader_train, optimizer, runtime, epoch, loss_scaler,
                                log_writer=log_writer, args=args, start_iter=start_iter, checkpointer=checkpointer)
-        last_epoch = epoch + 1 == args.epochs
-        checkpointer.save(epoch, numbered=epoch % args.save_freq == 0 or last_epoch)
         log_stats = {**{f'train_{k}': v for k, v in train_stats.items()}, 'epoch': epoch,
                      'bad_images': len(dataset_train.bad_images)}
-        append_log(args.output_dir, log_stats, log_writer)
+        append_log(args.output_dir, log_stats, log_writer)  # before the checkpoint: see truncate_log
+        checkpointer.save(epoch, numbered=epoch % args.save_freq == 0 or epoch + 1 == args.epochs)
         loop.stop_if_signalled(epoch)
     if log_writer is not None:
         log_writer.close()

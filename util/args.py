@@ -218,6 +218,18 @@ def check_output(args, errors: List[str], training: bool = True):
                       f'{args.accum_iter} (checkpoints are taken after an optimizer step)')
 
 
+def check_classifier_args(args, classifiers: dict, maes: dict, errors: List[str]):
+    """The checks fine-tuning and linear probing share."""
+    check_ranges(args, errors)
+    check_model(args, classifiers, ('classifier', 'an MAE (pretraining) model'), maes, 'main_pretrain.py', errors)
+    if args.model in classifiers:
+        check_patch_grid(args, 14 if args.model.endswith('patch14') else 16, errors)
+    check_data_path(args, ['val'] if args.eval else ['train', 'val'], errors)
+    check_checkpoint_path('--finetune', args.finetune, errors)
+    check_checkpoint_path('--resume', args.resume, errors)
+    check_output(args, errors, training=not args.eval)
+
+
 def raise_if_errors(errors: List[str]):
     if errors:
         raise UsageError('\n'.join(dict.fromkeys(errors)))

@@ -47,9 +47,15 @@ def build_eval_transform(input_size: int) -> transforms.Compose:
     ])
 
 
+def auto_augment_policy(aa: Optional[str]) -> Optional[str]:
+    """--aa as timm takes it: 'none' or '' turn AutoAugment/RandAugment off."""
+    return None if aa is None or aa.strip().lower() in ('', 'none') else aa
+
+
 def build_finetune_train_transform(args) -> transforms.Compose:
     transform = create_transform(
-        input_size=args.input_size, is_training=True, color_jitter=args.color_jitter, auto_augment=args.aa,
+        input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
+        auto_augment=auto_augment_policy(args.aa),
         interpolation='bicubic', re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
         mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
     return make_posterize_pillow13_safe(transform)

@@ -25,6 +25,23 @@ def append_log(output_dir: str, stats: dict, log_writer=None):
         f.write(json.dumps(stats) + '\n')
 
 
+def truncate_log(output_dir: str, start_epoch: int):
+    """Drop log.txt entries of epochs >= start_epoch: a resumed run redoes them, so none is lost or repeated
+    (the log is written before each epoch's checkpoint)."""
+    path = os.path.join(output_dir, 'log.txt')
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding='utf-8') as f:
+        lines = [line for line in f if line.strip()]
+    kept = [line for line in lines if json.loads(line).get('epoch', -1) < start_epoch]
+    if len(kept) == len(lines):
+        return
+    tmp = path + '.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
 def read_log(path: str) -> list:
     """The JSON objects of a log.txt, one per epoch."""
     with open(path, encoding='utf-8') as f:

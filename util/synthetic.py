@@ -44,24 +44,36 @@ def texture(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return (field + 1) / 2
 
 
-def render(name: str, size: int, rng: np.random.Generator) -> Image.Image:
-    """Two random colours blended by the texture, plus a little noise: an RGB image."""
+def class_colour(index: int) -> np.ndarray:
+    """A distinct, saturated RGB colour per class index (hues spread around the colour wheel)."""
+    hue = (index * 0.618033988749895) % 1.0
+    rgb = np.clip(np.abs(((hue * 6 + np.array([0, 4, 2])) % 6) - 3) - 1, 0, 1)
+    return 40 + 200 * rgb
+
+
+def render(name: str, size: int, rng: np.random.Generator, colour=None) -> Image.Image:
+    """Two colours blended by the texture, plus a little noise: an RGB image. The foreground colour is random,
+    or `colour` jittered."""
     field = texture(name, size, rng)[..., None]
     fg, bg = rng.uniform(0, 255, size=(2, 3))
+    if colour is not None:
+        fg, bg = np.clip(colour + rng.normal(0, 20, size=3), 0, 255), rng.uniform(0, 60, size=3)
     pixels = field * fg + (1 - field) * bg + rng.normal(0, 6, size=(size, size, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def make_image_folder(root: str, per_class: Dict[str, int], size: int = 64, classes: List[str] = None,
-                      seed: int = 0, fmt: str = 'JPEG') -> str:
-    """Write root/<split>/<class>/<i>.jpg for each split in per_class ({'train': 40, 'val': 10}). Returns root."""
+                      seed: int = 0, fmt: str = 'JPEG', class_colours: bool = False) -> str:
+    """Write root/<split>/<class>/<i>.jpg for each split in per_class ({'train': 40, 'val': 10}). Returns root.
+    With class_colours each class also has its own colour family: a cue a classifier learns in a few steps."""
     classes = classes or CLASSES
     for split_index, (split, count) in enumerate(per_class.items()):
         rng = np.random.default_rng([seed, split_index])
         for name in classes:
             folder = os.path.join(root, split, name)
             os.makedirs(folder, exist_ok=True)
+            colour = class_colour(classes.index(name)) if class_colours else None
             for i in range(count):
                 suffix = 'jpg' if fmt == 'JPEG' else fmt.lower()
-                render(name, size, rng).save(os.path.join(folder, f'{i:05d}.{suffix}'), fmt, quality=90)
+                render(name, size, rng, colour).save(os.path.join(folder, f'{i:05d}.{suffix}'), fmt, quality=90)
     return root

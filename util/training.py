@@ -12,6 +12,7 @@ from util import distributed, preemption
 from util.checkpoint import load_pretrained_encoder
 from util.datasets import BadImageLog, DataError, start_epoch_of
 from util.distributed import print0
+from util.logs import truncate_log
 from util.progress import NonFiniteLossError
 
 ADAMW_IMPLS = ('auto', 'fused', 'foreach', 'loop')
@@ -45,18 +46,18 @@ def build_classifier(args, head_init_std: float, **kwargs) -> models_vit.VisionT
 
 
 def prepare_output_dir(args):
-    """Create output_dir on rank 0; with --no_auto_resume --overwrite, clear the previous run's checkpoints and
-    log so that nothing stale is resumed or appended to."""
-    if not args.output_dir or not distributed.is_main_process():
-        distributed.barrier()
-        return
-    os.makedirs(args.output_dir, exist_ok=True)
-    if not args.auto_resume and getattr(args, 'overwrite', False):
-        stale = glob.glob(os.path.join(args.output_dir, 'checkpoint-*.pth'))
-        stale += [os.path.join(args.output_dir, n) for n in ('log.txt', 'bad_images.txt')]
+    """Create output_dir on rank 0 and tidy it: remove temporary files of a save that was killed, drop log
+    entries of epochs the resumed run will redo, and with --no_auto_resume --overwrite clear the previous run."""
+    if args.output_dir and distributed.is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+        stale = glob.glob(os.path.join(args.output_dir, '.tmp-*'))
+        if not args.auto_resume and getattr(args, 'overwrite', False):
+            stale += glob.glob(os.path.join(args.output_dir, 'checkpoint-*.pth'))
+            stale += [os.path.join(args.output_dir, n) for n in ('log.txt', 'bad_images.txt')]
         for path in stale:
             if os.path.isfile(path):
                 os.remove(path)
+        truncate_log(args.output_dir, args.start_epoch)
     distributed.barrier()
 
 

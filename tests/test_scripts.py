@@ -1,0 +1,165 @@
+"""The training scripts as users run them (subprocesses, tiny models, generated images)."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import models_mae
+import models_vit
+from conftest import ROOT, TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, read_json_log, run_script
+from test_models_mae import official_mae_vit_base_keys
+
+OFFICIAL_CHECKPOINT_KEYS = {'model', 'optimizer', 'epoch', 'scaler', 'args'}
+
+
+def load(path):
+    from util.checkpoint import load_checkpoint
+    return load_checkpoint(str(path))
+
+
+def pretrain(data, out, *extra):
+    return run_script('main_pretrain.py', '--data_path', data, '--output_dir', out, *TINY_PRETRAIN_ARGS, *extra,
+                      check=True)
+
+
+@pytest.fixture(scope='module')
+def pretrained(texture_data, tmp_path_factory):
+    """One epoch of tiny pretraining, shared by the tests that start from it."""
+    out = tmp_path_factory.mktemp('pretrain')
+    proc = pretrain(texture_data, out, '--epochs', '1')
+    return out, proc
+
+
+@pytest.mark.slow
+def test_pretrain_writes_official_format_checkpoints_log_and_tensorboard(pretrained):
+    out, proc = pretrained
+    assert {'checkpoint-0.pth', 'checkpoint-last.pth', 'log.txt'} <= set(os.listdir(out))
+    assert any(name.startswith('events.out.tfevents') for name in os.listdir(out))
+    checkpoint = load(out / 'checkpoint-0.pth')
+    assert OFFICIAL_CHECKPOINT_KEYS <= set(checkpoint) and checkpoint['epoch'] == 0
+    assert checkpoint['args'].model == 'mae_vit_tiny_patch16'
+    expected_keys = set(models_mae.mae_vit_tiny_patch16(img_size=32, patch_size=4).state_dict())
+    assert set(checkpoint['model']) == expected_keys
+    (entry,) = read_json_log(out)
+    assert entry['epoch'] == 0 and entry['train_loss'] > 0 and entry['train_lr'] > 0
+    assert entry['train_images_per_sec'] > 0 and 'train_peak_mem_gib' in entry
+    # lr = blr * effective batch / 256 with the official default blr 1e-3
+    assert 'effective batch size: 16' in proc.stdout and 'actual lr: 6.25e-05' in proc.stdout
+    assert 'img/s' in proc.stdout and 'done in' in proc.stdout
+
+
+@pytest.mark.slow
+def test_pretrain_finetune_eval_linprobe_chain(pretrained, texture_data, tmp_path):
+    pre_out, _ = pretrained
+    ft_out = tmp_path / 'finetune'
+    proc = run_script('main_finetune.py', '--data_path', texture_data, '--output_dir', ft_out,
+                      '--finetune', pre_out / 'checkpoint-0.pth', '--epochs', '1', '--mixup', '0.8', '--cutmix', '1.0',
+                      *TINY_CLASSIFIER_ARGS, check=True)
+    assert "missing ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']" in proc.stdout
+    assert {'checkpoint-0.pth', 'checkpoint-last.pth', 'checkpoint-best.pth', 'log.txt'} <= set(os.listdir(ft_out))
+    (entry,) = read_json_log(ft_out)
+    assert {'train_loss', 'test_acc1', 'test_acc5', 'test_loss', 'max_accuracy', 'n_parameters'} <= set(entry)
+
+    proc = run_script('main_finetune.py', '--eval', '--resume', ft_out / 'checkpoint-0.pth', '--data_path',
+                      texture_data, *TINY_CLASSIFIER_ARGS, check=True)
+    assert f"* Acc@1 {entry['test_acc1']:.3f}" in proc.stdout  # the same weights give the same accuracy
+    assert 'Accuracy of the network on the 64 test images' in proc.stdout
+
+    lp_out = tmp_path / 'linprobe'
+    run_script('main_linprobe.py', '--data_path', texture_data, '--output_dir', lp_out, '--finetune',
+               pre_out / 'checkpoint-0.pth', '--epochs', '1', *TINY_CLASSIFIER_ARGS, check=True)
+    checkpoint = load(lp_out / 'checkpoint-0.pth')
+    assert {'head.0.running_mean', 'head.0.running_var', 'head.1.weight', 'head.1.bias'} <= set(checkpoint['model'])
+    assert 'norm.weight' in checkpoint['model'] and 'fc_norm.weight' not in checkpoint['model']  # class token
+    proc = run_script('main_linprobe.py', '--eval', '--resume', lp_out / 'checkpoint-0.pth', '--data_path',
+                      texture_data, *TINY_CLASSIFIER_ARGS, check=True)
+    assert '* Acc@1' in proc.stdout
+
+
+@pytest.mark.slow
+def test_rerunning_continues_at_the_next_epoch_with_the_saved_optimizer_state(texture_data, tmp_path):
+    out = tmp_path / 'run'
+    pretrain(texture_data, out, '--epochs', '1')
+    after_one = load(out / 'checkpoint-last.pth')
+    proc = pretrain(texture_data, out, '--epochs', '2')  # same command, one more epoch: auto-resume
+    assert 'Continuing at epoch 1' in proc.stdout
+    assert [e['epoch'] for e in read_json_log(out)] == [0, 1]
+    after_two = load(out / 'checkpoint-last.pth')
+    steps = lambda ckpt: [s['step'].item() for s in ckpt['optimizer']['state'].values()][0]  # noqa: E731
+    assert steps(after_one) == 8 and steps(after_two) == 16  # 128 images / 16 per step, per epoch
+
+    explicit = tmp_path / 'explicit'
+    proc = pretrain(texture_data, explicit, '--epochs', '2', '--resume', out / 'checkpoint-0.pth')
+    assert [e['epoch'] for e in read_json_log(explicit)] == [1]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_process_pretraining_on_gloo(texture_data, tmp_path):
+    out = tmp_path / 'ddp'
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
+           'main_pretrain.py', '--data_path', texture_data, '--output_dir', out, '--epochs', '1',
+           *TINY_PRETRAIN_ARGS]
+    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checkpoint = load(out / 'checkpoint-0.pth')
+    assert OFFICIAL_CHECKPOINT_KEYS <= set(checkpoint) and len(checkpoint['rng_states']) == 2
+    (entry,) = read_json_log(out)
+    per_rank = entry['train_loss_per_rank']
+    assert len(per_rank) == 2 and per_rank[0] != per_rank[1]  # each rank saw its own half of the data
+    assert entry['train_loss'] == pytest.approx(sum(per_rank) / 2, rel=1e-6)
+    assert 'effective batch size: 32' in proc.stdout  # 16 per process x 2 processes
+
+
+@pytest.mark.slow
+def test_released_format_finetuned_checkpoint_evaluates_with_eval_resume(texture_data, tmp_path):
+    torch.manual_seed(0)
+    model = models_vit.vit_tiny_patch16(img_size=32, patch_size=4, num_classes=4, global_pool=True)
+    torch.save({'model': model.state_dict()}, tmp_path / 'finetuned.pth')  # what the released files hold
+    proc = run_script('main_finetune.py', '--eval', '--resume', tmp_path / 'finetuned.pth', '--data_path',
+                      texture_data, *TINY_CLASSIFIER_ARGS, check=True)
+    assert '* Acc@1' in proc.stdout and 'Accuracy of the network on the 64 test images' in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('pooling, missing', [
+    ([], "missing ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']"),
+    (['--cls_token'], "missing ['head.bias', 'head.weight']"),
+])
+def test_encoder_only_checkpoint_loads_with_only_the_expected_missing_keys(texture_data, tmp_path, pooling,
+                                                                           missing):
+    mae = models_mae.mae_vit_tiny_patch16(img_size=32, patch_size=4)
+    encoder = {k: v for k, v in mae.state_dict().items()
+               if not k.startswith('decoder') and k != 'mask_token'}  # mae_pretrain_vit_*.pth layout
+    torch.save({'model': encoder}, tmp_path / 'encoder.pth')
+    proc = run_script('main_finetune.py', '--data_path', texture_data, '--output_dir', tmp_path / 'out',
+                      '--finetune', tmp_path / 'encoder.pth', '--epochs', '1', *pooling, *TINY_CLASSIFIER_ARGS,
+                      check=True)
+    assert missing in proc.stdout
+
+
+@pytest.mark.slow
+def test_learning_works_pretraining_lowers_loss_and_fine_tuning_beats_chance(texture_data, tmp_path):
+    pre = tmp_path / 'pre'
+    pretrain(texture_data, pre, '--epochs', '4', '--warmup_epochs', '1', '--blr', '1.6e-2')  # lr 1e-3
+    losses = [e['train_loss'] for e in read_json_log(pre)]
+    assert losses[-1] < 0.6 * losses[0], losses
+    ft = tmp_path / 'ft'
+    run_script('main_finetune.py', '--data_path', texture_data, '--output_dir', ft, '--finetune',
+               pre / 'checkpoint-3.pth', '--epochs', '4', '--warmup_epochs', '1', *TINY_CLASSIFIER_ARGS,
+               check=True)
+    best = max(e['test_acc1'] for e in read_json_log(ft))
+    assert best >= 60, f'top-1 {best} with 4 classes (chance: 25)'
+
+
+def test_official_mae_keys_helper_matches_base_count():
+    assert len(official_mae_vit_base_keys()) == 254
