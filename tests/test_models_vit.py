@@ -39,10 +39,11 @@ def test_global_pool_is_the_default_as_in_official_fine_tuning():
 ])
 def test_factories_use_the_official_configs(factory, dims):
     embed_dim, depth, heads, patch = dims
-    sd_shapes = {k: v.shape for k, v in getattr(models_vit, factory)(num_classes=0).state_dict().items()}
-    assert sd_shapes['patch_embed.proj.weight'] == (embed_dim, 3, patch, patch)
-    assert sum(k.endswith('attn.qkv.weight') for k in sd_shapes) == depth
-    assert getattr(models_vit, factory)(num_classes=0, depth=1).blocks[0].attn.num_heads == heads
+    with torch.device('meta'):  # shapes only, no memory or init time
+        model = getattr(models_vit, factory)()
+    assert model.patch_embed.proj.weight.shape == (embed_dim, 3, patch, patch)
+    assert len(model.blocks) == depth and model.blocks[0].attn.num_heads == heads
+    assert model.fc_norm.eps == 1e-6 and model.head.weight.shape == (1000, embed_dim)
 
 
 @pytest.mark.parametrize('global_pool, timm_pool', [(True, 'avg'), (False, 'token')])

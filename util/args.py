@@ -173,10 +173,10 @@ def check_data_path(args, folders: List[str], errors: List[str]):
     if not os.path.isdir(args.data_path):
         errors.append(f'--data_path {args.data_path}: no such folder')
         return
-    for folder in folders:
-        if not os.path.isdir(os.path.join(args.data_path, folder)):
-            errors.append(f'--data_path {args.data_path}: has no {folder}/ folder (expected '
-                          f'{os.path.join(args.data_path, folder)}/<class>/<image>)')
+    missing = [f'{folder}/' for folder in folders if not os.path.isdir(os.path.join(args.data_path, folder))]
+    if missing:
+        errors.append(f'--data_path {args.data_path}: has no {" or ".join(missing)} folder (expected '
+                      f'{os.path.join(args.data_path, missing[0])}<class>/<image>)')
 
 
 def check_checkpoint_path(flag: str, path: str, errors: List[str]):
@@ -208,6 +208,8 @@ def holds_a_run(output_dir: str) -> bool:
 def check_output(args, errors: List[str], training: bool = True):
     for flag in ('output_dir', 'log_dir'):
         path = getattr(args, flag, None)
+        if flag == 'log_dir' and path == args.output_dir:
+            continue
         if path and not writable(path):
             errors.append(f'--{flag} {path}: cannot create or write to this folder')
     if training and args.output_dir and not args.auto_resume and not args.overwrite and holds_a_run(args.output_dir):

@@ -34,8 +34,8 @@ def is_url(path: str) -> bool:
 
 def load_checkpoint(path: str) -> dict:
     """Load a checkpoint file or URL (downloaded once into the torch hub cache) onto the CPU, weights only."""
-    if not is_url(path) and not os.path.isfile(path):
-        raise CheckpointError(f'{path}: no such file')
+    if not is_url(path):
+        check_looks_like_checkpoint(path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             if is_url(path):
@@ -48,6 +48,17 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f'{path}: expected a dict of weights, found {type(checkpoint).__name__}')
     return checkpoint
+
+
+def check_looks_like_checkpoint(path: str):
+    """torch.save writes a zip archive (or, before torch 1.6, a pickle): anything else is not a checkpoint."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'{path}: no such file')
+    with open(path, 'rb') as f:
+        head = f.read(4)
+    if not (head.startswith(b'PK\x03\x04') or head.startswith(b'\x80')):
+        raise CheckpointError(f'{path}: not a readable PyTorch checkpoint (it is not a file written by torch.save; '
+                              f'it starts with {head!r})')
 
 
 def explain_load_failure(path: str, error: Exception) -> str:
@@ -211,8 +222,10 @@ class Checkpointer:
         self.iters_per_epoch = iters_per_epoch
         self.extra_state: Dict[str, object] = {}  # e.g. max_accuracy for fine-tuning
         self.last_saved: Optional[tuple] = None  # (path, epoch, next_iteration)
-        if args.output_dir and os.path.isfile(self.last_path):
-            self.last_saved = (self.last_path, args.start_epoch, args.start_iter)
+        resumed_from = getattr(args, 'resumed_from', '')
+        if resumed_from:
+            finished = args.start_iter == 0
+            self.last_saved = (resumed_from, args.start_epoch - 1 if finished else args.start_epoch, args.start_iter)
 
     @property
     def last_path(self) -> str:
@@ -262,7 +275,7 @@ class Checkpointer:
         if self.last_saved is None:
             return 'No checkpoint was saved before it.'
         path, epoch, iteration = self.last_saved
-        where = f'epoch {epoch}' + (f', iteration {iteration}' if iteration else ' (end)')
+        where = f'epoch {epoch}, iteration {iteration}' if iteration else f'end of epoch {epoch}'
         return f'Last good checkpoint, left untouched: {path} ({where}).'
 
     def save_best(self, epoch: int, metrics: dict):
@@ -307,6 +320,7 @@ def resume_training(args, model_without_ddp: nn.Module, optimizer, loss_scaler, 
     args.start_iter. Returns the checkpoint (for extra state such as max_accuracy), or {} if none."""
     path = find_resume_checkpoint(args)
     args.start_iter = 0
+    args.resumed_from = ''
     if not path:
         return {}
     checkpoint = load_checkpoint(path)
@@ -327,6 +341,7 @@ def resume_training(args, model_without_ddp: nn.Module, optimizer, loss_scaler, 
     else:
         args.start_epoch = checkpoint['epoch'] + 1
     restore_rng(checkpoint, runtime)
+    args.resumed_from = path
     print0(f'With optim & sched! Continuing at epoch {args.start_epoch}'
            + (f', iteration {args.start_iter}' if args.start_iter else ''))
     return checkpoint

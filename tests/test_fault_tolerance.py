@@ -1,0 +1,306 @@
+"""Long runs that survive faults: kill -9 and SIGTERM mid-run, torn saves, bad images, NaN, malicious pickles."""
+import hashlib
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, read_json_log, run_script
+from util.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from util.synthetic import CLASSES, make_image_folder
+
+# 3 epochs of 8 iterations, a checkpoint every 2 iterations: kills land mid-epoch or at epoch ends
+RESUMABLE_RUN = ['--epochs', '3', '--save_every_iters', '2', '--blr', '1.6e-2', '--warmup_epochs', '1',
+                 '--seed', '3', *TINY_PRETRAIN_ARGS]
+
+
+def pretrain_cmd(data, out, *extra):
+    return [sys.executable, 'main_pretrain.py', '--data_path', str(data), '--output_dir', str(out), *RESUMABLE_RUN,
+            *extra]
+
+
+def start(cmd, log_path, **kwargs):
+    log = open(log_path, 'w')
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
+                            env=dict(env, PYTHONUNBUFFERED='1'), **kwargs)
+
+
+def wait_for_line(log_path, text, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(log_path) and text in open(log_path).read():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f'process ended before printing {text!r}:\n{open(log_path).read()[-3000:]}')
+        time.sleep(0.05)
+    raise AssertionError(f'timed out waiting for {text!r}')
+
+
+def final_weights(out):
+    return load_checkpoint(str(out / 'checkpoint-last.pth'))['model']
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-6, f'max abs difference {worst}'
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(texture_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp('uninterrupted')
+    proc = subprocess.run(pretrain_cmd(texture_data, out), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('kill_after', ['Epoch: [0]  [4/8]', 'Epoch: [1]  [8/8]'])
+def test_kill_9_mid_epoch_then_relaunch_ends_with_the_uninterrupted_weights(texture_data, uninterrupted, tmp_path,
+                                                                            kill_after):
+    out = tmp_path / 'run'
+    proc = start(pretrain_cmd(texture_data, out), tmp_path / 'first.log')
+    wait_for_line(tmp_path / 'first.log', kill_after, proc)
+    proc.kill()  # SIGKILL: no handler runs, whatever was being written is cut off
+    proc.wait()
+    relaunch = subprocess.run(pretrain_cmd(texture_data, out), cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)
+    assert relaunch.returncode == 0, relaunch.stderr[-3000:]
+    assert 'Continuing at epoch' in relaunch.stdout
+    assert_same_weights(final_weights(out), final_weights(uninterrupted))
+    assert [e['epoch'] for e in read_json_log(out)] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_next_step_exits_143_and_the_rerun_matches(texture_data, uninterrupted, tmp_path):
+    out = tmp_path / 'run'
+    proc = start(pretrain_cmd(texture_data, out), tmp_path / 'first.log')
+    wait_for_line(tmp_path / 'first.log', 'Epoch: [1]  [4/8]', proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    log = open(tmp_path / 'first.log').read()
+    assert 'stopped by SIGTERM; checkpoint saved to' in log and 'rerun the same command to continue' in log
+    in_progress = load_checkpoint(str(out / 'checkpoint-last.pth'))['epoch_in_progress']
+    assert in_progress['epoch'] == 1 and 0 < in_progress['iteration'] < 8
+    relaunch = subprocess.run(pretrain_cmd(texture_data, out), cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)
+    assert relaunch.returncode == 0, relaunch.stderr[-3000:]
+    assert f"Continuing at epoch 1, iteration {in_progress['iteration']}" in relaunch.stdout
+    assert_same_weights(final_weights(out), final_weights(uninterrupted))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_relaunch_after_kill_has_no_lost_or_repeated_epoch(texture_data, tmp_path):
+    out = tmp_path / 'ddp'
+
+    def torchrun():
+        return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
+                'main_pretrain.py', '--data_path', str(texture_data), '--output_dir', str(out), '--epochs', '8',
+                *TINY_PRETRAIN_ARGS]
+    proc = start(torchrun(), tmp_path / 'first.log')
+    wait_for_line(tmp_path / 'first.log', 'Epoch: [1]  [4/4]', proc)
+    # the launcher and both workers (torchrun starts its workers in sessions of their own)
+    subprocess.run(['pkill', '-KILL', '-f', f'--output_dir {out}'], check=False)
+    proc.wait()
+    deadline = time.time() + 30
+    while subprocess.run(['pgrep', '-f', f'--output_dir {out}'], capture_output=True).returncode == 0:
+        assert time.time() < deadline, 'workers survived SIGKILL'
+        time.sleep(0.1)
+    relaunch = start(torchrun(), tmp_path / 'second.log')
+    assert relaunch.wait(timeout=600) == 0, open(tmp_path / 'second.log').read()[-3000:]
+    assert 'Continuing at epoch' in open(tmp_path / 'second.log').read()
+    assert [e['epoch'] for e in read_json_log(out)] == list(range(8))
+
+
+# --- atomic saving ------------------------------------------------------------------------------------------
+
+class ExplodesWhilePickled:
+    def __reduce__(self):
+        raise KeyboardInterrupt('simulated crash in the middle of torch.save')
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path):
+    path = tmp_path / 'checkpoint-last.pth'
+    save_atomic({'model': {'w': torch.ones(3)}, 'epoch': 4}, str(path))
+    before = path.read_bytes()
+    with pytest.raises(KeyboardInterrupt):
+        save_atomic({'model': {'w': torch.zeros(1000)}, 'late': ExplodesWhilePickled()}, str(path))
+    assert path.read_bytes() == before and load_checkpoint(str(path))['epoch'] == 4
+    assert os.listdir(tmp_path) == ['checkpoint-last.pth']  # no temporary file left behind
+
+
+SAVE_LOOP = '''
+import sys, torch
+sys.path.insert(0, {root!r})
+from util.checkpoint import save_atomic
+big = torch.randn(8_000_000)
+i = 0
+print('saving', flush=True)
+while True:
+    save_atomic({{'model': {{'w': big}}, 'epoch': i}}, {path!r})
+    i += 1
+'''
+
+
+@pytest.mark.slow
+def test_kill_9_during_repeated_saves_always_leaves_a_loadable_checkpoint(tmp_path):
+    path = str(tmp_path / 'checkpoint-last.pth')
+    save_atomic({'model': {'w': torch.zeros(8_000_000)}, 'epoch': -1}, path)  # the run's previous checkpoint
+    torn_writes = 0
+    for delay in (0.05, 0.13, 0.31, 0.47):
+        proc = subprocess.Popen([sys.executable, '-c', SAVE_LOOP.format(root=ROOT, path=path)],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == 'saving'
+        time.sleep(delay)  # the loop spends nearly all its time inside a 32 MB write
+        proc.kill()
+        proc.wait()
+        leftovers = [n for n in os.listdir(tmp_path) if n.startswith('.tmp-')]
+        torn_writes += bool(leftovers)
+        for name in leftovers:
+            os.remove(tmp_path / name)
+        checkpoint = load_checkpoint(path)  # the previous complete checkpoint, whatever the kill cut off
+        assert checkpoint['model']['w'].numel() == 8_000_000 and checkpoint['epoch'] >= -1
+    assert torn_writes >= 2, 'the kills should have landed inside writes'
+
+
+def test_stale_temporary_files_of_a_killed_save_are_removed_on_the_next_start(texture_data, tmp_path):
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / '.tmp-checkpoint-last.pthab12cd').write_bytes(b'half a checkpoint')
+    run_script('main_pretrain.py', '--data_path', texture_data, '--output_dir', out, '--epochs', '1',
+               *TINY_PRETRAIN_ARGS, check=True)
+    assert not any(name.startswith('.tmp-') for name in os.listdir(out))
+
+
+# --- keep_last --------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_keep_last_bounds_the_numbered_checkpoints(texture_data, tmp_path):
+    out = tmp_path / 'run'
+    run_script('main_pretrain.py', '--data_path', texture_data, '--output_dir', out, '--epochs', '3',
+               '--save_freq', '1', '--keep_last', '2', *TINY_PRETRAIN_ARGS, check=True)
+    names = sorted(n for n in os.listdir(out) if n.endswith('.pth'))
+    assert names == ['checkpoint-1.pth', 'checkpoint-2.pth', 'checkpoint-last.pth']
+
+
+# --- bad images ---------------------------------------------------------------------------------------------
+
+def dataset_with_bad_files(root):
+    make_image_folder(str(root), {'train': 16}, size=32, classes=CLASSES[:2], class_colours=True)
+    good = root / 'train' / CLASSES[0] / '00000.jpg'
+    (root / 'train' / CLASSES[0] / 'truncated.jpg').write_bytes(good.read_bytes()[:400])
+    (root / 'train' / CLASSES[1] / 'empty.png').write_bytes(b'')
+    return root
+
+
+@pytest.mark.slow
+def test_truncated_jpeg_and_zero_byte_png_are_replaced_logged_once_and_counted(tmp_path):
+    data = dataset_with_bad_files(tmp_path / 'data')
+    proc = run_script('main_pretrain.py', '--data_path', data, '--output_dir', tmp_path / 'out', '--epochs', '2',
+                      '--max_bad_images', '0.1', *TINY_PRETRAIN_ARGS, check=True)
+    for name in ('truncated.jpg', 'empty.png'):
+        assert proc.stdout.count(f'{name} (') == 1, proc.stdout  # logged with its path, once
+    assert [e['bad_images'] for e in read_json_log(tmp_path / 'out')] == [2, 2]
+
+
+@pytest.mark.slow
+def test_too_many_bad_images_stop_the_run_with_the_list_of_files(tmp_path):
+    data = dataset_with_bad_files(tmp_path / 'data')
+    proc = run_script('main_pretrain.py', '--data_path', data, '--output_dir', tmp_path / 'out', '--epochs', '2',
+                      '--max_bad_images', '1', *TINY_PRETRAIN_ARGS)
+    assert proc.returncode == 2
+    assert 'error: 2 unreadable images, more than --max_bad_images allows (1)' in proc.stderr
+    listing = (tmp_path / 'out' / 'bad_images.txt').read_text()
+    assert 'truncated.jpg' in listing and 'empty.png' in listing
+
+
+def test_bad_images_are_replaced_by_the_next_readable_sample_with_its_label(tmp_path):
+    from util.datasets import ImageFolderDataset
+    data = dataset_with_bad_files(tmp_path / 'data')
+    dataset = ImageFolderDataset(str(data / 'train'))
+    bad_index = [i for i, (p, _) in enumerate(dataset.samples) if p.endswith('empty.png')][0]
+    img, target = dataset[bad_index]
+    assert isinstance(img, Image.Image) and dataset.samples[(bad_index + 1) % len(dataset)][1] == target
+    dataset.bad_images.collect()
+    assert [os.path.basename(p) for p in dataset.bad_images.files] == ['empty.png']
+
+
+# --- non-finite loss --------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_non_finite_loss_names_epoch_iteration_and_leaves_the_last_checkpoint_untouched(texture_data, tmp_path):
+    out = tmp_path / 'run'
+    run_script('main_pretrain.py', '--data_path', texture_data, '--output_dir', out, '--epochs', '1',
+               *TINY_PRETRAIN_ARGS, check=True)
+    digest = hashlib.sha256((out / 'checkpoint-last.pth').read_bytes()).hexdigest()
+    proc = run_script('main_pretrain.py', '--data_path', texture_data, '--output_dir', out, '--epochs', '3',
+                      '--lr', '1e30', *TINY_PRETRAIN_ARGS)
+    assert proc.returncode == 1
+    assert 'error: Loss is nan at epoch 1, iteration' in proc.stderr
+    assert f'Last good checkpoint, left untouched: {out / "checkpoint-last.pth"} (end of epoch 0)' in proc.stderr
+    assert hashlib.sha256((out / 'checkpoint-last.pth').read_bytes()).hexdigest() == digest
+
+
+# --- untrusted checkpoints ----------------------------------------------------------------------------------
+
+class RunsCodeOnLoad:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.marker}',))
+
+
+@pytest.mark.filterwarnings('ignore:Detected pickle protocol')
+@pytest.mark.parametrize('writer', ['torch.save', 'pickle'])
+def test_a_checkpoint_crafted_to_run_code_is_refused_and_runs_nothing(tmp_path, writer):
+    marker = tmp_path / 'pwned'
+    path = tmp_path / 'evil.pth'
+    payload = {'model': {'w': torch.zeros(1)}, 'args': RunsCodeOnLoad(marker)}
+    if writer == 'torch.save':
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(CheckpointError, match='refused to load, it holds code or objects other than weights'):
+        load_checkpoint(str(path))
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_scripts_refuse_a_malicious_checkpoint_with_one_line(texture_data, tmp_path):
+    marker = tmp_path / 'pwned'
+    torch.save({'model': {}, 'x': RunsCodeOnLoad(marker)}, tmp_path / 'evil.pth')
+    proc = run_script('main_finetune.py', '--eval', '--resume', tmp_path / 'evil.pth', '--data_path', texture_data,
+                      *TINY_CLASSIFIER_ARGS)
+    assert proc.returncode == 2 and not marker.exists()
+    assert proc.stderr.strip().count('\n') == 0 and 'refused to load' in proc.stderr
+
+
+def test_our_checkpoints_with_args_namespace_and_rng_states_load_weights_only(tmp_path):
+    import argparse
+    from util.checkpoint import rng_state, set_rng_state
+    from util.device import Runtime
+    runtime = Runtime('cpu')
+    state = rng_state(runtime)
+    save_atomic({'model': {'w': torch.ones(2)}, 'args': argparse.Namespace(model='m', lr=0.1), 'rng': state},
+                str(tmp_path / 'c.pth'))
+    loaded = load_checkpoint(str(tmp_path / 'c.pth'))
+    assert loaded['args'].model == 'm'
+    expected = (torch.rand(3), np.random.rand())
+    set_rng_state(loaded['rng'], runtime)
+    assert torch.equal(torch.rand(3), expected[0]) and np.random.rand() == expected[1]
