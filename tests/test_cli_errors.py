@@ -132,5 +132,5 @@ def test_a_checkpoint_of_another_model_is_named_not_dumped(places, tmp_path, cap
         run_main(main_finetune.main, cli.parse_with(main_finetune.get_args_parser(), argv))
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
-    assert 'does not fit --model vit_tiny_patch16' in err and 'shape mismatch' in err
+    assert 'does not fit --model vit_tiny_patch16 (checkpoint: embed dim 384' in err and 'shape mismatch' in err
     assert os.path.basename(str(tmp_path / 'small.pth')) in err

@@ -101,11 +101,23 @@ def describe_mismatch(model: nn.Module, state: Dict[str, torch.Tensor], limit: i
     return '; '.join(parts)
 
 
+def describe_architecture(state: Dict[str, torch.Tensor]) -> str:
+    """'embed dim 384, 12 blocks, patch 16' read off a ViT / MAE state dict ('' if it is not one)."""
+    kernel = state.get('patch_embed.proj.weight')
+    if kernel is None or kernel.ndim != 4:
+        return ''
+    depth = len({k.split('.')[1] for k in state if k.startswith('blocks.')})
+    return f'embed dim {kernel.shape[0]}, {depth} blocks, patch {kernel.shape[-1]}'
+
+
 def load_state_strict(model: nn.Module, state: Dict[str, torch.Tensor], path: str, model_name: str = ''):
     """load_state_dict(strict=True), with a one-line error naming the mismatched keys instead of a traceback."""
     mismatch = describe_mismatch(model, state)
     if mismatch:
-        raise CheckpointError(f'{path} does not fit --model {model_name or type(model).__name__}: {mismatch}')
+        theirs, ours = describe_architecture(state), describe_architecture(model.state_dict())
+        hint = f' (checkpoint: {theirs}; model: {ours})' if theirs and ours and theirs != ours else ''
+        raise CheckpointError(f'{path} does not fit --model {model_name or type(model).__name__}{hint}: '
+                              f'{mismatch}')
     model.load_state_dict(state, strict=True)
 
 

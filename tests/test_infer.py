@@ -1,0 +1,256 @@
+"""main_infer.py: top-k classification and the 4-panel MAE reconstruction on user pictures of any kind."""
+import argparse
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import main_infer
+import models_mae
+import models_vit
+from conftest import ROOT, run_script
+
+PHOTO = os.path.join(ROOT, 'tests', 'data', 'circuit_board.jpg')
+
+
+@pytest.fixture(scope='module')
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('checkpoints')
+    torch.manual_seed(0)
+    mae = models_mae.mae_vit_tiny_patch16(img_size=32, patch_size=4)
+    torch.save({'model': mae.state_dict(), 'args': argparse.Namespace(norm_pix_loss=False)}, folder / 'mae.pth')
+    torch.save({'model': mae.state_dict(), 'args': argparse.Namespace(norm_pix_loss=True)}, folder / 'mae_npl.pth')
+    encoder = {k: v for k, v in mae.state_dict().items() if not k.startswith('decoder') and k != 'mask_token'}
+    torch.save({'model': encoder}, folder / 'encoder_only.pth')
+    vit4 = models_vit.vit_tiny_patch16(img_size=32, patch_size=4, num_classes=4)
+    torch.save({'model': vit4.state_dict()}, folder / 'vit4.pth')
+    vit1000 = models_vit.vit_tiny_patch16(img_size=32, patch_size=4, num_classes=1000)
+    torch.save({'model': vit1000.state_dict()}, folder / 'vit1000.pth')
+    small = models_vit.vit_small_patch16(img_size=32, patch_size=4, num_classes=4)
+    torch.save({'model': small.state_dict()}, folder / 'vit_small.pth')
+    return folder
+
+
+@pytest.fixture
+def pictures(tmp_path):
+    """One picture per awkward kind a user may pass, all 48x36 (landscape) unless rotated."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (36, 48, 3), dtype=np.uint8)
+    paths = {}
+    paths['rgb'] = tmp_path / 'rgb.jpg'
+    Image.fromarray(rgb).save(paths['rgb'])
+    paths['gray'] = tmp_path / 'gray.png'
+    Image.fromarray(rgb[..., 0]).save(paths['gray'])
+    paths['rgba'] = tmp_path / 'rgba.png'
+    Image.fromarray(np.dstack([rgb, np.full((36, 48), 128, np.uint8)])).save(paths['rgba'])
+    paths['palette'] = tmp_path / 'palette.gif'
+    Image.fromarray(rgb).convert('P').save(paths['palette'])
+    paths['cmyk'] = tmp_path / 'cmyk.jpg'
+    Image.fromarray(rgb).convert('CMYK').save(paths['cmyk'])
+    paths['16bit'] = tmp_path / 'sixteen.png'
+    Image.fromarray((rgb[..., 1].astype(np.uint16) * 257)).save(paths['16bit'])
+    paths['exif'] = tmp_path / 'exif.jpg'
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(rgb).save(paths['exif'], exif=exif)
+    return paths
+
+
+def infer(capsys, *argv):
+    code = main_infer.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def panels_of(png_path, size):
+    array = np.asarray(Image.open(png_path)).astype(np.int16)
+    return [array[:, i * size:(i + 1) * size] for i in range(4)]
+
+
+# --- reconstruction ----------------------------------------------------------------------------------------
+
+def test_reconstruction_png_has_four_panels_of_the_input_size(checkpoints, pictures, tmp_path, capsys):
+    out_dir = tmp_path / 'out'
+    code, out, _ = infer(capsys, '--model', 'mae_vit_tiny_patch16', '--resume', checkpoints / 'mae.pth',
+                         '--img_path', pictures['rgb'], '--output_dir', out_dir)
+    assert code == 0
+    png = out_dir / 'rgb_mae.png'
+    assert Image.open(png).size == (4 * 32, 32) and Image.open(png).mode == 'RGB'
+    assert 'reconstruction loss' in out and '48 of 64 patches masked' in out
+    original, masked, _, pasted = panels_of(png, 32)
+    hidden = (masked == 128).all(axis=-1)  # grey where hidden
+    assert 0.5 < hidden.mean() < 0.9
+    assert np.abs(pasted[~hidden] - original[~hidden]).max() <= 1  # visible patches pasted back
+
+
+def masked_panel(checkpoints, image, out_dir, seed, capsys):
+    infer(capsys, '--model', 'mae_vit_tiny_patch16', '--resume', checkpoints / 'mae.pth', '--img_path', image,
+          '--output_dir', out_dir, '--seed', seed)
+    return panels_of(out_dir / f'{image.stem}_mae.png', 32)[1]
+
+
+def test_the_same_seed_gives_the_same_mask_and_another_seed_another(checkpoints, pictures, tmp_path, capsys):
+    first = masked_panel(checkpoints, pictures['rgb'], tmp_path / 'a', 7, capsys)
+    again = masked_panel(checkpoints, pictures['rgb'], tmp_path / 'b', 7, capsys)
+    other = masked_panel(checkpoints, pictures['rgb'], tmp_path / 'c', 8, capsys)
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+
+
+def test_mask_ratio_zero_reproduces_the_visible_pixels(checkpoints, pictures, tmp_path, capsys):
+    code, out, _ = infer(capsys, '--model', 'mae_vit_tiny_patch16', '--resume', checkpoints / 'mae.pth',
+                         '--img_path', pictures['rgb'], '--output_dir', tmp_path, '--mask_ratio', '0')
+    assert code == 0 and 'n/a (no patch masked)' in out
+    original, masked, _, pasted = panels_of(tmp_path / 'rgb_mae.png', 32)
+    assert np.array_equal(masked, original) and np.array_equal(pasted, original)
+
+
+def test_reconstruct_matches_the_model_loss_and_mask(checkpoints):
+    model = models_mae.mae_vit_tiny_patch16(img_size=32, patch_size=4).eval()
+    model.load_state_dict(torch.load(checkpoints / 'mae.pth', weights_only=False)['model'])
+    from util.device import Runtime
+    x = torch.randn(1, 3, 32, 32)
+    panels, loss, mask = main_infer.reconstruct(model, x, 0.75, 3, False, Runtime('cpu'))
+    with torch.no_grad():
+        expected_loss, _, expected_mask = model(x, 0.75, noise=main_infer.mask_noise(3, 64))
+    assert loss == pytest.approx(expected_loss.item()) and torch.equal(mask, expected_mask[0])
+    assert panels.shape == (4, 3, 32, 32) and panels.min() >= 0 and panels.max() <= 1
+
+
+def test_norm_pix_checkpoints_are_announced_and_unnormalised_with_patch_statistics(checkpoints, pictures,
+                                                                                     tmp_path, capsys):
+    code, out, _ = infer(capsys, '--model', 'mae_vit_tiny_patch16', '--resume', checkpoints / 'mae_npl.pth',
+                         '--img_path', pictures['rgb'], '--output_dir', tmp_path, '--json', tmp_path / 'r.json')
+    assert code == 0 and 'per-patch normalised pixels (norm_pix_loss)' in out
+    assert json.loads((tmp_path / 'r.json').read_text())['norm_pix_loss'] is True
+    # a model that predicts each patch's normalised pixels exactly would show the original image
+    model = models_mae.mae_vit_tiny_patch16(img_size=32, patch_size=4, norm_pix_loss=True).eval()
+    x = torch.randn(1, 3, 32, 32)
+    target = model.patchify(x)
+    perfect = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** .5
+    model.forward_decoder = lambda latent, ids_restore: perfect
+    from util.device import Runtime
+    panels, _, _ = main_infer.reconstruct(model, x, 0.75, 0, True, Runtime('cpu'))
+    original = main_infer.denormalize(x).clamp(0, 1)[0]
+    assert torch.allclose(panels[2], original, atol=1e-4)
+
+
+def test_encoder_only_checkpoint_gets_a_clear_reconstruction_error(checkpoints, pictures, tmp_path, capsys):
+    code, _, err = infer(capsys, '--model', 'mae_vit_tiny_patch16', '--resume', checkpoints / 'encoder_only.pth',
+                         '--img_path', pictures['rgb'], '--output_dir', tmp_path)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert 'holds an encoder only' in err and 'mae_visualize_vit_' in err
+
+
+# --- classification ----------------------------------------------------------------------------------------
+
+def test_topk_lines_name_classes_with_probabilities(checkpoints, pictures, tmp_path, capsys):
+    names = tmp_path / 'names.txt'
+    names.write_text('cat\ndog\nbird\nfish\n')
+    code, out, _ = infer(capsys, '--model', 'vit_tiny_patch16', '--resume', checkpoints / 'vit4.pth',
+                         '--img_path', pictures['rgb'], '--topk', '3', '--class_names', names)
+    lines = out.strip().splitlines()
+    assert code == 0 and lines[0] == str(pictures['rgb']) and len(lines) == 4
+    probs = []
+    for line in lines[1:]:
+        name, prob = line.strip().rsplit(' ', 1)
+        assert name in ('cat', 'dog', 'bird', 'fish')
+        probs.append(float(prob))
+    assert probs == sorted(probs, reverse=True) and all(0 <= p <= 1 for p in probs)
+
+
+def test_imagenet_heads_get_imagenet_names_and_the_json_schema(checkpoints, tmp_path, capsys):
+    code, out, _ = infer(capsys, '--model', 'vit_tiny_patch16', '--resume', checkpoints / 'vit1000.pth',
+                         '--img_path', PHOTO, '--topk', '5', '--json', tmp_path / 'r.json')
+    assert code == 0
+    report = json.loads((tmp_path / 'r.json').read_text())
+    assert report['task'] == 'classification' and report['model'] == 'vit_tiny_patch16' and report['errors'] == []
+    (result,) = report['results']
+    assert result['image'] == PHOTO and len(result['topk']) == 5
+    names = open(main_infer.IMAGENET_CLASSES).read().splitlines()
+    for entry in result['topk']:
+        assert set(entry) == {'index', 'label', 'prob'} and entry['label'] == names[entry['index']]
+        assert f"  {entry['label']} {entry['prob']:.2f}" in out
+    assert sum(e['prob'] for e in result['topk']) <= 1 + 1e-6
+
+
+def test_imagenet_label_list_is_in_synset_order():
+    names = open(main_infer.IMAGENET_CLASSES).read().splitlines()
+    assert len(names) == 1000 and len(set(names)) == 1000
+    assert (names[0], names[1], names[281], names[285], names[999]) == \
+        ('tench', 'goldfish', 'tabby cat', 'Egyptian cat', 'toilet tissue')
+
+
+@pytest.mark.parametrize('kind', ['gray', 'rgba', 'palette', 'cmyk', '16bit', 'exif'])
+def test_every_image_mode_goes_through_both_modes(checkpoints, pictures, kind, tmp_path, capsys):
+    code, _, err = infer(capsys, '--model', 'vit_tiny_patch16', '--resume', checkpoints / 'vit4.pth', '--img_path',
+                         pictures[kind])
+    assert code == 0, err
+    code, _, err = infer(capsys, '--model', 'mae_vit_tiny_patch16', '--resume', checkpoints / 'mae.pth',
+                         '--img_path', pictures[kind], '--output_dir', tmp_path)
+    assert code == 0, err
+
+
+def test_exif_orientation_is_applied_and_modes_become_8_bit_rgb(pictures):
+    rotated = main_infer.open_image(str(pictures['exif']))
+    assert rotated.size == (36, 48)  # portrait once the EXIF rotation is applied
+    sixteen = main_infer.open_image(str(pictures['16bit']))
+    expected = np.asarray(Image.open(pictures['rgb']).convert('RGB'))  # jpeg: compare loosely below
+    assert sixteen.mode == 'RGB' and np.asarray(sixteen).max() > 128  # scaled from 16 bits, not clipped
+    assert np.asarray(sixteen).shape == expected.shape
+    rgba = main_infer.open_image(str(pictures['rgba']))
+    assert rgba.mode == 'RGB' and np.asarray(rgba).min() >= 64  # half-transparent over white
+
+
+def test_a_corrupt_file_and_a_text_file_named_jpg_get_one_clear_line_each(pictures, checkpoints, tmp_path, capsys):
+    truncated = tmp_path / 'truncated.jpg'
+    truncated.write_bytes(pictures['rgb'].read_bytes()[:300])
+    text = tmp_path / 'notes.jpg'
+    text.write_text('this is not an image')
+    for bad in (truncated, text):
+        code, _, err = infer(capsys, '--model', 'vit_tiny_patch16', '--resume', checkpoints / 'vit4.pth',
+                             '--img_path', bad)
+        assert code == 1
+        assert err.splitlines()[0].startswith(f'error: {bad}: cannot read as an image')
+
+
+def test_a_folder_with_a_bad_file_processes_the_rest_and_exits_non_zero(pictures, checkpoints, tmp_path, capsys):
+    folder = pictures['rgb'].parent
+    (folder / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n garbage')
+    code, out, err = infer(capsys, '--model', 'vit_tiny_patch16', '--resume', checkpoints / 'vit4.pth',
+                           '--img_path', folder, '--json', tmp_path / 'r.json')
+    report = json.loads((tmp_path / 'r.json').read_text())
+    assert code == 1 and len(report['results']) == len(pictures)
+    assert [e['image'] for e in report['errors']] == [str(folder / 'broken.png')]
+    assert f'error: {folder / "broken.png"}: cannot read as an image' in err
+    assert f'1 of {len(pictures) + 1} inputs failed' in err
+
+
+def test_a_checkpoint_of_another_architecture_names_the_mismatched_keys(checkpoints, pictures, capsys):
+    code, _, err = infer(capsys, '--model', 'vit_tiny_patch16', '--resume', checkpoints / 'vit_small.pth',
+                         '--img_path', pictures['rgb'])
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert ('does not fit --model vit_tiny_patch16 (checkpoint: embed dim 384, 12 blocks, patch 4; model: embed dim '
+            '192, 12 blocks, patch 4): shape mismatch') in err
+    assert 'cls_token (1, 1, 384) vs (1, 1, 192)' in err
+
+
+def test_missing_inputs_and_unknown_models_are_reported(checkpoints, tmp_path, capsys):
+    code, _, err = infer(capsys, '--model', 'vit_gigantic', '--resume', checkpoints / 'vit4.pth', '--img_path', 'x')
+    assert code == 2 and 'error: --model vit_gigantic: unknown model; choose from vit_tiny_patch16' in err
+    code, _, err = infer(capsys, '--model', 'vit_tiny_patch16', '--resume', checkpoints / 'vit4.pth',
+                         '--img_path', tmp_path / 'nothing.jpg')
+    assert code == 1 and f'error: {tmp_path / "nothing.jpg"}: no such file or folder' in err
+
+
+@pytest.mark.slow
+def test_a_real_photo_through_both_modes_as_a_user_runs_them(checkpoints, tmp_path):
+    proc = run_script('main_infer.py', '--model', 'vit_tiny_patch16', '--resume', checkpoints / 'vit1000.pth',
+                      '--img_path', PHOTO, '--topk', '5', check=True)
+    assert proc.stdout.splitlines()[0] == PHOTO and len(proc.stdout.strip().splitlines()) == 6
+    proc = run_script('main_infer.py', '--model', 'mae_vit_tiny_patch16', '--resume', checkpoints / 'mae.pth',
+                      '--img_path', PHOTO, '--output_dir', tmp_path, check=True)
+    assert 'circuit_board_mae.png' in proc.stdout
+    assert Image.open(tmp_path / 'circuit_board_mae.png').size == (128, 32)
