@@ -4,6 +4,7 @@ from typing import Optional
 import torch
 
 from util import distributed, lr_sched
+from util.datasets import normalize_batch
 from util.distributed import grad_sync, print0
 from util.logs import append_log
 from util.metrics import accuracy
@@ -25,7 +26,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     for it, (samples, targets) in progress.iterate(data_loader):
         if it % accum_iter == 0:  # per-iteration (not per-epoch) LR schedule
             lr_sched.adjust_learning_rate(optimizer, it / iters_per_epoch + epoch, args)
-        samples = samples.to(runtime.device, non_blocking=True)
+        samples = normalize_batch(samples, runtime.device)
         targets = targets.to(runtime.device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
@@ -57,7 +58,7 @@ def evaluate(data_loader, model: torch.nn.Module, runtime, print_freq: int = 50)
     totals = torch.zeros(5, dtype=torch.float64, device=runtime.device)
     num_batches = len(data_loader)
     for i, (images, target) in enumerate(data_loader):
-        images = images.to(runtime.device, non_blocking=True)
+        images = normalize_batch(images, runtime.device)
         target = target.to(runtime.device, non_blocking=True)
         with runtime.autocast():
             output = model(images)

@@ -4,6 +4,7 @@ from typing import Optional
 import torch
 
 from util import lr_sched
+from util.datasets import normalize_batch
 from util.distributed import grad_sync
 from util.progress import EpochProgress
 
@@ -20,7 +21,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader, optimizer: torch.optim.
     for it, (samples, _) in progress.iterate(data_loader):
         if it % accum_iter == 0:  # per-iteration (not per-epoch) LR schedule
             lr_sched.adjust_learning_rate(optimizer, it / iters_per_epoch + epoch, args)
-        samples = samples.to(runtime.device, non_blocking=True)
+        samples = normalize_batch(samples, runtime.device)
         is_update = (it + 1) % accum_iter == 0
 
         with grad_sync(model, is_update):  # accumulation micro-steps skip the gradient all-reduce

@@ -61,7 +61,8 @@ def run_script(script, *args, timeout=600, env=None, check=False):
     for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'SLURM_PROCID', 'SLURM_NTASKS'):
         if not env or name not in env:
             full_env.pop(name, None)
-    proc = subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=full_env, text=True,
+    command = [sys.executable, *([script] if script != '-m' else ['-m']), *map(str, args)]
+    proc = subprocess.run(command, cwd=ROOT, env=full_env, text=True,
                           capture_output=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f'{script} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')

@@ -27,13 +27,32 @@ def normalize() -> transforms.Normalize:
     return transforms.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
 
-def build_pretrain_transform(input_size: int) -> transforms.Compose:
+def build_pretrain_transform(input_size: int, uint8_output: bool = False) -> transforms.Compose:
+    """RandomResizedCrop(scale 0.2-1, bicubic) + flip. With uint8_output the workers stop before ToTensor and
+    Normalize and `normalize_batch` finishes on the device: the same numbers, 4x fewer bytes to move."""
+    if uint8_output:
+        return transforms.Compose([
+            transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=BICUBIC),
+            transforms.RandomHorizontalFlip(),
+            transforms.PILToTensor(),
+        ])
     return transforms.Compose([
         transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=BICUBIC),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         normalize(),
     ])
+
+
+def normalize_batch(samples: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a batch to the device; a uint8 batch is then scaled and normalised there exactly as ToTensor and
+    Normalize would have done it in the workers (divide by 255, subtract mean, divide by std, in float32)."""
+    samples = samples.to(device, non_blocking=True)
+    if samples.dtype != torch.uint8:
+        return samples
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return samples.to(torch.float32).div(255).sub_(mean).div_(std)
 
 
 def build_eval_transform(input_size: int) -> transforms.Compose:
@@ -86,9 +105,9 @@ DECODE_ERRORS = (OSError, SyntaxError, EOFError, struct.error, Image.Decompressi
 MAX_CONSECUTIVE_BAD = 20
 
 
-def decode_rgb(img: Image.Image) -> Image.Image:
-    """Decode to 3-channel RGB, as the official loader does (torchvision's pil_loader)."""
-    return img.convert('RGB')
+def decode_rgb(f) -> Image.Image:
+    """Decode an open image file to 3-channel RGB, as the official loader does (torchvision's pil_loader)."""
+    return Image.open(f).convert('RGB')  # PIL decodes lazily: every decoding error surfaces here
 
 
 class BadImageLog:
@@ -129,9 +148,9 @@ class ImageFolderDataset(datasets.ImageFolder):
         self.decode = decode
         self.bad_images = bad_images if bad_images is not None else BadImageLog()
 
-    def read(self, path: str) -> Image.Image:
+    def read(self, path: str):
         with open(path, 'rb') as f:
-            return self.decode(Image.open(f))  # PIL decodes lazily: every decoding error surfaces here
+            return self.decode(f)
 
     def __getitem__(self, index: int):
         for _ in range(MAX_CONSECUTIVE_BAD):

@@ -65,6 +65,9 @@ def place_model(model: torch.nn.Module, runtime: Runtime, args):
 def compile_model(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
     """torch.compile with a clear message and the eager model as fallback when the backend cannot compile."""
     try:
+        import torch._dynamo
+        # compilation happens at the first call: a graph that fails to compile then runs eagerly, with a warning
+        torch._dynamo.config.suppress_errors = True
         compiled = torch.compile(model)
         print0(f'torch.compile: enabled on {runtime.type} (the first steps are slow while it compiles)')
         return compiled
