@@ -62,8 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     cli.add_data_args(parser)
     cli.add_output_args(parser)
     cli.add_runtime_args(parser)
-    parser.add_argument('--adamw_impl', default='auto', choices=('auto', 'fused', 'foreach', 'loop'),
-                        help='AdamW kernel (auto: fused on CUDA, torch default elsewhere)')
+    cli.add_adamw_args(parser)
     return parser
 
 

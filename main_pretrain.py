@@ -1,4 +1,5 @@
-"""MAE pretraining. Accepts the official command line unchanged, on CUDA, Ascend NPU, SDAA, MPS or CPU:
+"""MAE pretraining. Accepts the official command line unchanged, on CUDA, Ascend NPU, SDAA, MPS or CPU.
+`python main_pretrain.py --demo` runs a few-minute demo on generated images (util/demo.py).
 
 torchrun --nproc_per_node=8 main_pretrain.py --batch_size 64 --accum_iter 8 --model mae_vit_large_patch16 \
     --norm_pix_loss --mask_ratio 0.75 --epochs 800 --warmup_epochs 40 --blr 1.5e-4 --weight_decay 0.05 \
@@ -6,12 +7,13 @@ torchrun --nproc_per_node=8 main_pretrain.py --batch_size 64 --accum_iter 8 --mo
 """
 import argparse
 import os
+import sys
 
 import models_mae
 import models_vit
 from engine_pretrain import train_one_epoch
 from util import args as cli
-from util import launch
+from util import demo, launch
 from util.amp import LossScaler
 from util.checkpoint import Checkpointer, resume_training
 from util.datasets import build_image_folder, build_loader, build_pretrain_transform
@@ -37,6 +39,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     cli.add_runtime_args(parser)
     parser.add_argument('--save_freq', default=20, type=int,
                         help='write a numbered checkpoint every N epochs (and after the last one)')
+    cli.add_adamw_args(parser)
+    parser.add_argument('--demo', action='store_true',
+                        help='pretrain a tiny MAE on generated textures in a few minutes on a CPU, then show the '
+                             'held-out reconstructions (any flag given explicitly still applies)')
+    parser.add_argument('--demo_images', default=250, type=int, help='with --demo: training images per class')
     parser.add_argument('--fast_decode', action='store_true',
                         help='decode JPEGs with torchvision.io and crop/resize uint8 tensors: same crop '
                              'distribution, pixels within a few grey levels of PIL, ~2x the images/s per core')
@@ -76,6 +83,8 @@ def build_pretraining_dataset(args):
 
 
 def main(args):
+    if args.demo:
+        demo.prepare_data(args)
     validate(args)
     runtime = launch.start(args)
     dataset_train = build_pretraining_dataset(args)
@@ -98,6 +107,7 @@ def main(args):
     checkpointer = Checkpointer(args, model_without_ddp, optimizer, loss_scaler, runtime, len(data_loader_train))
 
     print0(f'Start training for {args.epochs} epochs')
+    demo_run = demo.Demo(args, model_without_ddp, runtime) if args.demo else None
     loop = EpochLoop(args, data_loader_train, dataset_train.bad_images, checkpointer)
     for epoch, start_iter in loop.epochs():
         train_stats = loop.run(train_one_epoch, model, data_loader_train, optimizer, runtime, epoch, loss_scaler,
@@ -109,7 +119,11 @@ def main(args):
         loop.stop_if_signalled(epoch)
     if log_writer is not None:
         log_writer.close()
+    if demo_run is not None:
+        demo_run.finish()
 
 
 if __name__ == '__main__':
-    launch.run_main(main, cli.parse_with(get_args_parser()))
+    parser = get_args_parser()
+    parser.set_defaults(**demo.demo_defaults(sys.argv[1:]))  # explicit flags still win
+    launch.run_main(main, cli.parse_with(parser))

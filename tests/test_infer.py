@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import main_infer
+from util import reconstruction
 import models_mae
 import models_vit
 from conftest import ROOT, run_script
@@ -112,9 +113,9 @@ def test_reconstruct_matches_the_model_loss_and_mask(checkpoints):
     model.load_state_dict(torch.load(checkpoints / 'mae.pth', weights_only=False)['model'])
     from util.device import Runtime
     x = torch.randn(1, 3, 32, 32)
-    panels, loss, mask = main_infer.reconstruct(model, x, 0.75, 3, False, Runtime('cpu'))
+    panels, loss, mask = reconstruction.reconstruct(model, x, 0.75, 3, False, Runtime('cpu'))
     with torch.no_grad():
-        expected_loss, _, expected_mask = model(x, 0.75, noise=main_infer.mask_noise(3, 64))
+        expected_loss, _, expected_mask = model(x, 0.75, noise=reconstruction.mask_noise(3, 64))
     assert loss == pytest.approx(expected_loss.item()) and torch.equal(mask, expected_mask[0])
     assert panels.shape == (4, 3, 32, 32) and panels.min() >= 0 and panels.max() <= 1
 
@@ -132,8 +133,8 @@ def test_norm_pix_checkpoints_are_announced_and_unnormalised_with_patch_statisti
     perfect = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** .5
     model.forward_decoder = lambda latent, ids_restore: perfect
     from util.device import Runtime
-    panels, _, _ = main_infer.reconstruct(model, x, 0.75, 0, True, Runtime('cpu'))
-    original = main_infer.denormalize(x).clamp(0, 1)[0]
+    panels, _, _ = reconstruction.reconstruct(model, x, 0.75, 0, True, Runtime('cpu'))
+    original = reconstruction.denormalize(x).clamp(0, 1)[0]
     assert torch.allclose(panels[2], original, atol=1e-4)
 
 

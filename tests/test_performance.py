@@ -146,13 +146,30 @@ def test_fast_decode_dataset_yields_uint8_crops(tmp_path):
     assert img.dtype == torch.uint8 and img.shape == (3, 32, 32) and target == 1
 
 
-def test_adamw_is_fused_on_cuda_and_the_torch_default_elsewhere():
+def test_adamw_auto_is_the_torch_default_and_fused_or_foreach_on_request():
     params = [torch.nn.Parameter(torch.zeros(2))]
     args = SimpleNamespace(lr=1e-3, adamw_impl='auto')
-    assert make_adamw(params, args, Runtime('cuda', 0, 'fp16')).defaults['fused'] is True
-    assert not make_adamw(params, args, Runtime('cpu')).defaults['fused']
+    auto = make_adamw(params, args, Runtime('cuda', 0, 'fp16')).defaults
+    assert auto['fused'] is None and auto['foreach'] is None  # torch decides, as in the official code
+    args.adamw_impl = 'fused'
+    assert make_adamw(params, args, Runtime('cpu')).defaults['fused'] is True
+    assert make_adamw(params, args, Runtime('npu', 0, 'fp16')).defaults['foreach'] is True  # no fused kernel
     args.adamw_impl = 'foreach'
     assert make_adamw(params, args, Runtime('cpu')).defaults['foreach'] is True
+
+
+def test_fused_adamw_matches_the_default_to_rounding():
+    torch.manual_seed(0)
+    weights = torch.randn(64, 64)
+    results = []
+    for impl in ('auto', 'fused'):
+        p = torch.nn.Parameter(weights.clone())
+        optimizer = make_adamw([p], SimpleNamespace(lr=1e-2, adamw_impl=impl), Runtime('cpu'))
+        for step in range(5):
+            p.grad = torch.sin(weights * (step + 1))
+            optimizer.step()
+        results.append(p.detach())
+    assert torch.allclose(results[0], results[1], atol=1e-6)
 
 
 @pytest.mark.slow

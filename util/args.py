@@ -90,6 +90,12 @@ def add_runtime_args(parser):
                         help='minutes a collective may wait for a peer before the job fails')
 
 
+def add_adamw_args(parser):
+    parser.add_argument('--adamw_impl', default='auto', choices=('auto', 'fused', 'foreach', 'loop'),
+                        help="AdamW kernel (auto: torch's default, foreach on GPUs as in the official runs; fused: "
+                             'one kernel, equal to rounding)')
+
+
 def add_classifier_args(parser, global_pool: bool, nb_classes: int = 1000):
     parser.add_argument('--finetune', default='', help='finetune from checkpoint (MAE pretrained weights)')
     parser.add_argument('--global_pool', action='store_true')

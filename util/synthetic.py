@@ -14,10 +14,13 @@ CLASSES = ['horizontal_stripes', 'vertical_stripes', 'diagonal_stripes', 'checke
            'gradient', 'waves']
 
 
+CYCLES = (1.5, 4.0)  # periods of 2-5 patches of an 8x8 grid: continuable from the visible patches
+
+
 def texture(name: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """A [size, size] pattern in [0, 1] of the given family, with random frequency and phase."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float64) / size
-    freq = rng.uniform(3, 7)
+    freq = rng.uniform(*CYCLES)
     phase = rng.uniform(0, 2 * np.pi)
     if name == 'horizontal_stripes':
         field = np.sin(2 * np.pi * freq * y + phase)

@@ -19,11 +19,15 @@ ADAMW_IMPLS = ('auto', 'fused', 'foreach', 'loop')
 
 
 def make_adamw(param_groups, args, runtime, betas=(0.9, 0.999)) -> torch.optim.AdamW:
-    """AdamW as the official recipe sets it up. 'auto' uses the fused kernel where it is well supported (CUDA),
-    torch's own default elsewhere; all implementations agree to float rounding."""
+    """AdamW as the official recipe sets it up. 'auto' is torch's own choice (foreach on accelerators: the
+    official numbers); 'fused' is one kernel per step where the backend has it (CUDA, MPS, CPU), equal to
+    rounding."""
     impl = getattr(args, 'adamw_impl', 'auto')
     kwargs = {}
-    if impl == 'fused' or (impl == 'auto' and runtime.type == 'cuda'):
+    if impl == 'fused' and runtime.type not in ('cuda', 'mps', 'cpu'):
+        print0(f'--adamw_impl fused: not available on {runtime.type}; using foreach')
+        impl = 'foreach'
+    if impl == 'fused':
         kwargs['fused'] = True
     elif impl == 'foreach':
         kwargs['foreach'] = True

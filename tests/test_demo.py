@@ -1,0 +1,51 @@
+"""The first README command: `python main_pretrain.py --demo`, here with a reduced budget."""
+import json
+import os
+
+import pytest
+from PIL import Image
+
+from conftest import read_json_log, run_script
+from util.demo import DEMO_DEFAULTS
+
+
+@pytest.mark.slow
+def test_demo_pretrains_and_shows_it_learned(tmp_path):
+    out = tmp_path / 'demo_output'
+    proc = run_script('main_pretrain.py', '--demo', '--epochs', '3', '--demo_images', '24', '--output_dir', out,
+                      '--data_path', out / 'data', check=True)
+    # the real training code wrote the official outputs
+    assert {'checkpoint-last.pth', 'checkpoint-2.pth', 'log.txt', 'reconstruction_before.png',
+            'reconstruction_after.png', 'demo_result.json'} <= set(os.listdir(out))
+    assert any(name.startswith('events.out.tfevents') for name in os.listdir(out))
+    assert [e['epoch'] for e in read_json_log(out)] == [0, 1, 2]
+    assert 'img/s' in proc.stdout and 'loss' in proc.stdout
+    # before / after numbers, and the after error is lower
+    result = json.loads((out / 'demo_result.json').read_text())
+    assert result['held_out_error_after'] < result['held_out_error_before']
+    assert (f"{result['held_out_error_before']:.4f} before training -> {result['held_out_error_after']:.4f} after"
+            in proc.stdout)
+    # one row of 4 panels per held-out class, 3x enlarged
+    figure = Image.open(out / 'reconstruction_after.png')
+    assert figure.size == (4 * 64 * 3, 8 * 64 * 3)
+    # where everything went and what to run next
+    for text in (f'Everything is in {out}/', 'tensorboard --logdir', 'python main_finetune.py',
+                 'python main_linprobe.py', 'python main_infer.py'):
+        assert text in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_next_step_printed_by_the_demo_runs(tmp_path):
+    out = tmp_path / 'demo_output'
+    run_script('main_pretrain.py', '--demo', '--epochs', '1', '--demo_images', '8', '--output_dir', out,
+               '--data_path', out / 'data', check=True)
+    proc = run_script('main_finetune.py', '--data_path', out / 'data', '--model', 'vit_tiny_patch16',
+                      '--input_size', '64', '--patch_size', '8', '--nb_classes', '8', '--finetune',
+                      out / 'checkpoint-last.pth', '--epochs', '1', '--batch_size', '16', '--num_workers', '0',
+                      '--output_dir', out / 'finetune', check=True)
+    assert '* Acc@1' in proc.stdout
+
+
+def test_demo_defaults_fit_a_laptop():
+    assert DEMO_DEFAULTS['model'] == 'mae_vit_tiny_patch16' and DEMO_DEFAULTS['input_size'] == 64
+    assert DEMO_DEFAULTS['data_path'].startswith('demo_output') and not DEMO_DEFAULTS['auto_resume']
