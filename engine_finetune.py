@@ -6,10 +6,11 @@ import torch
 from util import distributed, lr_sched
 from util.datasets import normalize_batch
 from util.distributed import grad_sync, print0
-from util.logs import append_log
+from util.checkpoint import Checkpointer, resume_training
+from util.logs import append_log, make_log_writer
 from util.metrics import accuracy
 from util.progress import EpochProgress
-from util.training import EpochLoop, report_bad_images
+from util.training import EpochLoop, prepare_output_dir, report_bad_images
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader,
@@ -108,3 +109,19 @@ def train_and_evaluate(args, runtime, model, model_without_ddp, criterion, optim
         checkpointer.save(epoch)
         loop.stop_if_signalled(epoch)
     return max_accuracy
+
+
+def evaluate_or_train(args, runtime, model, model_without_ddp, criterion, optimizer, loss_scaler, loader_train,
+                      loader_val, mixup_fn=None):
+    """After --resume (or auto-resume): with --eval report the accuracy, else train and evaluate each epoch."""
+    checkpoint = resume_training(args, model_without_ddp, optimizer, loss_scaler, runtime)
+    if args.eval:
+        test_stats = evaluate(loader_val, model, runtime)
+        print0(f"Accuracy of the network on the {len(loader_val.dataset)} test images: {test_stats['acc1']:.1f}%")
+        return
+    prepare_output_dir(args)
+    log_writer = make_log_writer(args.log_dir)
+    checkpointer = Checkpointer(args, model_without_ddp, optimizer, loss_scaler, runtime, len(loader_train))
+    checkpointer.extra_state['max_accuracy'] = checkpoint.get('max_accuracy', 0.0)
+    train_and_evaluate(args, runtime, model, model_without_ddp, criterion, optimizer, loss_scaler, checkpointer,
+                       loader_train, loader_val, mixup_fn, log_writer)

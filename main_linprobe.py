@@ -10,16 +10,14 @@ import torch
 
 import models_mae
 import models_vit
-from engine_finetune import evaluate, train_and_evaluate
+from engine_finetune import evaluate_or_train
 from util import args as cli
 from util import launch
 from util.amp import LossScaler
-from util.checkpoint import Checkpointer, resume_training
 from util.datasets import build_classification_data, build_linprobe_transform
 from util.distributed import print0
 from util.lars import LARS
-from util.logs import make_log_writer
-from util.training import build_classifier, prepare_output_dir
+from util.training import build_classifier
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -70,19 +68,8 @@ def main(args):
     loss_scaler = LossScaler(runtime.grad_scaler())
     criterion = torch.nn.CrossEntropyLoss()
     print0('criterion = %s' % str(criterion))
-    checkpoint = resume_training(args, model_without_ddp, optimizer, loss_scaler, runtime)
-
-    if args.eval:
-        test_stats = evaluate(loader_val, model, runtime)
-        print0(f"Accuracy of the network on the {len(dataset_val)} test images: {test_stats['acc1']:.1f}%")
-        return
-
-    prepare_output_dir(args)
-    log_writer = make_log_writer(args.log_dir)
-    checkpointer = Checkpointer(args, model_without_ddp, optimizer, loss_scaler, runtime, len(loader_train))
-    checkpointer.extra_state['max_accuracy'] = checkpoint.get('max_accuracy', 0.0)
-    train_and_evaluate(args, runtime, model, model_without_ddp, criterion, optimizer, loss_scaler, checkpointer,
-                       loader_train, loader_val, log_writer=log_writer)
+    evaluate_or_train(args, runtime, model, model_without_ddp, criterion, optimizer, loss_scaler, loader_train,
+                      loader_val)
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models and small generated images, so the suite runs on a 2-core CPU."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -53,6 +54,13 @@ def texture_data(tmp_path_factory):
     root = tmp_path_factory.mktemp('textures')
     return make_image_folder(str(root), {'train': 32, 'val': 16}, size=32, classes=CLASSES[:4],
                              class_colours=True)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a test's torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def run_script(script, *args, timeout=600, env=None, check=False):

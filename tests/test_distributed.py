@@ -1,22 +1,16 @@
 """Distributed start-up: launcher detection, and real 2-process runs on gloo via torchrun and SLURM variables."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from conftest import free_port
 from util.distributed import LaunchInfo, detect_launch, first_slurm_host
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, 'tests', 'dist_worker.py')
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def test_torchrun_variables_win_over_slurm():

@@ -3,7 +3,6 @@ import hashlib
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, read_json_log, run_script
+from conftest import ROOT, TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, free_port, read_json_log, run_script
 from util.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from util.synthetic import CLASSES, make_image_folder
 
@@ -96,12 +95,6 @@ def test_sigterm_saves_at_the_next_step_exits_143_and_the_rerun_matches(texture_
     assert relaunch.returncode == 0, relaunch.stderr[-3000:]
     assert f"Continuing at epoch 1, iteration {in_progress['iteration']}" in relaunch.stdout
     assert_same_weights(final_weights(out), final_weights(uninterrupted))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -1,6 +1,5 @@
 """The training scripts as users run them (subprocesses, tiny models, generated images)."""
 import os
-import socket
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import torch
 
 import models_mae
 import models_vit
-from conftest import ROOT, TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, read_json_log, run_script
+from conftest import ROOT, TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, free_port, read_json_log, run_script
 from test_models_mae import official_mae_vit_base_keys
 
 OFFICIAL_CHECKPOINT_KEYS = {'model', 'optimizer', 'epoch', 'scaler', 'args'}
@@ -94,12 +93,6 @@ def test_rerunning_continues_at_the_next_epoch_with_the_saved_optimizer_state(te
     explicit = tmp_path / 'explicit'
     proc = pretrain(texture_data, explicit, '--epochs', '2', '--resume', out / 'checkpoint-0.pth')
     assert [e['epoch'] for e in read_json_log(explicit)] == [1]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
