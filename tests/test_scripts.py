@@ -113,6 +113,34 @@ def test_torchrun_two_process_pretraining_on_gloo(texture_data, tmp_path):
     assert 'effective batch size: 32' in proc.stdout  # 16 per process x 2 processes
 
 
+def torchrun(script, *args):
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
+           script, *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_torchrun_two_process_finetuning_and_linear_probing_with_dist_eval(pretrained, texture_data, tmp_path):
+    pre_out, _ = pretrained
+    ft = tmp_path / 'ft'
+    proc = torchrun('main_finetune.py', '--data_path', texture_data, '--output_dir', ft, '--finetune',
+                    pre_out / 'checkpoint-0.pth', '--epochs', '1', '--accum_iter', '2', '--mixup', '0.8',
+                    '--cutmix', '1.0', '--dist_eval', *TINY_CLASSIFIER_ARGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'effective batch size: 64' in proc.stdout  # 16 per process x 2 accumulation steps x 2 processes
+    (entry,) = read_json_log(ft)
+    assert entry['test_num_images'] == 64 and len(entry['train_loss_per_rank']) == 2
+    proc = torchrun('main_finetune.py', '--eval', '--resume', ft / 'checkpoint-0.pth', '--data_path', texture_data,
+                    '--dist_eval', *TINY_CLASSIFIER_ARGS)
+    assert proc.returncode == 0 and f"* Acc@1 {entry['test_acc1']:.3f}" in proc.stdout
+    lp = tmp_path / 'lp'
+    proc = torchrun('main_linprobe.py', '--data_path', texture_data, '--output_dir', lp, '--finetune',
+                    pre_out / 'checkpoint-0.pth', '--epochs', '1', '--dist_eval', *TINY_CLASSIFIER_ARGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'test_acc1' in read_json_log(lp)[0]
+
+
 @pytest.mark.slow
 def test_released_format_finetuned_checkpoint_evaluates_with_eval_resume(texture_data, tmp_path):
     torch.manual_seed(0)

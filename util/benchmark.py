@@ -45,6 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--amp', default=None, choices=AMP_CHOICES)
     parser.add_argument('--compile', action='store_true', help='torch.compile the model (ours, not the baseline)')
     parser.add_argument('--grad_checkpointing', action='store_true')
+    parser.add_argument('--adamw_impl', default='auto', choices=('auto', 'fused', 'foreach', 'loop'))
     parser.add_argument('--compare', action='store_true', help='also time the eager (official) attention')
     parser.add_argument('--scaling', action='store_true', help='step cost over mask ratios and model sizes')
     parser.add_argument('--pipeline', action='store_true', help='input-pipeline throughput on real JPEGs')
@@ -146,7 +147,7 @@ def bench_step(name: str, args, runtime, attn_impl: str = 'sdpa', compile_model:
         groups = param_groups_weight_decay(model, 0.05)
     else:
         groups = param_groups_lrd(model, 0.05, model.no_weight_decay(), 0.75)
-    optimizer = make_adamw(groups, SimpleNamespace(lr=1e-4, adamw_impl='auto'), runtime,
+    optimizer = make_adamw(groups, SimpleNamespace(lr=1e-4, adamw_impl=args.adamw_impl), runtime,
                            betas=(0.9, 0.95) if name in models_mae.MODELS else (0.9, 0.999))
     runner = torch.compile(model) if compile_model else model
     runtime.reset_peak_memory_stats()
