@@ -297,3 +297,23 @@ def test_our_checkpoints_with_args_namespace_and_rng_states_load_weights_only(tm
     expected = (torch.rand(3), np.random.rand())
     set_rng_state(loaded['rng'], runtime)
     assert torch.equal(torch.rand(3), expected[0]) and np.random.rand() == expected[1]
+
+
+def test_a_checkpoint_url_is_downloaded_into_the_hub_cache_and_loaded_weights_only(tmp_path, monkeypatch):
+    """--resume https://... goes through torch.hub's downloader; a file:// URL takes the same path offline."""
+    source = tmp_path / 'mae_finetuned_vit_tiny.pth'
+    torch.save({'model': {'w': torch.arange(3.0)}}, source)
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'hub'))
+    checkpoint = load_checkpoint(source.as_uri())
+    assert torch.equal(checkpoint['model']['w'], torch.arange(3.0))
+    assert (tmp_path / 'hub' / 'hub' / 'checkpoints' / source.name).is_file()  # cached for the next run
+
+
+def test_a_malicious_checkpoint_behind_a_url_is_refused_too(tmp_path, monkeypatch):
+    marker = tmp_path / 'pwned'
+    evil = tmp_path / 'evil.pth'
+    torch.save({'model': {}, 'x': RunsCodeOnLoad(marker)}, evil)
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'hub'))
+    with pytest.raises(CheckpointError, match='refused to load'):
+        load_checkpoint(evil.as_uri())
+    assert not marker.exists()
