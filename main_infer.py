@@ -205,6 +205,43 @@ def validate(args):
         raise UsageError('\n'.join(errors))
 
 
+def reconstruction_handler(args, model, checkpoint, runtime, report: dict):
+    """A function path, image -> result that writes the 4-panel PNG and prints the masked-patch loss."""
+    norm_pix = uses_norm_pix(args, checkpoint)
+    report.update(mask_ratio=args.mask_ratio, seed=args.seed, norm_pix_loss=norm_pix)
+    if norm_pix:
+        print('Note: this MAE predicts per-patch normalised pixels (norm_pix_loss); the reconstruction is '
+              "shown with each hidden patch's own mean and std taken from the original image")
+    os.makedirs(args.output_dir, exist_ok=True)
+    transform = reconstruction_transform(model.patch_embed.img_size[0])
+    taken = set()
+
+    def handle(path: str, img: Image.Image) -> dict:
+        panels, loss, mask = reconstruct(model, transform(img).unsqueeze(0), args.mask_ratio, args.seed, norm_pix,
+                                         runtime)
+        out = output_png_path(args.output_dir, path, taken)
+        panels_to_image([panels]).save(out)
+        loss_text = f'{loss:.4f}' if loss is not None else 'n/a (no patch masked)'
+        print(f'{path}: reconstruction loss {loss_text} on {int(mask.sum())} of {mask.numel()} patches masked '
+              f'-> {out}')
+        return {'image': path, 'output': out, 'loss': loss, 'masked_patches': int(mask.sum()),
+                'num_patches': mask.numel()}
+    return handle
+
+
+def classification_handler(args, model, runtime):
+    """A function path, image -> result that prints the top-k classes with their probabilities."""
+    names = read_class_names(args.class_names, model.num_classes)
+
+    def handle(path: str, img: Image.Image) -> dict:
+        top = classify(model, img, model.patch_embed.img_size[0], runtime, args.topk, names)
+        print(path)
+        for entry in top:
+            print(f"  {entry['label']} {entry['prob']:.2f}")
+        return {'image': path, 'topk': top}
+    return handle
+
+
 def run(args) -> dict:
     """Returns {'model', 'checkpoint', 'task', 'results': [...], 'errors': [...]}."""
     validate(args)
@@ -214,19 +251,12 @@ def run(args) -> dict:
     for error in errors:
         print(f"error: {error['image']}: {error['error']}", file=sys.stderr, flush=True)
     is_mae = args.model in models_mae.MODELS
-    input_size = model.patch_embed.img_size[0]
     report = {'model': args.model, 'checkpoint': args.resume, 'task': 'reconstruction' if is_mae else
               'classification', 'device': runtime.device_str, 'results': [], 'errors': errors}
     if is_mae:
-        norm_pix = uses_norm_pix(args, checkpoint)
-        report.update(mask_ratio=args.mask_ratio, seed=args.seed, norm_pix_loss=norm_pix)
-        if norm_pix:
-            print('Note: this MAE predicts per-patch normalised pixels (norm_pix_loss); the reconstruction is '
-                  "shown with each hidden patch's own mean and std taken from the original image")
-        os.makedirs(args.output_dir, exist_ok=True)
-        taken = set()
+        handle = reconstruction_handler(args, model, checkpoint, runtime, report)
     else:
-        names = read_class_names(args.class_names, model.num_classes)
+        handle = classification_handler(args, model, runtime)
     for path in files:
         try:
             img = open_image(path)
@@ -234,22 +264,7 @@ def run(args) -> dict:
             errors.append({'image': path, 'error': str(e)})
             print(f'error: {path}: {e}', file=sys.stderr, flush=True)
             continue
-        if is_mae:
-            x = reconstruction_transform(input_size)(img).unsqueeze(0)
-            panels, loss, mask = reconstruct(model, x, args.mask_ratio, args.seed, norm_pix, runtime)
-            out = output_png_path(args.output_dir, path, taken)
-            panels_to_image([panels]).save(out)
-            loss_text = f'{loss:.4f}' if loss is not None else 'n/a (no patch masked)'
-            print(f'{path}: reconstruction loss {loss_text} on {int(mask.sum())} of {mask.numel()} patches '
-                  f'masked -> {out}')
-            report['results'].append({'image': path, 'output': out, 'loss': loss,
-                                      'masked_patches': int(mask.sum()), 'num_patches': mask.numel()})
-        else:
-            top = classify(model, img, input_size, runtime, args.topk, names)
-            print(path)
-            for entry in top:
-                print(f"  {entry['label']} {entry['prob']:.2f}")
-            report['results'].append({'image': path, 'topk': top})
+        report['results'].append(handle(path, img))
     return report
 
 
