@@ -233,6 +233,30 @@ def test_bad_images_are_replaced_by_the_next_readable_sample_with_its_label(tmp_
     assert [os.path.basename(p) for p in dataset.bad_images.files] == ['empty.png']
 
 
+LOAD_EVERY_SAMPLE = """
+import sys, torch
+from util.datasets import ImageFolderDataset
+for num_workers in (0, 2):
+    dataset = ImageFolderDataset(sys.argv[1], transform=lambda img: torch.zeros(1))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16, num_workers=num_workers)
+    print(num_workers, sum(len(y) for _, y in loader), len(dataset.bad_images.collect()))
+"""
+
+
+def test_hundreds_of_bad_images_in_one_epoch_do_not_block_the_loader(tmp_path):
+    # ~100 KiB of reports: more than a pipe holds, so reports must not travel through one
+    folder = tmp_path / 'data' / CLASSES[0]
+    folder.mkdir(parents=True)
+    for i in range(700):
+        Image.new('RGB', (4, 4)).save(folder / f'{i:04d}_good.png')
+        (folder / f'{i:04d}_unreadable_file_with_a_long_name_as_in_real_datasets.JPEG').write_bytes(b'junk')
+    proc = subprocess.run([sys.executable, '-c', LOAD_EVERY_SAMPLE, str(tmp_path / 'data')], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    counts = [line for line in proc.stdout.splitlines() if not line.startswith('Unreadable image')]
+    assert counts == ['0 1400 700', '2 1400 700']  # every sample delivered, every bad file reported
+
+
 # --- non-finite loss --------------------------------------------------------------------------------------
 
 @pytest.mark.slow

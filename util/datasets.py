@@ -4,9 +4,11 @@ pretrain: RandomResizedCrop(scale 0.2-1, bicubic) + flip.  fine-tune: timm's cre
 random erasing; eval: resize to input_size / 0.875, centre crop.  linear probe: TF-style RandomResizedCrop + flip.
 A file that cannot be decoded is reported once and replaced by the next one, instead of ending the run.
 """
-import multiprocessing
+import json
 import os
 import struct
+import tempfile
+import weakref
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -111,23 +113,50 @@ def decode_rgb(f) -> Image.Image:
 
 
 class BadImageLog:
-    """Unreadable files reported by any process (DataLoader workers included), collected in the main process."""
+    """Unreadable files reported by any process (DataLoader workers included), collected in the main process.
+
+    Reports are appended to a private temporary file, one JSON line each, not sent through a pipe: a pipe holds
+    about 64 KiB, so a few hundred reports in one epoch would block the reporting process until the main
+    process drains it after the epoch, which then never ends."""
 
     def __init__(self):
-        self._queue = multiprocessing.get_context().SimpleQueue()
+        fd, self._path = tempfile.mkstemp(prefix='mae-bad-images-', suffix='.jsonl')
+        os.close(fd)
+        self._bytes_read = 0
         self._reported_here = set()
         self.files: Dict[str, str] = {}  # path -> error, in the main process after collect()
+        # forked workers share this object: only the creating process may delete the file
+        weakref.finalize(self, _remove_if_owner, self._path, os.getpid())
+
+    def __getstate__(self):  # what a spawned worker gets: where to write, nothing else
+        return {'_path': self._path}
+
+    def __setstate__(self, state):
+        self._path, self._bytes_read, self._reported_here, self.files = state['_path'], 0, set(), {}
 
     def report(self, path: str, error: Exception):
-        if path not in self._reported_here:
-            self._reported_here.add(path)
-            self._queue.put((path, f'{type(error).__name__}: {error}'.splitlines()[0]))
+        if path in self._reported_here:
+            return
+        self._reported_here.add(path)
+        message = f'{type(error).__name__}: {error}'.splitlines()[0][:500]
+        line = (json.dumps([path, message]) + '\n').encode()
+        # one O_APPEND write per report, so lines from concurrent workers do not interleave
+        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
 
     def collect(self) -> List[str]:
-        """Drain reports; print each new file once. Returns the newly seen paths."""
+        """Read new reports; print each new file once. Returns the newly seen paths."""
+        with open(self._path, 'rb') as f:
+            f.seek(self._bytes_read)
+            chunk = f.read()
+        complete = chunk[:chunk.rfind(b'\n') + 1]  # a line still being written waits for the next call
+        self._bytes_read += len(complete)
         new = []
-        while not self._queue.empty():
-            path, error = self._queue.get()
+        for line in complete.decode().splitlines():
+            path, error = json.loads(line)
             if path not in self.files:
                 self.files[path] = error
                 new.append(path)
@@ -136,6 +165,14 @@ class BadImageLog:
 
     def __len__(self):
         return len(self.files)
+
+
+def _remove_if_owner(path: str, owner_pid: int):
+    if os.getpid() == owner_pid:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
 
 
 class ImageFolderDataset(datasets.ImageFolder):
