@@ -330,7 +330,41 @@ def test_a_checkpoint_url_is_downloaded_into_the_hub_cache_and_loaded_weights_on
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'hub'))
     checkpoint = load_checkpoint(source.as_uri())
     assert torch.equal(checkpoint['model']['w'], torch.arange(3.0))
-    assert (tmp_path / 'hub' / 'hub' / 'checkpoints' / source.name).is_file()  # cached for the next run
+    assert len(list((tmp_path / 'hub' / 'hub' / 'checkpoints').glob(f'*/{source.name}'))) == 1  # cached
+
+
+WEIGHTS = {'blocks.0.w': torch.ones(2), 'norm.b': torch.zeros(2)}
+
+
+@pytest.mark.parametrize('checkpoint', [
+    {'model': WEIGHTS, 'epoch': 3},                                     # official and ours
+    {'state_dict': WEIGHTS},                                            # other trainers
+    WEIGHTS,                                                            # a bare state dict
+    {'state_dict': {f'module.{k}': v for k, v in WEIGHTS.items()}},     # saved from a DDP-wrapped model
+], ids=['model', 'state_dict', 'bare', 'ddp_prefix'])
+def test_weights_are_found_in_every_common_checkpoint_layout(checkpoint):
+    from util.checkpoint import model_state_from
+    assert model_state_from(checkpoint, 'x.pth') == WEIGHTS
+
+
+def test_two_urls_with_the_same_file_name_are_two_checkpoints(tmp_path, monkeypatch):
+    """checkpoint-0.pth of two runs: each URL gets its own cached copy, and '-0.' is not read as a hash."""
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'hub'))
+    for run, value in (('run_a', 1.0), ('run_b', 2.0)):
+        (tmp_path / run).mkdir()
+        torch.save({'model': {'w': torch.full((2,), value)}}, tmp_path / run / 'checkpoint-0.pth')
+    for run, value in (('run_a', 1.0), ('run_b', 2.0), ('run_a', 1.0)):
+        loaded = load_checkpoint((tmp_path / run / 'checkpoint-0.pth').as_uri())
+        assert torch.equal(loaded['model']['w'], torch.full((2,), value))
+
+
+def test_a_hub_style_hash_in_the_file_name_is_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'hub'))
+    source = tmp_path / 'mae_vit_tiny-0123abcd.pth'  # claims a sha256 starting 0123abcd; it does not
+    torch.save({'model': {'w': torch.zeros(1)}}, source)
+    with pytest.raises(CheckpointError, match='download failed'):
+        load_checkpoint(source.as_uri())
+    assert not list((tmp_path / 'hub').rglob('*.pth'))  # nothing half-checked left in the cache
 
 
 def test_a_malicious_checkpoint_behind_a_url_is_refused_too(tmp_path, monkeypatch):

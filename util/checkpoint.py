@@ -3,11 +3,13 @@
 """
 import argparse
 import glob
+import hashlib
 import io
 import os
 import random
 import re
 import tempfile
+import urllib.parse
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -34,20 +36,45 @@ def is_url(path: str) -> bool:
 
 def load_checkpoint(path: str) -> dict:
     """Load a checkpoint file or URL (downloaded once into the torch hub cache) onto the CPU, weights only."""
-    if not is_url(path):
-        check_looks_like_checkpoint(path)
+    local = download_checkpoint(path) if is_url(path) else path
+    check_looks_like_checkpoint(local)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            if is_url(path):
-                checkpoint = torch.hub.load_state_dict_from_url(path, map_location='cpu', check_hash=True,
-                                                                weights_only=True)
-            else:
-                checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+            checkpoint = torch.load(local, map_location='cpu', weights_only=True)
     except Exception as e:  # any parse failure means the file is unusable; say which and why
         raise CheckpointError(explain_load_failure(path, e)) from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f'{path}: expected a dict of weights, found {type(checkpoint).__name__}')
     return checkpoint
+
+
+# torch hub's naming convention for published files: name-<first hex digits of the file's sha256>.ext
+HUB_HASH_NAME = re.compile(r'-([a-f0-9]{8,})\.')
+
+
+def url_cache_path(url: str) -> str:
+    """Where `url` is cached: a folder per URL under the hub cache, so that two runs' checkpoint-best.pth
+    (same file name, different URLs) never share a cached copy; the file keeps its own name."""
+    name = os.path.basename(urllib.parse.urlparse(url).path) or 'checkpoint.pth'
+    url_key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return os.path.join(torch.hub.get_dir(), 'checkpoints', url_key, name)
+
+
+def download_checkpoint(url: str) -> str:
+    """Download `url` once (atomically, so an interrupted download is not mistaken for a checkpoint) and return
+    the local path. A hub-style hash in the file name is checked; a name like checkpoint-79.pth is not one."""
+    path = url_cache_path(url)
+    if os.path.isfile(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    named_hash = HUB_HASH_NAME.search(os.path.basename(path))
+    print0(f'Downloading {url} to {path}')
+    try:
+        torch.hub.download_url_to_file(url, path, hash_prefix=named_hash.group(1) if named_hash else None)
+    except Exception as e:  # network, HTTP and hash errors alike: one line saying which
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f'{url}: download failed ({detail})') from None
+    return path
 
 
 def check_looks_like_checkpoint(path: str):
@@ -74,10 +101,13 @@ def explain_load_failure(path: str, error: Exception) -> str:
 
 
 def model_state_from(checkpoint: dict, path: str) -> Dict[str, torch.Tensor]:
-    """The weights of a checkpoint: under 'model' (official and ours) or the dict itself (a bare state dict)."""
-    state = checkpoint.get('model', checkpoint)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    """The weights of a checkpoint: under 'model' (official and ours), under 'state_dict' (other trainers) or
+    the dict itself (a bare state dict); a 'module.' prefix left by saving a DDP-wrapped model is dropped."""
+    state = next((checkpoint[k] for k in ('model', 'state_dict') if k in checkpoint), checkpoint)
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: no model weights found (expected a state dict under 'model')")
+    if all(k.startswith('module.') for k in state):
+        state = {k[len('module.'):]: v for k, v in state.items()}
     return state
 
 
