@@ -96,6 +96,32 @@ def test_rerunning_continues_at_the_next_epoch_with_the_saved_optimizer_state(te
 
 
 @pytest.mark.slow
+def test_without_checkpoint_last_the_newest_numbered_checkpoint_is_resumed_and_a_torn_log_line_dropped(
+        texture_data, tmp_path):
+    out = tmp_path / 'run'
+    pretrain(texture_data, out, '--epochs', '2')
+    (out / 'checkpoint-last.pth').unlink()  # the official layout: numbered checkpoints only
+    (out / 'checkpoint-1.pth').unlink()
+    with open(out / 'log.txt', 'a') as f:
+        f.write('{"train_loss": 0.5, "epo')  # a write cut short by a kill or a full disk
+    proc = pretrain(texture_data, out, '--epochs', '3')
+    assert 'Resume checkpoint ' + str(out / 'checkpoint-0.pth') in proc.stdout
+    assert [e['epoch'] for e in read_json_log(out)] == [0, 1, 2]
+
+
+def test_a_run_with_a_log_but_no_checkpoint_to_continue_is_refused_not_restarted(texture_data, tmp_path):
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'log.txt').write_text('{"train_loss": 0.5, "epoch": 0}\n')
+    (out / 'checkpoint-best.pth').write_bytes(b'kept')
+    proc = run_script('main_pretrain.py', '--data_path', texture_data, '--output_dir', out, *TINY_PRETRAIN_ARGS,
+                      '--epochs', '1')
+    assert proc.returncode == 2 and 'no checkpoint to continue from' in proc.stderr
+    assert (out / 'log.txt').read_text() == '{"train_loss": 0.5, "epoch": 0}\n'
+    assert (out / 'checkpoint-best.pth').read_bytes() == b'kept'
+
+
+@pytest.mark.slow
 def test_torchrun_two_process_pretraining_on_gloo(texture_data, tmp_path):
     out = tmp_path / 'ddp'
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}

@@ -7,7 +7,7 @@ import argparse
 import os
 from typing import Callable, Dict, List, Optional
 
-from util.checkpoint import LAST, is_url
+from util.checkpoint import LAST, is_url, resumable_checkpoint_in
 from util.device import AMP_CHOICES, DEVICE_CHOICES
 
 
@@ -218,9 +218,14 @@ def check_output(args, errors: List[str], training: bool = True):
             continue
         if path and not writable(path):
             errors.append(f'--{flag} {path}: cannot create or write to this folder')
-    if training and args.output_dir and not args.auto_resume and not args.overwrite and holds_a_run(args.output_dir):
-        errors.append(f'--output_dir {args.output_dir}: already holds a run ({LAST}, log.txt); rerun without '
-                      '--no_auto_resume to continue it, or add --overwrite to start over')
+    if training and args.output_dir and not args.overwrite and holds_a_run(args.output_dir):
+        if not args.auto_resume:
+            errors.append(f'--output_dir {args.output_dir}: already holds a run ({LAST}, log.txt); rerun without '
+                          '--no_auto_resume to continue it, or add --overwrite to start over')
+        elif not args.resume and not resumable_checkpoint_in(args.output_dir):
+            errors.append(f'--output_dir {args.output_dir}: holds a run (log.txt or checkpoint-best.pth) but no '
+                          'checkpoint to continue from; choose another --output_dir, or pass --no_auto_resume '
+                          '--overwrite to start over there')
     if training and getattr(args, 'save_every_iters', 0) and args.save_every_iters % args.accum_iter:
         errors.append(f'--save_every_iters {args.save_every_iters}: must be a multiple of --accum_iter '
                       f'{args.accum_iter} (checkpoints are taken after an optimizer step)')

@@ -338,14 +338,22 @@ class Checkpointer:
 # --- resuming -----------------------------------------------------------------------------------------------
 
 def find_resume_checkpoint(args) -> str:
-    """--resume if given; else, with auto-resume, the output dir's checkpoint-last.pth if there is one."""
+    """--resume if given; else, with auto-resume, the output dir's checkpoint to continue from."""
     if args.resume:
         return args.resume
     if getattr(args, 'auto_resume', False) and args.output_dir:
-        last = os.path.join(args.output_dir, LAST)
-        if os.path.isfile(last):
-            return last
+        return resumable_checkpoint_in(args.output_dir)
     return ''
+
+
+def resumable_checkpoint_in(output_dir: str) -> str:
+    """checkpoint-last.pth; failing that (the official layout, or a deleted last), the highest checkpoint-N.pth."""
+    last = os.path.join(output_dir, LAST)
+    if os.path.isfile(last):
+        return last
+    numbered = [p for p in glob.glob(os.path.join(glob.escape(output_dir), 'checkpoint-*.pth'))
+                if checkpoint_epoch_name(p) is not None]
+    return max(numbered, key=checkpoint_epoch_name) if numbered else ''
 
 
 def check_same_run(checkpoint: dict, args, path: str):

@@ -27,19 +27,33 @@ def append_log(output_dir: str, stats: dict, log_writer=None):
 
 def truncate_log(output_dir: str, start_epoch: int):
     """Drop log.txt entries of epochs >= start_epoch: a resumed run redoes them, so none is lost or repeated
-    (the log is written before each epoch's checkpoint)."""
+    (the log is written before each epoch's checkpoint). A line torn by a kill or a full disk is dropped too."""
     path = os.path.join(output_dir, 'log.txt')
     if not os.path.isfile(path):
         return
-    with open(path, encoding='utf-8') as f:
-        lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line).get('epoch', -1) < start_epoch]
-    if len(kept) == len(lines):
+    with open(path, encoding='utf-8', errors='replace') as f:
+        text = f.read()
+    kept = []
+    for number, line in enumerate(text.splitlines(), 1):
+        entry = parse_log_line(line)
+        if entry is None and line.strip():
+            print(f'{path}: line {number} is not a JSON log entry (a torn write?); dropped: {line.strip()[:80]}')
+        elif entry is not None and entry.get('epoch', -1) < start_epoch:
+            kept.append(line + '\n')
+    if ''.join(kept) == text:
         return
     tmp = path + '.tmp'
     with open(tmp, 'w', encoding='utf-8') as f:
         f.writelines(kept)
     os.replace(tmp, path)
+
+
+def parse_log_line(line: str) -> Optional[dict]:
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) else None
 
 
 def read_log(path: str) -> list:
