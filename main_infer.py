@@ -11,7 +11,6 @@ import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image, ImageOps
@@ -21,7 +20,7 @@ import models_vit
 from main_linprobe import add_batchnorm_head_and_freeze
 from util.args import UsageError
 from util.checkpoint import CheckpointError, load_checkpoint, load_state_strict, model_state_from
-from util.datasets import DECODE_ERRORS, build_eval_transform
+from util.datasets import DECODE_ERRORS, build_eval_transform, to_8bit
 from util.device import AMP_CHOICES, DEVICE_CHOICES, DeviceError, setup_runtime
 from util.reconstruction import panels_to_image, reconstruct, reconstruction_transform
 
@@ -74,13 +73,7 @@ def collect_images(paths: List[str]) -> Tuple[List[str], List[Dict[str, str]]]:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any mode PIL opens -> 8-bit RGB: EXIF rotation applied, 16-bit scaled down, transparency over white."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
-        array = np.asarray(img, dtype=np.float64)
-        scale = 255 / 65535 if array.max() > 255 else 1.0  # 16-bit content: keep its full range
-        img = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8), 'L')
-    elif img.mode == 'F':
-        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), 'L')
+    img = to_8bit(ImageOps.exif_transpose(img))
     if img.mode in ('RGBA', 'LA') or (img.mode == 'P' and 'transparency' in img.info):
         rgba = img.convert('RGBA')
         background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))

@@ -233,6 +233,30 @@ def test_bad_images_are_replaced_by_the_next_readable_sample_with_its_label(tmp_
     assert [os.path.basename(p) for p in dataset.bad_images.files] == ['empty.png']
 
 
+def png_with_a_truncated_gamma_chunk() -> bytes:
+    """A PNG Pillow rejects with ValueError rather than OSError (a malformed chunk, common in scraped data)."""
+    import io
+    import struct
+    import zlib
+    buffer = io.BytesIO()
+    Image.new('RGB', (8, 8)).save(buffer, 'PNG')
+    png = buffer.getvalue()
+    chunk = b'gAMA\x00\x01'  # 2 bytes where the format says 4
+    return png[:33] + struct.pack('>I', 2) + chunk + struct.pack('>I', zlib.crc32(chunk)) + png[33:]
+
+
+def test_a_png_with_a_malformed_chunk_is_replaced_like_any_unreadable_image(tmp_path):
+    from util.datasets import ImageFolderDataset
+    folder = tmp_path / 'data' / CLASSES[0]
+    folder.mkdir(parents=True)
+    (folder / 'a_bad_gamma.png').write_bytes(png_with_a_truncated_gamma_chunk())
+    Image.new('RGB', (8, 8)).save(folder / 'b_good.png')
+    dataset = ImageFolderDataset(str(tmp_path / 'data'))
+    assert dataset[0][0].size == (8, 8)
+    dataset.bad_images.collect()
+    assert [os.path.basename(p) for p in dataset.bad_images.files] == ['a_bad_gamma.png']
+
+
 LOAD_EVERY_SAMPLE = """
 import sys, torch
 from util.datasets import ImageFolderDataset

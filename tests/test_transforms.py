@@ -75,3 +75,27 @@ def test_three_thousand_official_randaugment_draws_raise_nothing():
     img = noise_image((48, 48))
     for _ in range(3000):
         assert transform(img).shape == (3, 32, 32)
+
+
+def test_sixteen_bit_images_keep_their_range_in_training_decoders(tmp_path):
+    """PIL's convert('RGB') clips 16-bit greys at 255 (a ramp comes out almost white); ours scale them down."""
+    from util.datasets import decode_rgb
+    from util.fast_decode import decode_rgb_tensor
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (16, 1))
+    path = tmp_path / 'ramp16.png'
+    Image.fromarray(ramp).save(path)
+    with open(path, 'rb') as f:
+        assert abs(np.asarray(decode_rgb(f)).mean() - 127.5) < 1
+    with open(path, 'rb') as f:
+        assert abs(decode_rgb_tensor(f).float().mean().item() - 127.5) < 1
+
+
+def test_eight_bit_images_decode_exactly_as_the_official_loader(tmp_path):
+    from torchvision.datasets.folder import pil_loader
+
+    from util.datasets import decode_rgb
+    for mode in ('RGB', 'L', 'CMYK', 'P', 'RGBA'):
+        path = tmp_path / f'{mode}.{"jpg" if mode in ("RGB", "L", "CMYK") else "png"}'
+        Image.new(mode, (9, 7), 120 if mode in ('L', 'P') else (10, 120, 230, 40)[:len(mode)]).save(path)
+        with open(path, 'rb') as f:
+            assert np.array_equal(np.asarray(decode_rgb(f)), np.asarray(pil_loader(str(path))))

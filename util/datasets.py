@@ -11,6 +11,7 @@ import tempfile
 import weakref
 from typing import Callable, Dict, List, Optional
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from timm.data import create_transform
@@ -102,14 +103,26 @@ class DataError(RuntimeError):
     """The dataset cannot be used; the message is one line for the user."""
 
 
-# what PIL raises for truncated, corrupt or non-image files
-DECODE_ERRORS = (OSError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+# what PIL raises for truncated, corrupt or non-image files (ValueError: malformed PNG chunks and the like)
+DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, struct.error, Image.DecompressionBombError)
 MAX_CONSECUTIVE_BAD = 20
+HIGH_BIT_DEPTH_MODES = ('I;16', 'I;16B', 'I;16L', 'I', 'F')
 
 
 def decode_rgb(f) -> Image.Image:
-    """Decode an open image file to 3-channel RGB, as the official loader does (torchvision's pil_loader)."""
-    return Image.open(f).convert('RGB')  # PIL decodes lazily: every decoding error surfaces here
+    """Decode an open image file to 3-channel RGB, as the official loader does (torchvision's pil_loader),
+    except that 16-bit and float images are first scaled to 8 bits (see `to_8bit`)."""
+    return to_8bit(Image.open(f)).convert('RGB')  # PIL decodes lazily: every decoding error surfaces here
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit or float greyscale -> 8-bit 'L', a 16-bit range scaled down; other modes are returned as they are.
+    PIL's convert('RGB') clips such images at 255, which turns a 16-bit photo almost white."""
+    if img.mode not in HIGH_BIT_DEPTH_MODES:
+        return img
+    array = np.asarray(img, dtype=np.float64)
+    scale = 255 / 65535 if img.mode != 'F' and array.max() > 255 else 1.0
+    return Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8), 'L')
 
 
 class BadImageLog:

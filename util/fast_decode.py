@@ -9,6 +9,8 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F2
 
+from util.datasets import to_8bit
+
 try:  # torchvision 0.29 deprecates its decoders in favour of TorchCodec; without them PIL decodes (slower)
     from torchvision.io import ImageReadMode, decode_jpeg
 except ImportError:
@@ -26,7 +28,7 @@ def decode_rgb_tensor(f) -> torch.Tensor:
         except RuntimeError as e:  # corrupt or truncated: reported like PIL's decoding errors
             raise OSError(f'JPEG decoding failed: {str(e).splitlines()[0]}') from None
     f.seek(0)
-    return transforms.functional.pil_to_tensor(Image.open(f).convert('RGB'))
+    return transforms.functional.pil_to_tensor(to_8bit(Image.open(f)).convert('RGB'))
 
 
 class TensorRandomResizedCrop(transforms.RandomResizedCrop):
