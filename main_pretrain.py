@@ -84,7 +84,7 @@ def build_pretraining_dataset(args):
 
 def main(args):
     if args.demo:
-        demo.prepare_data(args)
+        demo.prepare(args)
     validate(args)
     runtime = launch.start(args)
     dataset_train = build_pretraining_dataset(args)

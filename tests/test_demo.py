@@ -49,3 +49,27 @@ def test_the_next_step_printed_by_the_demo_runs(tmp_path):
 def test_demo_defaults_fit_a_laptop():
     assert DEMO_DEFAULTS['model'] == 'mae_vit_tiny_patch16' and DEMO_DEFAULTS['input_size'] == 64
     assert DEMO_DEFAULTS['data_path'].startswith('demo_output') and not DEMO_DEFAULTS['auto_resume']
+
+
+def test_demo_refuses_a_real_run_and_a_real_dataset_and_changes_neither(tmp_path):
+    run = tmp_path / 'my_run'
+    run.mkdir()
+    (run / 'checkpoint-1.pth').write_bytes(b'weights of a week of training')
+    (run / 'log.txt').write_text('{"epoch": 0}\n')
+    dataset = tmp_path / 'imagenet'
+    (dataset / 'train' / 'n01440764').mkdir(parents=True)
+    (dataset / 'train' / 'n01440764' / '00000.jpg').write_bytes(b'a real photo')
+    before = {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file()}
+    proc = run_script('main_pretrain.py', '--demo', '--output_dir', run, '--data_path', dataset)
+    assert proc.returncode == 2
+    assert '--output_dir' in proc.stderr and '--data_path' in proc.stderr and 'Traceback' not in proc.stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_a_second_demo_replaces_the_first_in_its_own_folder(tmp_path):
+    out = tmp_path / 'demo_output'
+    for _ in range(2):
+        run_script('main_pretrain.py', '--demo', '--epochs', '1', '--demo_images', '8', '--output_dir', out,
+                   '--data_path', out / 'data', check=True)
+    assert [e['epoch'] for e in read_json_log(out)] == [0]

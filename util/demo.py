@@ -7,6 +7,7 @@ from typing import List
 
 import torch
 
+from util.args import holds_a_run, raise_if_errors
 from util.distributed import is_main_process, print0
 from util.reconstruction import panels_to_image, reconstruct, reconstruction_transform
 from util.synthetic import CLASSES, CYCLES, make_image_folder
@@ -14,8 +15,9 @@ from util.synthetic import CLASSES, CYCLES, make_image_folder
 # flags the demo sets unless given on the command line
 DEMO_DEFAULTS = dict(model='mae_vit_tiny_patch16', input_size=64, patch_size=8, batch_size=32, epochs=8,
                      warmup_epochs=1, blr=8e-3, mask_ratio=0.75, norm_pix_loss=True, data_path='demo_output/data',
-                     output_dir='demo_output', num_workers=1, print_freq=25, auto_resume=False, overwrite=True,
-                     save_freq=1000)
+                     output_dir='demo_output', num_workers=1, print_freq=25, auto_resume=False, save_freq=1000)
+DATA_MARKER = 'demo.json'  # in --data_path: images the demo generated
+RUN_MARKER = 'demo_run.json'  # in --output_dir: a demo run, which the next demo may replace
 DEMO_VAL_IMAGES = 4  # held-out images per class
 FIGURE_SEED = 0
 FIGURE_SCALE = 3  # 64-px panels are easier to see three times larger
@@ -25,9 +27,32 @@ def demo_defaults(argv: List[str]) -> dict:
     return DEMO_DEFAULTS if '--demo' in argv else {}
 
 
+def prepare(args):
+    """Check that the folders are the demo's own (it replaces their runs and images), then generate the images.
+    A folder of anything else is refused, so pointing --demo at a real dataset or run changes nothing."""
+    errors = []
+    if holds_other_files(args.data_path, DATA_MARKER):
+        errors.append(f'--data_path {args.data_path}: --demo generates its images there, and this folder holds '
+                      'other files; leave --data_path out or name an empty folder')
+    if holds_a_run(args.output_dir) and not os.path.isfile(os.path.join(args.output_dir, RUN_MARKER)):
+        errors.append(f'--output_dir {args.output_dir}: --demo starts over in its output folder, and this one '
+                      'holds another run; leave --output_dir out or name an empty folder')
+    raise_if_errors(errors)
+    args.overwrite = True  # a previous demo run there is replaced
+    if is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, RUN_MARKER), 'w') as f:
+            json.dump({'demo': True}, f)
+    prepare_data(args)
+
+
+def holds_other_files(folder: str, marker: str) -> bool:
+    return os.path.isdir(folder) and bool(os.listdir(folder)) and not os.path.isfile(os.path.join(folder, marker))
+
+
 def prepare_data(args):
     """Generate the image set once (train: --demo_images per class; val: held out), 64x64 JPEGs."""
-    marker = os.path.join(args.data_path, 'demo.json')
+    marker = os.path.join(args.data_path, DATA_MARKER)
     spec = {'train': args.demo_images, 'val': DEMO_VAL_IMAGES, 'size': args.input_size, 'classes': CLASSES,
             'cycles': list(CYCLES), 'class_colours': True}
     if os.path.isfile(marker) and json.load(open(marker)) == spec:
