@@ -28,8 +28,10 @@ def places(tmp_path, texture_data):
     held = tmp_path / 'held'
     held.mkdir()
     (held / 'log.txt').write_text('{"epoch": 0}\n')
+    weights = tmp_path / 'weights.pth'
+    torch.save({'model': {'w': torch.zeros(1)}}, weights)
     return dict(data=texture_data, empty=empty, no_classes=no_classes, text=text, tmp=tmp_path,
-                unwritable=blocker / 'sub', held=held)
+                unwritable=blocker / 'sub', held=held, weights=weights)
 
 
 # (script, flags, the one line expected on stderr); {data}, {empty}... are filled from the fixture
@@ -38,7 +40,8 @@ CASES = [
     ('main_pretrain.py', ['--data_path', '{tmp}/nowhere'], '--data_path {tmp}/nowhere: no such folder'),
     ('main_pretrain.py', ['--data_path', '{empty}'], '--data_path {empty}: has no train/ folder'),
     ('main_finetune.py', ['--data_path', '{empty}'], '--data_path {empty}: has no train/ or val/ folder'),
-    ('main_linprobe.py', ['--data_path', '{empty}', '--eval'], '--data_path {empty}: has no val/ folder'),
+    ('main_linprobe.py', ['--data_path', '{empty}', '--eval', '--resume', '{weights}'],
+     '--data_path {empty}: has no val/ folder'),
     ('main_pretrain.py', ['--data_path', '{no_classes}'], "{no_classes}/train: Couldn't find any class folder"),
     ('main_pretrain.py', ['--model', 'mae_vit_gigantic'],
      '--model mae_vit_gigantic: unknown MAE model; choose from mae_vit_tiny_patch16, mae_vit_small_patch16, '
@@ -69,6 +72,9 @@ CASES = [
     ('main_finetune.py', ['--finetune', '{tmp}/missing.pth'], '--finetune {tmp}/missing.pth: no such file'),
     ('main_finetune.py', ['--finetune', '{text}'], '{text}: not a readable PyTorch checkpoint'),
     ('main_finetune.py', ['--eval', '--resume', '{text}'], '{text}: not a readable PyTorch checkpoint'),
+    ('main_finetune.py', ['--eval', '--finetune', '{weights}'], '--eval: no weights to evaluate; pass the '
+     'fine-tuned or linear-probe checkpoint as --resume'),
+    ('main_linprobe.py', ['--eval'], '--eval: no weights to evaluate'),
     ('main_pretrain.py', ['--output_dir', '{unwritable}'], '--output_dir {unwritable}: cannot create or write'),
     ('main_pretrain.py', ['--output_dir', '{held}', '--no_auto_resume'],
      '--output_dir {held}: already holds a run (checkpoint-last.pth, log.txt); rerun without --no_auto_resume'),

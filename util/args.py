@@ -241,6 +241,10 @@ def check_classifier_args(args, classifiers: dict, maes: dict, errors: List[str]
     check_checkpoint_path('--finetune', args.finetune, errors)
     check_checkpoint_path('--resume', args.resume, errors)
     check_output(args, errors, training=not args.eval)
+    if args.eval and not args.resume and not (args.auto_resume and args.output_dir
+                                              and resumable_checkpoint_in(args.output_dir)):
+        errors.append('--eval: no weights to evaluate; pass the fine-tuned or linear-probe checkpoint as --resume '
+                      '(--finetune only sets the encoder training starts from)')
 
 
 def raise_if_errors(errors: List[str]):
