@@ -6,6 +6,7 @@ python main_infer.py --model mae_vit_large_patch16 --resume mae_visualize_vit_la
     --mask_ratio 0.75 --output_dir out/
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ from PIL import Image, ImageOps
 import models_mae
 import models_vit
 from main_linprobe import add_batchnorm_head_and_freeze
-from util.args import UsageError
+from util.args import UsageError, writable
 from util.checkpoint import CheckpointError, load_checkpoint, load_state_strict, model_state_from
 from util.datasets import DECODE_ERRORS, build_eval_transform, to_8bit
 from util.device import AMP_CHOICES, DEVICE_CHOICES, DeviceError, setup_runtime
@@ -194,8 +195,17 @@ def validate(args):
         errors.append(f'--class_names {args.class_names}: no such file')
     if '://' not in args.resume and not os.path.exists(args.resume):
         errors.append(f'--resume {args.resume}: no such file')
+    if args.model in models_mae.MODELS and not writable(args.output_dir):
+        errors.append(f'--output_dir {args.output_dir}: cannot create or write to this folder')
+    if args.json and args.json != '-' and not can_write_file(args.json):
+        errors.append(f'--json {args.json}: cannot write this file (is its folder there and writable?)')
     if errors:
         raise UsageError('\n'.join(errors))
+
+
+def can_write_file(path: str) -> bool:
+    folder = os.path.dirname(os.path.abspath(path))
+    return not os.path.isdir(path) and os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)
 
 
 def reconstruction_handler(args, model, checkpoint, runtime, report: dict):
@@ -272,14 +282,17 @@ def write_json(report: dict, destination: str):
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
+    # with --json -, stdout carries the JSON alone: the per-image lines go to stderr
+    human_output = contextlib.redirect_stdout(sys.stderr) if args.json == '-' else contextlib.nullcontext()
     try:
-        report = run(args)
-    except (UsageError, DeviceError, CheckpointError) as e:
+        with human_output:
+            report = run(args)
+        if args.json:
+            write_json(report, args.json)
+    except (UsageError, DeviceError, CheckpointError, OSError) as e:
         for line in str(e).splitlines():
             print(f'error: {line}', file=sys.stderr, flush=True)
         return 2
-    if args.json:
-        write_json(report, args.json)
     if report['errors']:
         print(f"{len(report['errors'])} of {len(report['results']) + len(report['errors'])} inputs failed",
               file=sys.stderr, flush=True)

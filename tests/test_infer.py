@@ -255,3 +255,21 @@ def test_a_real_photo_through_both_modes_as_a_user_runs_them(checkpoints, tmp_pa
                       '--img_path', PHOTO, '--output_dir', tmp_path, check=True)
     assert 'circuit_board_mae.png' in proc.stdout
     assert Image.open(tmp_path / 'circuit_board_mae.png').size == (128, 32)
+
+
+def test_json_to_stdout_is_the_json_alone(checkpoints, pictures, capsys):
+    code, out, err = infer(capsys, '--model', 'vit_tiny_patch16', '--resume', checkpoints / 'vit4.pth',
+                           '--img_path', pictures['rgb'], '--json', '-')
+    assert code == 0 and json.loads(out)['results'][0]['image'] == str(pictures['rgb'])
+    assert str(pictures['rgb']) in err  # the human-readable lines moved to stderr
+
+
+@pytest.mark.parametrize('flag', ['--output_dir', '--json'])
+def test_an_unwritable_output_is_refused_before_any_work(flag, checkpoints, pictures, tmp_path, capsys):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('x')
+    target = blocker if flag == '--output_dir' else tmp_path / 'missing_folder' / 'r.json'
+    code, out, err = infer(capsys, '--model', 'mae_vit_tiny_patch16', '--resume', checkpoints / 'mae.pth',
+                           '--img_path', pictures['rgb'], flag, target)
+    assert code == 2 and err.strip().splitlines() == [err.strip().splitlines()[0]]
+    assert err.startswith(f'error: {flag} {target}: cannot') and 'reconstruction loss' not in out
