@@ -1,4 +1,5 @@
 """The training scripts as users run them (subprocesses, tiny models, generated images)."""
+import argparse
 import os
 import subprocess
 import sys
@@ -175,6 +176,22 @@ def test_released_format_finetuned_checkpoint_evaluates_with_eval_resume(texture
     proc = run_script('main_finetune.py', '--eval', '--resume', tmp_path / 'finetuned.pth', '--data_path',
                       texture_data, *TINY_CLASSIFIER_ARGS, check=True)
     assert '* Acc@1' in proc.stdout and 'Accuracy of the network on the 64 test images' in proc.stdout
+    # at a higher resolution (384 px for a 224-px checkpoint): the position embeddings are interpolated
+    bigger = [a if a != '32' else '48' for a in TINY_CLASSIFIER_ARGS]
+    proc = run_script('main_finetune.py', '--eval', '--resume', tmp_path / 'finetuned.pth', '--data_path',
+                      texture_data, *bigger, check=True)
+    assert 'Position interpolate from 8x8 to 12x12' in proc.stdout and '* Acc@1' in proc.stdout
+
+
+def test_a_linear_probe_in_a_fine_tuning_runs_folder_says_where_the_checkpoint_came_from(texture_data, tmp_path):
+    out = tmp_path / 'finetune_run'
+    out.mkdir()
+    model = models_vit.vit_tiny_patch16(img_size=32, patch_size=4, num_classes=4)
+    torch.save({'model': model.state_dict(), 'epoch': 0, 'args': argparse.Namespace(model='vit_tiny_patch16')},
+               out / 'checkpoint-last.pth')
+    proc = run_script('main_linprobe.py', '--data_path', texture_data, '--output_dir', out, *TINY_CLASSIFIER_ARGS)
+    assert proc.returncode == 2 and 'does not fit --model vit_tiny_patch16' in proc.stderr
+    assert f'it was found in --output_dir {out} (auto-resume): use another --output_dir' in proc.stderr
 
 
 @pytest.mark.slow

@@ -374,9 +374,19 @@ def resume_training(args, model_without_ddp: nn.Module, optimizer, loss_scaler, 
     if not path:
         return {}
     checkpoint = load_checkpoint(path)
-    if path != args.resume:
+    auto_resumed = path != args.resume
+    if auto_resumed:
         check_same_run(checkpoint, args, path)
-    load_state_strict(model_without_ddp, model_state_from(checkpoint, path), path, args.model)
+    state = dict(model_state_from(checkpoint, path))
+    if getattr(args, 'eval', False):
+        resize_pos_embed_for_eval(model_without_ddp, state, path)
+    try:
+        load_state_strict(model_without_ddp, state, path, args.model)
+    except CheckpointError as e:
+        if not auto_resumed:
+            raise
+        raise CheckpointError(f'{e}; it was found in --output_dir {args.output_dir} (auto-resume): use another '
+                              '--output_dir for a different run') from None
     print0(f'Resume checkpoint {path}')
     if getattr(args, 'eval', False) or 'optimizer' not in checkpoint or 'epoch' not in checkpoint:
         return checkpoint
@@ -395,6 +405,17 @@ def resume_training(args, model_without_ddp: nn.Module, optimizer, loss_scaler, 
     print0(f'With optim & sched! Continuing at epoch {args.start_epoch}'
            + (f', iteration {args.start_iter}' if args.start_iter else ''))
     return checkpoint
+
+
+def resize_pos_embed_for_eval(model: nn.Module, state: Dict[str, torch.Tensor], path: str):
+    """Evaluating at another --input_size (e.g. a 224-px fine-tuned model at 384): interpolate the position
+    embeddings, as --finetune does. Training resumes keep the strict check."""
+    if 'pos_embed' not in state or not hasattr(model, 'patch_embed'):
+        return
+    try:
+        interpolate_pos_embed(model, state)
+    except RuntimeError as e:
+        raise CheckpointError(f'{path}: position embeddings cannot be resized ({e})') from None
 
 
 def restore_rng(checkpoint: dict, runtime):
