@@ -22,6 +22,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     iters_per_epoch = iters_per_epoch or len(data_loader)
     progress = EpochProgress(runtime, epoch, iters_per_epoch, args.print_freq, start_iter, log_writer,
                              tb_loss_name='loss')
+    if checkpointer is not None:
+        checkpointer.resume_progress(progress, epoch, start_iter)
 
     optimizer.zero_grad()
     for it, (samples, targets) in progress.iterate(data_loader):
@@ -45,7 +47,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         max_lr = max(group['lr'] for group in optimizer.param_groups)
         progress.update(it, loss, max_lr, samples.shape[0], write_tb=is_update)
         if is_update and checkpointer is not None:
-            checkpointer.after_step(epoch, it + 1, progress.stop_agreed)
+            checkpointer.after_step(epoch, it + 1, progress)
     return progress.finish()
 
 

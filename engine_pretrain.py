@@ -16,6 +16,8 @@ def train_one_epoch(model: torch.nn.Module, data_loader, optimizer: torch.optim.
     accum_iter = args.accum_iter
     iters_per_epoch = iters_per_epoch or len(data_loader)
     progress = EpochProgress(runtime, epoch, iters_per_epoch, args.print_freq, start_iter, log_writer)
+    if checkpointer is not None:
+        checkpointer.resume_progress(progress, epoch, start_iter)
 
     optimizer.zero_grad()
     for it, (samples, _) in progress.iterate(data_loader):
@@ -33,5 +35,5 @@ def train_one_epoch(model: torch.nn.Module, data_loader, optimizer: torch.optim.
 
         progress.update(it, loss, optimizer.param_groups[0]['lr'], samples.shape[0], write_tb=is_update)
         if is_update and checkpointer is not None:
-            checkpointer.after_step(epoch, it + 1, progress.stop_agreed)
+            checkpointer.after_step(epoch, it + 1, progress)
     return progress.finish()

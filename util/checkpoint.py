@@ -273,7 +273,8 @@ class Checkpointer:
     def last_path(self) -> str:
         return os.path.join(self.args.output_dir, LAST)
 
-    def state(self, epoch: int, next_iteration: int, rng_states: List[bytes]) -> dict:
+    def state(self, epoch: int, next_iteration: int, rng_states: List[bytes],
+              partial_meters: Optional[dict] = None) -> dict:
         # 'epoch' is the last finished epoch, as in the official format; a mid-epoch save says where to go on
         state = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
                  'epoch': epoch if next_iteration == 0 else epoch - 1,
@@ -281,18 +282,20 @@ class Checkpointer:
                  'rng_states': [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in rng_states],
                  'world_size': distributed.get_world_size()}
         if next_iteration:
-            state['epoch_in_progress'] = {'epoch': epoch, 'iteration': next_iteration}
+            state['epoch_in_progress'] = {'epoch': epoch, 'iteration': next_iteration, 'meters': partial_meters or {}}
         state.update(self.extra_state)
         return state
 
-    def save(self, epoch: int, next_iteration: int = 0, numbered: bool = True) -> Optional[str]:
-        """Save after `next_iteration` iterations of `epoch` (0: the epoch is finished). Returns the path."""
+    def save(self, epoch: int, next_iteration: int = 0, numbered: bool = True, progress=None) -> Optional[str]:
+        """Save after `next_iteration` iterations of `epoch` (0: the epoch is finished). Mid-epoch, `progress`
+        (the EpochProgress) adds the epoch's running averages. Returns the path."""
         if not self.args.output_dir:
             return None
         rng_states = gather_rng_states(self.runtime)
+        partial_meters = progress.partial_state() if progress is not None and next_iteration else None
         path = None
         if distributed.is_main_process():
-            state = self.state(epoch, next_iteration, rng_states)
+            state = self.state(epoch, next_iteration, rng_states, partial_meters)
             if numbered and next_iteration == 0:
                 path = os.path.join(self.args.output_dir, f'checkpoint-{epoch}.pth')
                 save_atomic(state, path)
@@ -303,15 +306,22 @@ class Checkpointer:
         self.last_saved = (self.last_path, epoch, next_iteration)
         return path
 
-    def after_step(self, epoch: int, next_iteration: int, stop: bool):
-        """Called after each optimizer step: save every --save_every_iters iterations; on a stop signal save
-        and raise TrainingInterrupted."""
+    def after_step(self, epoch: int, next_iteration: int, progress):
+        """Called after each optimizer step with the epoch's EpochProgress: save every --save_every_iters
+        iterations; on a stop signal save and raise TrainingInterrupted."""
         every = getattr(self.args, 'save_every_iters', 0)
-        if stop:
-            self.save(epoch, next_iteration, numbered=False)
+        if progress.stop_agreed:
+            self.save(epoch, next_iteration, numbered=False, progress=progress)
             raise preemption.TrainingInterrupted(preemption.received_signal(), self.last_path)
         if every and next_iteration % every == 0 and next_iteration < self.iters_per_epoch:
-            self.save(epoch, next_iteration, numbered=False)
+            self.save(epoch, next_iteration, numbered=False, progress=progress)
+
+    def resume_progress(self, progress, epoch: int, start_iter: int):
+        """Give a resumed partial epoch the running averages saved with it (once)."""
+        saved = getattr(self.args, 'resumed_partial_epoch', None)
+        if saved and start_iter and saved['epoch'] == epoch and saved['iteration'] == start_iter:
+            progress.restore(saved.get('meters') or {})
+            self.args.resumed_partial_epoch = None
 
     def describe_last_good(self) -> str:
         if self.last_saved is None:
@@ -371,6 +381,7 @@ def resume_training(args, model_without_ddp: nn.Module, optimizer, loss_scaler, 
     path = find_resume_checkpoint(args)
     args.start_iter = 0
     args.resumed_from = ''
+    args.resumed_partial_epoch = None
     if not path:
         return {}
     checkpoint = load_checkpoint(path)
@@ -398,6 +409,7 @@ def resume_training(args, model_without_ddp: nn.Module, optimizer, loss_scaler, 
     in_progress = checkpoint.get('epoch_in_progress')
     if in_progress:
         args.start_epoch, args.start_iter = in_progress['epoch'], in_progress['iteration']
+        args.resumed_partial_epoch = in_progress
     else:
         args.start_epoch = checkpoint['epoch'] + 1
     restore_rng(checkpoint, runtime)

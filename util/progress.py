@@ -97,6 +97,25 @@ class EpochProgress:
         self.print_window(self.window[-1][0])
         self.window = []
 
+    def partial_state(self) -> dict:
+        """The epoch so far, summed over ranks, for a mid-epoch checkpoint: {meter: [total, count]}.
+        A collective: call it on every rank."""
+        self.flush()
+        names = sorted(self.meters.meters)
+        local = torch.tensor([v for n in names for v in (self.meters.meters[n].total, self.meters.meters[n].count)],
+                             dtype=torch.float64, device=distributed.comm_device())
+        summed = distributed.all_reduce_sum(local).tolist()
+        return {name: summed[2 * i:2 * i + 2] for i, name in enumerate(names)}
+
+    def restore(self, state: dict):
+        """Continue a partial epoch's averages. Rank 0 carries the saved sums (of all ranks), so that the
+        epoch-end reduction gives the average an uninterrupted run would have logged."""
+        if not distributed.is_main_process():
+            return
+        for name, (total, count) in state.items():
+            meter = self.meters.meters[name]
+            meter.total, meter.count = total, int(round(count))
+
     def print_window(self, iteration: int):
         now = time.perf_counter()
         elapsed = now - self.window_start
