@@ -8,6 +8,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from util import distributed  # noqa: E402
 from util.device import setup_runtime  # noqa: E402
 from util.metrics import MetricLogger  # noqa: E402
+from util.progress import EpochProgress  # noqa: E402
 
 
 def main(out_dir):
@@ -23,10 +24,25 @@ def main(out_dir):
                   local_rank=launch.local_rank, backend=runtime.dist_backend,
                   mean=distributed.all_reduce_mean(float(rank + 1)), loss_global_avg=logger.loss.global_avg,
                   loss_count=logger.loss.count, main=distributed.is_main_process())
+    result.update(resumed_epoch_stats(runtime, rank))
     distributed.barrier()
     with open(os.path.join(out_dir, f'rank{rank}.json'), 'w') as f:
         json.dump(result, f)
     distributed.cleanup()
+
+
+def resumed_epoch_stats(runtime, rank: int) -> dict:
+    """Save a partial epoch's averages (2 of 4 iterations), resume it with nothing left to run (a stop agreed
+    at the epoch's last window), finish: every rank must reach the same collectives, and the averages hold."""
+    import torch
+    progress = EpochProgress(runtime, epoch=0, iters_per_epoch=4, print_freq=100)
+    for it in range(2):
+        progress.update(it, torch.tensor(float(rank + 1) * (it + 1)), 0.1, batch_size=8)
+    saved = progress.partial_state()
+    resumed = EpochProgress(runtime, epoch=0, iters_per_epoch=2, print_freq=100, start_iter=2)
+    resumed.restore(saved)
+    stats = resumed.finish()
+    return dict(resumed_loss=stats['loss'], resumed_loss_per_rank=stats['loss_per_rank'])
 
 
 if __name__ == '__main__':

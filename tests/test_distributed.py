@@ -56,6 +56,8 @@ def check_two_ranks(results, launcher):
         assert result['mean'] == pytest.approx(1.5)  # mean of 1.0 and 2.0
         assert result['loss_count'] == 4 and result['loss_global_avg'] == pytest.approx((1 + 3 + 2 + 6) / 4)
         assert result['main'] == (rank == 0)
+        # rank 0 logged 1, 2 and rank 1 logged 2, 4 before the save
+        assert result['resumed_loss'] == pytest.approx(9 / 4) and result['resumed_loss_per_rank'] == [1.5, 3.0]
 
 
 @pytest.mark.slow

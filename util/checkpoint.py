@@ -274,7 +274,7 @@ class Checkpointer:
         return os.path.join(self.args.output_dir, LAST)
 
     def state(self, epoch: int, next_iteration: int, rng_states: List[bytes],
-              partial_meters: Optional[dict] = None) -> dict:
+              partial_meters: Optional[list] = None) -> dict:
         # 'epoch' is the last finished epoch, as in the official format; a mid-epoch save says where to go on
         state = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
                  'epoch': epoch if next_iteration == 0 else epoch - 1,
@@ -282,7 +282,7 @@ class Checkpointer:
                  'rng_states': [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in rng_states],
                  'world_size': distributed.get_world_size()}
         if next_iteration:
-            state['epoch_in_progress'] = {'epoch': epoch, 'iteration': next_iteration, 'meters': partial_meters or {}}
+            state['epoch_in_progress'] = {'epoch': epoch, 'iteration': next_iteration, 'meters': partial_meters or []}
         state.update(self.extra_state)
         return state
 
@@ -320,7 +320,8 @@ class Checkpointer:
         """Give a resumed partial epoch the running averages saved with it (once)."""
         saved = getattr(self.args, 'resumed_partial_epoch', None)
         if saved and start_iter and saved['epoch'] == epoch and saved['iteration'] == start_iter:
-            progress.restore(saved.get('meters') or {})
+            if saved.get('meters'):
+                progress.restore(saved['meters'])
             self.args.resumed_partial_epoch = None
 
     def describe_last_good(self) -> str:

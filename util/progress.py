@@ -2,6 +2,7 @@
 (not every iteration): one all-reduce gives the cross-rank loss for TensorBoard, the non-finite check and the
 stop-signal agreement. Logs images/s over all ranks, data-loading time, ETA and peak device memory."""
 import datetime
+import json
 import math
 import time
 from typing import Optional
@@ -97,24 +98,26 @@ class EpochProgress:
         self.print_window(self.window[-1][0])
         self.window = []
 
-    def partial_state(self) -> dict:
-        """The epoch so far, summed over ranks, for a mid-epoch checkpoint: {meter: [total, count]}.
-        A collective: call it on every rank."""
+    def partial_state(self) -> list:
+        """The epoch so far, for a mid-epoch checkpoint: every rank's running sums, [{meter: [total, count]}]
+        indexed by rank. A collective: call it on every rank."""
         self.flush()
-        names = sorted(self.meters.meters)
-        local = torch.tensor([v for n in names for v in (self.meters.meters[n].total, self.meters.meters[n].count)],
-                             dtype=torch.float64, device=distributed.comm_device())
-        summed = distributed.all_reduce_sum(local).tolist()
-        return {name: summed[2 * i:2 * i + 2] for i, name in enumerate(names)}
+        own = {name: [meter.total, meter.count] for name, meter in self.meters.meters.items()}
+        return [json.loads(blob.decode()) for blob in distributed.all_gather_bytes(json.dumps(own).encode())]
 
-    def restore(self, state: dict):
-        """Continue a partial epoch's averages. Rank 0 carries the saved sums (of all ranks), so that the
-        epoch-end reduction gives the average an uninterrupted run would have logged."""
-        if not distributed.is_main_process():
-            return
-        for name, (total, count) in state.items():
+    def restore(self, per_rank: list):
+        """Continue a partial epoch's averages: each rank its own sums. If the world size changed, rank 0
+        carries them all, so the epoch-end reduction still gives the uninterrupted run's average."""
+        if len(per_rank) == self.world_size:
+            mine = per_rank[distributed.get_rank()]
+        elif distributed.is_main_process():
+            mine = {name: [sum(r[name][0] for r in per_rank), sum(r[name][1] for r in per_rank)]
+                    for name in per_rank[0]}
+        else:
+            mine = {name: [0.0, 0] for name in per_rank[0]}
+        for name, (total, count) in sorted(mine.items()):  # every rank gets every meter: reductions must match
             meter = self.meters.meters[name]
-            meter.total, meter.count = total, int(round(count))
+            meter.total, meter.count = total, int(count)
 
     def print_window(self, iteration: int):
         now = time.perf_counter()
