@@ -57,7 +57,8 @@ def validate(args):
                     'main_finetune.py or main_linprobe.py', errors)
     if args.model in models_mae.MODELS:
         cli.check_patch_grid(args, default_patch_size(args.model), errors)
-    cli.check_data_path(args, ['train'], errors)
+    if not args.demo:  # the demo generates its data after the checks
+        cli.check_data_path(args, ['train'], errors)
     cli.check_checkpoint_path('--resume', args.resume, errors)
     cli.check_output(args, errors)
     cli.raise_if_errors(errors)
@@ -84,9 +85,11 @@ def build_pretraining_dataset(args):
 
 def main(args):
     if args.demo:
-        demo.prepare(args)
+        demo.check_folders(args)
     validate(args)
     runtime = launch.start(args)
+    if args.demo:
+        demo.prepare(args)  # the images: after the start, so that one rank writes them while the others wait
     dataset_train = build_pretraining_dataset(args)
     print0(dataset_train)
     data_loader_train = build_loader(dataset_train, args, runtime, train=True, rank=args.rank,

@@ -5,7 +5,7 @@ import os
 import pytest
 from PIL import Image
 
-from conftest import read_json_log, run_script
+from conftest import free_port, read_json_log, run_script
 from util.demo import DEMO_DEFAULTS
 
 
@@ -73,3 +73,19 @@ def test_a_second_demo_replaces_the_first_in_its_own_folder(tmp_path):
         run_script('main_pretrain.py', '--demo', '--epochs', '1', '--demo_images', '8', '--output_dir', out,
                    '--data_path', out / 'data', check=True)
     assert [e['epoch'] for e in read_json_log(out)] == [0]
+
+
+def test_demo_without_an_output_folder_is_refused(tmp_path):
+    proc = run_script('main_pretrain.py', '--demo', '--output_dir', '', '--data_path', tmp_path / 'data')
+    assert proc.returncode == 2 and "--output_dir '': --demo needs a folder" in proc.stderr
+    assert not (tmp_path / 'data').exists()
+
+
+@pytest.mark.slow
+def test_demo_under_torchrun_generates_its_images_once_and_runs(tmp_path):
+    out = tmp_path / 'demo_output'
+    proc = run_script('-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
+                      'main_pretrain.py', '--demo', '--epochs', '1', '--demo_images', '8', '--output_dir', out,
+                      '--data_path', out / 'data', '--num_workers', '0', '--batch_size', '8')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count('Demo images: generating') == 1 and 'Demo finished' in proc.stdout

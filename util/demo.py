@@ -8,7 +8,7 @@ from typing import List
 import torch
 
 from util.args import holds_a_run, raise_if_errors
-from util.distributed import is_main_process, print0
+from util.distributed import barrier, is_main_process, print0
 from util.reconstruction import panels_to_image, reconstruct, reconstruction_transform
 from util.synthetic import CLASSES, CYCLES, make_image_folder
 
@@ -27,23 +27,32 @@ def demo_defaults(argv: List[str]) -> dict:
     return DEMO_DEFAULTS if '--demo' in argv else {}
 
 
-def prepare(args):
-    """Check that the folders are the demo's own (it replaces their runs and images), then generate the images.
-    A folder of anything else is refused, so pointing --demo at a real dataset or run changes nothing."""
+def check_folders(args):
+    """Before anything is written (on every rank, before the process group): the folders must be the demo's
+    own, since it replaces their runs and images. A real dataset or run is refused, and nothing changes."""
     errors = []
+    if not args.output_dir:
+        errors.append("--output_dir '': --demo needs a folder for its checkpoint and figures; leave the flag out "
+                      '(demo_output) or name a folder')
     if holds_other_files(args.data_path, DATA_MARKER):
         errors.append(f'--data_path {args.data_path}: --demo generates its images there, and this folder holds '
                       'other files; leave --data_path out or name an empty folder')
-    if holds_a_run(args.output_dir) and not os.path.isfile(os.path.join(args.output_dir, RUN_MARKER)):
+    if args.output_dir and holds_a_run(args.output_dir) and not os.path.isfile(
+            os.path.join(args.output_dir, RUN_MARKER)):
         errors.append(f'--output_dir {args.output_dir}: --demo starts over in its output folder, and this one '
                       'holds another run; leave --output_dir out or name an empty folder')
     raise_if_errors(errors)
     args.overwrite = True  # a previous demo run there is replaced
+
+
+def prepare(args):
+    """After the process group is up: rank 0 marks the output folder as a demo's and generates the images."""
     if is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, RUN_MARKER), 'w') as f:
             json.dump({'demo': True}, f)
-    prepare_data(args)
+        prepare_data(args)
+    barrier()
 
 
 def holds_other_files(folder: str, marker: str) -> bool:
@@ -51,20 +60,19 @@ def holds_other_files(folder: str, marker: str) -> bool:
 
 
 def prepare_data(args):
-    """Generate the image set once (train: --demo_images per class; val: held out), 64x64 JPEGs."""
+    """Generate the image set once (train: --demo_images per class; val: held out), 64x64 JPEGs. Rank 0 only."""
     marker = os.path.join(args.data_path, DATA_MARKER)
     spec = {'train': args.demo_images, 'val': DEMO_VAL_IMAGES, 'size': args.input_size, 'classes': CLASSES,
             'cycles': list(CYCLES), 'class_colours': True}
     if os.path.isfile(marker) and json.load(open(marker)) == spec:
         print0(f'Demo images: reusing {args.data_path}')
         return
-    if is_main_process():
-        print0(f'Demo images: generating {len(CLASSES)} texture classes x {args.demo_images} training and '
-               f'{DEMO_VAL_IMAGES} held-out images of {args.input_size}x{args.input_size} in {args.data_path}')
-        make_image_folder(args.data_path, {'train': args.demo_images, 'val': DEMO_VAL_IMAGES}, size=args.input_size,
-                          class_colours=True)
-        with open(marker, 'w') as f:
-            json.dump(spec, f)
+    print0(f'Demo images: generating {len(CLASSES)} texture classes x {args.demo_images} training and '
+           f'{DEMO_VAL_IMAGES} held-out images of {args.input_size}x{args.input_size} in {args.data_path}')
+    make_image_folder(args.data_path, {'train': args.demo_images, 'val': DEMO_VAL_IMAGES}, size=args.input_size,
+                      class_colours=True)
+    with open(marker, 'w') as f:
+        json.dump(spec, f)
 
 
 def held_out_images(args) -> torch.Tensor:
