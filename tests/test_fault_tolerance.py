@@ -392,6 +392,22 @@ def test_two_urls_with_the_same_file_name_are_two_checkpoints(tmp_path, monkeypa
         assert torch.equal(loaded['model']['w'], torch.full((2,), value))
 
 
+def test_a_file_already_in_the_hub_cache_is_used_offline(tmp_path, monkeypatch):
+    """An offline cluster with the released file put where torch.hub keeps it: no download is attempted."""
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'hub'))
+    cached = tmp_path / 'hub' / 'hub' / 'checkpoints' / 'mae_pretrain_vit_tiny.pth'
+    cached.parent.mkdir(parents=True)
+    torch.save({'model': {'w': torch.ones(1)}}, cached)
+    url = 'http://127.0.0.1:9/mae/pretrain/mae_pretrain_vit_tiny.pth'  # nothing listens there
+    assert torch.equal(load_checkpoint(url)['model']['w'], torch.ones(1))
+
+
+def test_dates_and_epoch_numbers_in_file_names_are_not_read_as_hashes():
+    from util.checkpoint import named_hash_prefix
+    assert named_hash_prefix('mae_vit_tiny-0123abcd.pth') == '0123abcd'
+    assert named_hash_prefix('model-20231105.pth') is None and named_hash_prefix('checkpoint-79.pth') is None
+
+
 def test_a_hub_style_hash_in_the_file_name_is_checked(tmp_path, monkeypatch):
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'hub'))
     source = tmp_path / 'mae_vit_tiny-0123abcd.pth'  # claims a sha256 starting 0123abcd; it does not

@@ -53,24 +53,38 @@ HUB_HASH_NAME = re.compile(r'-([a-f0-9]{8,})\.')
 
 
 def url_cache_path(url: str) -> str:
-    """Where `url` is cached: a folder per URL under the hub cache, so that two runs' checkpoint-best.pth
-    (same file name, different URLs) never share a cached copy; the file keeps its own name."""
-    name = os.path.basename(urllib.parse.urlparse(url).path) or 'checkpoint.pth'
-    url_key = hashlib.sha256(url.encode()).hexdigest()[:16]
-    return os.path.join(torch.hub.get_dir(), 'checkpoints', url_key, name)
+    """Where `url` is cached: a folder per URL (its query string, e.g. a pre-signed token, left out) under the
+    hub cache, so that two runs' checkpoint-best.pth never share a cached copy; the file keeps its name."""
+    parts = urllib.parse.urlparse(url)
+    url_key = hashlib.sha256(f'{parts.scheme}://{parts.netloc}{parts.path}'.encode()).hexdigest()[:16]
+    return os.path.join(torch.hub.get_dir(), 'checkpoints', url_key, url_file_name(url))
+
+
+def url_file_name(url: str) -> str:
+    return os.path.basename(urllib.parse.urlparse(url).path) or 'checkpoint.pth'
+
+
+def named_hash_prefix(name: str) -> Optional[str]:
+    """The sha256 prefix a hub-style name carries; a date or an epoch number (all digits) is not one."""
+    match = HUB_HASH_NAME.search(name)
+    return match.group(1) if match and not match.group(1).isdigit() else None
 
 
 def download_checkpoint(url: str) -> str:
-    """Download `url` once (atomically, so an interrupted download is not mistaken for a checkpoint) and return
-    the local path. A hub-style hash in the file name is checked; a name like checkpoint-79.pth is not one."""
+    """The local copy of `url`: the cached one, or one downloaded now (atomically, so an interrupted download
+    is not mistaken for a checkpoint). A file that torch.hub (or a person, on an offline cluster) put in the
+    hub cache under the URL's file name is used as it is."""
     path = url_cache_path(url)
     if os.path.isfile(path):
         return path
+    shared = os.path.join(torch.hub.get_dir(), 'checkpoints', url_file_name(url))
+    if os.path.isfile(shared):
+        print0(f'Using the cached {shared} for {url} (delete it to download again)')
+        return shared
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    named_hash = HUB_HASH_NAME.search(os.path.basename(path))
     print0(f'Downloading {url} to {path}')
     try:
-        torch.hub.download_url_to_file(url, path, hash_prefix=named_hash.group(1) if named_hash else None)
+        torch.hub.download_url_to_file(url, path, hash_prefix=named_hash_prefix(os.path.basename(path)))
     except Exception as e:  # network, HTTP and hash errors alike: one line saying which
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f'{url}: download failed ({detail})') from None
