@@ -7,7 +7,7 @@ import argparse
 import os
 from typing import Callable, Dict, List, Optional
 
-from util.checkpoint import LAST, is_url, resumable_checkpoint_in
+from util.checkpoint import LAST, holds_a_run, is_url, resumable_checkpoint_in
 from util.device import AMP_CHOICES, DEVICE_CHOICES
 
 
@@ -204,13 +204,6 @@ def writable(path: str) -> bool:
     return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
 
 
-def holds_a_run(output_dir: str) -> bool:
-    if not os.path.isdir(output_dir):
-        return False
-    names = os.listdir(output_dir)
-    return any(n == 'log.txt' or (n.startswith('checkpoint-') and n.endswith('.pth')) for n in names)
-
-
 def check_output(args, errors: List[str], training: bool = True):
     for flag in ('output_dir', 'log_dir'):
         path = getattr(args, flag, None)
@@ -222,10 +215,6 @@ def check_output(args, errors: List[str], training: bool = True):
         if not args.auto_resume:
             errors.append(f'--output_dir {args.output_dir}: already holds a run ({LAST}, log.txt); rerun without '
                           '--no_auto_resume to continue it, or add --overwrite to start over')
-        elif not args.resume and not resumable_checkpoint_in(args.output_dir):
-            errors.append(f'--output_dir {args.output_dir}: holds a run (log.txt or checkpoint-best.pth) but no '
-                          'checkpoint to continue from; choose another --output_dir, or pass --no_auto_resume '
-                          '--overwrite to start over there')
     if training and getattr(args, 'save_every_iters', 0) and args.save_every_iters % args.accum_iter:
         errors.append(f'--save_every_iters {args.save_every_iters}: must be a multiple of --accum_iter '
                       f'{args.accum_iter} (checkpoints are taken after an optimizer step)')

@@ -371,6 +371,13 @@ def find_resume_checkpoint(args) -> str:
     return ''
 
 
+def holds_a_run(output_dir: str) -> bool:
+    if not os.path.isdir(output_dir):
+        return False
+    names = os.listdir(output_dir)
+    return any(n == 'log.txt' or (n.startswith('checkpoint-') and n.endswith('.pth')) for n in names)
+
+
 def resumable_checkpoint_in(output_dir: str) -> str:
     """checkpoint-last.pth; failing that (the official layout, or a deleted last), the highest checkpoint-N.pth."""
     last = os.path.join(output_dir, LAST)
@@ -398,6 +405,10 @@ def resume_training(args, model_without_ddp: nn.Module, optimizer, loss_scaler, 
     args.resumed_from = ''
     args.resumed_partial_epoch = None
     if not path:
+        if getattr(args, 'auto_resume', False) and args.output_dir and holds_a_run(args.output_dir):
+            # killed before its first checkpoint: no weights survive, so starting over loses nothing
+            print0(f'{args.output_dir} holds no checkpoint to continue from: starting from scratch (log.txt '
+                   'entries of epochs to redo are replaced)')
         return {}
     checkpoint = load_checkpoint(path)
     auto_resumed = path != args.resume

@@ -7,7 +7,8 @@ from typing import List
 
 import torch
 
-from util.args import holds_a_run, raise_if_errors
+from util.args import raise_if_errors
+from util.checkpoint import holds_a_run
 from util.distributed import barrier, is_main_process, print0
 from util.reconstruction import panels_to_image, reconstruct, reconstruction_transform
 from util.synthetic import CLASSES, CYCLES, make_image_folder
