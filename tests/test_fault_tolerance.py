@@ -267,6 +267,21 @@ def test_a_png_with_a_malformed_chunk_is_replaced_like_any_unreadable_image(tmp_
     assert [os.path.basename(p) for p in dataset.bad_images.files] == ['a_bad_gamma.png']
 
 
+def test_report_files_of_killed_processes_are_swept_and_live_ones_kept(tmp_path, monkeypatch):
+    import tempfile
+
+    from util.datasets import BadImageLog, report_file_prefix
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
+    finished = subprocess.Popen([sys.executable, '-c', 'pass'])
+    finished.wait()  # its pid is free now, as after a SIGKILL
+    dead = tmp_path / f'{report_file_prefix()}{finished.pid}-x1y2.jsonl'
+    live = tmp_path / f'{report_file_prefix()}{os.getpid()}-z3w4.jsonl'
+    dead.touch()
+    live.touch()
+    log = BadImageLog()
+    assert not dead.exists() and live.exists() and os.path.dirname(log._path) == str(tmp_path)
+
+
 LOAD_EVERY_SAMPLE = """
 import sys, torch
 from util.datasets import ImageFolderDataset

@@ -4,8 +4,11 @@ pretrain: RandomResizedCrop(scale 0.2-1, bicubic) + flip.  fine-tune: timm's cre
 random erasing; eval: resize to input_size / 0.875, centre crop.  linear probe: TF-style RandomResizedCrop + flip.
 A file that cannot be decoded is reported once and replaced by the next one, instead of ending the run.
 """
+import glob
 import json
 import os
+import re
+import socket
 import struct
 import tempfile
 import weakref
@@ -133,7 +136,8 @@ class BadImageLog:
     process drains it after the epoch, which then never ends."""
 
     def __init__(self):
-        fd, self._path = tempfile.mkstemp(prefix='mae-bad-images-', suffix='.jsonl')
+        remove_files_of_dead_processes()
+        fd, self._path = tempfile.mkstemp(prefix=f'{report_file_prefix()}{os.getpid()}-', suffix='.jsonl')
         os.close(fd)
         self._bytes_read = 0
         self._reported_here = set()
@@ -180,12 +184,39 @@ class BadImageLog:
         return len(self.files)
 
 
+def report_file_prefix() -> str:
+    return f'mae-bad-images-{socket.gethostname()}-'
+
+
+def remove_files_of_dead_processes():
+    """Report files of processes on this host that were killed (SIGKILL runs no clean-up) are removed."""
+    pattern = re.compile(re.escape(report_file_prefix()) + r'(\d+)-\w+\.jsonl$')
+    for path in glob.glob(os.path.join(glob.escape(tempfile.gettempdir()), report_file_prefix() + '*.jsonl')):
+        match = pattern.search(os.path.basename(path))
+        if match and not process_alive(int(match.group(1))):
+            remove_quietly(path)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _remove_if_owner(path: str, owner_pid: int):
     if os.getpid() == owner_pid:
-        try:
-            os.remove(path)
-        except OSError:
-            pass
+        remove_quietly(path)
+
+
+def remove_quietly(path: str):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 class ImageFolderDataset(datasets.ImageFolder):
