@@ -88,6 +88,10 @@ def test_sixteen_bit_images_keep_their_range_in_training_decoders(tmp_path):
         assert abs(np.asarray(decode_rgb(f)).mean() - 127.5) < 1
     with open(path, 'rb') as f:
         assert abs(decode_rgb_tensor(f).float().mean().item() - 127.5) < 1
+    dark = tmp_path / 'dark16.png'  # a dark 16-bit image stays dark: the mode, not the content, sets the scale
+    Image.fromarray(np.full((8, 8), 200, np.uint16)).save(dark)
+    with open(dark, 'rb') as f:
+        assert np.asarray(decode_rgb(f)).max() == 0
 
 
 def test_eight_bit_images_decode_exactly_as_the_official_loader(tmp_path):

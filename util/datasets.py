@@ -124,7 +124,9 @@ def to_8bit(img: Image.Image) -> Image.Image:
     if img.mode not in HIGH_BIT_DEPTH_MODES:
         return img
     array = np.asarray(img, dtype=np.float64)
-    scale = 255 / 65535 if img.mode != 'F' and array.max() > 255 else 1.0
+    # I;16 is 16-bit by definition; 32-bit 'I' holds 8- or 16-bit content depending on the writer
+    sixteen_bit = img.mode.startswith('I;16') or (img.mode == 'I' and array.max() > 255)
+    scale = 255 / 65535 if sixteen_bit else 1.0
     return Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8), 'L')
 
 
