@@ -9,7 +9,7 @@ from util.distributed import grad_sync, print0
 from util.checkpoint import Checkpointer, resume_training
 from util.logs import append_log, make_log_writer
 from util.metrics import accuracy
-from util.progress import EpochProgress
+from util.progress import start_epoch_progress
 from util.training import EpochLoop, prepare_output_dir, report_bad_images
 
 
@@ -20,10 +20,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     model.train(True)
     accum_iter = args.accum_iter
     iters_per_epoch = iters_per_epoch or len(data_loader)
-    progress = EpochProgress(runtime, epoch, iters_per_epoch, args.print_freq, start_iter, log_writer,
-                             tb_loss_name='loss')
-    if checkpointer is not None:
-        checkpointer.resume_progress(progress, epoch, start_iter)
+    progress = start_epoch_progress(runtime, epoch, iters_per_epoch, args, start_iter, log_writer, checkpointer,
+                                    tb_loss_name='loss')
 
     optimizer.zero_grad()
     for it, (samples, targets) in progress.iterate(data_loader):

@@ -6,7 +6,7 @@ import torch
 from util import lr_sched
 from util.datasets import normalize_batch
 from util.distributed import grad_sync
-from util.progress import EpochProgress
+from util.progress import start_epoch_progress
 
 
 def train_one_epoch(model: torch.nn.Module, data_loader, optimizer: torch.optim.Optimizer, runtime, epoch: int,
@@ -15,9 +15,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader, optimizer: torch.optim.
     model.train(True)
     accum_iter = args.accum_iter
     iters_per_epoch = iters_per_epoch or len(data_loader)
-    progress = EpochProgress(runtime, epoch, iters_per_epoch, args.print_freq, start_iter, log_writer)
-    if checkpointer is not None:
-        checkpointer.resume_progress(progress, epoch, start_iter)
+    progress = start_epoch_progress(runtime, epoch, iters_per_epoch, args, start_iter, log_writer, checkpointer)
 
     optimizer.zero_grad()
     for it, (samples, _) in progress.iterate(data_loader):

@@ -153,3 +153,12 @@ class EpochProgress:
                f'({self.world_size} process{"es" if self.world_size > 1 else ""})  '
                f'data wait {stats["data_wait_frac"]:.0%}  peak mem {stats["peak_mem_gib"]:.2f} GiB')
         return stats
+
+
+def start_epoch_progress(runtime, epoch: int, iters_per_epoch: int, args, start_iter: int, log_writer,
+                         checkpointer=None, **kwargs) -> EpochProgress:
+    """An epoch's EpochProgress; a resumed partial epoch continues the averages saved with its checkpoint."""
+    progress = EpochProgress(runtime, epoch, iters_per_epoch, args.print_freq, start_iter, log_writer, **kwargs)
+    if checkpointer is not None:
+        checkpointer.resume_progress(progress, epoch, start_iter)
+    return progress
