@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 import models_mae
 import models_vit
 from main_linprobe import add_batchnorm_head_and_freeze
-from util.args import UsageError, writable
+from util.args import UsageError, check_checkpoint_path, default_patch_size, writable
 from util.checkpoint import CheckpointError, load_checkpoint, load_state_strict, model_state_from
 from util.datasets import DECODE_ERRORS, build_eval_transform, to_8bit
 from util.device import AMP_CHOICES, DEVICE_CHOICES, DeviceError, setup_runtime
@@ -105,7 +105,7 @@ def build_from_checkpoint(args, state: Dict[str, torch.Tensor], is_mae: bool) ->
     """The --model architecture, with what the checkpoint shows of it: image size, classes, pooling, head."""
     kernel = state.get('patch_embed.proj.weight')
     patch = args.patch_size or (kernel.shape[-1] if kernel is not None else None)
-    patch = patch or (14 if args.model.endswith('patch14') else 16)
+    patch = patch or default_patch_size(args.model)
     kwargs = {'patch_size': patch}
     grid = infer_grid(state)
     kwargs['img_size'] = args.input_size or (grid * patch if grid else 224)
@@ -193,8 +193,7 @@ def validate(args):
         errors.append(f'--topk {args.topk}: must be >= 1')
     if args.class_names and not os.path.isfile(args.class_names):
         errors.append(f'--class_names {args.class_names}: no such file')
-    if '://' not in args.resume and not os.path.exists(args.resume):
-        errors.append(f'--resume {args.resume}: no such file')
+    check_checkpoint_path('--resume', args.resume, errors)
     if args.model in models_mae.MODELS and not writable(args.output_dir):
         errors.append(f'--output_dir {args.output_dir}: cannot create or write to this folder')
     if args.json and args.json != '-' and not can_write_file(args.json):

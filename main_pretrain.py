@@ -56,16 +56,12 @@ def validate(args):
     cli.check_model(args, models_mae.MODELS, ('MAE model', 'a classifier'), models_vit.MODELS,
                     'main_finetune.py or main_linprobe.py', errors)
     if args.model in models_mae.MODELS:
-        cli.check_patch_grid(args, default_patch_size(args.model), errors)
+        cli.check_patch_grid(args, cli.default_patch_size(args.model), errors)
     if not args.demo:  # the demo generates its data after the checks
         cli.check_data_path(args, ['train'], errors)
     cli.check_checkpoint_path('--resume', args.resume, errors)
     cli.check_output(args, errors)
     cli.raise_if_errors(errors)
-
-
-def default_patch_size(model_name: str) -> int:
-    return 14 if model_name.endswith('patch14') else 16
 
 
 def build_model(args) -> models_mae.MaskedAutoencoderViT:

@@ -90,8 +90,11 @@ def add_runtime_args(parser):
                         help='minutes a collective may wait for a peer before the job fails')
 
 
+ADAMW_IMPLS = ('auto', 'fused', 'foreach', 'loop')
+
+
 def add_adamw_args(parser):
-    parser.add_argument('--adamw_impl', default='auto', choices=('auto', 'fused', 'foreach', 'loop'),
+    parser.add_argument('--adamw_impl', default='auto', choices=ADAMW_IMPLS,
                         help="AdamW kernel (auto: torch's default, foreach on GPUs as in the official runs; fused: "
                              'one kernel, equal to rounding)')
 
@@ -164,6 +167,11 @@ def check_model(args, models: dict, kind: str, other_models: dict, other_script:
         errors.append(f'--model {args.model}: unknown {kind[0]}; choose from {", ".join(models)}')
 
 
+def default_patch_size(model_name: str) -> int:
+    """The patch size a factory name carries: 14 for *_patch14 (ViT-H), else 16."""
+    return 14 if model_name.endswith('patch14') else 16
+
+
 def check_patch_grid(args, default_patch_size: Optional[int], errors: List[str]):
     patch = args.patch_size or default_patch_size
     if patch and args.input_size >= 1 and patch >= 1 and args.input_size % patch:
@@ -211,10 +219,9 @@ def check_output(args, errors: List[str], training: bool = True):
             continue
         if path and not writable(path):
             errors.append(f'--{flag} {path}: cannot create or write to this folder')
-    if training and args.output_dir and not args.overwrite and holds_a_run(args.output_dir):
-        if not args.auto_resume:
-            errors.append(f'--output_dir {args.output_dir}: already holds a run ({LAST}, log.txt); rerun without '
-                          '--no_auto_resume to continue it, or add --overwrite to start over')
+    if training and args.output_dir and not args.auto_resume and not args.overwrite and holds_a_run(args.output_dir):
+        errors.append(f'--output_dir {args.output_dir}: already holds a run ({LAST}, log.txt); rerun without '
+                      '--no_auto_resume to continue it, or add --overwrite to start over')
     if training and getattr(args, 'save_every_iters', 0) and args.save_every_iters % args.accum_iter:
         errors.append(f'--save_every_iters {args.save_every_iters}: must be a multiple of --accum_iter '
                       f'{args.accum_iter} (checkpoints are taken after an optimizer step)')
@@ -225,7 +232,7 @@ def check_classifier_args(args, classifiers: dict, maes: dict, errors: List[str]
     check_ranges(args, errors)
     check_model(args, classifiers, ('classifier', 'an MAE (pretraining) model'), maes, 'main_pretrain.py', errors)
     if args.model in classifiers:
-        check_patch_grid(args, 14 if args.model.endswith('patch14') else 16, errors)
+        check_patch_grid(args, default_patch_size(args.model), errors)
     check_data_path(args, ['val'] if args.eval else ['train', 'val'], errors)
     check_checkpoint_path('--finetune', args.finetune, errors)
     check_checkpoint_path('--resume', args.resume, errors)

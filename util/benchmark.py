@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import models_mae
 import models_vit
 from util.amp import LossScaler
+from util.args import ADAMW_IMPLS
 from util.datasets import (build_finetune_train_transform, build_image_folder, build_pretrain_transform,
                            normalize_batch)
 from util.device import AMP_CHOICES, DEVICE_CHOICES, setup_runtime
@@ -45,7 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--amp', default=None, choices=AMP_CHOICES)
     parser.add_argument('--compile', action='store_true', help='torch.compile the model (ours, not the baseline)')
     parser.add_argument('--grad_checkpointing', action='store_true')
-    parser.add_argument('--adamw_impl', default='auto', choices=('auto', 'fused', 'foreach', 'loop'))
+    parser.add_argument('--adamw_impl', default='auto', choices=ADAMW_IMPLS)
     parser.add_argument('--compare', action='store_true', help='also time the eager (official) attention')
     parser.add_argument('--scaling', action='store_true', help='step cost over mask ratios and model sizes')
     parser.add_argument('--pipeline', action='store_true', help='input-pipeline throughput on real JPEGs')

@@ -180,10 +180,7 @@ def load_pretrained_encoder(model: nn.Module, path: str) -> List[str]:
             print0(f'Removing key {k} from pretrained checkpoint (shape {tuple(state[k].shape)} vs '
                    f'{tuple(own[k].shape)})')
             del state[k]
-    try:
-        interpolate_pos_embed(model, state)
-    except RuntimeError as e:
-        raise CheckpointError(f'{path}: position embeddings cannot be resized ({e})') from None
+    fit_pos_embed(model, state, path)
     shapes = [k for k in own if k in state and state[k].shape != own[k].shape]
     if shapes:
         raise CheckpointError(f'{path} does not fit --model: shape mismatch {describe_mismatch(model, state)}')
@@ -197,6 +194,15 @@ def load_pretrained_encoder(model: nn.Module, path: str) -> List[str]:
            f'ignored {len(msg.unexpected_keys)} keys not used by the classifier '
            f'({summarize_keys(msg.unexpected_keys)})')
     return list(msg.unexpected_keys)
+
+
+def fit_pos_embed(model: nn.Module, state: Dict[str, torch.Tensor], path: str):
+    """Interpolate state's position embeddings (in place) to the model's patch grid, or say in one line why not.
+    For --finetune and --eval; resuming a training run keeps the strict check."""
+    try:
+        interpolate_pos_embed(model, state)
+    except RuntimeError as e:
+        raise CheckpointError(f'{path}: position embeddings cannot be resized ({e})') from None
 
 
 def summarize_keys(keys: List[str]) -> str:
@@ -415,8 +421,8 @@ def resume_training(args, model_without_ddp: nn.Module, optimizer, loss_scaler, 
     if auto_resumed:
         check_same_run(checkpoint, args, path)
     state = dict(model_state_from(checkpoint, path))
-    if getattr(args, 'eval', False):
-        resize_pos_embed_for_eval(model_without_ddp, state, path)
+    if getattr(args, 'eval', False):  # evaluating at another --input_size, e.g. a 224-px model at 384
+        fit_pos_embed(model_without_ddp, state, path)
     try:
         load_state_strict(model_without_ddp, state, path, args.model)
     except CheckpointError as e:
@@ -443,17 +449,6 @@ def resume_training(args, model_without_ddp: nn.Module, optimizer, loss_scaler, 
     print0(f'With optim & sched! Continuing at epoch {args.start_epoch}'
            + (f', iteration {args.start_iter}' if args.start_iter else ''))
     return checkpoint
-
-
-def resize_pos_embed_for_eval(model: nn.Module, state: Dict[str, torch.Tensor], path: str):
-    """Evaluating at another --input_size (e.g. a 224-px fine-tuned model at 384): interpolate the position
-    embeddings, as --finetune does. Training resumes keep the strict check."""
-    if 'pos_embed' not in state or not hasattr(model, 'patch_embed'):
-        return
-    try:
-        interpolate_pos_embed(model, state)
-    except RuntimeError as e:
-        raise CheckpointError(f'{path}: position embeddings cannot be resized ({e})') from None
 
 
 def restore_rng(checkpoint: dict, runtime):

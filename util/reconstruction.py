@@ -9,7 +9,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
 import models_mae
-from util.datasets import BICUBIC
+from util.datasets import BICUBIC, normalize
 
 MASK_GREY = 0.5  # hidden patches in the "masked" panel, as in the paper's figures
 
@@ -17,8 +17,7 @@ MASK_GREY = 0.5  # hidden patches in the "masked" panel, as in the paper's figur
 def reconstruction_transform(input_size: int) -> transforms.Compose:
     """Resize the short side and centre-crop to the model's size: the whole picture, undistorted."""
     return transforms.Compose([transforms.Resize(input_size, interpolation=BICUBIC),
-                               transforms.CenterCrop(input_size), transforms.ToTensor(),
-                               transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+                               transforms.CenterCrop(input_size), transforms.ToTensor(), normalize()])
 
 
 def mask_noise(seed: int, num_patches: int) -> torch.Tensor:

@@ -15,9 +15,6 @@ from util.distributed import print0
 from util.logs import truncate_log
 from util.progress import NonFiniteLossError
 
-ADAMW_IMPLS = ('auto', 'fused', 'foreach', 'loop')
-
-
 def make_adamw(param_groups, args, runtime, betas=(0.9, 0.999)) -> torch.optim.AdamW:
     """AdamW as the official recipe sets it up. 'auto' is torch's own choice (foreach on accelerators: the
     official numbers); 'fused' is one kernel per step where the backend has it (CUDA, MPS, CPU), equal to
