@@ -1,37 +1,33 @@
 """One epoch of MAE pretraining: forward, loss, backward, step, log."""
-from typing import Optional
-
 import torch
 
 from util import lr_sched
-from util.datasets import normalize_batch
+from util.checkpointer import Checkpointer, ResumeState
 from util.distributed import grad_sync
-from util.progress import start_epoch_progress
+from util.progress import begin_epoch, end_epoch
+from util.transforms import normalize_batch
 
 
 def train_one_epoch(model: torch.nn.Module, data_loader, optimizer: torch.optim.Optimizer, runtime, epoch: int,
-                    loss_scaler, log_writer=None, args=None, start_iter: int = 0,
-                    checkpointer=None, iters_per_epoch: Optional[int] = None) -> dict:
-    model.train(True)
-    accum_iter = args.accum_iter
-    iters_per_epoch = iters_per_epoch or len(data_loader)
-    progress = start_epoch_progress(runtime, epoch, iters_per_epoch, args, start_iter, log_writer, checkpointer)
-
-    optimizer.zero_grad()
-    for it, (samples, _) in progress.iterate(data_loader):
-        if it % accum_iter == 0:  # per-iteration (not per-epoch) LR schedule
-            lr_sched.adjust_learning_rate(optimizer, it / iters_per_epoch + epoch, args)
+                    loss_scaler, args, tensorboard, checkpointer: Checkpointer, start: ResumeState) -> dict:
+    progress = begin_epoch(model, optimizer, data_loader, runtime, epoch, args, tensorboard, checkpointer, start,
+                           'train_loss')
+    for it, is_update, (samples, _) in progress.iterate(data_loader, args.accum_iter):
+        if it % args.accum_iter == 0:  # per-iteration (not per-epoch) LR schedule
+            lr_sched.adjust_learning_rate(optimizer, it / progress.iters_per_epoch + epoch, args)
         samples = normalize_batch(samples, runtime.device)
-        is_update = (it + 1) % accum_iter == 0
 
         with grad_sync(model, is_update):  # accumulation micro-steps skip the gradient all-reduce
             with runtime.autocast():
                 loss, _, _ = model(samples, mask_ratio=args.mask_ratio)
-            loss_scaler(loss / accum_iter, optimizer, parameters=model.parameters(), update_grad=is_update)
+            loss_scaler(loss / args.accum_iter, optimizer, parameters=model.parameters(), update_grad=is_update)
         if is_update:
             optimizer.zero_grad()
 
+        # the losses are checked every --print_freq steps (one host sync): NonFiniteLossError names the step
         progress.update(it, loss, optimizer.param_groups[0]['lr'], samples.shape[0], write_tb=is_update)
-        if is_update and checkpointer is not None:
-            checkpointer.after_step(epoch, it + 1, progress)
-    return progress.finish()
+        if is_update:
+            checkpointer.save_if_due(epoch, it + 1, progress)  # --save_every_iters
+            if progress.stop_agreed:  # SIGTERM / SIGUSR1 / Ctrl-C reached a rank: every rank stops at this step
+                raise checkpointer.interrupt(epoch, it + 1, progress)
+    return end_epoch(progress, data_loader, args)  # holds the unreadable images to --max_bad_images

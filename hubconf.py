@@ -6,27 +6,42 @@ model = torch.hub.load('/path/to/this/clone', 'vit_base_patch16', source='local'
                        checkpoint='mae_finetuned_vit_base.pth')
 model = torch.hub.load('/path/to/this/clone', 'vit_base_patch16', source='local', num_classes=100,
                        finetune='mae_pretrain_vit_base.pth')   # MAE encoder + fresh head, as --finetune does
-`checkpoint` (path or URL) must match the architecture and loads strictly; weights only, never code.
+With `checkpoint` (path or URL) the image size, patch size, class count and pooling are read off it (keyword
+arguments override them; another img_size interpolates the position embeddings) and the weights load strictly;
+weights only, never code.
 """
 import models_mae as _models_mae
 import models_vit as _models_vit
-from util import checkpoint as _checkpoint
+from util import checkpoint_io as _checkpoint_io
+from util import state_dicts as _state_dicts
 
 dependencies = ['torch', 'timm', 'numpy']
 
 
-def _with_weights(model, name: str, checkpoint=None, finetune=None):
-    if checkpoint:
-        state = _checkpoint.model_state_from(_checkpoint.load_checkpoint(checkpoint), checkpoint)
-        _checkpoint.load_state_strict(model, state, checkpoint, name)
-    if finetune:
-        _checkpoint.load_pretrained_encoder(model, finetune)
+def _read(checkpoint):
+    return _checkpoint_io.model_state_from(_checkpoint_io.load_checkpoint(checkpoint), checkpoint)
+
+
+def _sizes(state, kwargs: dict, keys) -> dict:
+    """kwargs, completed with the sizes the checkpoint shows (those the caller did not pass)."""
+    shown = _state_dicts.architecture_of(state).size_kwargs()
+    return {**{k: v for k, v in shown.items() if k in keys}, **kwargs}
+
+
+def _load(model, state, checkpoint, name: str):
+    """Strictly, after fitting the position embeddings to an img_size the caller chose."""
+    _state_dicts.fit_pos_embed(model, state, checkpoint)
+    _state_dicts.load_state_strict(model, state, checkpoint, name, _state_dicts.HUB)
     return model
 
 
 def _mae_entry(name: str):
     def entry(checkpoint=None, **kwargs):
-        return _with_weights(_models_mae.build_mae(name, **kwargs), name, checkpoint)
+        state = _read(checkpoint) if checkpoint else None
+        if state is not None:
+            kwargs = _sizes(state, kwargs, ('patch_size', 'img_size'))
+        model = _models_mae.build_mae(name, **kwargs)
+        return _load(model, state, checkpoint, name) if state is not None else model
     entry.__name__ = name
     entry.__doc__ = f'{name} (models_mae.py). checkpoint: an MAE checkpoint with its decoder; kwargs: img_size, ' \
                     'patch_size, norm_pix_loss, ...'
@@ -35,7 +50,17 @@ def _mae_entry(name: str):
 
 def _vit_entry(name: str):
     def entry(checkpoint=None, finetune=None, **kwargs):
-        return _with_weights(_models_vit.build_classifier(name, **kwargs), name, checkpoint, finetune)
+        state = _read(checkpoint) if checkpoint else None
+        if state is not None:
+            kwargs = _sizes(state, kwargs, ('patch_size', 'img_size', 'num_classes', 'global_pool'))
+        model = _models_vit.build_classifier(name, **kwargs)
+        if state is not None:
+            if _state_dicts.architecture_of(state).kind == 'linear probe':
+                model = _models_vit.add_batchnorm_head(model)
+            _load(model, state, checkpoint, name)
+        if finetune:
+            _state_dicts.load_pretrained_encoder(model, _read(finetune), finetune, name)
+        return model
     entry.__name__ = name
     entry.__doc__ = f'{name} (models_vit.py). checkpoint: a fine-tuned classifier; finetune: MAE encoder weights; ' \
                     'kwargs: num_classes, global_pool, drop_path_rate, img_size, patch_size'

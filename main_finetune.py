@@ -7,80 +7,96 @@ torchrun --nproc_per_node=8 main_finetune.py --accum_iter 4 --batch_size 32 --mo
 python main_finetune.py --eval --resume mae_finetuned_vit_base.pth --model vit_base_patch16 --batch_size 16 \
     --data_path $IMAGENET          # -> * Acc@1 83.664 Acc@5 96.530 loss 0.731
 """
-import argparse
-
 import torch
 from timm.data.mixup import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-import models_mae
-import models_vit
-from engine_finetune import evaluate_or_train
+from engine_finetune import evaluate, train_one_epoch
 from util import args as cli
-from util import launch
+from util import checks, classification, launch
 from util.amp import LossScaler
-from util.datasets import build_classification_data, build_eval_transform, build_transform
+from util.checkpointer import Checkpointer, load_weights, resume_training
 from util.distributed import print0
+from util.logs import RunLog
 from util.lr_decay import param_groups_lrd
-from util.training import build_classifier, make_adamw
+from util.lr_sched import effective_lr
+from util.optim import make_adamw
+from util.preemption import stop_if_signalled
+from util.transforms import build_eval_transform, build_finetune_transform
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('MAE fine-tuning for image classification', add_help=True)
+def get_args_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser('MAE fine-tuning for image classification')
     cli.add_schedule_args(parser, batch_size=64, epochs=50, blr=1e-3, weight_decay=0.05, min_lr=1e-6,
                           warmup_epochs=5)
     cli.add_model_args(parser, model='vit_large_patch16')
-    parser.add_argument('--drop_path', type=float, default=0.1, metavar='PCT', help='Drop path rate (default: 0.1)')
+    parser.add_argument('--drop_path', type=float, default=0.1, metavar='PCT', help='stochastic depth rate')
     parser.add_argument('--clip_grad', type=float, default=None, metavar='NORM',
-                        help='Clip gradient norm (default: None, no clipping)')
-    parser.add_argument('--layer_decay', type=float, default=0.75, help='layer-wise lr decay from ELECTRA/BEiT')
-    # augmentation
+                        help='clip the gradient norm to this (default: no clipping)')
+    parser.add_argument('--layer_decay', type=float, default=0.75,
+                        help='layer-wise lr decay (ELECTRA / BEiT): block i gets lr x layer_decay^(depth + 1 - i)')
     parser.add_argument('--color_jitter', type=float, default=None, metavar='PCT',
-                        help='Color jitter factor (enabled only when not using Auto/RandAug)')
+                        help='colour jitter strength, used only when --aa is none (default: off)')
     parser.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME',
-                        help='Use AutoAugment policy. "v0" or "original". " + "(default: rand-m9-mstd0.5-inc1)')
-    parser.add_argument('--smoothing', type=float, default=0.1, help='Label smoothing (default: 0.1)')
-    parser.add_argument('--reprob', type=float, default=0.25, metavar='PCT',
-                        help='Random erase prob (default: 0.25)')
-    parser.add_argument('--remode', type=str, default='pixel', help='Random erase mode (default: "pixel")')
-    parser.add_argument('--recount', type=int, default=1, help='Random erase count (default: 1)')
+                        help='AutoAugment / RandAugment policy: e.g. rand-m9-mstd0.5-inc1, original, v0, or none')
+    parser.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    parser.add_argument('--reprob', type=float, default=0.25, metavar='PCT', help='random erasing probability')
+    parser.add_argument('--remode', type=str, default='pixel', help='random erasing fill: pixel, rand or const')
+    parser.add_argument('--recount', type=int, default=1, help='random erasing regions per image')
     parser.add_argument('--resplit', action='store_true', default=False,
-                        help='Do not random erase first (clean) augmentation split')
-    parser.add_argument('--mixup', type=float, default=0, help='mixup alpha, mixup enabled if > 0.')
-    parser.add_argument('--cutmix', type=float, default=0, help='cutmix alpha, cutmix enabled if > 0.')
+                        help='do not random-erase the first (clean) augmentation split')
+    parser.add_argument('--mixup', type=float, default=0, help='mixup alpha; mixup is on if > 0')
+    parser.add_argument('--cutmix', type=float, default=0, help='cutmix alpha; cutmix is on if > 0')
     parser.add_argument('--cutmix_minmax', type=float, nargs='+', default=None,
-                        help='cutmix min/max ratio, overrides alpha and enables cutmix if set (default: None)')
+                        help='cutmix min and max box ratio; overrides --cutmix and turns cutmix on')
     parser.add_argument('--mixup_prob', type=float, default=1.0,
-                        help='Probability of performing mixup or cutmix when either/both is enabled')
+                        help='probability of mixup or cutmix per batch when either is on')
     parser.add_argument('--mixup_switch_prob', type=float, default=0.5,
-                        help='Probability of switching to cutmix when both mixup and cutmix enabled')
+                        help='probability of cutmix instead of mixup when both are on')
     parser.add_argument('--mixup_mode', type=str, default='batch',
-                        help='How to apply mixup/cutmix params. Per "batch", "pair", or "elem"')
+                        help='mixup / cutmix parameters drawn per batch, pair or elem')
     cli.add_classifier_args(parser, global_pool=True)
-    cli.add_data_args(parser)
-    cli.add_output_args(parser)
-    cli.add_runtime_args(parser)
+    cli.add_run_args(parser, folders='train/ and val/ (with --eval: val/)')
     cli.add_adamw_args(parser)
     return parser
 
 
-def validate(args):
-    errors = []
-    cli.check_classifier_args(args, models_vit.MODELS, models_mae.MODELS, errors)
-    if mixup_active(args) and args.batch_size % 2:
-        errors.append(f'--batch_size {args.batch_size}: mixup/cutmix needs an even batch size')
-    try:
-        build_transform(True, args)
-    except (AssertionError, ValueError, KeyError) as e:
-        errors.append(f'--aa {args.aa}: not an augmentation policy timm knows ({e}); e.g. rand-m9-mstd0.5-inc1, '
-                      'original, v0, or none')
-    if args.mixup_mode not in ('batch', 'pair', 'elem'):
-        errors.append(f'--mixup_mode {args.mixup_mode}: choose from batch, pair, elem')
-    cli.raise_if_errors(errors)
+def main(args):
+    check_args(args)
+    world_size = launch.world_size_of_launch(args)
+    run = classification.read_up_front(args, build_finetune_transform(args), build_eval_transform(args.input_size),
+                                       world_size)
+    if run is None:
+        return  # the run in --output_dir already finished --epochs
 
+    runtime = launch.start(args)
+    loader_train, loader_val = classification.build_loaders(run, args, runtime, world_size)
+    model = classification.build_classifier(args, run.encoder, head_init_std=2e-5, drop_path_rate=args.drop_path)
+    if args.eval:
+        load_weights(run.resumable, model, args.model, fit_image_size=True)
+        return evaluate(loader_val, model.to(runtime.device), runtime, sharded=args.dist_eval)
 
-def mixup_active(args) -> bool:
-    return args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    model, model_without_ddp = launch.place_model(model, runtime, args)
+    effective_lr(args, world_size)
+    # layer-wise lr decay: lr_scale = layer_decay ** (num_layers - layer_id)
+    param_groups = param_groups_lrd(model_without_ddp, args.weight_decay,
+                                    no_weight_decay_list=model_without_ddp.no_weight_decay(),
+                                    layer_decay=args.layer_decay)
+    optimizer = make_adamw(param_groups, args.lr, args.adamw_impl, runtime.type)
+    loss_scaler = LossScaler(runtime.grad_scaler())
+    mixup_fn = build_mixup(args)
+    criterion = build_criterion(args, mixup_fn)
+
+    start = resume_training(run.resumable, model_without_ddp, optimizer, loss_scaler, runtime, args)
+    checkpointer = Checkpointer(args, model_without_ddp, optimizer, loss_scaler, runtime, start, run.classes)
+    run_log = RunLog(args.output_dir, args.log_dir, n_parameters=classification.trainable_parameters(model))
+    for epoch in range(start.epoch, args.epochs):
+        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, runtime, epoch, loss_scaler, args,
+                                      run_log.tensorboard, checkpointer, start, mixup_fn, args.clip_grad)
+        test_stats = evaluate(loader_val, model, runtime, sharded=args.dist_eval)
+        run_log.write(epoch, train_stats, test_stats, max_accuracy=checkpointer.keep_best(epoch, test_stats))
+        checkpointer.save(epoch)
+        stop_if_signalled(epoch, args.epochs, checkpointer.last_path)
 
 
 def build_mixup(args):
@@ -92,38 +108,30 @@ def build_mixup(args):
                  label_smoothing=args.smoothing, num_classes=args.nb_classes)
 
 
+def check_args(args):
+    errors = []
+    classification.check_classifier_args(args, errors)
+    if mixup_active(args) and args.batch_size % 2:
+        errors.append(f'--batch_size {args.batch_size}: mixup/cutmix needs an even batch size')
+    if not errors:
+        try:
+            build_finetune_transform(args)
+        except (AssertionError, ValueError, KeyError) as e:
+            errors.append(f'--aa {args.aa}: not an augmentation policy timm knows ({e}); e.g. '
+                          'rand-m9-mstd0.5-inc1, original, v0, or none')
+    checks.raise_if_errors(errors)
+
+
+def mixup_active(args) -> bool:
+    return args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+
+
 def build_criterion(args, mixup_fn) -> torch.nn.Module:
     if mixup_fn is not None:
         return SoftTargetCrossEntropy()  # smoothing is handled with mixup label transform
     if args.smoothing > 0.:
         return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     return torch.nn.CrossEntropyLoss()
-
-
-def main(args):
-    validate(args)
-    runtime = launch.start(args)
-    dataset_train, dataset_val, loader_train, loader_val = build_classification_data(
-        args, runtime, build_transform(True, args), build_eval_transform(args.input_size))
-    print0(dataset_train if dataset_train is not None else dataset_val)
-    mixup_fn = build_mixup(args)
-
-    model = build_classifier(args, head_init_std=2e-5, drop_path_rate=args.drop_path)
-    model, model_without_ddp = launch.place_model(model, runtime, args)
-    print0('Model = %s' % str(model_without_ddp))
-    print0('number of params (M): %.2f' % (sum(p.numel() for p in model.parameters() if p.requires_grad) / 1.e6))
-    launch.effective_lr(args)
-
-    # layer-wise lr decay: lr_scale = layer_decay ** (num_layers - layer_id)
-    param_groups = param_groups_lrd(model_without_ddp, args.weight_decay,
-                                    no_weight_decay_list=model_without_ddp.no_weight_decay(),
-                                    layer_decay=args.layer_decay)
-    optimizer = make_adamw(param_groups, args, runtime)
-    loss_scaler = LossScaler(runtime.grad_scaler())
-    criterion = build_criterion(args, mixup_fn)
-    print0('criterion = %s' % str(criterion))
-    evaluate_or_train(args, runtime, model, model_without_ddp, criterion, optimizer, loss_scaler, loader_train,
-                      loader_val, mixup_fn)
 
 
 if __name__ == '__main__':

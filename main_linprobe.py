@@ -4,44 +4,66 @@ torchrun --nproc_per_node=8 main_linprobe.py --batch_size 512 --accum_iter 4 --m
     --cls_token --finetune mae_pretrain_vit_base.pth --epochs 90 --blr 0.1 --weight_decay 0.0 --dist_eval \
     --data_path $IMAGENET
 """
-import argparse
-
 import torch
 
-import models_mae
 import models_vit
-from engine_finetune import evaluate_or_train
+from engine_finetune import evaluate, train_one_epoch
 from util import args as cli
-from util import launch
+from util import checks, classification, launch
 from util.amp import LossScaler
-from util.datasets import build_classification_data, build_linprobe_transform
-from util.distributed import print0
+from util.checkpointer import Checkpointer, load_weights, resume_training
 from util.lars import LARS
-from util.training import build_classifier
+from util.logs import RunLog
+from util.lr_sched import effective_lr
+from util.preemption import stop_if_signalled
+from util.transforms import build_eval_transform, build_linprobe_transform
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('MAE linear probing for image classification', add_help=True)
+def get_args_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser('MAE linear probing for image classification')
     cli.add_schedule_args(parser, batch_size=512, epochs=90, blr=0.1, weight_decay=0., min_lr=0., warmup_epochs=10)
     cli.add_model_args(parser, model='vit_large_patch16')
     cli.add_classifier_args(parser, global_pool=False)
-    cli.add_data_args(parser)
-    cli.add_output_args(parser)
-    cli.add_runtime_args(parser)
-    parser.set_defaults(clip_grad=None)  # no clipping in linear probing
+    cli.add_run_args(parser, folders='train/ and val/ (with --eval: val/)')
     return parser
 
 
-def validate(args):
-    errors = []
-    cli.check_classifier_args(args, models_vit.MODELS, models_mae.MODELS, errors)
-    cli.raise_if_errors(errors)
+def main(args):
+    check_args(args)
+    world_size = launch.world_size_of_launch(args)
+    run = classification.read_up_front(args, build_linprobe_transform(args.input_size),
+                                       build_eval_transform(args.input_size), world_size)
+    if run is None:
+        return  # the run in --output_dir already finished --epochs
+
+    runtime = launch.start(args)
+    loader_train, loader_val = classification.build_loaders(run, args, runtime, world_size)
+    model = linear_probe(classification.build_classifier(args, run.encoder, head_init_std=0.01))
+    if args.eval:
+        load_weights(run.resumable, model, args.model, fit_image_size=True)
+        return evaluate(loader_val, model.to(runtime.device), runtime, sharded=args.dist_eval)
+
+    model, model_without_ddp = launch.place_model(model, runtime, args)
+    effective_lr(args, world_size)
+    optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    loss_scaler = LossScaler(runtime.grad_scaler())
+    criterion = torch.nn.CrossEntropyLoss()
+
+    start = resume_training(run.resumable, model_without_ddp, optimizer, loss_scaler, runtime, args)
+    checkpointer = Checkpointer(args, model_without_ddp, optimizer, loss_scaler, runtime, start, run.classes)
+    run_log = RunLog(args.output_dir, args.log_dir, n_parameters=classification.trainable_parameters(model))
+    for epoch in range(start.epoch, args.epochs):
+        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, runtime, epoch, loss_scaler, args,
+                                      run_log.tensorboard, checkpointer, start)  # no mixup, no clipping
+        test_stats = evaluate(loader_val, model, runtime, sharded=args.dist_eval)
+        run_log.write(epoch, train_stats, test_stats, max_accuracy=checkpointer.keep_best(epoch, test_stats))
+        checkpointer.save(epoch)
+        stop_if_signalled(epoch, args.epochs, checkpointer.last_path)
 
 
-def add_batchnorm_head_and_freeze(model: torch.nn.Module) -> torch.nn.Module:
-    """Linear probing: BatchNorm1d(affine=False) before the head (keys head.0.*, head.1.*); only it trains."""
-    model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6),
-                                     model.head)
+def linear_probe(model: models_vit.VisionTransformer) -> models_vit.VisionTransformer:
+    """BatchNorm1d(affine=False) + the linear head; everything else frozen (only the head trains)."""
+    model = models_vit.add_batchnorm_head(model)
     for p in model.parameters():
         p.requires_grad = False
     for p in model.head.parameters():
@@ -49,27 +71,13 @@ def add_batchnorm_head_and_freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def main(args):
-    validate(args)
-    runtime = launch.start(args)
-    dataset_train, dataset_val, loader_train, loader_val = build_classification_data(
-        args, runtime, build_linprobe_transform(True, args.input_size),
-        build_linprobe_transform(False, args.input_size))
-    print0(dataset_train if dataset_train is not None else dataset_val)
-
-    model = add_batchnorm_head_and_freeze(build_classifier(args, head_init_std=0.01))
-    model, model_without_ddp = launch.place_model(model, runtime, args)
-    print0('Model = %s' % str(model_without_ddp))
-    print0('number of params (M): %.2f' % (sum(p.numel() for p in model.parameters() if p.requires_grad) / 1.e6))
-    launch.effective_lr(args)
-
-    optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    print0(optimizer)
-    loss_scaler = LossScaler(runtime.grad_scaler())
-    criterion = torch.nn.CrossEntropyLoss()
-    print0('criterion = %s' % str(criterion))
-    evaluate_or_train(args, runtime, model, model_without_ddp, criterion, optimizer, loss_scaler, loader_train,
-                      loader_val)
+def check_args(args):
+    errors = []
+    classification.check_classifier_args(args, errors)
+    if not args.eval and args.batch_size == 1:
+        errors.append('--batch_size 1: the BatchNorm before the linear head normalises over the batch, which needs '
+                      'at least 2 images per process')
+    checks.raise_if_errors(errors)
 
 
 if __name__ == '__main__':

@@ -147,9 +147,8 @@ class MaskedAutoencoderViT(nn.Module):
         """
         target = self.patchify(imgs)
         if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.e-6) ** .5
+            mean, std = per_patch_stats(target)
+            target = (target - mean) / std
         loss = ((pred - target) ** 2).mean(dim=-1)  # [N, L], mean loss per patch
         return (loss * mask).sum() / mask.sum()
 
@@ -159,6 +158,14 @@ class MaskedAutoencoderViT(nn.Module):
         pred = self.forward_decoder(latent, ids_restore)  # [N, L, p*p*C]
         loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask
+
+
+def per_patch_stats(patches: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """patches [N, L, p*p*C] -> each patch's mean and std [N, L, 1], as the norm-pix loss normalises targets
+    (std = sqrt(unbiased var + 1e-6)); reconstruction figures undo it with the same numbers."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    var = patches.var(dim=-1, keepdim=True)
+    return mean, (var + 1.e-6) ** .5
 
 
 def _init_mae_weights(m: nn.Module):
@@ -199,18 +206,15 @@ def mae_vit_large_patch16(**kwargs) -> MaskedAutoencoderViT:
 def mae_vit_huge_patch14(**kwargs) -> MaskedAutoencoderViT:
     return _mae(1280, 32, 16, 14, kwargs)
 
-
-# the official names, kept so that scripts written for the official repository keep working
-mae_vit_base_patch16_dec512d8b = mae_vit_base_patch16
-mae_vit_large_patch16_dec512d8b = mae_vit_large_patch16
-mae_vit_huge_patch14_dec512d8b = mae_vit_huge_patch14
-
 MODELS = {f.__name__: f for f in (mae_vit_tiny_patch16, mae_vit_small_patch16, mae_vit_base_patch16,
                                   mae_vit_large_patch16, mae_vit_huge_patch14)}
 
 
-def build_mae(name: str, **kwargs) -> MaskedAutoencoderViT:
-    """Build an MAE by factory name; unknown names raise ValueError listing the choices."""
+def build_mae(name: str, patch_size: Optional[int] = None, **kwargs) -> MaskedAutoencoderViT:
+    """Build an MAE by factory name (patch_size None: the factory's own); unknown names raise ValueError listing
+    the choices."""
     if name not in MODELS:
         raise ValueError(f'unknown model {name!r}; choose from: {", ".join(MODELS)}')
+    if patch_size is not None:
+        kwargs['patch_size'] = patch_size
     return MODELS[name](**kwargs)

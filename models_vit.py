@@ -4,6 +4,8 @@ State-dict keys are those of the official MAE fine-tuned checkpoints. `Attention
 MAE encoder/decoder in models_mae.py.
 """
 from functools import partial
+from typing import Callable, Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -99,7 +101,6 @@ class VisionTransformer(nn.Module):
                  global_pool: bool = True, attn_impl: str = 'sdpa'):
         super().__init__()
         self.num_classes = num_classes
-        self.embed_dim = embed_dim
         self.global_pool = global_pool
         self.grad_checkpointing = False
 
@@ -187,8 +188,25 @@ MODELS = {f.__name__: f for f in (vit_tiny_patch16, vit_small_patch16, vit_base_
                                   vit_huge_patch14)}
 
 
-def build_classifier(name: str, **kwargs) -> VisionTransformer:
-    """Build a classifier by factory name; unknown names raise ValueError listing the choices."""
+def build_classifier(name: str, patch_size: Optional[int] = None, **kwargs) -> VisionTransformer:
+    """Build a classifier by factory name (patch_size None: the factory's own); unknown names raise ValueError
+    listing the choices."""
     if name not in MODELS:
         raise ValueError(f'unknown model {name!r}; choose from: {", ".join(MODELS)}')
+    if patch_size is not None:
+        kwargs['patch_size'] = patch_size
     return MODELS[name](**kwargs)
+
+
+def add_batchnorm_head(model: VisionTransformer) -> VisionTransformer:
+    """The linear-probing head: BatchNorm1d(affine=False, eps=1e-6) before the linear layer (keys head.0.*,
+    head.1.*, as the official linear-probe checkpoints)."""
+    model.head = nn.Sequential(nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
+    return model
+
+
+def default_patch_size(factory: Callable[..., nn.Module]) -> int:
+    """The patch size a factory builds with (of models_vit or models_mae), read off a model on the meta device
+    (no memory, no init time)."""
+    with torch.device('meta'):
+        return factory().patch_embed.patch_size[0]

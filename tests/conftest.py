@@ -1,9 +1,12 @@
-"""Shared fixtures: tiny models and small generated images, so the suite runs on a 2-core CPU."""
+"""Shared fixtures and helpers: tiny models, small generated images, and the scripts run as users run them
+(subprocesses, torchrun), so the suite runs on a 2-core CPU."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -16,11 +19,40 @@ import models_mae  # noqa: E402
 import models_vit  # noqa: E402
 from util.synthetic import CLASSES, make_image_folder  # noqa: E402
 
+PHOTO = os.path.join(ROOT, 'tests', 'data', 'circuit_board.jpg')
+
 # 32-px images cut into 4-px patches: an 8x8 grid of 64 patches
 TINY = dict(img_size=32, patch_size=4)
 TINY_MAE = dict(TINY, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32, decoder_depth=1,
                 decoder_num_heads=4)
 TINY_VIT = dict(TINY, embed_dim=64, depth=2, num_heads=4)
+
+# command-line flags for tiny runs of the scripts on 32-px images
+TINY_PRETRAIN_ARGS = ['--model', 'mae_vit_tiny_patch16', '--input_size', '32', '--patch_size', '4',
+                      '--num_workers', '0', '--batch_size', '16', '--print_freq', '4']
+TINY_CLASSIFIER_ARGS = ['--model', 'vit_tiny_patch16', '--input_size', '32', '--patch_size', '4',
+                        '--num_workers', '0', '--batch_size', '16', '--print_freq', '4', '--nb_classes', '4']
+# variables of a launcher that a test's own subprocess must not inherit
+LAUNCHER_VARIABLES = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT',
+                      'SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID', 'OMPI_COMM_WORLD_RANK')
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu run where CUDA is; elsewhere they are deselected, and the summary says so in one line."""
+    if torch.cuda.is_available():
+        return
+    gpu = [item for item in items if item.get_closest_marker('gpu')]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker('gpu')]
+        config._gpu_deselected = len(gpu)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    deselected = getattr(config, '_gpu_deselected', 0)
+    if deselected:
+        terminalreporter.write_line(f'{deselected} gpu tests deselected: no CUDA device here (on a GPU machine they '
+                                    'run; tools/gpu_check.sh runs them with the benchmark)')
 
 
 @pytest.fixture
@@ -41,13 +73,6 @@ def images():
     return torch.randn(3, 3, 32, 32, generator=g)
 
 
-# command-line flags for tiny runs of the scripts on 32-px images
-TINY_PRETRAIN_ARGS = ['--model', 'mae_vit_tiny_patch16', '--input_size', '32', '--patch_size', '4',
-                      '--num_workers', '0', '--batch_size', '16', '--print_freq', '4']
-TINY_CLASSIFIER_ARGS = ['--model', 'vit_tiny_patch16', '--input_size', '32', '--patch_size', '4',
-                        '--num_workers', '0', '--batch_size', '16', '--print_freq', '4', '--nb_classes', '4']
-
-
 @pytest.fixture(scope='session')
 def texture_data(tmp_path_factory):
     """4 texture classes in their own colour families, 32 px: 32 train and 16 val images per class."""
@@ -56,6 +81,8 @@ def texture_data(tmp_path_factory):
                              class_colours=True)
 
 
+# --- running the scripts -----------------------------------------------------------------------------------
+
 def free_port() -> int:
     """A TCP port nobody listens on now, for a test's torch.distributed rendezvous."""
     with socket.socket() as s:
@@ -63,18 +90,95 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def subprocess_env(extra: dict = None) -> dict:
+    """This environment without any launcher's variables (pytest itself may run under one), unbuffered."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    return dict(env, PYTHONUNBUFFERED='1', **(extra or {}))
+
+
+def script_command(script, *args) -> list:
+    """[python, script, args...]; script '-m' runs the first argument as a module."""
+    return [sys.executable, *([script] if script != '-m' else ['-m']), *map(str, args)]
+
+
+def torchrun_command(script, *args, nproc: int = 2) -> list:
+    return script_command('-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', f'--master_port={free_port()}',
+                          script, *args)
+
+
 def run_script(script, *args, timeout=600, env=None, check=False):
     """Run one of the repository's scripts as a user would; returns the CompletedProcess (text output)."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED='1', **(env or {}))
-    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'SLURM_PROCID', 'SLURM_NTASKS'):
-        if not env or name not in env:
-            full_env.pop(name, None)
-    command = [sys.executable, *([script] if script != '-m' else ['-m']), *map(str, args)]
-    proc = subprocess.run(command, cwd=ROOT, env=full_env, text=True,
+    proc = subprocess.run(script_command(script, *args), cwd=ROOT, env=subprocess_env(env), text=True,
                           capture_output=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f'{script} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
     return proc
+
+
+def run_torchrun(script, *args, nproc: int = 2, timeout=600, check=False):
+    """Run a script under torchrun with `nproc` processes (gloo on the CPU)."""
+    proc = subprocess.run(torchrun_command(script, *args, nproc=nproc), cwd=ROOT, env=subprocess_env(), text=True,
+                          capture_output=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'torchrun {script} exited {proc.returncode}:\n{proc.stderr[-3000:]}')
+    return proc
+
+
+def start_process(command: list, log_path) -> subprocess.Popen:
+    """Start a command in the background, stdout and stderr into log_path (for kill and signal tests)."""
+    log = open(log_path, 'w')
+    return subprocess.Popen([str(c) for c in command], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
+                            env=subprocess_env())
+
+
+def wait_for_line(log_path, text, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(log_path) and text in open(log_path).read():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f'process ended before printing {text!r}:\n{open(log_path).read()[-3000:]}')
+        time.sleep(0.05)
+    raise AssertionError(f'timed out waiting for {text!r}')
+
+
+def descendants(pid: int) -> list:
+    """The pids of every process below `pid` (read from /proc), children first."""
+    parents = {}
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                with open(f'/proc/{entry}/stat') as f:
+                    parents[int(entry)] = int(f.read().rsplit(')', 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def kill_tree(proc: subprocess.Popen):
+    """SIGKILL a process and everything it started (torchrun's workers run in sessions of their own)."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def run_in_process(module, argv, capsys):
+    """Run a training script's main() in this process as its command line would: (exit code, stdout, stderr
+    lines). For failures that happen before any work (a successful run would train here)."""
+    from util import args as cli
+    from util.launch import run_main
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(module.main, cli.parse_with(module.get_args_parser(), [str(a) for a in argv]))
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err.strip().splitlines()
 
 
 def read_json_log(output_dir):

@@ -5,6 +5,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
+
 from util import distributed  # noqa: E402
 from util.device import setup_runtime  # noqa: E402
 from util.metrics import MetricLogger  # noqa: E402
@@ -22,7 +24,8 @@ def main(out_dir):
     logger.synchronize_between_processes()
     result = dict(launcher=launch.launcher, rank=rank, world_size=distributed.get_world_size(),
                   local_rank=launch.local_rank, backend=runtime.dist_backend,
-                  mean=distributed.all_reduce_mean(float(rank + 1)), loss_global_avg=logger.loss.global_avg,
+                  sum=distributed.all_reduce_sum(torch.tensor([float(rank + 1)])).item(),
+                  loss_global_avg=logger.loss.global_avg,
                   loss_count=logger.loss.count, main=distributed.is_main_process())
     result.update(resumed_epoch_stats(runtime, rank))
     distributed.barrier()
@@ -34,7 +37,6 @@ def main(out_dir):
 def resumed_epoch_stats(runtime, rank: int) -> dict:
     """Save a partial epoch's averages (2 of 4 iterations), resume it with nothing left to run (a stop agreed
     at the epoch's last window), finish: every rank must reach the same collectives, and the averages hold."""
-    import torch
     progress = EpochProgress(runtime, epoch=0, iters_per_epoch=4, print_freq=100)
     for it in range(2):
         progress.update(it, torch.tensor(float(rank + 1) * (it + 1)), 0.1, batch_size=8)

@@ -5,8 +5,8 @@ import os
 import pytest
 from PIL import Image
 
-from conftest import free_port, read_json_log, run_script
-from util.demo import DEMO_DEFAULTS
+from conftest import read_json_log, run_script, run_torchrun
+from tools.demo import DEMO_DEFAULTS
 
 
 @pytest.mark.slow
@@ -48,7 +48,7 @@ def test_the_next_step_printed_by_the_demo_runs(tmp_path):
 
 def test_demo_defaults_fit_a_laptop():
     assert DEMO_DEFAULTS['model'] == 'mae_vit_tiny_patch16' and DEMO_DEFAULTS['input_size'] == 64
-    assert DEMO_DEFAULTS['data_path'].startswith('demo_output') and not DEMO_DEFAULTS['auto_resume']
+    assert DEMO_DEFAULTS['data_path'].startswith('demo_output') and DEMO_DEFAULTS['epochs'] == 8
 
 
 def test_demo_refuses_a_real_run_and_a_real_dataset_and_changes_neither(tmp_path):
@@ -84,8 +84,7 @@ def test_demo_without_an_output_folder_is_refused(tmp_path):
 @pytest.mark.slow
 def test_demo_under_torchrun_generates_its_images_once_and_runs(tmp_path):
     out = tmp_path / 'demo_output'
-    proc = run_script('-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
-                      'main_pretrain.py', '--demo', '--epochs', '1', '--demo_images', '8', '--output_dir', out,
+    proc = run_torchrun('main_pretrain.py', '--demo', '--epochs', '1', '--demo_images', '8', '--output_dir', out,
                       '--data_path', out / 'data', '--num_workers', '0', '--batch_size', '8')
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count('Demo images: generating') == 1 and 'Demo finished' in proc.stdout

@@ -6,10 +6,9 @@ import sys
 
 import pytest
 
-from conftest import free_port
+from conftest import ROOT, free_port, run_torchrun, subprocess_env
 from util.distributed import LaunchInfo, detect_launch, first_slurm_host
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, 'tests', 'dist_worker.py')
 
 
@@ -53,7 +52,7 @@ def check_two_ranks(results, launcher):
     for rank, result in enumerate(results):
         assert result['launcher'] == launcher and result['rank'] == rank and result['world_size'] == 2
         assert result['backend'] == 'gloo'
-        assert result['mean'] == pytest.approx(1.5)  # mean of 1.0 and 2.0
+        assert result['sum'] == 3.0  # 1.0 + 2.0
         assert result['loss_count'] == 4 and result['loss_global_avg'] == pytest.approx((1 + 3 + 2 + 6) / 4)
         assert result['main'] == (rank == 0)
         # rank 0 logged 1, 2 and rank 1 logged 2, 4 before the save
@@ -62,17 +61,13 @@ def check_two_ranks(results, launcher):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_all_reduce_a_metric_on_gloo(tmp_path):
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
-           WORKER, str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(WORKER, tmp_path, timeout=180, check=True)
     check_two_ranks(read_results(tmp_path), 'torchrun')
 
 
 @pytest.mark.slow
 def test_slurm_style_two_processes_all_reduce_a_metric_on_gloo(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
-    env.update(SLURM_NTASKS='2', SLURM_JOB_NODELIST='localhost', MASTER_PORT=str(free_port()))
+    env = subprocess_env(dict(SLURM_NTASKS='2', SLURM_JOB_NODELIST='localhost', MASTER_PORT=str(free_port())))
     procs = [subprocess.Popen([sys.executable, WORKER, str(tmp_path)], cwd=ROOT, text=True,
                               env=dict(env, SLURM_PROCID=str(r), SLURM_LOCALID=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]

@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, free_port, read_json_log, run_script
-from util.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from conftest import (ROOT, TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, kill_tree, read_json_log, run_script,
+                      start_process, subprocess_env, torchrun_command, wait_for_line)
+from util.checkpoint_io import CheckpointError, load_checkpoint, save_atomic
 from util.synthetic import CLASSES, make_image_folder
 
 # 3 epochs of 8 iterations, a checkpoint every 2 iterations: kills land mid-epoch or at epoch ends
@@ -24,24 +25,6 @@ RESUMABLE_RUN = ['--epochs', '3', '--save_every_iters', '2', '--blr', '1.6e-2', 
 def pretrain_cmd(data, out, *extra):
     return [sys.executable, 'main_pretrain.py', '--data_path', str(data), '--output_dir', str(out), *RESUMABLE_RUN,
             *extra]
-
-
-def start(cmd, log_path, **kwargs):
-    log = open(log_path, 'w')
-    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
-                            env=dict(env, PYTHONUNBUFFERED='1'), **kwargs)
-
-
-def wait_for_line(log_path, text, proc, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if os.path.exists(log_path) and text in open(log_path).read():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f'process ended before printing {text!r}:\n{open(log_path).read()[-3000:]}')
-        time.sleep(0.05)
-    raise AssertionError(f'timed out waiting for {text!r}')
 
 
 def final_weights(out):
@@ -66,7 +49,8 @@ def assert_same_epoch_averages(out, reference):
 @pytest.fixture(scope='module')
 def uninterrupted(texture_data, tmp_path_factory):
     out = tmp_path_factory.mktemp('uninterrupted')
-    proc = subprocess.run(pretrain_cmd(texture_data, out), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(pretrain_cmd(texture_data, out), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -76,12 +60,12 @@ def uninterrupted(texture_data, tmp_path_factory):
 def test_kill_9_mid_epoch_then_relaunch_ends_with_the_uninterrupted_weights(texture_data, uninterrupted, tmp_path,
                                                                             kill_after):
     out = tmp_path / 'run'
-    proc = start(pretrain_cmd(texture_data, out), tmp_path / 'first.log')
+    proc = start_process(pretrain_cmd(texture_data, out), tmp_path / 'first.log')
     wait_for_line(tmp_path / 'first.log', kill_after, proc)
     proc.kill()  # SIGKILL: no handler runs, whatever was being written is cut off
     proc.wait()
     relaunch = subprocess.run(pretrain_cmd(texture_data, out), cwd=ROOT, capture_output=True, text=True,
-                              timeout=600)
+                              timeout=600, env=subprocess_env())
     assert relaunch.returncode == 0, relaunch.stderr[-3000:]
     assert 'Continuing at epoch' in relaunch.stdout
     assert_same_weights(final_weights(out), final_weights(uninterrupted))
@@ -91,7 +75,7 @@ def test_kill_9_mid_epoch_then_relaunch_ends_with_the_uninterrupted_weights(text
 @pytest.mark.slow
 def test_sigterm_saves_at_the_next_step_exits_143_and_the_rerun_matches(texture_data, uninterrupted, tmp_path):
     out = tmp_path / 'run'
-    proc = start(pretrain_cmd(texture_data, out), tmp_path / 'first.log')
+    proc = start_process(pretrain_cmd(texture_data, out), tmp_path / 'first.log')
     wait_for_line(tmp_path / 'first.log', 'Epoch: [1]  [4/8]', proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
@@ -100,7 +84,7 @@ def test_sigterm_saves_at_the_next_step_exits_143_and_the_rerun_matches(texture_
     in_progress = load_checkpoint(str(out / 'checkpoint-last.pth'))['epoch_in_progress']
     assert in_progress['epoch'] == 1 and 0 < in_progress['iteration'] < 8
     relaunch = subprocess.run(pretrain_cmd(texture_data, out), cwd=ROOT, capture_output=True, text=True,
-                              timeout=600)
+                              timeout=600, env=subprocess_env())
     assert relaunch.returncode == 0, relaunch.stderr[-3000:]
     assert f"Continuing at epoch 1, iteration {in_progress['iteration']}" in relaunch.stdout
     assert_same_weights(final_weights(out), final_weights(uninterrupted))
@@ -112,19 +96,12 @@ def test_torchrun_relaunch_after_kill_has_no_lost_or_repeated_epoch(texture_data
     out = tmp_path / 'ddp'
 
     def torchrun():
-        return [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
-                'main_pretrain.py', '--data_path', str(texture_data), '--output_dir', str(out), '--epochs', '8',
-                *TINY_PRETRAIN_ARGS]
-    proc = start(torchrun(), tmp_path / 'first.log')
+        return torchrun_command('main_pretrain.py', '--data_path', texture_data, '--output_dir', out, '--epochs', '8',
+                                *TINY_PRETRAIN_ARGS)
+    proc = start_process(torchrun(), tmp_path / 'first.log')
     wait_for_line(tmp_path / 'first.log', 'Epoch: [1]  [4/4]', proc)
-    # the launcher and both workers (torchrun starts its workers in sessions of their own)
-    subprocess.run(['pkill', '-KILL', '-f', f'--output_dir {out}'], check=False)
-    proc.wait()
-    deadline = time.time() + 30
-    while subprocess.run(['pgrep', '-f', f'--output_dir {out}'], capture_output=True).returncode == 0:
-        assert time.time() < deadline, 'workers survived SIGKILL'
-        time.sleep(0.1)
-    relaunch = start(torchrun(), tmp_path / 'second.log')
+    kill_tree(proc)  # the launcher and both workers, SIGKILL: nothing is cleaned up
+    relaunch = start_process(torchrun(), tmp_path / 'second.log')
     assert relaunch.wait(timeout=600) == 0, open(tmp_path / 'second.log').read()[-3000:]
     assert 'Continuing at epoch' in open(tmp_path / 'second.log').read()
     assert [e['epoch'] for e in read_json_log(out)] == list(range(8))
@@ -150,7 +127,7 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path):
 SAVE_LOOP = '''
 import sys, torch
 sys.path.insert(0, {root!r})
-from util.checkpoint import save_atomic
+from util.checkpoint_io import save_atomic
 big = torch.randn(8_000_000)
 i = 0
 print('saving', flush=True)
@@ -181,6 +158,7 @@ def test_kill_9_during_repeated_saves_always_leaves_a_loadable_checkpoint(tmp_pa
     assert torn_writes >= 2, 'the kills should have landed inside writes'
 
 
+@pytest.mark.slow
 def test_stale_temporary_files_of_a_killed_save_are_removed_on_the_next_start(texture_data, tmp_path):
     out = tmp_path / 'run'
     out.mkdir()
@@ -218,7 +196,7 @@ def test_truncated_jpeg_and_zero_byte_png_are_replaced_logged_once_and_counted(t
                       '--max_bad_images', '0.1', *TINY_PRETRAIN_ARGS, check=True)
     for name in ('truncated.jpg', 'empty.png'):
         assert proc.stdout.count(f'{name} (') == 1, proc.stdout  # logged with its path, once
-    assert [e['bad_images'] for e in read_json_log(tmp_path / 'out')] == [2, 2]
+    assert [e['train_bad_images'] for e in read_json_log(tmp_path / 'out')] == [2, 2]
 
 
 @pytest.mark.slow
@@ -270,7 +248,7 @@ def test_a_png_with_a_malformed_chunk_is_replaced_like_any_unreadable_image(tmp_
 def test_report_files_of_killed_processes_are_swept_and_live_ones_kept(tmp_path, monkeypatch):
     import tempfile
 
-    from util.datasets import BadImageLog, report_file_prefix
+    from util.bad_images import BadImageLog, report_file_prefix
     monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
     finished = subprocess.Popen([sys.executable, '-c', 'pass'])
     finished.wait()  # its pid is free now, as after a SIGKILL
@@ -359,7 +337,7 @@ def test_scripts_refuse_a_malicious_checkpoint_with_one_line(texture_data, tmp_p
 
 def test_our_checkpoints_with_args_namespace_and_rng_states_load_weights_only(tmp_path):
     import argparse
-    from util.checkpoint import rng_state, set_rng_state
+    from util.rng import rng_state, set_rng_state
     from util.device import Runtime
     runtime = Runtime('cpu')
     state = rng_state(runtime)
@@ -392,7 +370,7 @@ WEIGHTS = {'blocks.0.w': torch.ones(2), 'norm.b': torch.zeros(2)}
     {'state_dict': {f'module.{k}': v for k, v in WEIGHTS.items()}},     # saved from a DDP-wrapped model
 ], ids=['model', 'state_dict', 'bare', 'ddp_prefix'])
 def test_weights_are_found_in_every_common_checkpoint_layout(checkpoint):
-    from util.checkpoint import model_state_from
+    from util.checkpoint_io import model_state_from
     assert model_state_from(checkpoint, 'x.pth') == WEIGHTS
 
 
@@ -418,7 +396,7 @@ def test_a_file_already_in_the_hub_cache_is_used_offline(tmp_path, monkeypatch):
 
 
 def test_dates_and_epoch_numbers_in_file_names_are_not_read_as_hashes():
-    from util.checkpoint import named_hash_prefix
+    from util.checkpoint_io import named_hash_prefix
     assert named_hash_prefix('mae_vit_tiny-0123abcd.pth') == '0123abcd'
     assert named_hash_prefix('model-20231105.pth') is None and named_hash_prefix('checkpoint-79.pth') is None
 

@@ -1,7 +1,6 @@
 """main_infer.py: top-k classification and the 4-panel MAE reconstruction on user pictures of any kind."""
 import argparse
 import json
-import os
 
 import numpy as np
 import pytest
@@ -12,9 +11,8 @@ import main_infer
 from util import reconstruction
 import models_mae
 import models_vit
-from conftest import ROOT, run_script
-
-PHOTO = os.path.join(ROOT, 'tests', 'data', 'circuit_board.jpg')
+from conftest import PHOTO, run_script
+from util.classes import IMAGENET_NAMES
 
 
 @pytest.fixture(scope='module')
@@ -142,7 +140,7 @@ def test_encoder_only_checkpoint_gets_a_clear_reconstruction_error(checkpoints, 
     code, _, err = infer(capsys, '--model', 'mae_vit_tiny_patch16', '--resume', checkpoints / 'encoder_only.pth',
                          '--img_path', pictures['rgb'], '--output_dir', tmp_path)
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert 'holds an encoder only' in err and 'mae_visualize_vit_' in err
+    assert 'it is an MAE encoder without its decoder' in err and 'mae_visualize_vit_' in err
 
 
 # --- classification ----------------------------------------------------------------------------------------
@@ -170,7 +168,7 @@ def test_imagenet_heads_get_imagenet_names_and_the_json_schema(checkpoints, tmp_
     assert report['task'] == 'classification' and report['model'] == 'vit_tiny_patch16' and report['errors'] == []
     (result,) = report['results']
     assert result['image'] == PHOTO and len(result['topk']) == 5
-    names = open(main_infer.IMAGENET_CLASSES).read().splitlines()
+    names = open(IMAGENET_NAMES).read().splitlines()
     for entry in result['topk']:
         assert set(entry) == {'index', 'label', 'prob'} and entry['label'] == names[entry['index']]
         assert f"  {entry['label']} {entry['prob']:.2f}" in out
@@ -178,7 +176,7 @@ def test_imagenet_heads_get_imagenet_names_and_the_json_schema(checkpoints, tmp_
 
 
 def test_imagenet_label_list_is_in_synset_order():
-    names = open(main_infer.IMAGENET_CLASSES).read().splitlines()
+    names = open(IMAGENET_NAMES).read().splitlines()
     assert len(names) == 1000 and len(set(names)) == 1000
     assert (names[0], names[1], names[281], names[285], names[999]) == \
         ('tench', 'goldfish', 'tabby cat', 'Egyptian cat', 'toilet tissue')
@@ -233,8 +231,8 @@ def test_a_checkpoint_of_another_architecture_names_the_mismatched_keys(checkpoi
     code, _, err = infer(capsys, '--model', 'vit_tiny_patch16', '--resume', checkpoints / 'vit_small.pth',
                          '--img_path', pictures['rgb'])
     assert code == 2 and len(err.strip().splitlines()) == 1
-    assert ('does not fit --model vit_tiny_patch16 (checkpoint: embed dim 384, 12 blocks, patch 4; model: embed dim '
-            '192, 12 blocks, patch 4): shape mismatch') in err
+    assert ('does not fit --model vit_tiny_patch16: embed dim 384 and 12 blocks in the checkpoint, 192 and 12 in '
+            'the model (another --model); shape mismatch') in err
     assert 'cls_token (1, 1, 384) vs (1, 1, 192)' in err
 
 

@@ -2,7 +2,6 @@
 JPEG pipeline (same crops as the reference transform), fused AdamW selection, and the benchmark itself."""
 import json
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,14 +11,14 @@ from torchvision import transforms
 
 import models_mae
 import models_vit
-from conftest import TINY_MAE, TINY_PRETRAIN_ARGS, read_json_log, run_script
-from util.datasets import BICUBIC, build_image_folder, build_pretrain_transform, normalize_batch
+from conftest import PHOTO, TINY_MAE, TINY_PRETRAIN_ARGS, read_json_log, run_script
+from util.datasets import build_image_folder
 from util.device import Runtime
-from util.fast_decode import TensorRandomResizedCrop, build_fast_pretrain_transform, decode_rgb_tensor
+from util.images import decode_image_tensor as decode_rgb_tensor
+from util.optim import make_adamw
 from util.synthetic import CLASSES, make_image_folder
-from util.training import make_adamw
-
-PHOTO = os.path.join(os.path.dirname(__file__), 'data', 'circuit_board.jpg')
+from util.transforms import (BICUBIC, TensorRandomResizedCrop, build_fast_pretrain_transform, build_pretrain_transform,
+                             normalize_batch)
 
 
 def grads_and_loss(model, images, noise):
@@ -148,14 +147,11 @@ def test_fast_decode_dataset_yields_uint8_crops(tmp_path):
 
 def test_adamw_auto_is_the_torch_default_and_fused_or_foreach_on_request():
     params = [torch.nn.Parameter(torch.zeros(2))]
-    args = SimpleNamespace(lr=1e-3, adamw_impl='auto')
-    auto = make_adamw(params, args, Runtime('cuda', 0, 'fp16')).defaults
+    auto = make_adamw(params, 1e-3, 'auto', 'cuda').defaults
     assert auto['fused'] is None and auto['foreach'] is None  # torch decides, as in the official code
-    args.adamw_impl = 'fused'
-    assert make_adamw(params, args, Runtime('cpu')).defaults['fused'] is True
-    assert make_adamw(params, args, Runtime('npu', 0, 'fp16')).defaults['foreach'] is True  # no fused kernel
-    args.adamw_impl = 'foreach'
-    assert make_adamw(params, args, Runtime('cpu')).defaults['foreach'] is True
+    assert make_adamw(params, 1e-3, 'fused', 'cpu').defaults['fused'] is True
+    assert make_adamw(params, 1e-3, 'fused', 'npu').defaults['foreach'] is True  # no fused kernel there
+    assert make_adamw(params, 1e-3, 'foreach', 'cpu').defaults['foreach'] is True
 
 
 def test_fused_adamw_matches_the_default_to_rounding():
@@ -164,7 +160,7 @@ def test_fused_adamw_matches_the_default_to_rounding():
     results = []
     for impl in ('auto', 'fused'):
         p = torch.nn.Parameter(weights.clone())
-        optimizer = make_adamw([p], SimpleNamespace(lr=1e-2, adamw_impl=impl), Runtime('cpu'))
+        optimizer = make_adamw([p], 1e-2, impl, 'cpu')
         for step in range(5):
             p.grad = torch.sin(weights * (step + 1))
             optimizer.step()
@@ -192,7 +188,7 @@ def test_compile_runs_a_tiny_pretraining(texture_data, tmp_path):
 @pytest.mark.slow
 def test_benchmark_step_compare_and_pipeline_write_json(tmp_path):
     out = tmp_path / 'b.json'
-    proc = run_script('-m', 'util.benchmark', '--model', 'mae_vit_tiny_patch16', '--input_size', '32',
+    proc = run_script('-m', 'tools.benchmark', '--model', 'mae_vit_tiny_patch16', '--input_size', '32',
                       '--patch_size', '4', '--batch_size', '4', '--device', 'cpu', '--compare', '--warmup', '1',
                       '--steps', '2', '--windows', '2', '--json', out, check=True)
     assert 'ours / eager attention:' in proc.stdout
@@ -202,7 +198,7 @@ def test_benchmark_step_compare_and_pipeline_write_json(tmp_path):
     assert sdpa['images_per_sec'] > 0 and sdpa['gflops_per_image'] == pytest.approx(eager['gflops_per_image'])
     assert 0 < sdpa['fraction_of_matmul_peak'] and result['matmul_peak_tflops'] > 0
     root = make_image_folder(str(tmp_path / 'jpegs'), {'train': 40}, size=96, classes=CLASSES[:2])
-    proc = run_script('-m', 'util.benchmark', '--pipeline', '--data_path', root, '--num_workers', '0',
+    proc = run_script('-m', 'tools.benchmark', '--pipeline', '--data_path', root, '--num_workers', '0',
                       '--input_size', '64', '--pipeline_batches', '2', '--device', 'cpu', '--json', out, check=True)
     rows = json.loads(out.read_text())['pipeline']
     assert len(rows) == 4 and rows[0]['vs_baseline'] == 1.0 and all(r['images_per_sec'] > 0 for r in rows)

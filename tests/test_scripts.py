@@ -1,22 +1,19 @@
 """The training scripts as users run them (subprocesses, tiny models, generated images)."""
 import argparse
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import models_mae
 import models_vit
-from conftest import ROOT, TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, free_port, read_json_log, run_script
-from test_models_mae import official_mae_vit_base_keys
+from conftest import TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, read_json_log, run_script, run_torchrun
 
 OFFICIAL_CHECKPOINT_KEYS = {'model', 'optimizer', 'epoch', 'scaler', 'args'}
 
 
 def load(path):
-    from util.checkpoint import load_checkpoint
+    from util.checkpoint_io import load_checkpoint
     return load_checkpoint(str(path))
 
 
@@ -123,12 +120,8 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over_and_says_so(textur
 @pytest.mark.slow
 def test_torchrun_two_process_pretraining_on_gloo(texture_data, tmp_path):
     out = tmp_path / 'ddp'
-    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
-           'main_pretrain.py', '--data_path', texture_data, '--output_dir', out, '--epochs', '1',
-           *TINY_PRETRAIN_ARGS]
-    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_torchrun('main_pretrain.py', '--data_path', texture_data, '--output_dir', out, '--epochs', '1',
+                        *TINY_PRETRAIN_ARGS, check=True)
     checkpoint = load(out / 'checkpoint-0.pth')
     assert OFFICIAL_CHECKPOINT_KEYS <= set(checkpoint) and len(checkpoint['rng_states']) == 2
     (entry,) = read_json_log(out)
@@ -138,29 +131,22 @@ def test_torchrun_two_process_pretraining_on_gloo(texture_data, tmp_path):
     assert 'effective batch size: 32' in proc.stdout  # 16 per process x 2 processes
 
 
-def torchrun(script, *args):
-    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
-           script, *map(str, args)]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.slow
 def test_torchrun_two_process_finetuning_and_linear_probing_with_dist_eval(pretrained, texture_data, tmp_path):
     pre_out, _ = pretrained
     ft = tmp_path / 'ft'
-    proc = torchrun('main_finetune.py', '--data_path', texture_data, '--output_dir', ft, '--finetune',
+    proc = run_torchrun('main_finetune.py', '--data_path', texture_data, '--output_dir', ft, '--finetune',
                     pre_out / 'checkpoint-0.pth', '--epochs', '1', '--accum_iter', '2', '--mixup', '0.8',
                     '--cutmix', '1.0', '--dist_eval', *TINY_CLASSIFIER_ARGS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'effective batch size: 64' in proc.stdout  # 16 per process x 2 accumulation steps x 2 processes
     (entry,) = read_json_log(ft)
     assert entry['test_num_images'] == 64 and len(entry['train_loss_per_rank']) == 2
-    proc = torchrun('main_finetune.py', '--eval', '--resume', ft / 'checkpoint-0.pth', '--data_path', texture_data,
+    proc = run_torchrun('main_finetune.py', '--eval', '--resume', ft / 'checkpoint-0.pth', '--data_path', texture_data,
                     '--dist_eval', *TINY_CLASSIFIER_ARGS)
     assert proc.returncode == 0 and f"* Acc@1 {entry['test_acc1']:.3f}" in proc.stdout
     lp = tmp_path / 'lp'
-    proc = torchrun('main_linprobe.py', '--data_path', texture_data, '--output_dir', lp, '--finetune',
+    proc = run_torchrun('main_linprobe.py', '--data_path', texture_data, '--output_dir', lp, '--finetune',
                     pre_out / 'checkpoint-0.pth', '--epochs', '1', '--dist_eval', *TINY_CLASSIFIER_ARGS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'test_acc1' in read_json_log(lp)[0]
@@ -221,7 +207,3 @@ def test_learning_works_pretraining_lowers_loss_and_fine_tuning_beats_chance(tex
                check=True)
     best = max(e['test_acc1'] for e in read_json_log(ft))
     assert best >= 60, f'top-1 {best} with 4 classes (chance: 25)'
-
-
-def test_official_mae_keys_helper_matches_base_count():
-    assert len(official_mae_vit_base_keys()) == 254

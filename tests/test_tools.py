@@ -1,4 +1,4 @@
-"""util/compare_logs.py (the port acceptance check) and hubconf.py (torch.hub from a local clone)."""
+"""tools/compare_logs.py (the port acceptance check) and hubconf.py (torch.hub from a local clone)."""
 import json
 
 import pytest
@@ -8,7 +8,7 @@ from PIL import Image
 import models_mae
 import models_vit
 from conftest import ROOT, run_script
-from util import compare_logs
+from tools import compare_logs
 
 
 def write_log(path, losses, key='train_loss'):
@@ -72,7 +72,7 @@ def test_other_keys_and_bad_logs(tmp_path, capsys):
 
 def test_compare_logs_runs_as_a_module_on_real_training_logs(tmp_path):
     ref = write_log(tmp_path / 'a.txt', REFERENCE)
-    proc = run_script('-m', 'util.compare_logs', ref, ref, '--png', tmp_path / 'p.png')
+    proc = run_script('-m', 'tools.compare_logs', ref, ref, '--png', tmp_path / 'p.png')
     assert proc.returncode == 0 and 'PASS' in proc.stdout
 
 
@@ -119,7 +119,8 @@ def test_torch_hub_load_with_a_checkpoint_and_kwargs(tmp_path):
 
 
 def test_torch_hub_with_a_mismatched_checkpoint_raises_the_clear_error(tmp_path):
-    from util.checkpoint import CheckpointError
+    from util.checkpoint_io import CheckpointError
     torch.save({'model': models_vit.vit_tiny_patch16(num_classes=10).state_dict()}, tmp_path / 'vit.pth')
-    with pytest.raises(CheckpointError, match='does not fit --model vit_small_patch16'):
+    with pytest.raises(CheckpointError, match='does not fit entry point vit_small_patch16: embed dim 192 and 12 '
+                                              'blocks in the checkpoint, 384 and 12 in the model'):
         torch.hub.load(ROOT, 'vit_small_patch16', source='local', checkpoint=str(tmp_path / 'vit.pth'))

@@ -1,5 +1,6 @@
 """RandomResizedCrop that draws one scale and one aspect ratio (no retry loop), as the TF/TPU linear-probing
-recipe does; the crop is clipped to the image instead of falling back to a centre crop."""
+recipe does; the crop is clipped to the image instead of falling back to a centre crop, and is at least one
+pixel a side (on images of a few pixels the rounding could give an empty box, which PIL fills black)."""
 import math
 
 import torch
@@ -18,8 +19,8 @@ class RandomResizedCrop(transforms.RandomResizedCrop):
         log_ratio = torch.log(torch.tensor(ratio))
         aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
 
-        w = min(int(round(math.sqrt(target_area * aspect_ratio))), width)
-        h = min(int(round(math.sqrt(target_area / aspect_ratio))), height)
+        w = min(max(1, int(round(math.sqrt(target_area * aspect_ratio)))), width)
+        h = min(max(1, int(round(math.sqrt(target_area / aspect_ratio)))), height)
 
         i = torch.randint(0, height - h + 1, size=(1,)).item()
         j = torch.randint(0, width - w + 1, size=(1,)).item()

@@ -5,13 +5,11 @@ peak memory and collective backend, so no `torch.cuda` call lives outside this f
 import contextlib
 import importlib
 import importlib.util
-import random
 import resource
 import sys
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 
 DEVICE_CHOICES = ('auto', 'cuda', 'npu', 'sdaa', 'mps', 'cpu')
@@ -110,6 +108,11 @@ class Runtime:
         return AMP_DTYPES.get(self.amp)
 
     @property
+    def sum_dtype(self) -> torch.dtype:
+        """For sums kept on the device (evaluation totals): float64, except on MPS, which has none."""
+        return torch.float32 if self.type == 'mps' else torch.float64
+
+    @property
     def pin_memory_supported(self) -> bool:
         return self.type in ('cuda', 'npu', 'sdaa')
 
@@ -163,9 +166,6 @@ class Runtime:
         if self.index is not None and self.type in ('cuda', 'npu', 'sdaa'):
             self.module.set_device(self.index)
 
-    def supports_fused_adamw(self) -> bool:
-        return self.type in ('cuda', 'mps')
-
     def describe(self) -> str:
         name = self.device_str
         if self.type in ('cuda', 'npu', 'sdaa') and hasattr(self.module, 'get_device_name'):
@@ -194,10 +194,3 @@ def setup_runtime(device: str = 'auto', amp: Optional[str] = None, local_rank: i
     if device_type == 'cuda':
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest conv kernel
     return runtime
-
-
-def seed_everything(seed: int):
-    """Seed torch (every device), numpy and python's random for this process."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)

@@ -91,7 +91,8 @@ def get_world_size() -> int:
 
 
 def get_rank() -> int:
-    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+    """This process's rank; before the process group is up, the one its launcher gave it (0 without one)."""
+    return dist.get_rank() if is_dist_avail_and_initialized() else detect_launch().rank
 
 
 def is_main_process() -> bool:
@@ -114,20 +115,6 @@ def print0(*args, force: bool = False, **kwargs):
 def barrier():
     if is_dist_avail_and_initialized():
         dist.barrier()
-
-
-def all_reduce_mean(value):
-    """Mean over ranks of a float or tensor; returns the same kind. A no-op for one process."""
-    world_size = get_world_size()
-    if world_size == 1:
-        return value
-    if isinstance(value, torch.Tensor):
-        t = value.detach().to(_comm_device, dtype=torch.float64 if value.dtype == torch.float64 else torch.float32)
-        dist.all_reduce(t)
-        return (t / world_size).to(value.device)
-    t = torch.tensor(float(value), device=_comm_device)
-    dist.all_reduce(t)
-    return (t / world_size).item()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

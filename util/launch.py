@@ -2,60 +2,53 @@
 (device, gradient checkpointing, torch.compile, DDP), and the mapping of failures to one line and an exit code.
 """
 import datetime
-import os
 import sys
 import time
 
 import torch
 
 from util import distributed, preemption
-from util.args import UsageError
-from util.checkpoint import CheckpointError
+from util.bad_images import BadImageBudgetError
+from util.checkpoint_io import CheckpointError
+from util.checks import UsageError
+from util.classes import ClassListError
 from util.datasets import DataError
-from util.device import DeviceError, Runtime, seed_everything, setup_runtime
+from util.device import DeviceError, Runtime, setup_runtime
 from util.distributed import print0
 from util.progress import NonFiniteLossError
+from util.rng import seed_everything
 
-USER_ERRORS = (UsageError, DeviceError, CheckpointError, DataError)
+# failures that are the user's to fix: one line on stderr, exit code 2
+USER_ERRORS = (UsageError, DeviceError, CheckpointError, DataError, ClassListError, BadImageBudgetError)
+
+
+def world_size_of_launch(args) -> int:
+    """The number of processes the launcher (torchrun, SLURM, OpenMPI) started, known before the process group
+    is up, so that the checks that depend on it run before any work."""
+    return distributed.detect_launch(dist_on_itp=args.dist_on_itp).world_size
 
 
 def start(args) -> Runtime:
-    """Resolve the device, join the process group, seed, and record the resolved setup in args."""
+    """Resolve the device, join the process group, seed (seed + rank), install the stop-signal handlers."""
     launch = distributed.detect_launch(dist_on_itp=args.dist_on_itp)
     runtime = setup_runtime(args.device, args.amp, local_rank=launch.local_rank)
     distributed.init_distributed(launch, runtime.dist_backend, runtime.device, args.dist_url, args.dist_timeout)
-    args.rank, args.world_size, args.gpu = launch.rank, launch.world_size, launch.local_rank
-    args.distributed = launch.distributed
-    args.device, args.amp = runtime.type, runtime.amp
     seed_everything(args.seed + launch.rank)
     preemption.install_handlers()
-    print0(f'job dir: {os.path.dirname(os.path.dirname(os.path.realpath(__file__)))}')
     print0('{}'.format(args).replace(', ', ',\n'))
     print0(f'device: {runtime.describe()}, {launch.world_size} process{"es" if launch.distributed else ""}')
     return runtime
 
 
-def effective_lr(args) -> float:
-    """lr = blr * effective batch / 256 unless --lr is given; prints the arithmetic like the official scripts."""
-    eff_batch_size = args.batch_size * args.accum_iter * distributed.get_world_size()
-    if args.lr is None:
-        args.lr = args.blr * eff_batch_size / 256
-    print0('base lr: %.2e' % (args.lr * 256 / eff_batch_size))
-    print0('actual lr: %.2e' % args.lr)
-    print0('accumulate grad iterations: %d' % args.accum_iter)
-    print0('effective batch size: %d' % eff_batch_size)
-    return args.lr
-
-
 def place_model(model: torch.nn.Module, runtime: Runtime, args):
     """Move to the device and wrap for training. Returns (model to call, model_without_ddp to save)."""
-    if getattr(args, 'grad_checkpointing', False):
+    if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(runtime.device)
     model_without_ddp = model
-    if getattr(args, 'compile', False):
+    if args.compile:
         model = compile_model(model, runtime)
-    if args.distributed:
+    if distributed.get_world_size() > 1:
         device_ids = [runtime.index] if runtime.index is not None else None
         # every trainable parameter is used in each step, so no unused-parameter search (it costs every step)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -87,7 +80,7 @@ def run_main(main_fn, args):
             print(f'error: {line}', file=sys.stderr, flush=True)
         sys.exit(2)
     except NonFiniteLossError as e:
-        print(f'error: {e}. {getattr(e, "advice", "")}'.rstrip(), file=sys.stderr, flush=True)
+        print(f'error: {e}', file=sys.stderr, flush=True)
         sys.exit(1)
     except preemption.TrainingInterrupted as e:
         print0(f'{e}; rerun the same command to continue')

@@ -1,4 +1,5 @@
 """Run outputs on rank 0: TensorBoard scalars and log.txt, one JSON object per epoch (the official format)."""
+import atexit
 import json
 import os
 from typing import Optional
@@ -6,23 +7,35 @@ from typing import Optional
 from util import distributed
 
 
-def make_log_writer(log_dir: Optional[str]):
-    """A TensorBoard SummaryWriter on rank 0 when log_dir is set, else None."""
-    if not log_dir or not distributed.is_main_process():
-        return None
-    from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
-    os.makedirs(log_dir, exist_ok=True)
-    return SummaryWriter(log_dir=log_dir)
+class RunLog:
+    """A run's outputs on rank 0: log.txt, one JSON line per epoch, and TensorBoard scalars in --log_dir (other
+    ranks hold a RunLog that writes nothing). `tensorboard` is the SummaryWriter the engines add scalars to, or
+    None. `constant` values (e.g. n_parameters) go into every line."""
 
+    def __init__(self, output_dir: str, log_dir: Optional[str], **constant):
+        self.output_dir = output_dir if distributed.is_main_process() else ''
+        self.constant = constant
+        self.tensorboard = None
+        if log_dir and distributed.is_main_process():
+            from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
+            os.makedirs(log_dir, exist_ok=True)
+            self.tensorboard = SummaryWriter(log_dir=log_dir)
+            atexit.register(self.tensorboard.close)
 
-def append_log(output_dir: str, stats: dict, log_writer=None):
-    """Append one epoch's stats to output_dir/log.txt (rank 0), flushing TensorBoard first."""
-    if not output_dir or not distributed.is_main_process():
-        return
-    if log_writer is not None:
-        log_writer.flush()
-    with open(os.path.join(output_dir, 'log.txt'), mode='a', encoding='utf-8') as f:
-        f.write(json.dumps(stats) + '\n')
+    def write(self, epoch: int, train: dict, test: Optional[dict] = None, **values):
+        """Append one epoch's line: train_* and test_* stats, the epoch and `values`. TensorBoard gets the test
+        figures and is flushed first. Written before the epoch's checkpoint (see truncate_log)."""
+        if self.tensorboard is not None:
+            for name in ('acc1', 'acc5', 'loss'):
+                if test and name in test:
+                    self.tensorboard.add_scalar(f'perf/test_{name}', test[name], epoch)
+            self.tensorboard.flush()
+        if not self.output_dir:
+            return
+        stats = {**{f'train_{k}': v for k, v in train.items()}, **{f'test_{k}': v for k, v in (test or {}).items()},
+                 'epoch': epoch, **self.constant, **values}
+        with open(os.path.join(self.output_dir, 'log.txt'), mode='a', encoding='utf-8') as f:
+            f.write(json.dumps(stats) + '\n')
 
 
 def truncate_log(output_dir: str, start_epoch: int):
@@ -55,8 +68,3 @@ def parse_log_line(line: str) -> Optional[dict]:
         return None
     return entry if isinstance(entry, dict) else None
 
-
-def read_log(path: str) -> list:
-    """The JSON objects of a log.txt, one per epoch."""
-    with open(path, encoding='utf-8') as f:
-        return [json.loads(line) for line in f if line.strip()]

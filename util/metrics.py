@@ -1,6 +1,6 @@
-"""Running metrics (windowed and global averages) that reduce across ranks on any backend, and top-k accuracy."""
+"""Running metrics (windowed and global averages) that reduce across ranks on any backend, and top-k hits."""
 from collections import defaultdict, deque
-from typing import Dict, Iterable, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -88,9 +88,10 @@ class MetricLogger:
         return {name: meter.global_avg for name, meter in self.meters.items()}
 
 
-def accuracy(output: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (1,)) -> Iterable[torch.Tensor]:
-    """Top-k accuracies in percent, as 0-d tensors on the output's device."""
-    maxk = min(max(topk), output.shape[1])
+def topk_hits(output: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1,)) -> List[torch.Tensor]:
+    """For each k, how many rows of `output` [N, classes] have `target` [N] among their k highest scores, as a
+    0-d tensor on the output's device (no host sync). k above the class count counts every row."""
+    maxk = min(max(ks), output.shape[1])
     _, pred = output.topk(maxk, dim=1)
-    correct = pred.t().eq(target.reshape(1, -1).expand_as(pred.t()))
-    return [correct[:min(k, maxk)].reshape(-1).float().sum() * (100.0 / target.shape[0]) for k in topk]
+    correct = pred.eq(target.reshape(-1, 1))  # [N, maxk], at most one True per row
+    return [correct[:, :min(k, maxk)].sum() for k in ks]

@@ -7,6 +7,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from util.distributed import print0
+
 
 def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.ndarray:
     """pos: positions of any shape (M values) -> [M, embed_dim]: sin of each frequency, then cos."""
@@ -52,20 +54,21 @@ def resize_pos_embed(pos_embed: torch.Tensor, num_extra_tokens: int, new_size: i
     return torch.cat((extra_tokens, pos_tokens), dim=1)
 
 
-def interpolate_pos_embed(model: torch.nn.Module, checkpoint_model: dict) -> bool:
-    """Resize checkpoint_model['pos_embed'] in place to `model`'s patch grid (e.g. 14x14 -> 24x24 for 384 px).
+def interpolate_pos_embed(model: torch.nn.Module, checkpoint_model: dict, key: str = 'pos_embed') -> bool:
+    """Resize checkpoint_model[key] in place to `model`'s patch grid (e.g. 14x14 -> 24x24 for 384 px); `key` is
+    'pos_embed', or 'decoder_pos_embed' for an MAE's decoder table.
 
     The class token's row is kept as is. Returns True when the table was resized.
     """
-    if 'pos_embed' not in checkpoint_model:
+    if key not in checkpoint_model:
         return False
-    pos_embed_checkpoint = checkpoint_model['pos_embed']
+    pos_embed_checkpoint = checkpoint_model[key]
     num_patches = model.patch_embed.num_patches
-    num_extra_tokens = model.pos_embed.shape[-2] - num_patches
+    num_extra_tokens = getattr(model, key).shape[-2] - num_patches
     orig_size = int((pos_embed_checkpoint.shape[-2] - num_extra_tokens) ** 0.5)
     new_size = int(num_patches ** 0.5)
     if orig_size == new_size:
         return False
-    print(f'Position interpolate from {orig_size}x{orig_size} to {new_size}x{new_size}')
-    checkpoint_model['pos_embed'] = resize_pos_embed(pos_embed_checkpoint, num_extra_tokens, new_size)
+    print0(f'Position interpolate from {orig_size}x{orig_size} to {new_size}x{new_size}')
+    checkpoint_model[key] = resize_pos_embed(pos_embed_checkpoint, num_extra_tokens, new_size)
     return True

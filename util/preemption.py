@@ -2,6 +2,10 @@
 sets a flag; the training loop saves a checkpoint at the next optimizer step and exits with 128 + signal."""
 import signal
 
+import torch
+
+from util import distributed
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _received = []
 
@@ -34,3 +38,11 @@ def stop_requested() -> bool:
 
 def received_signal() -> int:
     return _received[0] if _received else signal.SIGTERM
+
+
+def stop_if_signalled(epoch: int, epochs: int, checkpoint_path: str):
+    """After an epoch's checkpoint: if any rank received a stop signal, every rank raises TrainingInterrupted
+    (a collective; after the last epoch there is nothing left to stop)."""
+    flag = torch.tensor([float(stop_requested())], device=distributed.comm_device())
+    if distributed.all_reduce_sum(flag).item() > 0 and epoch + 1 < epochs:
+        raise TrainingInterrupted(received_signal(), checkpoint_path)

@@ -11,13 +11,18 @@ import torch
 
 from util import distributed, preemption
 from util.distributed import print0
+from util.bad_images import check_budget
+from util.datasets import start_epoch_of
 from util.metrics import MetricLogger, SmoothedValue
 
 
 class NonFiniteLossError(RuntimeError):
-    def __init__(self, epoch: int, iteration: int, value: float):
+    """The loss became NaN or infinite; the message names where, the last good checkpoint and what to try."""
+
+    def __init__(self, epoch: int, iteration: int, value: float, last_good: str):
         self.epoch, self.iteration, self.value = epoch, iteration, value
-        super().__init__(f'Loss is {value} at epoch {epoch}, iteration {iteration}, stopping training')
+        super().__init__(f'Loss is {value} at epoch {epoch}, iteration {iteration}, stopping training. {last_good} '
+                         'With fp16, try --amp bf16; else lower --blr or set --clip_grad.')
 
 
 def format_seconds(seconds: float) -> str:
@@ -25,11 +30,15 @@ def format_seconds(seconds: float) -> str:
 
 
 class EpochProgress:
-    """Collects per-iteration loss/lr; every `print_freq` iterations prints a line and writes TensorBoard."""
+    """Collects per-iteration loss/lr; every `print_freq` iterations prints a line and writes TensorBoard, and
+    checks the window's losses: a non-finite one raises NonFiniteLossError naming its iteration. A checkpoint
+    also syncs the window first, so no non-finite weights are ever saved."""
 
     def __init__(self, runtime, epoch: int, iters_per_epoch: int, print_freq: int = 20, start_iter: int = 0,
-                 log_writer=None, tb_loss_name: str = 'train_loss', header: Optional[str] = None):
+                 log_writer=None, tb_loss_name: str = 'train_loss', header: Optional[str] = None,
+                 describe_last_good=lambda: ''):
         self.runtime = runtime
+        self.describe_last_good = describe_last_good
         self.epoch = epoch
         self.iters_per_epoch = iters_per_epoch
         self.print_freq = max(1, print_freq)
@@ -49,15 +58,16 @@ class EpochProgress:
         self.window_images = 0
         self.window_data_time = 0.0
 
-    def iterate(self, loader):
-        """Yield (iteration, batch), timing how long the loop waits for each batch."""
+    def iterate(self, loader, accum_iter: int):
+        """Yield (iteration, ends an accumulation cycle, batch), timing how long the loop waits for each batch.
+        The optimizer steps on the iterations that end a cycle of `accum_iter`."""
         iteration = self.start_iter
         waited_since = time.perf_counter()
         for batch in loader:
             wait = time.perf_counter() - waited_since
             self.data_time += wait
             self.window_data_time += wait
-            yield iteration, batch
+            yield iteration, (iteration + 1) % accum_iter == 0, batch
             iteration += 1
             waited_since = time.perf_counter()
 
@@ -89,7 +99,7 @@ class EpochProgress:
         for (iteration, _, lr, write_tb), value, value_all in zip(self.window, local_losses, reduced_losses):
             if not math.isfinite(value) or not math.isfinite(value_all):
                 bad = value if not math.isfinite(value) else value_all
-                raise NonFiniteLossError(self.epoch, iteration, bad)
+                raise NonFiniteLossError(self.epoch, iteration, bad, self.describe_last_good())
             self.meters.update(loss=value, lr=lr)
             if self.log_writer is not None and write_tb:
                 step = int((iteration / self.iters_per_epoch + self.epoch) * 1000)  # epoch_1000x, as official
@@ -155,10 +165,25 @@ class EpochProgress:
         return stats
 
 
-def start_epoch_progress(runtime, epoch: int, iters_per_epoch: int, args, start_iter: int, log_writer,
-                         checkpointer=None, **kwargs) -> EpochProgress:
-    """An epoch's EpochProgress; a resumed partial epoch continues the averages saved with its checkpoint."""
-    progress = EpochProgress(runtime, epoch, iters_per_epoch, args.print_freq, start_iter, log_writer, **kwargs)
-    if checkpointer is not None:
-        checkpointer.resume_progress(progress, epoch, start_iter)
+def begin_epoch(model: torch.nn.Module, optimizer, data_loader, runtime, epoch: int, args, tensorboard,
+                checkpointer, start, tb_loss_name: str) -> EpochProgress:
+    """The start of a training epoch: training mode, gradients cleared, the loader reshuffled for `epoch` with its
+    workers reseeded (skipping the iterations a resumed run already did), and the epoch's EpochProgress, which
+    continues the running sums saved with a mid-epoch checkpoint. `start` is the run's ResumeState."""
+    model.train(True)
+    optimizer.zero_grad()
+    start_iter = start.iteration_in(epoch)
+    start_epoch_of(data_loader, epoch, distributed.get_rank(), args.seed, skip_batches=start_iter)
+    iters_per_epoch = start_iter + len(data_loader)  # a resumed epoch's loader holds only what is left
+    progress = EpochProgress(runtime, epoch, iters_per_epoch, args.print_freq, start_iter, tensorboard, tb_loss_name,
+                             describe_last_good=checkpointer.describe_last_good)
+    if start.meters_in(epoch):
+        progress.restore(start.meters_in(epoch))
     return progress
+
+
+def end_epoch(progress: EpochProgress, data_loader, args) -> dict:
+    """The epoch's stats (averaged over ranks), after holding its unreadable images to --max_bad_images."""
+    dataset = data_loader.dataset
+    bad_images = check_budget(dataset.bad_images, len(dataset), args.max_bad_images, args.output_dir)
+    return {**progress.finish(), 'bad_images': bad_images}

@@ -9,7 +9,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
 import models_mae
-from util.datasets import BICUBIC, normalize
+from util.transforms import BICUBIC, normalize
 
 MASK_GREY = 0.5  # hidden patches in the "masked" panel, as in the paper's figures
 
@@ -36,10 +36,8 @@ def reconstruct(model: models_mae.MaskedAutoencoderViT, x: torch.Tensor, mask_ra
         loss, pred, mask = model(x, mask_ratio=mask_ratio, noise=noise)
     pred = pred.float()
     if norm_pix:  # per-patch normalised targets: show them with each patch's own mean and std
-        target = model.patchify(x)
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        pred = pred * (var + 1.e-6) ** .5 + mean
+        mean, std = models_mae.per_patch_stats(model.patchify(x))
+        pred = pred * std + mean
     mask_pixels = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, pred.shape[-1]))  # 1 where hidden
     recon = model.unpatchify(pred)
     original = denormalize(x)
@@ -63,3 +61,11 @@ def panels_to_image(rows: List[torch.Tensor]) -> Image.Image:
     grid = torch.cat(strips, dim=1)
     array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     return Image.fromarray(array)
+
+
+def save_figure(rows: List[torch.Tensor], path: str, scale: int = 1):
+    """The rows of 4 panels as one PNG, each pixel enlarged to scale x scale (nearest: crisp patches)."""
+    image = panels_to_image(rows)
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    image.save(path)

@@ -1,10 +1,9 @@
 """Compare the loss curves of two runs' log.txt (say a GPU run and an NPU run of one recipe), the check vendor
 ports are accepted on: pass when the mean relative error or the mean absolute error is within its threshold.
 
-python -m util.compare_logs gpu_run/log.txt npu_run/log.txt --max_mre 0.05 --max_mae 2e-4 --png curves.png
+python -m tools.compare_logs gpu_run/log.txt npu_run/log.txt --max_mre 0.05 --max_mae 2e-4 --png curves.png
 Exit code 0: pass, 1: fail, 2: the logs cannot be compared.
 """
-import argparse
 import json
 import math
 import os
@@ -12,6 +11,8 @@ import sys
 from typing import Dict, List, Optional, Tuple
 
 from PIL import Image, ImageDraw
+
+from util import args as cli
 
 COLOURS = ((31, 119, 180), (214, 39, 40))
 
@@ -112,8 +113,8 @@ def plot(curves: List[Tuple[str, Dict[int, float]]], path: str, key: str, size=(
     image.save(path)
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser('Compare the loss curves of two runs', add_help=True)
+def get_args_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser('Compare the loss curves of two runs')
     parser.add_argument('reference', help='log.txt of the reference run (e.g. the GPU run)')
     parser.add_argument('candidate', help='log.txt of the run to check (e.g. the NPU run)')
     parser.add_argument('--key', default='train_loss', help='which logged value to compare')

@@ -1,0 +1,165 @@
+"""Benchmarks users can run: the training step on synthetic tensors (images/s, peak memory, FLOP/s against a
+matrix-multiply peak measured in the same run), optionally beside the eager (official) attention; a scaling
+table over mask ratio and model size; and the input pipeline on a folder of real JPEGs.
+
+python -m tools.benchmark --model mae_vit_base_patch16 --batch_size 8 --device cpu --compare
+python -m tools.benchmark --model vit_base_patch16 --batch_size 64 --amp bf16 --compile --compare
+python -m tools.benchmark --scaling --batch_size 8
+python -m tools.benchmark --pipeline --data_path /datasets/imagenet --num_workers 8
+Prints a table; --json FILE also writes every number.
+"""
+import json
+import sys
+from typing import Dict, List
+
+import torch
+
+import models_mae
+import models_vit
+from util import args as cli
+from util import checks
+from tools import benchmark_pipeline as pipeline
+from tools import benchmark_step as step
+from util.datasets import DataError
+from util.device import AMP_CHOICES, DEVICE_CHOICES, DeviceError, setup_runtime
+
+SCALING_MODELS = ('mae_vit_tiny_patch16', 'mae_vit_small_patch16', 'mae_vit_base_patch16', 'mae_vit_large_patch16')
+SCALING_MASK_RATIOS = (0.5, 0.75, 0.9)
+
+
+def get_args_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser('MAE benchmarks')
+    parser.add_argument('--model', default='mae_vit_base_patch16',
+                        help='mae_vit_* (pretraining step) or vit_* (fine-tuning step)')
+    parser.add_argument('--batch_size', default=8, type=int, help='images per step')
+    parser.add_argument('--input_size', default=224, type=int, help='image side in pixels')
+    parser.add_argument('--patch_size', default=None, type=int, help="patch side in pixels (default: the model's own)")
+    parser.add_argument('--mask_ratio', default=0.75, type=float, help='MAE: fraction of patches hidden')
+    parser.add_argument('--device', default='auto', choices=DEVICE_CHOICES, help='backend')
+    parser.add_argument('--amp', default=None, choices=AMP_CHOICES,
+                        help='mixed precision (default: fp16 on cuda/npu/sdaa, off on cpu/mps)')
+    parser.add_argument('--compile', action='store_true', help='torch.compile the model (ours, not the baseline)')
+    parser.add_argument('--grad_checkpointing', action='store_true', help='recompute activations in backward')
+    parser.add_argument('--adamw_impl', default='auto', choices=cli.ADAMW_IMPLS, help='AdamW kernel')
+    parser.add_argument('--compare', action='store_true', help='also time the eager (official) attention')
+    parser.add_argument('--scaling', action='store_true', help='step cost over mask ratios and model sizes')
+    parser.add_argument('--pipeline', action='store_true', help='input-pipeline throughput on real JPEGs')
+    parser.add_argument('--data_path', default=None, help='for --pipeline: a folder holding train/<class>/*.jpg')
+    parser.add_argument('--num_workers', default=2, type=int, help='for --pipeline: DataLoader workers')
+    parser.add_argument('--pipeline_batches', default=60, type=int,
+                        help=f'for --pipeline: batches of {pipeline.BATCH} timed per variant')
+    parser.add_argument('--warmup', default=3, type=int, help='untimed steps first')
+    parser.add_argument('--steps', default=5, type=int, help='steps per timed window')
+    parser.add_argument('--windows', default=3, type=int, help='timed windows; the median is reported')
+    parser.add_argument('--json', default=None, help='also write every number to this JSON file')
+    return parser
+
+
+def check_args(args):
+    errors = []
+    rules = {name: checks.RANGE_RULES[name] for name in ('batch_size', 'input_size', 'patch_size', 'mask_ratio',
+                                                          'num_workers')}
+    rules.update(warmup=(lambda v: v >= 0, 'must be >= 0'), steps=(lambda v: v >= 1, 'must be >= 1'),
+                 windows=(lambda v: v >= 1, 'must be >= 1'), pipeline_batches=(lambda v: v >= 1, 'must be >= 1'))
+    checks.check_ranges(args, errors, rules)
+    models = {**models_mae.MODELS, **models_vit.MODELS}
+    if args.model not in models:
+        errors.append(f'--model {args.model}: unknown model; choose from {", ".join(models)}')
+    elif not errors:
+        patch = args.patch_size or models_vit.default_patch_size(models[args.model])
+        checks.check_patch_grid(args.input_size, patch, errors)
+        if args.model in models_mae.MODELS and not args.scaling:
+            checks.check_mask_ratio(args.mask_ratio, args.input_size, patch, errors)
+    if args.pipeline:
+        checks.check_data_path(args.data_path, ['train'], errors)
+    if args.json and not checks.writable_file(args.json):
+        errors.append(f'--json {args.json}: cannot write this file (is its folder there and writable?)')
+    checks.raise_if_errors(errors)
+
+
+# --- report ------------------------------------------------------------------------------------------------
+
+def print_table(title: str, rows: List[Dict], columns: List[tuple]):
+    print(f'\n{title}')
+    header = '  '.join(f'{name:>{width}}' for name, _, width, _ in columns)
+    print(header)
+    print('-' * len(header))
+    for row in rows:
+        cells = []
+        for _, key, width, fmt in columns:
+            value = row.get(key)
+            cells.append(f'{"-" if value is None else format(value, fmt):>{width}}')
+        print('  '.join(cells))
+
+
+STEP_COLUMNS = [('model', 'model', 22, ''), ('attention', 'attention', 9, ''), ('compile', 'compile', 7, ''),
+                ('mask', 'mask_ratio', 5, ''), ('batch', 'batch_size', 5, 'd'), ('step ms', 'step_ms', 9, '.1f'),
+                ('img/s', 'images_per_sec', 9, '.1f'), ('GFLOP/img', 'gflops_per_image', 9, '.1f'),
+                ('TFLOP/s', 'achieved_tflops', 8, '.3f'), ('of peak', 'fraction_of_matmul_peak', 7, '.1%'),
+                ('peak GiB', 'peak_mem_gib', 8, '.2f')]
+
+
+def main(argv=None) -> int:
+    args = cli.parse_with(get_args_parser(), argv)
+    try:
+        check_args(args)
+        run(args)
+    except (checks.UsageError, DataError, DeviceError) as e:
+        for line in str(e).splitlines():
+            print(f'error: {line}', file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+def run(args):
+    runtime = setup_runtime(args.device, args.amp)
+    dtype = runtime.amp_dtype or torch.float32
+    results = {'device': runtime.describe(), 'torch': torch.__version__, 'threads': torch.get_num_threads(),
+               'args': vars(args)}
+    print(f'device: {runtime.describe()}, torch {torch.__version__}, {torch.get_num_threads()} threads')
+
+    if args.pipeline:
+        rows = []
+        variants = pipeline.variants(args)
+        for name, dataset in variants.items():
+            rows.append({'pipeline': name, **pipeline.measure(dataset, args, runtime)})
+        base = rows[0]['images_per_sec']
+        for row in rows:
+            row['vs_baseline'] = row['images_per_sec'] / base
+        num_images = len(next(iter(variants.values())))
+        where = ('uint8 batches normalised on the device' if runtime.type != 'cpu' else
+                 'uint8 batches would be normalised on the accelerator, not counted on cpu')
+        print_table(f'Input pipeline: {args.num_workers} workers, {args.input_size}px crops, {num_images} JPEGs '
+                    f'({where})',
+                    rows, [('pipeline', 'pipeline', 52, ''), ('img/s', 'images_per_sec', 8, '.1f'),
+                           ('per worker', 'images_per_sec_per_worker', 10, '.1f'),
+                           ('vs baseline', 'vs_baseline', 11, '.2f')])
+        results['pipeline'] = rows
+    else:
+        peak = step.matmul_peak_flops(runtime, dtype)
+        results['matmul_peak_tflops'] = peak / 1e12
+        print(f'matrix-multiply peak ({str(dtype).replace("torch.", "")}): {peak / 1e12:.3f} TFLOP/s')
+        rows = []
+        if args.scaling:
+            for name in SCALING_MODELS:
+                for ratio in SCALING_MASK_RATIOS:
+                    args.mask_ratio = ratio
+                    rows.append(step.measure(name, args, runtime, peak=peak))
+            print_table('Step cost against mask ratio and model size', rows, STEP_COLUMNS)
+        else:
+            rows.append(step.measure(args.model, args, runtime, compile_model=args.compile, peak=peak))
+            if args.compare:
+                rows.append(step.measure(args.model, args, runtime, attn_impl='eager', peak=peak))
+                rows[0]['speedup_vs_eager'] = rows[0]['images_per_sec'] / rows[1]['images_per_sec']
+            print_table('Training step (synthetic images)', rows, STEP_COLUMNS)
+            if args.compare:
+                print(f"ours / eager attention: {rows[0]['speedup_vs_eager']:.2f}x images/s")
+        results['steps'] = rows
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(results, f, indent=2)
+        print(f'\nresults written to {args.json}')
+
+
+if __name__ == '__main__':
+    sys.exit(main())

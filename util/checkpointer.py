@@ -1,0 +1,267 @@
+"""A training run's checkpoints and where it resumes from. `checkpoint-last.pth` after every epoch (and every
+--save_every_iters iterations), numbered checkpoints in the official format, `checkpoint-best.pth` for
+classifiers; resuming restores model, optimizer, scaler, epoch, iteration and every rank's RNG streams, and
+returns the position as a ResumeState that the caller passes on."""
+import glob
+import os
+import re
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+
+from util import distributed, preemption
+from util.checkpoint_io import CheckpointError, load_checkpoint, model_state_from, save_atomic
+from util.distributed import print0
+from util.logs import truncate_log
+from util.rng import gather_rng_states, restore_rng_states
+from util.state_dicts import fit_pos_embed, load_state_strict
+
+LAST = 'checkpoint-last.pth'
+BEST = 'checkpoint-best.pth'
+
+
+@dataclass
+class Resumable:
+    """A checkpoint to continue from (or evaluate), read before any work so that a bad file stops the run first."""
+    path: str
+    checkpoint: dict
+    auto: bool  # found in --output_dir (auto-resume), not given as --resume
+
+    @property
+    def classes(self) -> Optional[List[str]]:
+        return self.checkpoint.get('classes')
+
+
+@dataclass
+class ResumeState:
+    """Where a run starts: the first epoch, the first iteration within it (a mid-epoch checkpoint), the checkpoint
+    it came from ('' for a fresh start), that partial epoch's running sums per rank, and extra state such as
+    max_accuracy."""
+    epoch: int = 0
+    iteration: int = 0
+    path: str = ''
+    meters: Optional[list] = None
+    extra: dict = field(default_factory=dict)
+
+    def iteration_in(self, epoch: int) -> int:
+        """Iterations of `epoch` already done before the resume."""
+        return self.iteration if epoch == self.epoch else 0
+
+    def meters_in(self, epoch: int) -> Optional[list]:
+        return self.meters if epoch == self.epoch and self.iteration else None
+
+
+def checkpoint_epoch_name(path: str) -> Optional[int]:
+    match = re.search(r'checkpoint-(\d+)\.pth$', path)
+    return int(match.group(1)) if match else None
+
+
+def holds_a_run(output_dir: str) -> bool:
+    if not os.path.isdir(output_dir):
+        return False
+    names = os.listdir(output_dir)
+    return any(n == 'log.txt' or (n.startswith('checkpoint-') and n.endswith('.pth')) for n in names)
+
+
+def resumable_checkpoint_in(output_dir: str) -> str:
+    """checkpoint-last.pth; failing that (the official layout, or a deleted last), the highest checkpoint-N.pth."""
+    last = os.path.join(output_dir, LAST)
+    if os.path.isfile(last):
+        return last
+    numbered = [p for p in glob.glob(os.path.join(glob.escape(output_dir), 'checkpoint-*.pth'))
+                if checkpoint_epoch_name(p) is not None]
+    return max(numbered, key=checkpoint_epoch_name) if numbered else ''
+
+
+def find_resumable(args) -> Optional[Resumable]:
+    """--resume if given; else, with auto-resume, the output dir's checkpoint; loaded now (weights only)."""
+    if args.resume:
+        return Resumable(args.resume, load_checkpoint(args.resume), auto=False)
+    path = resumable_checkpoint_in(args.output_dir) if args.auto_resume and args.output_dir else ''
+    if path:
+        resumable = Resumable(path, load_checkpoint(path), auto=True)
+        check_same_run(resumable, args.model)
+        return resumable
+    if args.auto_resume and args.output_dir and holds_a_run(args.output_dir):
+        # killed before its first checkpoint: no weights survive, so starting over loses nothing
+        print0(f'{args.output_dir} holds no checkpoint to continue from: starting from scratch (log.txt '
+               'entries of epochs to redo are replaced)')
+    return None
+
+
+def check_same_run(resumable: Resumable, model_name: str):
+    """Refuse to continue another model's run that happens to sit in the same output dir."""
+    saved_model = getattr(resumable.checkpoint.get('args'), 'model', None)
+    if saved_model and saved_model != model_name:
+        raise CheckpointError(f'{resumable.path} is a run of --model {saved_model}, not {model_name}: choose '
+                              'another --output_dir, or pass --no_auto_resume --overwrite to start over there')
+
+
+def holds_training_state(resumable: Optional[Resumable]) -> bool:
+    """A checkpoint to continue training from (ours, the official *_full.pth ones), not weights alone."""
+    return resumable is not None and 'optimizer' in resumable.checkpoint and 'epoch' in resumable.checkpoint
+
+
+def first_epoch(resumable: Optional[Resumable], start_epoch: int) -> int:
+    """The epoch a run would start at: after the checkpoint's last finished epoch, or --start_epoch."""
+    if not holds_training_state(resumable):
+        return start_epoch
+    in_progress = resumable.checkpoint.get('epoch_in_progress')
+    return in_progress['epoch'] if in_progress else resumable.checkpoint['epoch'] + 1
+
+
+def load_weights(resumable: Resumable, model: nn.Module, model_name: str, fit_image_size: bool = False):
+    """The checkpoint's weights into `model` (strict); with fit_image_size the position embeddings are first
+    interpolated to the model's grid (evaluating a 224-px model at 384 px)."""
+    state = model_state_from(resumable.checkpoint, resumable.path)
+    if fit_image_size:
+        fit_pos_embed(model, state, resumable.path)
+    try:
+        load_state_strict(model, state, resumable.path, model_name)
+    except CheckpointError as e:
+        if not resumable.auto:
+            raise
+        raise CheckpointError(f'{e}; it was found in --output_dir {os.path.dirname(resumable.path)} (auto-resume): '
+                              'use another --output_dir for a different run') from None
+    print0(f'Resume checkpoint {resumable.path}')
+
+
+def resume_training(resumable: Optional[Resumable], model: nn.Module, optimizer, loss_scaler, runtime,
+                    args) -> ResumeState:
+    """Restore model, optimizer, scaler and RNG states; return where the run continues. A checkpoint with
+    weights only (a released file given as --resume) loads the weights and starts at --start_epoch."""
+    if resumable is None:
+        return ResumeState(epoch=args.start_epoch)
+    checkpoint = resumable.checkpoint
+    load_weights(resumable, model, args.model)
+    extra = {'max_accuracy': checkpoint.get('max_accuracy', 0.0)}
+    if not holds_training_state(resumable):
+        return ResumeState(epoch=args.start_epoch, extra=extra)
+    try:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f'{resumable.path}: optimizer state does not fit this run ({e})') from None
+    loss_scaler.load_state_dict(checkpoint.get('scaler') or {})
+    restore_rng_states(checkpoint.get('rng_states'), checkpoint.get('world_size', 1), runtime)
+    in_progress = checkpoint.get('epoch_in_progress')
+    if in_progress:
+        start = ResumeState(in_progress['epoch'], in_progress['iteration'], resumable.path,
+                            in_progress.get('meters') or None, extra)
+    else:
+        start = ResumeState(checkpoint['epoch'] + 1, 0, resumable.path, None, extra)
+    print0(f'With optim & sched! Continuing at epoch {start.epoch}'
+           + (f', iteration {start.iteration}' if start.iteration else ''))
+    return start
+
+
+def prepare_output_dir(args, start_epoch: int):
+    """Create output_dir on rank 0 and tidy it: remove temporary files of a save that was killed, drop log
+    entries of epochs the run will redo, and with --no_auto_resume --overwrite clear the previous run."""
+    if args.output_dir and distributed.is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+        stale = glob.glob(os.path.join(glob.escape(args.output_dir), '.tmp-*'))
+        if not args.auto_resume and args.overwrite:
+            stale += glob.glob(os.path.join(glob.escape(args.output_dir), 'checkpoint-*.pth'))
+            stale += [os.path.join(args.output_dir, n) for n in ('log.txt', 'bad_images.txt')]
+        for path in stale:
+            if os.path.isfile(path):
+                os.remove(path)
+        truncate_log(args.output_dir, start_epoch)
+    distributed.barrier()
+
+
+class Checkpointer:
+    """Saves training state in the official format plus what exact resuming needs, in --output_dir, which it
+    creates and tidies (prepare_output_dir). Call save() on every rank (it gathers RNG states); rank 0 writes."""
+
+    def __init__(self, args, model_without_ddp: nn.Module, optimizer, loss_scaler, runtime, start: ResumeState,
+                 classes: Optional[List[str]] = None):
+        prepare_output_dir(args, start.epoch)
+        self.args = args
+        self.model = model_without_ddp
+        self.optimizer = optimizer
+        self.loss_scaler = loss_scaler
+        self.runtime = runtime
+        # classifier runs keep their class list and best top-1 in every checkpoint
+        self.extra_state = {}
+        if classes is not None:
+            self.extra_state = {'classes': list(classes), 'max_accuracy': start.extra.get('max_accuracy', 0.0)}
+        self.last_saved: Optional[tuple] = None  # (path, epoch, next_iteration)
+        if start.path:
+            finished_epoch = start.epoch - 1 if start.iteration == 0 else start.epoch
+            self.last_saved = (start.path, finished_epoch, start.iteration)
+
+    @property
+    def last_path(self) -> str:
+        return os.path.join(self.args.output_dir, LAST)
+
+    def state(self, epoch: int, next_iteration: int, rng_states: List[torch.Tensor],
+              partial_meters: Optional[list]) -> dict:
+        # 'epoch' is the last finished epoch, as in the official format; a mid-epoch save says where to go on
+        state = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+                 'epoch': epoch if next_iteration == 0 else epoch - 1,
+                 'scaler': self.loss_scaler.state_dict(), 'args': self.args, 'rng_states': rng_states,
+                 'world_size': distributed.get_world_size()}
+        if next_iteration:
+            state['epoch_in_progress'] = {'epoch': epoch, 'iteration': next_iteration, 'meters': partial_meters or []}
+        state.update(self.extra_state)
+        return state
+
+    def save(self, epoch: int, next_iteration: int = 0, numbered: bool = True, progress=None) -> Optional[str]:
+        """Save after `next_iteration` iterations of `epoch` (0: the epoch is finished). Mid-epoch, `progress`
+        (the EpochProgress) adds the epoch's running averages. Returns the path."""
+        if not self.args.output_dir:
+            return None
+        rng_states = gather_rng_states(self.runtime)
+        partial_meters = progress.partial_state() if progress is not None and next_iteration else None
+        path = None
+        if distributed.is_main_process():
+            state = self.state(epoch, next_iteration, rng_states, partial_meters)
+            if numbered and next_iteration == 0:
+                path = os.path.join(self.args.output_dir, f'checkpoint-{epoch}.pth')
+                save_atomic(state, path)
+                self.prune()
+            save_atomic(state, self.last_path)
+            path = path or self.last_path
+        distributed.barrier()
+        self.last_saved = (self.last_path, epoch, next_iteration)
+        return path
+
+    def save_if_due(self, epoch: int, next_iteration: int, progress):
+        """After an optimizer step: update checkpoint-last.pth every --save_every_iters iterations (mid-epoch)."""
+        every = self.args.save_every_iters
+        if every and next_iteration % every == 0 and next_iteration < progress.iters_per_epoch:
+            self.save(epoch, next_iteration, numbered=False, progress=progress)
+
+    def interrupt(self, epoch: int, next_iteration: int, progress) -> preemption.TrainingInterrupted:
+        """A stop signal was agreed on by every rank: save where the run is and return the exception to raise."""
+        self.save(epoch, next_iteration, numbered=False, progress=progress)
+        return preemption.TrainingInterrupted(preemption.received_signal(), self.last_path)
+
+    def keep_best(self, epoch: int, test_stats: dict) -> float:
+        """checkpoint-best.pth when this epoch's top-1 beats the best so far; returns the best top-1 (printed)."""
+        if test_stats['acc1'] > self.extra_state['max_accuracy']:
+            self.extra_state['max_accuracy'] = test_stats['acc1']
+            if self.args.output_dir and distributed.is_main_process():
+                save_atomic({'model': self.model.state_dict(), 'epoch': epoch, 'args': self.args,
+                             'acc1': test_stats['acc1'], 'acc5': test_stats['acc5'], **self.extra_state},
+                            os.path.join(self.args.output_dir, BEST))
+        print0(f"Max accuracy: {self.extra_state['max_accuracy']:.2f}%")
+        return self.extra_state['max_accuracy']
+
+    def describe_last_good(self) -> str:
+        if self.last_saved is None:
+            return 'No checkpoint was saved before it.'
+        path, epoch, iteration = self.last_saved
+        where = f'epoch {epoch}, iteration {iteration}' if iteration else f'end of epoch {epoch}'
+        return f'Last good checkpoint, left untouched: {path} ({where}).'
+
+    def prune(self):
+        if self.args.keep_last <= 0:
+            return
+        numbered = sorted((p for p in glob.glob(os.path.join(glob.escape(self.args.output_dir), 'checkpoint-*.pth'))
+                           if checkpoint_epoch_name(p) is not None), key=checkpoint_epoch_name)
+        for old in numbered[:-self.args.keep_last]:
+            os.remove(old)

@@ -1,0 +1,232 @@
+"""Checks run on a command line before any work: each problem is one line naming the flag, the value and what
+to do instead; the run exits with code 2 and writes nothing. Ranges here are what the code supports, not only
+what the types allow (e.g. a mask ratio that hides no patch, an epoch with no optimizer step)."""
+import os
+from typing import Callable, Dict, List, Optional, Tuple
+
+import models_vit
+from util.checkpoint_io import is_url
+from util.checkpointer import LAST, first_epoch, holds_a_run, holds_training_state
+from util.distributed import print0
+
+Rule = Tuple[Callable[[object], bool], str]
+
+
+class UsageError(ValueError):
+    """A bad command line; the message is one line per problem, naming the flag."""
+
+
+# flag -> (accepted, requirement); a script checks the flags its parser has
+RANGE_RULES: Dict[str, Rule] = {
+    'batch_size': (lambda v: v >= 1, 'must be a positive integer'),
+    'epochs': (lambda v: v >= 1, 'must be a positive integer'),
+    'accum_iter': (lambda v: v >= 1, 'must be >= 1'),
+    'input_size': (lambda v: v is None or v >= 1, 'must be a positive integer'),
+    'patch_size': (lambda v: v is None or v >= 1, 'must be a positive integer'),
+    'mask_ratio': (lambda v: 0 <= v < 1, 'must be in [0, 1)'),
+    'warmup_epochs': (lambda v: v >= 0, 'must be >= 0'),
+    'blr': (lambda v: v > 0, 'must be > 0'),
+    'lr': (lambda v: v is None or v > 0, 'must be > 0'),
+    'min_lr': (lambda v: v >= 0, 'must be >= 0'),
+    'weight_decay': (lambda v: v >= 0, 'must be >= 0'),
+    'layer_decay': (lambda v: 0 < v <= 1, 'must be in (0, 1]'),
+    'drop_path': (lambda v: 0 <= v < 1, 'must be in [0, 1)'),
+    'clip_grad': (lambda v: v is None or v > 0, 'must be > 0'),
+    'color_jitter': (lambda v: v is None or v >= 0, 'must be >= 0'),
+    'smoothing': (lambda v: 0 <= v < 1, 'must be in [0, 1)'),
+    'reprob': (lambda v: 0 <= v <= 1, 'must be in [0, 1]'),
+    'remode': (lambda v: v in ('pixel', 'rand', 'const'), 'choose from pixel, rand, const'),
+    'recount': (lambda v: v >= 1, 'must be >= 1'),
+    'mixup': (lambda v: v >= 0, 'must be >= 0'),
+    'cutmix': (lambda v: v >= 0, 'must be >= 0'),
+    'cutmix_minmax': (lambda v: v is None or (len(v) == 2 and 0 < v[0] < v[1] <= 1),
+                      'must be two fractions, min < max, in (0, 1]'),
+    'mixup_prob': (lambda v: 0 <= v <= 1, 'must be in [0, 1]'),
+    'mixup_switch_prob': (lambda v: 0 <= v <= 1, 'must be in [0, 1]'),
+    'mixup_mode': (lambda v: v in ('batch', 'pair', 'elem'), 'choose from batch, pair, elem'),
+    'nb_classes': (lambda v: v >= 1, 'must be a positive integer'),
+    'num_workers': (lambda v: v >= 0, 'must be >= 0'),
+    'start_epoch': (lambda v: v >= 0, 'must be >= 0'),
+    'save_freq': (lambda v: v >= 1, 'must be >= 1 (epochs between numbered checkpoints)'),
+    'save_every_iters': (lambda v: v >= 0, 'must be >= 0 (0: off)'),
+    'keep_last': (lambda v: v >= 0, 'must be >= 0 (0: keep all)'),
+    'max_bad_images': (lambda v: v >= 0, 'must be >= 0'),
+    'print_freq': (lambda v: v >= 1, 'must be >= 1'),
+    'dist_timeout': (lambda v: v > 0, 'must be > 0 minutes'),
+    'seed': (lambda v: 0 <= v < 2 ** 31, 'must be in [0, 2^31) (numpy seeds are 32-bit and each process adds '
+                                          'its rank)'),
+}
+
+
+def check(condition: bool, flag: str, value, requirement: str, errors: List[str]):
+    if not condition:
+        errors.append(f'{flag} {value}: {requirement}')
+
+
+def check_ranges(args, errors: List[str], rules: Optional[Dict[str, Rule]] = None):
+    """Each flag of `rules` (default RANGE_RULES) that this script's parser has must be in range."""
+    for name, (ok, requirement) in (rules or RANGE_RULES).items():
+        if hasattr(args, name):
+            check(ok(getattr(args, name)), f'--{name}', getattr(args, name), requirement, errors)
+
+
+def check_model(model: str, models: dict, kind: str, other_models: dict, other_kind: str, other_script: str,
+                errors: List[str]):
+    if model in models:
+        return
+    if model in other_models:
+        errors.append(f'--model {model}: that is {other_kind}; use it with {other_script}, here choose from '
+                      f'{", ".join(models)}')
+    else:
+        errors.append(f'--model {model}: unknown {kind}; choose from {", ".join(models)}')
+
+
+def check_model_args(args, models: dict, kind: str, other_models: dict, other_kind: str, other_script: str,
+                     errors: List[str]) -> int:
+    """The ranges of every flag, --model, and --input_size against the patch size. Returns the patch size in use
+    (0 when --model is unknown)."""
+    check_ranges(args, errors)
+    check_model(args.model, models, kind, other_models, other_kind, other_script, errors)
+    if args.model not in models:
+        return 0
+    patch = args.patch_size or models_vit.default_patch_size(models[args.model])
+    check_patch_grid(args.input_size, patch, errors)
+    return patch
+
+
+def check_patch_grid(input_size: int, patch_size: int, errors: List[str], flag: str = '--input_size'):
+    if input_size >= 1 and patch_size >= 1 and input_size % patch_size:
+        errors.append(f'{flag} {input_size}: must be divisible by the patch size {patch_size} (or pass '
+                      '--patch_size)')
+
+
+def check_mask_ratio(mask_ratio: float, input_size: int, patch_size: int, errors: List[str]):
+    """Pretraining: the ratio must hide at least one patch (the loss is the mean over hidden patches, 0/0
+    otherwise) and leave at least one visible (the encoder's input)."""
+    if not (0 <= mask_ratio < 1) or input_size % patch_size or input_size < 1 or patch_size < 1:
+        return  # reported by the range and grid checks
+    num_patches = (input_size // patch_size) ** 2
+    kept = int(num_patches * (1 - mask_ratio))  # as models_mae.random_masking counts them
+    where = f'of the {num_patches} patches ({input_size} px images, {patch_size} px patches)'
+    if kept == num_patches:
+        errors.append(f'--mask_ratio {mask_ratio}: hides none {where}, and the loss is computed on hidden patches '
+                      f'only; use at least {smallest_ratio_hiding_one(num_patches):.4g}')
+    elif kept == 0:
+        errors.append(f'--mask_ratio {mask_ratio}: leaves none {where} visible to the encoder; use at most '
+                      f'{(num_patches - 1) / num_patches:.4g}')
+
+
+def smallest_ratio_hiding_one(num_patches: int) -> float:
+    ratio = 1 / num_patches
+    while int(num_patches * (1 - ratio)) == num_patches:  # float rounding of L * (1 - 1/L)
+        ratio *= 1.0001
+    return ratio
+
+
+def check_data_path(data_path: Optional[str], folders: List[str], errors: List[str]):
+    if not data_path:
+        errors.append('--data_path: required; point it at a folder holding ' + ' and '.join(f'{f}/' for f in folders)
+                      + ' with one sub-folder of images per class (the ImageNet layout)')
+        return
+    if not os.path.isdir(data_path):
+        errors.append(f'--data_path {data_path}: no such folder')
+        return
+    missing = [f'{folder}/' for folder in folders if not os.path.isdir(os.path.join(data_path, folder))]
+    if missing:
+        errors.append(f'--data_path {data_path}: has no {" or ".join(missing)} folder (expected '
+                      f'{os.path.join(data_path, missing[0])}<class>/<image>)')
+
+
+def check_checkpoint_path(flag: str, path: str, errors: List[str]):
+    if path and not is_url(path):
+        if not os.path.exists(path):
+            errors.append(f'{flag} {path}: no such file')
+        elif not os.path.isfile(path):
+            errors.append(f'{flag} {path}: is a folder, not a checkpoint file')
+
+
+def writable_folder(path: str) -> bool:
+    """True if `path` is (or could be created as) a writable folder."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            return False
+        path = parent
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
+def writable_file(path: str) -> bool:
+    """True if a file can be written at `path` (its folder exists and is writable, and it is not a folder)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    return not os.path.isdir(path) and os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)
+
+
+def check_output(args, errors: List[str], training: bool = True):
+    folders = {'--output_dir': args.output_dir, '--log_dir': args.log_dir if args.log_dir != args.output_dir else ''}
+    for flag, path in folders.items():
+        if path and not writable_folder(path):
+            errors.append(f'{flag} {path}: cannot create or write to this folder')
+    if not training:
+        return
+    if args.output_dir and not args.auto_resume and not args.overwrite and holds_a_run(args.output_dir):
+        errors.append(f'--output_dir {args.output_dir}: already holds a run ({LAST}, log.txt); rerun without '
+                      '--no_auto_resume to continue it, or add --overwrite to start over')
+    if args.save_every_iters and args.save_every_iters % args.accum_iter:
+        errors.append(f'--save_every_iters {args.save_every_iters}: must be a multiple of --accum_iter '
+                      f'{args.accum_iter} (checkpoints are taken after an optimizer step)')
+
+
+def check_training_plan(num_images: int, root: str, args, world_size: int):
+    """Before any work, with the data and the process count known: refuse (UsageError) a run whose epochs would
+    take no optimizer step, or whose learning rate would rise where the schedule should decay."""
+    check_steps_per_epoch(num_images, root, args, world_size)
+    check_schedule(args, world_size)
+
+
+def check_schedule(args, world_size: int):
+    lr = args.lr if args.lr is not None else args.blr * args.batch_size * args.accum_iter * world_size / 256
+    source = '--lr' if args.lr is not None else (f'blr {args.blr:g} x effective batch '
+                                                f'{args.batch_size * args.accum_iter * world_size} / 256')
+    if args.min_lr > lr:
+        raise UsageError(f'--min_lr {args.min_lr:g}: above the peak learning rate {lr:.3g} ({source}), so the cosine '
+                         f'"decay" would raise it; lower --min_lr or raise the learning rate')
+    if args.warmup_epochs >= args.epochs:
+        print0(f'Note: --warmup_epochs {args.warmup_epochs} >= --epochs {args.epochs}: the learning rate rises for '
+               f'the whole run and never reaches {lr:.3g}')
+
+
+def check_steps_per_epoch(num_images: int, root: str, args, world_size: int):
+    """Refuse (UsageError) a run whose epochs would take no optimizer step: the train loader drops the last
+    partial batch of each process, and one step takes --accum_iter iterations."""
+    per_process = -(-num_images // world_size)
+    iterations = per_process // args.batch_size
+    processes = f'{world_size} process{"es" if world_size > 1 else ""}'
+    if iterations == 0:
+        share = f'the {num_images} images' if world_size == 1 else \
+            f'the {num_images} images ({per_process} per process, {processes})'
+        raise UsageError(f'--batch_size {args.batch_size}: {share} in {root} make no full batch, so an epoch would '
+                         f'take no optimizer step; use --batch_size {per_process} or less')
+    if iterations < args.accum_iter:
+        raise UsageError(f'--accum_iter {args.accum_iter}: an epoch has {iterations} iteration'
+                         f'{"s" if iterations > 1 else ""} of {args.batch_size} images per process ({num_images} '
+                         f'images in {root}, {processes}) and one optimizer step takes {args.accum_iter}; use '
+                         f'--accum_iter {iterations} or less, or a smaller --batch_size')
+
+
+def raise_if_errors(errors: List[str]):
+    if errors:
+        raise UsageError('\n'.join(dict.fromkeys(errors)))
+
+
+def nothing_to_train(resumable, args) -> bool:
+    """True, after one line saying so, when the run being resumed already finished --epochs (rerunning a finished
+    job is not an error); an empty schedule asked for with --start_epoch >= --epochs is refused (UsageError)."""
+    first = first_epoch(resumable, args.start_epoch)
+    if first < args.epochs:
+        return False
+    if not holds_training_state(resumable):
+        raise UsageError(f'--start_epoch {args.start_epoch}: leaves no epoch to train with --epochs {args.epochs}')
+    print0(f'Nothing to do: {resumable.path} holds the run after epoch {first - 1}, the last of --epochs '
+           f'{args.epochs}; raise --epochs to train further, or pass another --output_dir for a new run')
+    return True

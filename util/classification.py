@@ -1,0 +1,119 @@
+"""What fine-tuning and linear probing share around their epoch loops: the checks of their flags, the run's class
+list, the datasets and loaders, the classifier built from the flags (starting from its --finetune encoder), and
+the best-accuracy bookkeeping."""
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+from timm.layers import trunc_normal_
+
+import models_mae
+import models_vit
+from util import checks
+from util.checkpoint_io import load_checkpoint, model_state_from
+from util.checkpointer import Resumable, find_resumable, holds_training_state, resumable_checkpoint_in
+from util.classes import ClassListError, folder_classes, run_classes
+from util.datasets import DataError, ImageFolderDataset, build_image_folder, build_loader
+from util.distributed import get_rank, print0
+from util.state_dicts import StateDict, load_pretrained_encoder
+
+
+def check_classifier_args(args, errors: List[str]):
+    """The checks fine-tuning and linear probing share."""
+    checks.check_model_args(args, models_vit.MODELS, 'classifier', models_mae.MODELS, 'an MAE (pretraining) model',
+                            'main_pretrain.py', errors)
+    checks.check_data_path(args.data_path, ['val'] if args.eval else ['train', 'val'], errors)
+    checks.check_checkpoint_path('--finetune', args.finetune, errors)
+    checks.check_checkpoint_path('--resume', args.resume, errors)
+    checks.check_output(args, errors, training=not args.eval)
+    if args.eval and not args.resume and not (args.auto_resume and args.output_dir
+                                              and resumable_checkpoint_in(args.output_dir)):
+        errors.append('--eval: no weights to evaluate; pass the fine-tuned or linear-probe checkpoint as --resume '
+                      '(--finetune only sets the encoder training starts from)')
+
+
+@dataclass
+class ClassifierRun:
+    """What a fine-tuning or linear-probing run reads before any work."""
+    resumable: Optional[Resumable]  # the checkpoint to continue from or evaluate
+    classes: List[str]  # the run's class list, names in output order
+    dataset_train: Optional[ImageFolderDataset]  # None with --eval
+    dataset_val: ImageFolderDataset
+    encoder: Optional[StateDict]  # the --finetune weights, for a fresh start
+
+
+def read_up_front(args, train_transform, eval_transform, world_size: int) -> Optional[ClassifierRun]:
+    """The checkpoint, class list, datasets and --finetune weights, each refused in one line if unusable, and
+    the training plan checked; None when the run being resumed already finished --epochs (said in one line)."""
+    resumable = find_resumable(args)  # --resume, or this --output_dir's checkpoint
+    if not args.eval and checks.nothing_to_train(resumable, args):
+        return None
+    classes = classes_for_run(args, resumable)
+    dataset_train, dataset_val = build_datasets(args, classes, train_transform, eval_transform)
+    if dataset_train is not None:
+        checks.check_training_plan(len(dataset_train), dataset_train.root, args, world_size)
+    return ClassifierRun(resumable, classes, dataset_train, dataset_val, read_encoder(args, resumable))
+
+
+def classes_for_run(args, resumable: Optional[Resumable]) -> List[str]:
+    """The run's class list (util/classes.py). Training: train/'s folders, which must be those of the run being
+    resumed. --eval: the checkpoint's stored list, else train/'s, else ImageNet order or val/'s own."""
+    train_root, val_root = (os.path.join(args.data_path, split) for split in ('train', 'val'))
+    stored = resumable.classes if resumable is not None else None
+    if args.eval:
+        return run_classes(stored, train_root, val_root, args.nb_classes)
+    classes = folder_classes(train_root)
+    if stored is not None and list(stored) != classes:
+        raise ClassListError(f'{train_root}: its {len(classes)} class folders are not the {len(stored)} classes of '
+                             f'the run in {resumable.path}; a resumed run must see the same classes (choose '
+                             'another --output_dir to start a new run)')
+    return classes
+
+
+def build_datasets(args, classes: List[str], train_transform, eval_transform
+                   ) -> Tuple[Optional[ImageFolderDataset], ImageFolderDataset]:
+    """train/ (none with --eval) and val/, labelled by the run's class list; the head must have room for it."""
+    if len(classes) > args.nb_classes:
+        raise DataError(f'--nb_classes {args.nb_classes}: {args.data_path} has {len(classes)} classes; pass '
+                        '--nb_classes of at least that')
+    dataset_train = None
+    if not args.eval:
+        dataset_train = build_image_folder(os.path.join(args.data_path, 'train'), train_transform, classes=classes)
+    dataset_val = build_image_folder(os.path.join(args.data_path, 'val'), eval_transform, classes=classes)
+    return dataset_train, dataset_val
+
+
+def build_loaders(run: ClassifierRun, args, runtime, world_size: int):
+    loader_train = None if run.dataset_train is None else build_loader(run.dataset_train, args, runtime, True,
+                                                                       get_rank(), world_size)
+    loader_val = build_loader(run.dataset_val, args, runtime, False, get_rank(), world_size, dist_eval=args.dist_eval)
+    return loader_train, loader_val
+
+
+def read_encoder(args, resumable: Optional[Resumable]) -> Optional[StateDict]:
+    """The --finetune weights, read before any work; none with --eval or when a training run is resumed (its
+    checkpoint replaces them)."""
+    if not args.finetune or args.eval:
+        return None
+    if holds_training_state(resumable):
+        print0(f'--finetune {args.finetune}: not read, the run continues from {resumable.path}')
+        return None
+    return model_state_from(load_checkpoint(args.finetune), args.finetune)
+
+
+def build_classifier(args, encoder: Optional[StateDict], head_init_std: float,
+                     drop_path_rate: float = 0.0) -> models_vit.VisionTransformer:
+    """The --model classifier; with an encoder (--finetune) it starts from it and a fresh head drawn from
+    trunc_normal(std=head_init_std): 2e-5 for fine-tuning, 0.01 for linear probing (the official values)."""
+    model = models_vit.build_classifier(args.model, patch_size=args.patch_size, num_classes=args.nb_classes,
+                                        global_pool=args.global_pool, img_size=args.input_size,
+                                        attn_impl=args.attn, drop_path_rate=drop_path_rate)
+    if encoder is not None:
+        load_pretrained_encoder(model, encoder, args.finetune, args.model)
+        trunc_normal_(model.head.weight, std=head_init_std)
+    return model
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

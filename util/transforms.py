@@ -1,0 +1,147 @@
+"""The transforms of the official recipes, and the batch normalisation that finishes them on the device.
+
+pretrain: RandomResizedCrop(scale 0.2-1, bicubic) + flip.  fine-tune: timm's create_transform with RandAugment
+and random erasing.  eval: resize to input_size / 0.875, centre crop.  linear probe: TF-style RandomResizedCrop
++ flip (util/crop.py).  --fast_decode: the pretraining crop on uint8 tensors.
+"""
+from typing import Optional
+
+import torch
+from PIL import Image, ImageOps
+from timm.data import create_transform
+from timm.data.auto_augment import RandAugment
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F2
+
+from util.crop import RandomResizedCrop as TFRandomResizedCrop
+
+BICUBIC = InterpolationMode.BICUBIC
+
+
+def normalize() -> transforms.Normalize:
+    return transforms.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+
+
+def build_pretrain_transform(input_size: int, uint8_output: bool = False) -> transforms.Compose:
+    """RandomResizedCrop(scale 0.2-1, bicubic) + flip. With uint8_output the workers stop before ToTensor and
+    Normalize and `normalize_batch` finishes on the device: the same numbers, 4x fewer bytes to move."""
+    to_tensor = [transforms.PILToTensor()] if uint8_output else [transforms.ToTensor(), normalize()]
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        *to_tensor,
+    ])
+
+
+def normalize_batch(samples: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move a batch to the device; a uint8 batch is then scaled and normalised there exactly as ToTensor and
+    Normalize would have done it in the workers (divide by 255, subtract mean, divide by std, in float32)."""
+    samples = samples.to(device, non_blocking=True)
+    if samples.dtype != torch.uint8:
+        return samples
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return samples.to(torch.float32).div(255).sub_(mean).div_(std)
+
+
+def build_eval_transform(input_size: int) -> transforms.Compose:
+    """Resize the short side to input_size / 0.875 (224 -> 256; no margin above 224 px), centre crop."""
+    crop_pct = 224 / 256 if input_size <= 224 else 1.0
+    return transforms.Compose([
+        transforms.Resize(int(input_size / crop_pct), interpolation=BICUBIC),
+        transforms.CenterCrop(input_size),
+        transforms.ToTensor(),
+        normalize(),
+    ])
+
+
+def auto_augment_policy(aa: Optional[str]) -> Optional[str]:
+    """--aa as timm takes it: 'none' or '' turn AutoAugment/RandAugment off."""
+    return None if aa is None or aa.strip().lower() in ('', 'none') else aa
+
+
+def build_finetune_transform(args) -> transforms.Compose:
+    """The fine-tuning training transform: RandAugment (--aa), random erasing (--reprob), bicubic crops."""
+    transform = create_transform(
+        input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
+        auto_augment=auto_augment_policy(args.aa),
+        interpolation='bicubic', re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    return clamp_crop_boxes(make_posterize_pillow13_safe(transform))
+
+
+def build_linprobe_transform(input_size: int) -> transforms.Compose:
+    """The linear-probing training transform: TF-style RandomResizedCrop + flip."""
+    return transforms.Compose([
+        TFRandomResizedCrop(input_size, interpolation=BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        normalize(),
+    ])
+
+
+# --- --fast_decode: the pretraining crop on uint8 tensors ----------------------------------------------------
+
+class TensorRandomResizedCrop(transforms.RandomResizedCrop):
+    """torchvision's RandomResizedCrop (same parameters, same draws) on uint8 tensors, bicubic + antialias
+    (within a few grey levels of PIL's resize, ~3x faster)."""
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        i, j, h, w = self.get_params(img, self.scale, self.ratio)
+        return F2.resized_crop(img, i, j, h, w, list(self.size), interpolation=InterpolationMode.BICUBIC,
+                               antialias=True)
+
+
+def build_fast_pretrain_transform(input_size: int) -> transforms.Compose:
+    """Takes the uint8 tensors of images.decode_image_tensor; returns uint8 crops (normalised on the device)."""
+    return transforms.Compose([
+        TensorRandomResizedCrop(input_size, scale=(0.2, 1.0)),
+        transforms.RandomHorizontalFlip(),
+    ])
+
+
+# --- crops of tiny images -------------------------------------------------------------------------------------
+# timm's RandomResizedCropAndInterpolation accepts a box that rounds to 0 px on images of a few pixels, and PIL
+# fills it black. Boxes are clamped to one pixel a side; every other box, and every random draw, is unchanged.
+
+def at_least_one_pixel(get_params):
+    def clamped(img, scale, ratio):
+        i, j, h, w = get_params(img, scale, ratio)
+        width, height = img.size
+        h, w = max(h, 1), max(w, 1)
+        return min(i, height - h), min(j, width - w), h, w
+    return clamped
+
+
+def clamp_crop_boxes(transform):
+    """Clamp the boxes of every timm RandomResizedCropAndInterpolation inside `transform` (in place)."""
+    for t in getattr(transform, 'transforms', [transform]):
+        if isinstance(t, RandomResizedCropAndInterpolation):
+            t.get_params = at_least_one_pixel(t.get_params)
+    return transform
+
+
+# --- RandAugment on Pillow >= 13 ---------------------------------------------------------------------------
+# With magnitude noise (mstd0.5) the increasing Posterize reaches 0 bits in ~2 of 1,000 images. Pillow up to
+# 12.x computed mask ~(2**8 - 1): every pixel became 0, a black image. Pillow 13 raises ValueError instead,
+# which would kill a fine-tuning epoch. We keep the old outcome so the augmentation distribution is unchanged.
+
+def posterize_any_bits(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep >= 1:
+        return ImageOps.posterize(img, bits_to_keep)
+    return img.point([0] * 256 * len(img.getbands()))  # 0 bits kept: black, as Pillow < 13 made it
+
+
+def make_posterize_pillow13_safe(transform):
+    """Point every Posterize op of the RandAugment inside `transform` at posterize_any_bits (in place)."""
+    for t in getattr(transform, 'transforms', [transform]):
+        if isinstance(t, RandAugment):
+            for op in t.ops:
+                if op.name.startswith('Posterize'):
+                    op.aug_fn = posterize_any_bits
+    return transform
