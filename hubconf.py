@@ -10,6 +10,7 @@ With `checkpoint` (path or URL) the image size, patch size, class count and pool
 arguments override them; another img_size interpolates the position embeddings) and the weights load strictly;
 weights only, never code.
 """
+import util  # noqa: F401  first, before torch: device plugins load on demand (see util/__init__.py)
 import models_mae as _models_mae
 import models_vit as _models_vit
 from util import checkpoint_io as _checkpoint_io

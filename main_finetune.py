@@ -7,6 +7,7 @@ torchrun --nproc_per_node=8 main_finetune.py --accum_iter 4 --batch_size 32 --mo
 python main_finetune.py --eval --resume mae_finetuned_vit_base.pth --model vit_base_patch16 --batch_size 16 \
     --data_path $IMAGENET          # -> * Acc@1 83.664 Acc@5 96.530 loss 0.731
 """
+import util  # noqa: F401  first, before torch: device plugins load on demand (see util/__init__.py)
 import torch
 from timm.data.mixup import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy

@@ -4,6 +4,7 @@ torchrun --nproc_per_node=8 main_linprobe.py --batch_size 512 --accum_iter 4 --m
     --cls_token --finetune mae_pretrain_vit_base.pth --epochs 90 --blr 0.1 --weight_decay 0.0 --dist_eval \
     --data_path $IMAGENET
 """
+import util  # noqa: F401  first, before torch: device plugins load on demand (see util/__init__.py)
 import torch
 
 import models_vit

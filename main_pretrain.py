@@ -5,6 +5,7 @@ torchrun --nproc_per_node=8 main_pretrain.py --batch_size 64 --accum_iter 8 --mo
     --norm_pix_loss --mask_ratio 0.75 --epochs 800 --warmup_epochs 40 --blr 1.5e-4 --weight_decay 0.05 \
     --data_path $IMAGENET
 """
+import util  # noqa: F401  first, before torch: device plugins load on demand (see util/__init__.py)
 import os
 import sys
 

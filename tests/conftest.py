@@ -9,7 +9,12 @@ import sys
 import time
 
 import pytest
-import torch
+
+# as the user's shell has it: importing util below sets it for this process, and subprocesses must show that
+# every script sets it itself
+USER_AUTOLOAD = os.environ.get('TORCH_DEVICE_BACKEND_AUTOLOAD')
+
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -38,8 +43,9 @@ LAUNCHER_VARIABLES = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'M
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked gpu run where CUDA is; elsewhere they are deselected, and the summary says so in one line."""
-    if torch.cuda.is_available():
+    """Tests marked gpu run where CUDA is; elsewhere they are deselected, and the summary says so in one line
+    (MAE_GPU_TESTS_DEVICE=cpu runs them on the CPU, to check test_gpu.py itself)."""
+    if torch.cuda.is_available() or os.environ.get('MAE_GPU_TESTS_DEVICE', 'cuda') != 'cuda':
         return
     gpu = [item for item in items if item.get_closest_marker('gpu')]
     if gpu:
@@ -52,7 +58,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     deselected = getattr(config, '_gpu_deselected', 0)
     if deselected:
         terminalreporter.write_line(f'{deselected} gpu tests deselected: no CUDA device here (on a GPU machine they '
-                                    'run; tools/gpu_check.sh runs them with the benchmark)')
+                                    'run; python -m tools.gpu_check runs them with the benchmarks)')
 
 
 @pytest.fixture
@@ -91,8 +97,12 @@ def free_port() -> int:
 
 
 def subprocess_env(extra: dict = None) -> dict:
-    """This environment without any launcher's variables (pytest itself may run under one), unbuffered."""
+    """This environment without any launcher's variables (pytest itself may run under one), with the user's own
+    TORCH_DEVICE_BACKEND_AUTOLOAD (if any), unbuffered; `extra` on top."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    env.pop('TORCH_DEVICE_BACKEND_AUTOLOAD', None)
+    if USER_AUTOLOAD is not None:
+        env['TORCH_DEVICE_BACKEND_AUTOLOAD'] = USER_AUTOLOAD
     return dict(env, PYTHONUNBUFFERED='1', **(extra or {}))
 
 

@@ -36,7 +36,7 @@ def fake_plugin(monkeypatch):
     """Install a fake plugin: fake_plugin('npu') puts torch_npu in sys.modules and torch.npu on torch."""
     def install(device_type, available=True, bf16=True):
         module = fake_backend_module(available, bf16)
-        monkeypatch.setitem(sys.modules, device.PLUGINS[device_type][0], types.ModuleType('fake'))
+        monkeypatch.setitem(sys.modules, device.PLUGINS[device_type].module, types.ModuleType('fake'))
         monkeypatch.setattr(torch, device_type, module, raising=False)
         return module
     return install
@@ -68,7 +68,8 @@ def test_a_plugin_that_fails_to_import_is_tolerated(monkeypatch):
         raise OSError('libascendcl.so: cannot open shared object file')
     monkeypatch.setattr(device.importlib, 'import_module', broken_import)
     assert resolve_device_type('auto') == 'cpu'
-    with pytest.raises(DeviceError, match='torch_npu is installed but failed to import: OSError'):
+    with pytest.raises(DeviceError, match='torch_npu is installed but cannot load: library libascendcl.so is '
+                                          'missing; source the CANN environment'):
         resolve_device_type('npu')
 
 

@@ -202,3 +202,17 @@ def test_benchmark_step_compare_and_pipeline_write_json(tmp_path):
                       '--input_size', '64', '--pipeline_batches', '2', '--device', 'cpu', '--json', out, check=True)
     rows = json.loads(out.read_text())['pipeline']
     assert len(rows) == 4 and rows[0]['vs_baseline'] == 1.0 and all(r['images_per_sec'] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_the_gpu_check_tool_runs_its_benchmarks_and_writes_the_report(tmp_path):
+    """On the CPU with tiny models: every benchmark the report needs runs and lands in the summary."""
+    report_path = tmp_path / 'report.json'
+    proc = run_script('-m', 'tools.gpu_check', '--device', 'cpu', '--tiny', '--skip_tests', '--num_workers', '1',
+                      '--json', report_path, check=True)
+    report = json.loads(report_path.read_text())
+    figures = report['summary']
+    assert figures['synthetic_images_per_sec'] > 0 and figures['speedup_vs_official'] > 0
+    assert figures['end_to_end_vs_synthetic'] > 0 and figures['finetune_images_per_sec'] > 0
+    assert [t['what'] for t in figures['targets']][0].startswith('MAE ViT-B/16 bf16 pretraining')
+    assert 'error' not in json.dumps(report['benchmarks']) and 'report:' in proc.stdout

@@ -41,11 +41,18 @@ def get_args_parser() -> cli.ArgumentParser:
     parser.add_argument('--compile', action='store_true', help='torch.compile the model (ours, not the baseline)')
     parser.add_argument('--grad_checkpointing', action='store_true', help='recompute activations in backward')
     parser.add_argument('--adamw_impl', default='auto', choices=cli.ADAMW_IMPLS, help='AdamW kernel')
-    parser.add_argument('--compare', action='store_true', help='also time the eager (official) attention')
+    parser.add_argument('--compare', action='store_true', help='also time the eager (official) attention formula')
+    parser.add_argument('--official', action='store_true',
+                        help="also time the official implementation's step: eager attention, fp16 autocast with a "
+                             'gradient scaler, a host sync every step')
     parser.add_argument('--scaling', action='store_true', help='step cost over mask ratios and model sizes')
     parser.add_argument('--pipeline', action='store_true', help='input-pipeline throughput on real JPEGs')
-    parser.add_argument('--data_path', default=None, help='for --pipeline: a folder holding train/<class>/*.jpg')
-    parser.add_argument('--num_workers', default=2, type=int, help='for --pipeline: DataLoader workers')
+    parser.add_argument('--end_to_end', action='store_true',
+                        help='also time the pretraining step fed by the real loader on --data_path (default decode '
+                             'and --fast_decode), beside the synthetic step')
+    parser.add_argument('--data_path', default=None,
+                        help='for --pipeline / --end_to_end: a folder holding train/<class>/*.jpg')
+    parser.add_argument('--num_workers', default=2, type=int, help='for --pipeline / --end_to_end: DataLoader workers')
     parser.add_argument('--pipeline_batches', default=60, type=int,
                         help=f'for --pipeline: batches of {pipeline.BATCH} timed per variant')
     parser.add_argument('--warmup', default=3, type=int, help='untimed steps first')
@@ -70,7 +77,7 @@ def check_args(args):
         checks.check_patch_grid(args.input_size, patch, errors)
         if args.model in models_mae.MODELS and not args.scaling:
             checks.check_mask_ratio(args.mask_ratio, args.input_size, patch, errors)
-    if args.pipeline:
+    if args.pipeline or args.end_to_end:
         checks.check_data_path(args.data_path, ['train'], errors)
     if args.json and not checks.writable_file(args.json):
         errors.append(f'--json {args.json}: cannot write this file (is its folder there and writable?)')
@@ -92,11 +99,23 @@ def print_table(title: str, rows: List[Dict], columns: List[tuple]):
         print('  '.join(cells))
 
 
-STEP_COLUMNS = [('model', 'model', 22, ''), ('attention', 'attention', 9, ''), ('compile', 'compile', 7, ''),
+STEP_COLUMNS = [('model', 'model', 22, ''), ('variant', 'variant', 8, ''), ('attention', 'attention', 9, ''),
+                ('amp', 'amp', 4, ''), ('compile', 'compile', 7, ''),
                 ('mask', 'mask_ratio', 5, ''), ('batch', 'batch_size', 5, 'd'), ('step ms', 'step_ms', 9, '.1f'),
                 ('img/s', 'images_per_sec', 9, '.1f'), ('GFLOP/img', 'gflops_per_image', 9, '.1f'),
                 ('TFLOP/s', 'achieved_tflops', 8, '.3f'), ('of peak', 'fraction_of_matmul_peak', 7, '.1%'),
                 ('peak GiB', 'peak_mem_gib', 8, '.2f')]
+
+
+def end_to_end(args, runtime, synthetic: dict) -> List[Dict]:
+    """The pretraining step fed by the real loader, both decoders, as a fraction of the synthetic step."""
+    rows = [pipeline.measure_end_to_end(args, runtime, fast_decode) for fast_decode in (False, True)]
+    for row in rows:
+        row['vs_synthetic'] = row['images_per_sec'] / synthetic['images_per_sec']
+    print_table(f'End to end: {args.num_workers} workers, batch {args.batch_size}', rows,
+                [('pipeline', 'pipeline', 56, ''), ('img/s', 'images_per_sec', 9, '.1f'),
+                 ('vs synthetic', 'vs_synthetic', 12, '.1%')])
+    return rows
 
 
 def main(argv=None) -> int:
@@ -147,13 +166,20 @@ def run(args):
                     rows.append(step.measure(name, args, runtime, peak=peak))
             print_table('Step cost against mask ratio and model size', rows, STEP_COLUMNS)
         else:
-            rows.append(step.measure(args.model, args, runtime, compile_model=args.compile, peak=peak))
+            ours = step.measure(args.model, args, runtime, compile_model=args.compile, peak=peak)
+            rows.append(ours)
             if args.compare:
                 rows.append(step.measure(args.model, args, runtime, attn_impl='eager', peak=peak))
-                rows[0]['speedup_vs_eager'] = rows[0]['images_per_sec'] / rows[1]['images_per_sec']
+                ours['speedup_vs_eager'] = ours['images_per_sec'] / rows[-1]['images_per_sec']
+            if args.official:
+                rows.append(step.measure(args.model, args, runtime, peak=peak, official=True))
+                ours['speedup_vs_official'] = ours['images_per_sec'] / rows[-1]['images_per_sec']
             print_table('Training step (synthetic images)', rows, STEP_COLUMNS)
-            if args.compare:
-                print(f"ours / eager attention: {rows[0]['speedup_vs_eager']:.2f}x images/s")
+            for key, label in (('speedup_vs_eager', 'eager attention'), ('speedup_vs_official', 'official step')):
+                if key in ours:
+                    print(f'ours / {label}: {ours[key]:.2f}x images/s')
+            if args.end_to_end:
+                results['end_to_end'] = end_to_end(args, runtime, ours)
         results['steps'] = rows
     if args.json:
         with open(args.json, 'w') as f:

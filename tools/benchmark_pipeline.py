@@ -1,9 +1,11 @@
-"""The input-pipeline benchmark of `python -m tools.benchmark --pipeline`: images/s of each pretraining and
-fine-tuning loader variant on the same folder of real JPEGs, against torchvision's ImageFolder."""
+"""The input-pipeline benchmarks of `python -m tools.benchmark`: --pipeline, images/s of each pretraining and
+fine-tuning loader variant on the same folder of real JPEGs against torchvision's ImageFolder; --end_to_end, the
+pretraining step fed by the real loader."""
 import time
 from types import SimpleNamespace
 from typing import Dict
 
+import torch
 from torch.utils.data import DataLoader
 
 from util.datasets import DataError, build_image_folder
@@ -57,3 +59,51 @@ def measure(dataset, args, runtime) -> Dict[str, float]:
     rate = images / (time.perf_counter() - start)
     return {'images_per_sec': rate, 'images_per_sec_per_worker': rate / max(args.num_workers, 1),
             'num_workers': args.num_workers}
+
+
+def measure_end_to_end(args, runtime, fast_decode: bool) -> Dict[str, float]:
+    """images/s of the pretraining step fed by the real loader (--num_workers workers, uint8 batches normalised
+    on the device): what a run gets, data loading included."""
+    import models_mae
+    from tools.benchmark_step import build, build_optimizer
+    from util.amp import LossScaler
+    root = f'{args.data_path}/train'
+    if fast_decode:
+        dataset = build_image_folder(root, build_fast_pretrain_transform(args.input_size), decode=decode_image_tensor)
+    else:
+        dataset = build_image_folder(root, build_pretrain_transform(args.input_size, uint8_output=True))
+    if len(dataset) < args.batch_size:
+        raise DataError(f'--data_path {args.data_path}: {len(dataset)} images in train/, fewer than one batch of '
+                        f'{args.batch_size}')
+    if args.model not in models_mae.MODELS:
+        raise DataError(f'--end_to_end times the pretraining step: pass an mae_* --model, not {args.model}')
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
+                        drop_last=True, persistent_workers=args.num_workers > 0,
+                        pin_memory=runtime.pin_memory_supported)
+    torch.manual_seed(0)
+    model = build(args.model, args, 'sdpa').to(runtime.device)
+    optimizer = build_optimizer(args.model, model, args.adamw_impl, runtime)
+    loss_scaler = LossScaler(runtime.grad_scaler())
+
+    def batches():
+        while True:
+            yield from loader
+    stream = batches()
+
+    def step():
+        samples = normalize_batch(next(stream)[0], runtime.device)
+        with runtime.autocast():
+            loss = model(samples, mask_ratio=args.mask_ratio)[0]
+        loss_scaler(loss, optimizer, parameters=model.parameters())
+        optimizer.zero_grad(set_to_none=True)
+    for _ in range(max(args.warmup, 2)):  # workers started, queues filled
+        step()
+    runtime.synchronize()
+    start = time.perf_counter()
+    steps = args.steps * args.windows
+    for _ in range(steps):
+        step()
+    runtime.synchronize()
+    rate = steps * args.batch_size / (time.perf_counter() - start)
+    return {'pipeline': f'pretraining step on real JPEGs ({"--fast_decode" if fast_decode else "default decode"})',
+            'images_per_sec': rate, 'num_workers': args.num_workers, 'num_images': len(dataset)}

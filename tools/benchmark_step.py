@@ -1,6 +1,7 @@
 """The training-step benchmark of `python -m tools.benchmark`: a pretraining or fine-tuning step on synthetic
 tensors, timed in windows after warm-up (device synchronised at window edges), its FLOPs counted by
 torch.utils.flop_counter and held against a matrix-multiply peak measured in the same run."""
+import dataclasses
 import statistics
 import time
 from typing import Dict, List
@@ -67,11 +68,17 @@ def make_forward(name: str, args, runtime):
     return forward
 
 
-def time_steps(model, images, forward, optimizer, loss_scaler, runtime, args) -> List[float]:
-    """Seconds per step for each timed window (device synchronised at window edges only)."""
+def time_steps(model, images, forward, optimizer, loss_scaler, runtime, args, sync_every_step: bool = False
+               ) -> List[float]:
+    """Seconds per step for each timed window (device synchronised at window edges only, unless sync_every_step:
+    the official loop reads the loss on the host and synchronises after every step)."""
     def step():
-        loss_scaler(forward(model, images), optimizer, parameters=model.parameters())
+        loss = forward(model, images)
+        loss_scaler(loss, optimizer, parameters=model.parameters())
         optimizer.zero_grad(set_to_none=True)
+        if sync_every_step:
+            loss.item()
+            runtime.synchronize()
     for _ in range(args.warmup):
         step()
     windows = []
@@ -85,8 +92,12 @@ def time_steps(model, images, forward, optimizer, loss_scaler, runtime, args) ->
     return windows
 
 
-def measure(name: str, args, runtime, attn_impl: str = 'sdpa', compile_model: bool = False,
-               peak: float = 0.0) -> Dict[str, float]:
+def measure(name: str, args, runtime, attn_impl: str = 'sdpa', compile_model: bool = False, peak: float = 0.0,
+            official: bool = False) -> Dict[str, float]:
+    """One step configuration's row. official: the official implementation's step (eager attention, fp16
+    autocast with a gradient scaler, a host sync every step), whatever --amp says."""
+    if official:
+        runtime, attn_impl = dataclasses.replace(runtime, amp='fp16'), 'eager'
     torch.manual_seed(0)
     model = build(name, args, attn_impl).to(runtime.device)
     if args.grad_checkpointing:
@@ -94,20 +105,25 @@ def measure(name: str, args, runtime, attn_impl: str = 'sdpa', compile_model: bo
     images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=runtime.device)
     forward = make_forward(name, args, runtime)
     flops = step_flops(model, images, forward)
-    if name in models_mae.MODELS:
-        groups = param_groups_weight_decay(model, 0.05)
-    else:
-        groups = param_groups_lrd(model, 0.05, model.no_weight_decay(), 0.75)
-    optimizer = make_adamw(groups, 1e-4, args.adamw_impl, runtime.type,
-                           betas=(0.9, 0.95) if name in models_mae.MODELS else (0.9, 0.999))
+    optimizer = build_optimizer(name, model, args.adamw_impl, runtime)
     runner = torch.compile(model) if compile_model else model
     runtime.reset_peak_memory_stats()
-    windows = time_steps(runner, images, forward, optimizer, LossScaler(runtime.grad_scaler()), runtime, args)
+    windows = time_steps(runner, images, forward, optimizer, LossScaler(runtime.grad_scaler()), runtime, args,
+                         sync_every_step=official)
     step_time = statistics.median(windows)
     achieved = flops / step_time
-    return {'model': name, 'attention': attn_impl, 'compile': compile_model, 'batch_size': args.batch_size,
+    return {'model': name, 'variant': 'official' if official else 'ours', 'attention': attn_impl, 'amp': runtime.amp,
+            'compile': compile_model, 'batch_size': args.batch_size,
             'mask_ratio': args.mask_ratio if name in models_mae.MODELS else None,
             'step_ms': 1000 * step_time, 'images_per_sec': args.batch_size / step_time,
             'window_ms': [1000 * w for w in windows], 'gflops_per_image': flops / args.batch_size / 1e9,
             'achieved_tflops': achieved / 1e12, 'fraction_of_matmul_peak': achieved / peak if peak else None,
             'peak_mem_gib': runtime.max_memory_allocated() / 2 ** 30}
+
+
+def build_optimizer(name: str, model: torch.nn.Module, adamw_impl: str, runtime) -> torch.optim.AdamW:
+    """AdamW with the recipe's parameter groups: weight-decay groups and betas (0.9, 0.95) for an MAE, layer
+    decay for a classifier."""
+    if name in models_mae.MODELS:
+        return make_adamw(param_groups_weight_decay(model, 0.05), 1e-4, adamw_impl, runtime.type, betas=(0.9, 0.95))
+    return make_adamw(param_groups_lrd(model, 0.05, model.no_weight_decay(), 0.75), 1e-4, adamw_impl, runtime.type)

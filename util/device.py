@@ -5,6 +5,7 @@ peak memory and collective backend, so no `torch.cuda` call lives outside this f
 import contextlib
 import importlib
 import importlib.util
+import re
 import resource
 import sys
 from dataclasses import dataclass
@@ -16,14 +17,39 @@ DEVICE_CHOICES = ('auto', 'cuda', 'npu', 'sdaa', 'mps', 'cpu')
 AMP_CHOICES = ('fp16', 'bf16', 'off')
 AUTO_ORDER = ('npu', 'sdaa', 'cuda', 'mps')  # plugins first: their CUDA shims can make torch.cuda answer for them
 
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """A vendor's torch extension: the module, how to install it, and what fixes an installed one that cannot
+    load (the usual cause: the vendor's runtime libraries are not on the library path)."""
+    module: str
+    install: str
+    fix: str
+
+
 PLUGINS = {
-    'npu': ('torch_npu', 'pip install torch-npu matching your torch and CANN versions'),
-    'sdaa': ('torch_sdaa', "install Tecorigin's torch_sdaa wheel matching your torch and SDAA driver versions"),
+    'npu': Plugin('torch_npu', 'pip install torch-npu matching your torch and CANN versions',
+                  'source the CANN environment (e.g. source /usr/local/Ascend/ascend-toolkit/set_env.sh), or install '
+                  'the torch-npu built for your CANN version'),
+    'sdaa': Plugin('torch_sdaa', "install Tecorigin's torch_sdaa wheel matching your torch and SDAA driver versions",
+                   "source the environment script of Tecorigin's SDAA toolkit, or install the torch_sdaa built for "
+                   'your driver'),
 }
+MISSING_LIBRARY = re.compile(r'([\w.+-]+\.so[\w.]*): cannot open shared object file')
 DIST_BACKENDS = {'cuda': 'nccl', 'npu': 'hccl', 'sdaa': 'tccl', 'mps': 'gloo', 'cpu': 'gloo'}
 VISIBLE_DEVICES_VAR = {'cuda': 'CUDA_VISIBLE_DEVICES', 'npu': 'ASCEND_RT_VISIBLE_DEVICES',
                        'sdaa': 'SDAA_VISIBLE_DEVICES'}
 AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16}
+
+
+_notes_given = set()
+
+
+def note_once(text: str):
+    if text not in _notes_given:
+        _notes_given.add(text)
+        print(text, file=sys.stderr, flush=True)
 
 
 class DeviceError(RuntimeError):
@@ -31,16 +57,33 @@ class DeviceError(RuntimeError):
 
 
 def load_plugin(device_type: str):
-    """Import torch_npu / torch_sdaa if installed. Returns (module or None, reason it is unusable or '')."""
-    name, install_hint = PLUGINS[device_type]
-    if name in sys.modules:
-        return sys.modules[name], ''
-    if importlib.util.find_spec(name) is None:
-        return None, f'{name} is not installed ({install_hint})'
+    """Import torch_npu / torch_sdaa if installed. Returns (module or None, reason it is unusable or '').
+
+    torch would import registered plugins itself at `import torch`, and fail there for every device when one
+    cannot load; util/__init__.py turns that off, so the plugin is imported here, only for its own device."""
+    plugin = PLUGINS[device_type]
+    if plugin.module in sys.modules:
+        return sys.modules[plugin.module], ''
+    if not plugin_installed(device_type):
+        return None, f'{plugin.module} is not installed ({plugin.install})'
     try:
-        return importlib.import_module(name), ''
-    except Exception as e:  # a broken plugin (missing driver libraries, version skew) must not stop CPU work
-        return None, f'{name} is installed but failed to import: {type(e).__name__}: {e}'.splitlines()[0]
+        return importlib.import_module(plugin.module), ''
+    except Exception as e:  # a broken plugin (missing driver libraries, version skew) must not stop other work
+        return None, load_failure(plugin, e)
+
+
+def plugin_installed(device_type: str) -> bool:
+    name = PLUGINS[device_type].module
+    return name in sys.modules or importlib.util.find_spec(name) is not None
+
+
+def load_failure(plugin: Plugin, error: Exception) -> str:
+    """'torch_npu is installed but cannot load: library libhccl.so is missing; source the CANN ...'."""
+    text = str(error).strip()
+    missing = MISSING_LIBRARY.search(text)
+    cause = (f'library {missing.group(1)} is missing' if missing
+             else f'{type(error).__name__}: {text.splitlines()[0] if text else "no message"}')
+    return f'{plugin.module} is installed but cannot load: {cause}; {plugin.fix}'
 
 
 def unavailable_reason(device_type: str) -> str:
@@ -67,7 +110,14 @@ def resolve_device_type(requested: str = 'auto') -> str:
     if requested not in DEVICE_CHOICES:
         raise DeviceError(f'--device {requested}: unknown device; choose from {", ".join(DEVICE_CHOICES)}')
     if requested == 'auto':
-        return next((t for t in AUTO_ORDER if not unavailable_reason(t)), 'cpu')
+        for device_type in AUTO_ORDER:
+            reason = unavailable_reason(device_type)
+            if not reason:
+                return device_type
+            if device_type in PLUGINS and plugin_installed(device_type):  # installed, so presumably wanted
+                note_once(f'Note: --device auto skipped {device_type}: {reason}')
+        return 'cpu'
+
     reason = unavailable_reason(requested)
     if reason:
         raise DeviceError(f'--device {requested}: {reason}')

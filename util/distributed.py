@@ -29,7 +29,10 @@ class LaunchInfo:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Launched by torchrun, SLURM or OpenMPI: the process group is joined even by a single process, as the
+        official code does (the collectives then run, e.g. on nccl, though nothing is shared)."""
+        return self.launcher != 'single'
+
 
 
 def first_slurm_host(nodelist: str) -> str:

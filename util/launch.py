@@ -36,7 +36,7 @@ def start(args) -> Runtime:
     seed_everything(args.seed + launch.rank)
     preemption.install_handlers()
     print0('{}'.format(args).replace(', ', ',\n'))
-    print0(f'device: {runtime.describe()}, {launch.world_size} process{"es" if launch.distributed else ""}')
+    print0(f'device: {runtime.describe()}, {launch.world_size} process{"es" if launch.world_size > 1 else ""}')
     return runtime
 
 
