@@ -30,7 +30,7 @@ from util.transforms import build_eval_transform
 
 
 def get_args_parser() -> cli.ArgumentParser:
-    parser = cli.ArgumentParser('MAE / ViT inference on your own images')
+    parser = cli.ArgumentParser('main_infer.py', 'MAE / ViT inference on your own images')
     parser.add_argument('--model', required=True,
                         help='vit_* (classification) or mae_vit_* (reconstruction), e.g. vit_base_patch16; required')
     parser.add_argument('--resume', required=True, help='checkpoint path or https URL; required')
@@ -44,12 +44,14 @@ def get_args_parser() -> cli.ArgumentParser:
     parser.add_argument('--class_names', default=None,
                         help="text file, one class name per line in output order (default: the checkpoint's own "
                              'list, else ImageNet-1k names for 1000 outputs)')
-    parser.add_argument('--mask_ratio', type=float, default=0.75, help='fraction of patches hidden (MAE), in [0, 1)')
+    parser.add_argument('--mask_ratio', type=float, default=0.75,
+                        help='fraction of patches hidden (MAE), 0 <= ratio < 1')
     parser.add_argument('--seed', type=int, default=0, help='mask seed: the same seed gives the same mask')
     parser.add_argument('--norm_pix_loss', action='store_true', default=None,
                         help="the MAE predicts per-patch normalised pixels (default: read from the checkpoint's "
                              'args; the released visualisation checkpoints predict raw pixels)')
-    parser.add_argument('--output_dir', default='./infer_output', help='where reconstruction PNGs go')
+    parser.add_argument('--output_dir', default='reconstructions',
+                        help='folder for the reconstruction figures, <image name>_mae.png')
     parser.add_argument('--json', default=None, metavar='FILE', help="also write the results as JSON ('-': stdout)")
     parser.add_argument('--device', default='auto', choices=DEVICE_CHOICES, help='backend (auto: the first available)')
     parser.add_argument('--amp', default='off', choices=AMP_CHOICES, help='precision of the forward pass')

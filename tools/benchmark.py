@@ -28,7 +28,7 @@ SCALING_MASK_RATIOS = (0.5, 0.75, 0.9)
 
 
 def get_args_parser() -> cli.ArgumentParser:
-    parser = cli.ArgumentParser('MAE benchmarks')
+    parser = cli.ArgumentParser('python -m tools.benchmark', 'MAE benchmarks')
     parser.add_argument('--model', default='mae_vit_base_patch16',
                         help='mae_vit_* (pretraining step) or vit_* (fine-tuning step)')
     parser.add_argument('--batch_size', default=8, type=int, help='images per step')

@@ -114,7 +114,7 @@ def plot(curves: List[Tuple[str, Dict[int, float]]], path: str, key: str, size=(
 
 
 def get_args_parser() -> cli.ArgumentParser:
-    parser = cli.ArgumentParser('Compare the loss curves of two runs')
+    parser = cli.ArgumentParser('python -m tools.compare_logs', 'Compare the loss curves of two runs')
     parser.add_argument('reference', help='log.txt of the reference run (e.g. the GPU run)')
     parser.add_argument('candidate', help='log.txt of the run to check (e.g. the NPU run)')
     parser.add_argument('--key', default='train_loss', help='which logged value to compare')

@@ -14,7 +14,7 @@ import torch.nn as nn
 from util import distributed, preemption
 from util.checkpoint_io import CheckpointError, load_checkpoint, model_state_from, save_atomic
 from util.distributed import print0
-from util.logs import truncate_log
+from util.logs import DETAILS, truncate_log
 from util.rng import gather_rng_states, restore_rng_states
 from util.state_dicts import fit_pos_embed, load_state_strict
 
@@ -162,9 +162,10 @@ def prepare_output_dir(args, start_epoch: int):
     if args.output_dir and distributed.is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
         stale = glob.glob(os.path.join(glob.escape(args.output_dir), '.tmp-*'))
-        if not args.auto_resume and args.overwrite:
-            stale += glob.glob(os.path.join(glob.escape(args.output_dir), 'checkpoint-*.pth'))
-            stale += [os.path.join(args.output_dir, n) for n in ('log.txt', 'bad_images.txt')]
+        if not args.auto_resume and args.overwrite:  # the previous run's files, TensorBoard's included
+            for pattern in ('checkpoint-*.pth', 'events.out.tfevents.*'):
+                stale += glob.glob(os.path.join(glob.escape(args.output_dir), pattern))
+            stale += [os.path.join(args.output_dir, n) for n in ('log.txt', 'bad_images.txt', DETAILS)]
         for path in stale:
             if os.path.isfile(path):
                 os.remove(path)

@@ -2,6 +2,7 @@
 (device, gradient checkpointing, torch.compile, DDP), and the mapping of failures to one line and an exit code.
 """
 import datetime
+import signal
 import sys
 import time
 
@@ -28,15 +29,14 @@ def world_size_of_launch(args) -> int:
     return distributed.detect_launch(dist_on_itp=args.dist_on_itp).world_size
 
 
-def start(args) -> Runtime:
-    """Resolve the device, join the process group, seed (seed + rank), install the stop-signal handlers."""
+def start(args, training: bool) -> Runtime:
+    """Resolve the device, join the process group, seed (seed + rank), install the stop-signal handlers (with
+    `training`, a first Ctrl-C stops at the next optimizer step and saves)."""
     launch = distributed.detect_launch(dist_on_itp=args.dist_on_itp)
     runtime = setup_runtime(args.device, args.amp, local_rank=launch.local_rank)
     distributed.init_distributed(launch, runtime.dist_backend, runtime.device, args.dist_url, args.dist_timeout)
     seed_everything(args.seed + launch.rank)
-    preemption.install_handlers()
-    print0('{}'.format(args).replace(', ', ',\n'))
-    print0(f'device: {runtime.describe()}, {launch.world_size} process{"es" if launch.world_size > 1 else ""}')
+    preemption.install_handlers(training)
     return runtime
 
 
@@ -85,5 +85,9 @@ def run_main(main_fn, args):
     except preemption.TrainingInterrupted as e:
         print0(f'{e}; rerun the same command to continue')
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or one outside it
+        print('Interrupted (Ctrl-C): stopped at once; a training run continues from its last checkpoint when the '
+              'same command is run again', file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
     print0(f'Total time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     distributed.cleanup()

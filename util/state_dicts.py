@@ -204,8 +204,7 @@ def load_pretrained_encoder(model: nn.Module, state: StateDict, path: str, model
     misfit = [k for k in own if k in state and state[k].shape != own[k].shape]
     missing = sorted(k for k in own if k not in state and k not in allowed)
     if misfit or missing:
-        theirs, ours = architecture_of(state), architecture_of(own)
-        cause = size_cause(theirs, ours, CLI) if theirs.kind else kind_cause(theirs, ours)
+        cause = encoder_cause(state, own, missing)
         shapes = ', '.join(f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in misfit[:6])
         keys = (f'shape mismatch (checkpoint vs model) {len(misfit)}: {shapes}' if misfit
                 else f'missing {len(missing)} encoder keys: {", ".join(missing[:6])}')
@@ -216,6 +215,20 @@ def load_pretrained_encoder(model: nn.Module, state: StateDict, path: str, model
            f'ignored {len(msg.unexpected_keys)} keys not used by the classifier '
            f'({summarize_keys(msg.unexpected_keys)})')
     return list(msg.unexpected_keys)
+
+
+def encoder_cause(state: StateDict, own: StateDict, missing: List[str]) -> str:
+    """Why `state` is not an encoder of the model: sizes only (the head and the decoder do not matter here), or the
+    pooling a fine-tuned classifier was trained with."""
+    theirs, ours = architecture_of(state), architecture_of(own)
+    if not theirs.kind:
+        return kind_cause(theirs, ours)
+    for arch in (theirs, ours):
+        arch.num_classes, arch.global_pool, arch.decoder_embed_dim, arch.decoder_depth = 0, None, 0, 0
+    cause = size_cause(theirs, ours, CLI)
+    if not cause and {'norm.weight', 'norm.bias'} & set(missing) and 'fc_norm.weight' in state:
+        cause = 'it was fine-tuned with global pooling (fc_norm.*, no norm.*): pass --global_pool'
+    return cause
 
 
 def summarize_keys(keys: List[str]) -> str:
