@@ -60,6 +60,7 @@ def get_args_parser() -> cli.ArgumentParser:
     cli.add_classifier_args(parser, global_pool=True)
     cli.add_run_args(parser, folders='train/ and val/ (with --eval: val/)')
     cli.add_adamw_args(parser)
+    cli.add_fsdp_args(parser)
     return parser
 
 
@@ -77,7 +78,7 @@ def main(args):
         load_weights(run.resumable, model, args.model, fit_image_size=True)
         return evaluate(loader_val, model.to(runtime.device), runtime, sharded=args.dist_eval)
 
-    model, model_without_ddp = launch.place_model(model, runtime, args)
+    model, model_without_ddp = launch.place_model(model, runtime, args, fsdp=args.fsdp)
     effective_lr(args, world_size)
     # layer-wise lr decay: lr_scale = layer_decay ** (num_layers - layer_id)
     param_groups = param_groups_lrd(model_without_ddp, args.weight_decay,

@@ -44,7 +44,7 @@ def main(args):
         load_weights(run.resumable, model, args.model, fit_image_size=True)
         return evaluate(loader_val, model.to(runtime.device), runtime, sharded=args.dist_eval)
 
-    model, model_without_ddp = launch.place_model(model, runtime, args)
+    model, model_without_ddp = launch.place_model(model, runtime, args, fsdp=False)
     effective_lr(args, world_size)
     optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     loss_scaler = LossScaler(runtime.grad_scaler())

@@ -41,6 +41,7 @@ def get_args_parser() -> cli.ArgumentParser:
     parser.add_argument('--save_freq', default=20, type=int,
                         help='write a numbered checkpoint every N epochs (and after the last one)')
     cli.add_adamw_args(parser)
+    cli.add_fsdp_args(parser)
     parser.add_argument('--fast_decode', action='store_true',
                         help='decode JPEGs with torchvision.io and crop/resize uint8 tensors: same crop '
                              'distribution, pixels within a few grey levels of PIL, ~2x the images/s per core')
@@ -93,7 +94,7 @@ def main(args):
     runtime = launch.start(args, training=True)
     data_loader_train = build_loader(dataset_train, args, runtime, True, get_rank(), world_size)
     model = build_model(args)
-    model, model_without_ddp = launch.place_model(model, runtime, args)
+    model, model_without_ddp = launch.place_model(model, runtime, args, fsdp=args.fsdp)
     effective_lr(args, world_size)
     # no weight decay on biases and norm weights; AdamW betas (0.9, 0.95)
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)

@@ -145,6 +145,12 @@ def add_runtime_args(parser):
                         help='minutes a collective may wait for a peer before the job fails')
 
 
+def add_fsdp_args(parser):
+    parser.add_argument('--fsdp', action='store_true',
+                        help='shard parameters, gradients and optimizer state over the processes (FSDP2) instead of '
+                             'replicating them (DDP); start with torchrun. Checkpoints keep the official format')
+
+
 ADAMW_IMPLS = ('auto', 'fused', 'foreach', 'loop')
 
 

@@ -6,12 +6,13 @@ import glob
 import os
 import re
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from util import distributed, preemption
+from util import fsdp as util_fsdp
 from util.checkpoint_io import CheckpointError, load_checkpoint, model_state_from, save_atomic
 from util.distributed import print0
 from util.logs import DETAILS, truncate_log
@@ -140,7 +141,10 @@ def resume_training(resumable: Optional[Resumable], model: nn.Module, optimizer,
     if not holds_training_state(resumable):
         return ResumeState(epoch=args.start_epoch, extra=extra)
     try:
-        optimizer.load_state_dict(checkpoint['optimizer'])
+        if util_fsdp.is_sharded(model):
+            util_fsdp.load_optimizer_state(model, optimizer, checkpoint['optimizer'])
+        else:
+            optimizer.load_state_dict(checkpoint['optimizer'])
     except (ValueError, KeyError) as e:
         raise CheckpointError(f'{resumable.path}: optimizer state does not fit this run ({e})') from None
     loss_scaler.load_state_dict(checkpoint.get('scaler') or {})
@@ -198,10 +202,18 @@ class Checkpointer:
     def last_path(self) -> str:
         return os.path.join(self.args.output_dir, LAST)
 
-    def state(self, epoch: int, next_iteration: int, rng_states: List[torch.Tensor],
-              partial_meters: Optional[list]) -> dict:
+    def model_and_optimizer_state(self) -> Tuple[dict, dict]:
+        """The model's and the optimizer's state dicts to save: gathered from the shards under --fsdp (a
+        collective: every rank calls it, rank 0 gets them), else the module's and the optimizer's own."""
+        if util_fsdp.is_sharded(self.model):
+            return (util_fsdp.full_model_state(self.model),
+                    util_fsdp.full_optimizer_state(self.model, self.optimizer))
+        return self.model.state_dict(), self.optimizer.state_dict()
+
+    def state(self, epoch: int, next_iteration: int, rng_states: List[torch.Tensor], partial_meters: Optional[list],
+              model_state: dict, optimizer_state: dict) -> dict:
         # 'epoch' is the last finished epoch, as in the official format; a mid-epoch save says where to go on
-        state = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+        state = {'model': model_state, 'optimizer': optimizer_state,
                  'epoch': epoch if next_iteration == 0 else epoch - 1,
                  'scaler': self.loss_scaler.state_dict(), 'args': self.args, 'rng_states': rng_states,
                  'world_size': distributed.get_world_size()}
@@ -217,9 +229,10 @@ class Checkpointer:
             return None
         rng_states = gather_rng_states(self.runtime)
         partial_meters = progress.partial_state() if progress is not None and next_iteration else None
+        model_state, optimizer_state = self.model_and_optimizer_state()
         path = None
         if distributed.is_main_process():
-            state = self.state(epoch, next_iteration, rng_states, partial_meters)
+            state = self.state(epoch, next_iteration, rng_states, partial_meters, model_state, optimizer_state)
             if numbered and next_iteration == 0:
                 path = os.path.join(self.args.output_dir, f'checkpoint-{epoch}.pth')
                 save_atomic(state, path)
@@ -243,10 +256,12 @@ class Checkpointer:
 
     def keep_best(self, epoch: int, test_stats: dict) -> float:
         """checkpoint-best.pth when this epoch's top-1 beats the best so far; returns the best top-1 (printed)."""
-        if test_stats['acc1'] > self.extra_state['max_accuracy']:
+        if test_stats['acc1'] > self.extra_state['max_accuracy']:  # the same on every rank: evaluation is reduced
             self.extra_state['max_accuracy'] = test_stats['acc1']
+            model_state = (util_fsdp.full_model_state(self.model) if util_fsdp.is_sharded(self.model)
+                           else self.model.state_dict())
             if self.args.output_dir and distributed.is_main_process():
-                save_atomic({'model': self.model.state_dict(), 'epoch': epoch, 'args': self.args,
+                save_atomic({'model': model_state, 'epoch': epoch, 'args': self.args,
                              'acc1': test_stats['acc1'], 'acc5': test_stats['acc5'], **self.extra_state},
                             os.path.join(self.args.output_dir, BEST))
         print0(f"Max accuracy: {self.extra_state['max_accuracy']:.2f}%")

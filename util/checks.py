@@ -8,6 +8,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import models_vit
 from util.checkpoint_io import is_url
 from util.checkpointer import LAST, first_epoch, holds_a_run, holds_training_state
+from util import distributed
 from util.distributed import print0
 
 Rule = Tuple[Callable[[object], bool], str]
@@ -179,6 +180,9 @@ def check_output(args, errors: List[str], training: bool = True):
     if args.output_dir and not args.auto_resume and not args.overwrite and holds_a_run(args.output_dir):
         errors.append(f'--output_dir {args.output_dir}: already holds a run ({LAST}, log.txt); rerun without '
                       '--no_auto_resume to continue it, or add --overwrite to start over')
+    if getattr(args, 'fsdp', False) and distributed.detect_launch(dist_on_itp=args.dist_on_itp).launcher == 'single':
+        errors.append('--fsdp: shards over the processes of a launch; start the run with torchrun (e.g. torchrun '
+                      '--nproc_per_node=8 ...) or SLURM')  # only pretraining and fine-tuning have --fsdp
     if args.save_every_iters and args.save_every_iters % args.accum_iter:
         errors.append(f'--save_every_iters {args.save_every_iters}: must be a multiple of --accum_iter '
                       f'{args.accum_iter} (checkpoints are taken after an optimizer step)')

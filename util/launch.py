@@ -9,6 +9,7 @@ import time
 import torch
 
 from util import distributed, preemption
+from util import fsdp as util_fsdp
 from util.bad_images import BadImageBudgetError
 from util.checkpoint_io import CheckpointError
 from util.checks import UsageError
@@ -40,15 +41,18 @@ def start(args, training: bool) -> Runtime:
     return runtime
 
 
-def place_model(model: torch.nn.Module, runtime: Runtime, args):
-    """Move to the device and wrap for training. Returns (model to call, model_without_ddp to save)."""
+def place_model(model: torch.nn.Module, runtime: Runtime, args, fsdp: bool):
+    """Move to the device and wrap for training: DDP over several processes, or with `fsdp` (--fsdp) sharded
+    over them (util/fsdp.py). Returns (model to call, the module whose state is saved)."""
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(runtime.device)
+    if fsdp:
+        model = util_fsdp.shard(model, runtime, distributed.get_world_size())
     model_without_ddp = model
     if args.compile:
         model = compile_model(model, runtime)
-    if distributed.get_world_size() > 1:
+    if distributed.get_world_size() > 1 and not fsdp:
         device_ids = [runtime.index] if runtime.index is not None else None
         # every trainable parameter is used in each step, so no unused-parameter search (it costs every step)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)

@@ -7,6 +7,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from util import fsdp as util_fsdp
 from util.checkpoint_io import CheckpointError
 from util.distributed import print0
 from util.pos_embed import interpolate_pos_embed
@@ -174,7 +175,10 @@ def load_state_strict(model: nn.Module, state: StateDict, path: str, model_name:
     """load_state_dict(strict=True), with a one-line error leading with the cause instead of a traceback."""
     if describe_keys(model, state):
         raise CheckpointError(misfit_message(model, state, path, model_name, say))
-    model.load_state_dict(state, strict=True)
+    if util_fsdp.is_sharded(model):  # --fsdp: the full weights are cut into this rank's shards
+        util_fsdp.load_model_state(model, state)
+    else:
+        model.load_state_dict(state, strict=True)
 
 
 def fit_pos_embed(model: nn.Module, state: StateDict, path: str):
