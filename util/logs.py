@@ -1,4 +1,5 @@
-"""Run outputs on rank 0: TensorBoard scalars and log.txt, one JSON object per epoch (the official format)."""
+"""What a training run reports, on rank 0: a short header on the console, every setting in run_details.txt, and
+each epoch a line of log.txt (one JSON object per epoch, the official format) and TensorBoard scalars."""
 import atexit
 import json
 import os
@@ -34,8 +35,10 @@ def run_header(title: str, args, model: torch.nn.Module, runtime, world_size: in
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     eff_batch = args.batch_size * args.accum_iter * world_size
     processes = f'{world_size} process{"es" if world_size > 1 else ""}'
-    where = f'resuming {start.path} at epoch {start.epoch}' + (f', iteration {start.iteration}' if start.iteration
-                                                               else '') if start.path else f'epoch {start.epoch}'
+    where = f'epoch {start.epoch}'
+    if start.path:
+        where = f'resuming {start.path} at epoch {start.epoch}' + (f', iteration {start.iteration}'
+                                                                   if start.iteration else '')
     outputs = (f'{args.output_dir} (checkpoints, log.txt; TensorBoard in {args.log_dir}); settings, model and '
                f'optimizer in {os.path.join(args.output_dir, DETAILS)}' if args.output_dir else 'nothing is saved')
     return [f'{title}: {args.model}, {args.input_size} px, patch {model.patch_embed.patch_size[0]}, '
