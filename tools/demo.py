@@ -37,7 +37,6 @@ DATA_MARKER = 'demo.json'  # in --data_path: images the demo generated
 RUN_MARKER = 'demo_run.json'  # in --output_dir: a demo run, which the next demo may replace
 DEMO_VAL_IMAGES = 4  # held-out images per class
 FIGURE_SEED = 0
-FIGURE_SCALE = 3  # 64-px panels are easier to see three times larger
 
 
 def main(argv: List[str]) -> int:
@@ -161,9 +160,9 @@ def finish(args, before: float, continued: bool):
     after, rows = held_out_error(model, args)
     out = args.output_dir
     _, rows_before = held_out_error(initial_model(args), args)
-    save_figure(rows_before, os.path.join(out, 'reconstruction_before.png'), scale=FIGURE_SCALE)
+    save_figure(rows_before, os.path.join(out, 'reconstruction_before.png'), row_labels=list(CLASSES))
     figure = os.path.join(out, 'reconstruction_after.png')
-    save_figure(rows, figure, scale=FIGURE_SCALE)
+    save_figure(rows, figure, row_labels=list(CLASSES))
     for stale in ('finetune', 'linprobe'):  # runs of an earlier demo model: the commands below recreate them
         if not continued and holds_a_run(os.path.join(out, stale)):
             shutil.rmtree(os.path.join(out, stale))
