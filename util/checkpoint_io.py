@@ -126,7 +126,8 @@ def timm_classes(config_path: str) -> dict:
         config = hf_layout.read_config(config_path)
     except hf_layout.ConversionError:
         return {}  # the names are an extra; the weights stand on their own
-    names = config.get('label_names') or config.get('pretrained_cfg', {}).get('label_names')
+    pretrained_cfg = config.get('pretrained_cfg') if isinstance(config.get('pretrained_cfg'), dict) else {}
+    names = config.get('label_names') or pretrained_cfg.get('label_names')
     return {'classes': list(names)} if isinstance(names, list) else {}
 
 
