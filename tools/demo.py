@@ -34,6 +34,7 @@ DEMO_DEFAULTS = dict(model='mae_vit_tiny_patch16', input_size=64, patch_size=8, 
 RECIPE = ('model', 'input_size', 'patch_size', 'batch_size', 'epochs', 'warmup_epochs', 'blr', 'lr', 'mask_ratio',
           'norm_pix_loss', 'demo_images', 'seed', 'accum_iter')
 DATA_MARKER = 'demo.json'  # in --data_path: images the demo generated
+GENERATING_LOCK = '.generating.lock'  # in --data_path from the moment a demo starts generating there
 RUN_MARKER = 'demo_run.json'  # in --output_dir: a demo run, which the next demo may replace
 DEMO_VAL_IMAGES = 4  # held-out images per class
 FIGURE_SEED = 0
@@ -64,7 +65,8 @@ def check_folders(args):
     if not args.output_dir:
         errors.append("--output_dir '': --demo needs a folder for its checkpoint and figures; leave the flag out "
                       '(demo_output) or name a folder')
-    if holds_other_files(args.data_path, DATA_MARKER):
+    # under torchrun another rank may already be generating the images: its lock marks the folder as the demo's
+    if holds_other_files(args.data_path, (DATA_MARKER, GENERATING_LOCK)):
         errors.append(f'--data_path {args.data_path}: --demo generates its images there, and this folder holds '
                       'other files; leave --data_path out or name an empty folder')
     if args.output_dir and holds_a_run(args.output_dir) and not os.path.isfile(
@@ -74,8 +76,9 @@ def check_folders(args):
     raise_if_errors(errors)
 
 
-def holds_other_files(folder: str, marker: str) -> bool:
-    return os.path.isdir(folder) and bool(os.listdir(folder)) and not os.path.isfile(os.path.join(folder, marker))
+def holds_other_files(folder: str, markers: tuple) -> bool:
+    return os.path.isdir(folder) and bool(os.listdir(folder)) and not any(
+        os.path.isfile(os.path.join(folder, marker)) for marker in markers)
 
 
 def decide_continue_or_start_over(args) -> bool:
@@ -111,7 +114,7 @@ def prepare_data(args):
     marker = os.path.join(args.data_path, DATA_MARKER)
     spec = {'train': args.demo_images, 'val': DEMO_VAL_IMAGES, 'size': args.input_size, 'classes': CLASSES,
             'cycles': list(CYCLES), 'class_colours': True}
-    with open(os.path.join(args.data_path, '.generating.lock'), 'w') as lock:
+    with open(os.path.join(args.data_path, GENERATING_LOCK), 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if os.path.isfile(marker) and json.load(open(marker)) == spec:
             print0(f'Demo images: reusing {args.data_path}')
