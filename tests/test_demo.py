@@ -26,9 +26,9 @@ def test_demo_pretrains_and_shows_it_learned(tmp_path):
     assert result['held_out_error_after'] < result['held_out_error_before']
     assert (f"{result['held_out_error_before']:.4f} before training -> {result['held_out_error_after']:.4f} after"
             in proc.stdout)
-    # one row of 4 panels per held-out class, 3x enlarged
+    # one row of 4 titled panels (240 px each) per held-out class
     figure = Image.open(out / 'reconstruction_after.png')
-    assert figure.size == (4 * 64 * 3, 8 * 64 * 3)
+    assert figure.size == (4 * 240, 8 * 240 + 40)
     # where everything went and what to run next
     for text in (f'Everything is in {out}/', 'tensorboard --logdir', 'python main_finetune.py',
                  'python main_linprobe.py', 'python main_infer.py'):

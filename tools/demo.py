@@ -32,9 +32,9 @@ DEMO_DEFAULTS = dict(model='mae_vit_tiny_patch16', input_size=64, patch_size=8, 
                      warmup_epochs=1, blr=8e-3, mask_ratio=0.75, norm_pix_loss=True, data_path='demo_output/data',
                      output_dir='demo_output', num_workers=1, print_freq=25, save_freq=1000)
 DATA_MARKER = 'demo.json'  # in --data_path: images the demo generated
+GENERATING_LOCK = '.generating.lock'  # in --data_path from the moment a demo starts generating there
 DEMO_VAL_IMAGES = 4  # held-out images per class
 FIGURE_SEED = 0
-FIGURE_SCALE = 3  # 64-px panels are easier to see three times larger
 
 
 def main(argv: List[str]) -> int:
@@ -62,7 +62,8 @@ def check_folders(args):
     if not args.output_dir:
         errors.append("--output_dir '': --demo needs a folder for its checkpoint and figures; leave the flag out "
                       '(demo_output) or name a folder')
-    if holds_other_files(args.data_path, DATA_MARKER):
+    # under torchrun another rank may already be generating the images: its lock marks the folder as the demo's
+    if holds_other_files(args.data_path, (DATA_MARKER, GENERATING_LOCK)):
         errors.append(f'--data_path {args.data_path}: --demo generates its images there, and this folder holds '
                       'other files; leave --data_path out or name an empty folder')
     if args.output_dir and holds_a_run(args.output_dir) and not os.path.isfile(
@@ -72,8 +73,9 @@ def check_folders(args):
     raise_if_errors(errors)
 
 
-def holds_other_files(folder: str, marker: str) -> bool:
-    return os.path.isdir(folder) and bool(os.listdir(folder)) and not os.path.isfile(os.path.join(folder, marker))
+def holds_other_files(folder: str, markers: tuple) -> bool:
+    return os.path.isdir(folder) and bool(os.listdir(folder)) and not any(
+        os.path.isfile(os.path.join(folder, marker)) for marker in markers)
 
 
 def decide_continue_or_start_over(args) -> bool:
@@ -110,7 +112,7 @@ def prepare_data(args):
     marker = os.path.join(args.data_path, DATA_MARKER)
     spec = {'train': args.demo_images, 'val': DEMO_VAL_IMAGES, 'size': args.input_size, 'classes': CLASSES,
             'cycles': list(CYCLES), 'class_colours': True}
-    with open(os.path.join(args.data_path, '.generating.lock'), 'w') as lock:
+    with open(os.path.join(args.data_path, GENERATING_LOCK), 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if os.path.isfile(marker) and json.load(open(marker)) == spec:
             print0(f'Demo images: reusing {args.data_path}')
@@ -159,9 +161,9 @@ def finish(args, before: float, continued: bool):
     after, rows = held_out_error(model, args)
     out = args.output_dir
     _, rows_before = held_out_error(initial_model(args), args)
-    save_figure(rows_before, os.path.join(out, 'reconstruction_before.png'), scale=FIGURE_SCALE)
+    save_figure(rows_before, os.path.join(out, 'reconstruction_before.png'), row_labels=list(CLASSES))
     figure = os.path.join(out, 'reconstruction_after.png')
-    save_figure(rows, figure, scale=FIGURE_SCALE)
+    save_figure(rows, figure, row_labels=list(CLASSES))
     for stale in ('finetune', 'linprobe'):  # runs of an earlier demo model: the commands below recreate them
         if not continued and holds_a_run(os.path.join(out, stale)):
             shutil.rmtree(os.path.join(out, stale))

@@ -105,7 +105,9 @@ def add_output_args(parser):
     parser.add_argument('--output_dir', default='./output_dir',
                         help="folder for checkpoints and logs; '' saves nothing")
     parser.add_argument('--log_dir', default=None, help='TensorBoard folder (default: --output_dir)')
-    parser.add_argument('--resume', default='', help='checkpoint to continue from: a path or an https URL')
+    parser.add_argument('--resume', default='',
+                        help='checkpoint to continue from, path or https URL: our .pth (training state too), or '
+                             'weights only: a .safetensors file or a Hugging Face ViTMAE folder')
     parser.add_argument('--start_epoch', default=0, type=int, metavar='N',
                         help='first epoch when not resuming (a resumed run continues where it stopped)')
     parser.add_argument('--no_auto_resume', action='store_false', dest='auto_resume',
@@ -164,7 +166,9 @@ def add_classifier_args(parser, global_pool: bool):
     """The sizes left None are resolved by util/classification.resolve_sizes: read off the checkpoint with --eval,
     else the script's defaults."""
     pooling = 'the mean of the patch tokens' if global_pool else 'the class token'
-    parser.add_argument('--finetune', default='', help='MAE checkpoint whose encoder training starts from')
+    parser.add_argument('--finetune', default='',
+                        help='MAE checkpoint whose encoder training starts from: .pth, .safetensors or a Hugging '
+                             'Face ViTMAE folder, path or https URL')
     parser.add_argument('--global_pool', action='store_true', default=None,
                         help=f"classify the mean of the patch tokens (default: {pooling}; with --eval, the "
                              "checkpoint's pooling)")

@@ -17,7 +17,7 @@ from util.checkpoint_io import CheckpointError, load_checkpoint, model_state_fro
 from util.distributed import print0
 from util.logs import DETAILS, truncate_log
 from util.rng import gather_rng_states, restore_rng_states
-from util.state_dicts import fit_pos_embed, load_state_strict
+from util.state_dicts import check_heads_up_front, fit_pos_embed, load_state_strict
 
 LAST = 'checkpoint-last.pth'
 BEST = 'checkpoint-best.pth'
@@ -79,7 +79,9 @@ def resumable_checkpoint_in(output_dir: str) -> str:
 def find_resumable(args) -> Optional[Resumable]:
     """--resume if given; else, with auto-resume, the output dir's checkpoint; loaded now (weights only)."""
     if args.resume:
-        return Resumable(args.resume, load_checkpoint(args.resume), auto=False)
+        resumable = Resumable(args.resume, load_checkpoint(args.resume), auto=False)
+        check_heads_up_front(resumable.checkpoint, resumable.path, args.model)
+        return resumable
     path = resumable_checkpoint_in(args.output_dir) if args.auto_resume and args.output_dir else ''
     if path:
         resumable = Resumable(path, load_checkpoint(path), auto=True)
@@ -132,13 +134,16 @@ def load_weights(resumable: Resumable, model: nn.Module, model_name: str, fit_im
 def resume_training(resumable: Optional[Resumable], model: nn.Module, optimizer, loss_scaler, runtime,
                     args) -> ResumeState:
     """Restore model, optimizer, scaler and RNG states; return where the run continues. A checkpoint with
-    weights only (a released file given as --resume) loads the weights and starts at --start_epoch."""
+    weights only (a released file, a safetensors file or a Hugging Face folder given as --resume) loads the weights
+    and starts at --start_epoch, and says so."""
     if resumable is None:
         return ResumeState(epoch=args.start_epoch)
     checkpoint = resumable.checkpoint
     load_weights(resumable, model, args.model)
     extra = {'max_accuracy': checkpoint.get('max_accuracy', 0.0)}
     if not holds_training_state(resumable):
+        print0(f'{resumable.path} holds weights only (no optimizer state or epoch; only our .pth checkpoints hold '
+               f'them): training starts from these weights at epoch {args.start_epoch} (--start_epoch)')
         return ResumeState(epoch=args.start_epoch, extra=extra)
     try:
         if util_fsdp.is_sharded(model):

@@ -6,6 +6,7 @@ import os
 from typing import Callable, Dict, List, Optional, Tuple
 
 import models_vit
+from util import hf_layout
 from util.checkpoint_io import is_url
 from util.checkpointer import LAST, first_epoch, holds_a_run, holds_training_state
 from util import distributed
@@ -145,8 +146,9 @@ def check_checkpoint_path(flag: str, path: str, errors: List[str]):
     if path and not is_url(path):
         if not os.path.exists(path):
             errors.append(f'{flag} {path}: no such file')
-        elif not os.path.isfile(path):
-            errors.append(f'{flag} {path}: is a folder, not a checkpoint file')
+        elif os.path.isdir(path) and not os.path.isfile(os.path.join(path, hf_layout.CONFIG_NAME)):
+            errors.append(f'{flag} {path}: is a folder, not a checkpoint file (nor a Hugging Face model folder: it '
+                          f'has no {hf_layout.CONFIG_NAME})')
 
 
 def writable_folder(path: str) -> bool:

@@ -16,7 +16,7 @@ from util.checkpointer import Resumable, find_resumable, holds_training_state, r
 from util.classes import ClassListError, folder_classes, run_classes
 from util.datasets import DataError, ImageFolderDataset, build_image_folder, build_loader, describe
 from util.distributed import get_rank, print0
-from util.state_dicts import CLASSIFIER_KINDS, StateDict, architecture_of, load_pretrained_encoder
+from util.state_dicts import CLASSIFIER_KINDS, architecture_of, check_heads_up_front, load_pretrained_encoder
 from util.transforms import build_eval_transform
 
 
@@ -41,7 +41,7 @@ class ClassifierRun:
     classes: List[str]  # the run's class list, names in output order
     dataset_train: Optional[ImageFolderDataset]  # None with --eval
     dataset_val: ImageFolderDataset
-    encoder: Optional[StateDict]  # the --finetune weights, for a fresh start
+    encoder: Optional[dict]  # the --finetune checkpoint (weights under 'model'), for a fresh start
 
 
 def read_up_front(args, train_transform_for: Callable, world_size: int,
@@ -116,9 +116,9 @@ def build_loaders(run: ClassifierRun, args, runtime, world_size: int):
     return loader_train, loader_val
 
 
-def read_encoder(args, resumable: Optional[Resumable]) -> Optional[StateDict]:
-    """The --finetune weights, read before any work; none with --eval or when a training run is resumed (its
-    checkpoint replaces them)."""
+def read_encoder(args, resumable: Optional[Resumable]) -> Optional[dict]:
+    """The --finetune checkpoint, read (and its weights found) before any work; none with --eval or when a training
+    run is resumed (its checkpoint replaces them)."""
     if args.eval:
         return None
     if not args.finetune:
@@ -129,10 +129,13 @@ def read_encoder(args, resumable: Optional[Resumable]) -> Optional[StateDict]:
     if holds_training_state(resumable):
         print0(f'--finetune {args.finetune}: not read, the run continues from {resumable.path}')
         return None
-    return model_state_from(load_checkpoint(args.finetune), args.finetune)
+    checkpoint = load_checkpoint(args.finetune)
+    model_state_from(checkpoint, args.finetune)  # a file without weights stops the run here
+    check_heads_up_front(checkpoint, args.finetune, args.model)
+    return checkpoint
 
 
-def build_classifier(args, encoder: Optional[StateDict], head_init_std: float,
+def build_classifier(args, encoder: Optional[dict], head_init_std: float,
                      drop_path_rate: float = 0.0) -> models_vit.VisionTransformer:
     """The --model classifier; with an encoder (--finetune) it starts from it and a fresh head drawn from
     trunc_normal(std=head_init_std): 2e-5 for fine-tuning, 0.01 for linear probing (the official values)."""

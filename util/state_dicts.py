@@ -7,8 +7,10 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
+import models_mae
+import models_vit
 from util import fsdp as util_fsdp
-from util.checkpoint_io import CheckpointError
+from util.checkpoint_io import CheckpointError, model_state_from
 from util.distributed import print0
 from util.pos_embed import interpolate_pos_embed
 
@@ -171,6 +173,32 @@ def misfit_message(model: nn.Module, state: StateDict, path: str, model_name: st
     return f'{path} does not fit {say.model} {model_name}: ' + '; '.join(part for part in (cause, keys) if part)
 
 
+def attention_heads(model: nn.Module) -> Dict[str, int]:
+    """{'encoder': heads of the first block[, 'decoder': heads of the first decoder block]}."""
+    heads = {'encoder': model.blocks[0].attn.num_heads}
+    if hasattr(model, 'decoder_blocks') and len(model.decoder_blocks):
+        heads['decoder'] = model.decoder_blocks[0].attn.num_heads
+    return heads
+
+
+def check_attention_heads(model: nn.Module, checkpoint: dict, path: str, model_name: str, say: Phrasing = CLI):
+    """Weights do not show how many heads split the attention; a Hugging Face config names them
+    (checkpoint['attention_heads'], util/hf_layout.py), and another number would compute other outputs."""
+    named, ours = checkpoint.get('attention_heads') or {}, attention_heads(model)
+    wrong = [f'{n} attention heads in the {part} of the checkpoint, {ours[part]} in the model'
+             for part, n in named.items() if part in ours and ours[part] != n]
+    if wrong:
+        raise CheckpointError(f'{path} does not fit {say.model} {model_name}: {"; ".join(wrong)} (another {say.model})')
+
+
+def check_heads_up_front(checkpoint: dict, path: str, model_name: str):
+    """check_attention_heads against --model built on the meta device (no memory, no init time), before any work."""
+    factory = models_mae.MODELS.get(model_name) or models_vit.MODELS.get(model_name)
+    if factory is not None and checkpoint.get('attention_heads'):
+        with torch.device('meta'):
+            check_attention_heads(factory(), checkpoint, path, model_name)
+
+
 def load_state_strict(model: nn.Module, state: StateDict, path: str, model_name: str, say: Phrasing = CLI):
     """load_state_dict(strict=True), with a one-line error leading with the cause instead of a traceback."""
     if describe_keys(model, state):
@@ -192,11 +220,13 @@ def fit_pos_embed(model: nn.Module, state: StateDict, path: str):
                 raise CheckpointError(f'{path}: position embeddings cannot be resized ({e})') from None
 
 
-def load_pretrained_encoder(model: nn.Module, state: StateDict, path: str, model_name: str) -> List[str]:
-    """Load an encoder-only or full MAE checkpoint (released or ours), or another classifier, into a ViT classifier
-    for --finetune: a head of another shape is dropped, the position embeddings are interpolated to the model's
-    grid, and only the head and (with global pooling) fc_norm may be missing. Returns the ignored keys."""
-    state = dict(state)
+def load_pretrained_encoder(model: nn.Module, checkpoint: dict, path: str, model_name: str) -> List[str]:
+    """Load an encoder-only or full MAE checkpoint (released, ours or converted from Hugging Face), or another
+    classifier, into a ViT classifier for --finetune: a head of another shape is dropped, the position embeddings are
+    interpolated to the model's grid, and only the head and (with global pooling) fc_norm may be missing. Returns
+    the ignored keys."""
+    check_attention_heads(model, checkpoint, path, model_name)
+    state = model_state_from(checkpoint, path)
     own = model.state_dict()
     for k in ('head.weight', 'head.bias'):
         if k in state and state[k].shape != own[k].shape:
