@@ -5,7 +5,7 @@ import importlib
 import pytest
 
 SCRIPTS = ['main_pretrain', 'main_finetune', 'main_linprobe', 'main_infer', 'tools.benchmark', 'tools.compare_logs',
-           'tools.gpu_check']
+           'tools.export', 'tools.gpu_check']
 PAIRS = {'(': ')', '[': ']', '{': '}'}
 
 

@@ -98,8 +98,9 @@ def test_compare_logs_runs_as_a_module_on_real_training_logs(tmp_path):
 
 
 HUB_MAE = ['mae_vit_tiny_patch16', 'mae_vit_small_patch16', 'mae_vit_base_patch16', 'mae_vit_large_patch16',
-           'mae_vit_huge_patch14']
-HUB_VIT = ['vit_tiny_patch16', 'vit_small_patch16', 'vit_base_patch16', 'vit_large_patch16', 'vit_huge_patch14']
+           'mae_vit_huge_patch14', 'mae_vit_giant_patch14', 'mae_vit_2b_patch14']
+HUB_VIT = ['vit_tiny_patch16', 'vit_small_patch16', 'vit_base_patch16', 'vit_large_patch16', 'vit_huge_patch14',
+           'vit_giant_patch14', 'vit_2b_patch14']
 
 
 def test_hubconf_exposes_every_factory_and_nothing_else():

@@ -34,7 +34,8 @@ class ExportError(ValueError):
 
 
 def get_args_parser() -> cli.ArgumentParser:
-    parser = cli.ArgumentParser('Write a checkpoint for Hugging Face transformers (ViTMAE) or timm')
+    parser = cli.ArgumentParser('python -m tools.export',
+                                'Write a checkpoint for Hugging Face transformers (ViTMAE) or timm')
     parser.add_argument('checkpoint', help='.pth / .safetensors file or Hugging Face ViTMAE folder, path or URL')
     parser.add_argument('out_dir', help='folder to write config.json and model.safetensors into')
     parser.add_argument('--to', required=True, choices=('hf', 'timm'),
