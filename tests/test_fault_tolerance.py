@@ -340,7 +340,7 @@ def test_non_finite_loss_names_epoch_iteration_and_leaves_the_last_checkpoint_un
                *TINY_PRETRAIN_ARGS, check=True)
     digest = hashlib.sha256((out / 'checkpoint-last.pth').read_bytes()).hexdigest()
     proc = run_script('main_pretrain.py', '--data_path', texture_data, '--output_dir', out, '--epochs', '3',
-                      '--lr', '1e30', *TINY_PRETRAIN_ARGS)
+                      '--lr', '1e30', '--allow_recipe_change', *TINY_PRETRAIN_ARGS)
     assert proc.returncode == 1
     assert 'error: Loss is nan at epoch 1, iteration' in proc.stderr
     assert f'Last good checkpoint, left untouched: {out / "checkpoint-last.pth"} (end of epoch 0)' in proc.stderr
