@@ -39,8 +39,8 @@ def get_args_parser() -> cli.ArgumentParser:
     parser.add_argument('--val_per_class', default=0, type=int,
                         help='query images per class, the first in sorted file order (0: all)')
     parser.add_argument('--query_chunk', default=knn.QUERY_CHUNK, type=int,
-                        help='queries scored at once; memory of the similarities: about 15 bytes x query_chunk x '
-                             'bank_chunk')
+                        help='queries scored at once; the similarities hold at most 24 bytes x query_chunk x '
+                             'bank_chunk beside the bank')
     parser.add_argument('--bank_chunk', default=knn.BANK_CHUNK, type=int, help='bank images scored at once')
     cli.add_data_args(parser, folders='train/ (the memory bank) and val/ (the queries)')
     cli.add_runtime_args(parser, training=False)

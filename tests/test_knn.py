@@ -91,7 +91,7 @@ def test_any_chunk_sizes_give_the_same_neighbours_and_classes():
         assert torch.equal(index, expected[1]), bank_chunk
         # float32 products of another width may round the last bit otherwise (the BLAS kernel changes)
         torch.testing.assert_close(sims, expected[0], rtol=0, atol=1e-6)
-    hits = [knn.knn_hits(queries, torch.arange(37) % 7, bank, labels, 7, [10, 20], 0.07, qc, bc)
+    hits = [knn.knn_hits(queries, torch.arange(37) % 7, bank, labels, 7, [10, 20], 0.07, qc, bc)  # normalised above
             for qc, bc in ((1024, 16384), (5, 13), (1, 1))]
     assert all(torch.equal(h[20], hits[0][20]) and torch.equal(h[10], hits[0][10]) for h in hits)
 
@@ -103,8 +103,8 @@ def test_a_k_above_the_bank_size_is_refused():
 
 
 def test_the_chunk_memory_bound_grows_with_the_chunks_not_the_bank():
-    assert knn.chunk_bytes(1024, 16384, 20) == 1024 * 16384 * 15 + 1024 * 2 * 20 * 12 * 2  # 252 MB
-    assert knn.chunk_bytes(1024, 16384, 200) < 300 * 2 ** 20
+    assert knn.chunk_bytes(1024, 16384, 20) == 1024 * 16384 * 24 + 1024 * 2 * 20 * 12 * 2  # 384 MiB
+    assert knn.chunk_bytes(1024, 16384, 200) < 400 * 2 ** 20
 
 
 # --- features ----------------------------------------------------------------------------------------------
@@ -172,8 +172,8 @@ KNN_CASES = [
     (['--resume', '{mae}', '--bank_chunk', '0'], '--bank_chunk 0: must be in [1, 16777216]'),
     (['--resume', '{mae}', '--data_path', '{unknown}'],
      "{unknown}/val: class folder zebra is not among {unknown}/train's 4 classes"),
-    (['--resume', '{pooled}'], '--feature cls: {pooled} is a global-pool classifier; its class token has no final '
-     'norm'),
+    (['--resume', '{pooled}', '--feature', 'cls'],
+     '--feature cls: {pooled} is a global-pool classifier; its class token has no final norm'),
     (['--resume', '{weights}'], '--resume {weights}: holds no ViT weights'),
     (['--resume', '{mae}', '--model', 'vit_small_patch16'], '{mae} does not fit --model vit_small_patch16: embed '
      'dim 192 and 12 blocks in the checkpoint, 384 and 12 in the model'),
@@ -239,8 +239,8 @@ def test_a_full_mae_its_encoder_alone_a_classifier_from_it_and_the_mae_itself_gi
                for name in ('full', 'encoder', 'classifier')]
     assert results[0] == results[1] == results[2]
     args = knn_args('--resume', tmp_path / 'full.pth', '--data_path', texture_data, *TINY_KNN_ARGS)
-    direct = knn.evaluate(mae, knn.read_knn_data(texture_data, 32, 6, 3), args, Runtime('cpu'), 'cls', [5, 20],
-                          0.07)
+    direct = knn.evaluate(mae, knn.read_knn_data(texture_data, 32, 6, 3), args, Runtime('cpu'), args.feature,
+                          [5, 20], 0.07)
     assert direct == results[0] and mae.training  # the monitor's path, on the MAE itself; its mode restored
 
 
@@ -348,3 +348,13 @@ def test_torchrun_monitor_runs_on_every_rank_and_logs_once_with_the_one_process_
     (entry,) = read_json_log(out)
     expected = main_knn_numbers(out / 'checkpoint-last.pth', texture_data)
     assert expected == f"top-1 {entry['knn_top1']:.3f} top-5 {entry['knn_top5']:.3f}"
+
+
+def test_the_evidence_tool_writes_scikit_learns_digits_as_an_image_folder_with_a_fixed_split(tmp_path):
+    from PIL import Image
+    from tools import knn_evidence
+    assert knn_evidence.write_digits(str(tmp_path)) == {'train': 1000, 'val': 797}
+    assert sorted(os.listdir(tmp_path / 'train')) == sorted(os.listdir(tmp_path / 'val')) == [str(d) for d in range(10)]
+    assert all(len(os.listdir(tmp_path / 'train' / str(d))) == 100 for d in range(10))
+    image = Image.open(tmp_path / 'train' / '0' / '0000.png')  # the first scan of the file is a 0
+    assert image.size == (32, 32) and image.mode == 'RGB'

@@ -35,11 +35,12 @@ from util.rng import rng_state, set_rng_state
 from util.transforms import build_eval_transform, normalize_batch
 
 FEATURES = ('cls', 'mean')
-DEFAULT_FEATURE = 'cls'
+DEFAULT_FEATURE = 'mean'  # measured better than the class token after MAE pretraining (README)
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07
 QUERY_CHUNK = 1024
 BANK_CHUNK = 16384
+PAIR_BYTES = 24  # peak bytes per query x bank pair of a similarity chunk (chunk_bytes)
 MAX_BANK_CHUNK = 2 ** 24  # chunk_topk numbers the bank images of a chunk in float32
 TOP5 = 5
 # the monitor's default cap, images per class: ~1% of a ViT-B ImageNet epoch (README, python -m tools.benchmark --knn)
@@ -146,10 +147,10 @@ def ranked_classes(similarities: torch.Tensor, neighbour_labels: torch.Tensor, n
 def knn_hits(queries: torch.Tensor, query_labels: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor,
              num_classes: int, ks: Sequence[int], temperature: float, query_chunk: int = QUERY_CHUNK,
              bank_chunk: int = BANK_CHUNK, votes_dtype: torch.dtype = torch.float64) -> Dict[int, torch.Tensor]:
-    """Weighted k-NN of raw features: queries [q, D] with labels [q] against bank [N, D] with labels [N].
-    Returns, for each k, [top-1 hits, top-5 hits] (a float64 tensor of counts, or votes_dtype's) over the queries.
-    Memory beyond the inputs: chunk_bytes(query_chunk, bank_chunk, max(ks)), whatever N is."""
-    queries, bank = F.normalize(queries, dim=1), F.normalize(bank, dim=1)
+    """Weighted k-NN: queries [q, D] with labels [q] against bank [N, D] with labels [N], both L2-normalised
+    (normalised by the caller, so that a bank of a million images is never copied). Returns, for each k, [top-1
+    hits, top-5 hits] (a tensor of counts in votes_dtype) over the queries. Memory beyond the inputs:
+    chunk_bytes(query_chunk, bank_chunk, max(ks)), whatever N is."""
     hits = {k: torch.zeros(2, dtype=votes_dtype, device=queries.device) for k in ks}
     for start in range(0, queries.shape[0], query_chunk):
         sims, index = nearest_neighbours(queries[start:start + query_chunk], bank, max(ks), bank_chunk)
@@ -161,10 +162,11 @@ def knn_hits(queries: torch.Tensor, query_labels: torch.Tensor, bank: torch.Tens
 
 
 def chunk_bytes(query_chunk: int, bank_chunk: int, k: int) -> int:
-    """Upper bound of the bytes one step of knn_hits holds beside the normalised bank and queries: per query x
-    bank pair the similarity (4 bytes), at most three boolean masks (3), a running count (4) and the selection key
-    (4); per query the running and the new top-k, values and indices (4 + 8 bytes each, twice)."""
-    return query_chunk * bank_chunk * 15 + query_chunk * 2 * k * (4 + 8) * 2
+    """Bytes one step of knn_hits holds beside the bank and the queries: per query x bank pair the similarity
+    (4 bytes) and chunk_topk's masks, running count and key, 24 bytes in all (measured on the CPU: 20-23 at 512-1024
+    queries x 8192-16384 bank images, the same for a bank of 0.1M and of 1M images); per query the running and the
+    new top-k (values and indices, 4 + 8 bytes each)."""
+    return query_chunk * bank_chunk * PAIR_BYTES + query_chunk * 2 * k * (4 + 8) * 2
 
 
 def reference_ranked_classes(queries: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor,
@@ -221,11 +223,12 @@ def k_too_large(flag: str, ks: Sequence[int], data: KnnData, where: str) -> str:
 
 def all_features(encoder: torch.nn.Module, dataset: ImageFolderDataset, args, runtime, feature: str,
                  gather: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Features and labels of a dataset, each image computed on one rank (ShardedEvalSampler); with `gather` every
-    rank receives all of them in dataset order (one all_gather), else each keeps its share."""
+    """L2-normalised features and labels of a dataset, each image computed on one rank (ShardedEvalSampler); with
+    `gather` every rank receives all of them in dataset order (one all_gather), else each keeps its share."""
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     loader = build_loader(dataset, args, runtime, False, rank, world_size, dist_eval=True)
     features, labels = extract_features(encoder, loader, runtime, feature)
+    features = F.normalize(features, dim=1)  # here, per rank: the gathered bank is never copied to normalise it
     check_budget(dataset.bad_images, len(dataset), args.max_bad_images, output_dir='')
     if not gather:
         return features, labels
