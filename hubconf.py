@@ -6,7 +6,8 @@ model = torch.hub.load('/path/to/this/clone', 'vit_base_patch16', source='local'
                        checkpoint='mae_finetuned_vit_base.pth')
 model = torch.hub.load('/path/to/this/clone', 'vit_base_patch16', source='local', num_classes=100,
                        finetune='mae_pretrain_vit_base.pth')   # MAE encoder + fresh head, as --finetune does
-With `checkpoint` (path or URL) the image size, patch size, class count and pooling are read off it (keyword
+`checkpoint` and `finetune` take a path or URL of a .pth or .safetensors file, or a Hugging Face ViTMAE folder.
+With `checkpoint` the image size, patch size, class count and pooling are read off it (keyword
 arguments override them; another img_size interpolates the position embeddings) and the weights load strictly;
 weights only, never code.
 """
@@ -16,11 +17,13 @@ import models_vit as _models_vit
 from util import checkpoint_io as _checkpoint_io
 from util import state_dicts as _state_dicts
 
-dependencies = ['torch', 'timm', 'numpy']
+dependencies = ['torch', 'timm', 'numpy', 'safetensors']
 
 
 def _read(checkpoint):
-    return _checkpoint_io.model_state_from(_checkpoint_io.load_checkpoint(checkpoint), checkpoint)
+    """(the checkpoint dict, its weights): a .pth, .safetensors or Hugging Face ViTMAE folder, path or URL."""
+    loaded = _checkpoint_io.load_checkpoint(checkpoint)
+    return loaded, _checkpoint_io.model_state_from(loaded, checkpoint)
 
 
 def _sizes(state, kwargs: dict, keys) -> dict:
@@ -29,8 +32,9 @@ def _sizes(state, kwargs: dict, keys) -> dict:
     return {**{k: v for k, v in shown.items() if k in keys}, **kwargs}
 
 
-def _load(model, state, checkpoint, name: str):
+def _load(model, loaded: dict, state, checkpoint, name: str):
     """Strictly, after fitting the position embeddings to an img_size the caller chose."""
+    _state_dicts.check_attention_heads(model, loaded, checkpoint, name, _state_dicts.HUB)
     _state_dicts.fit_pos_embed(model, state, checkpoint)
     _state_dicts.load_state_strict(model, state, checkpoint, name, _state_dicts.HUB)
     return model
@@ -38,11 +42,11 @@ def _load(model, state, checkpoint, name: str):
 
 def _mae_entry(name: str):
     def entry(checkpoint=None, **kwargs):
-        state = _read(checkpoint) if checkpoint else None
+        loaded, state = _read(checkpoint) if checkpoint else (None, None)
         if state is not None:
             kwargs = _sizes(state, kwargs, ('patch_size', 'img_size'))
         model = _models_mae.build_mae(name, **kwargs)
-        return _load(model, state, checkpoint, name) if state is not None else model
+        return _load(model, loaded, state, checkpoint, name) if state is not None else model
     entry.__name__ = name
     entry.__doc__ = f'{name} (models_mae.py). checkpoint: an MAE checkpoint with its decoder; kwargs: img_size, ' \
                     'patch_size, norm_pix_loss, ...'
@@ -51,16 +55,16 @@ def _mae_entry(name: str):
 
 def _vit_entry(name: str):
     def entry(checkpoint=None, finetune=None, **kwargs):
-        state = _read(checkpoint) if checkpoint else None
+        loaded, state = _read(checkpoint) if checkpoint else (None, None)
         if state is not None:
             kwargs = _sizes(state, kwargs, ('patch_size', 'img_size', 'num_classes', 'global_pool'))
         model = _models_vit.build_classifier(name, **kwargs)
         if state is not None:
             if _state_dicts.architecture_of(state).kind == 'linear probe':
                 model = _models_vit.add_batchnorm_head(model)
-            _load(model, state, checkpoint, name)
+            _load(model, loaded, state, checkpoint, name)
         if finetune:
-            _state_dicts.load_pretrained_encoder(model, _read(finetune), finetune, name)
+            _state_dicts.load_pretrained_encoder(model, _checkpoint_io.load_checkpoint(finetune), finetune, name)
         return model
     entry.__name__ = name
     entry.__doc__ = f'{name} (models_vit.py). checkpoint: a fine-tuned classifier; finetune: MAE encoder weights; ' \
@@ -73,8 +77,12 @@ mae_vit_small_patch16 = _mae_entry('mae_vit_small_patch16')
 mae_vit_base_patch16 = _mae_entry('mae_vit_base_patch16')
 mae_vit_large_patch16 = _mae_entry('mae_vit_large_patch16')
 mae_vit_huge_patch14 = _mae_entry('mae_vit_huge_patch14')
+mae_vit_giant_patch14 = _mae_entry('mae_vit_giant_patch14')
+mae_vit_2b_patch14 = _mae_entry('mae_vit_2b_patch14')
 vit_tiny_patch16 = _vit_entry('vit_tiny_patch16')
 vit_small_patch16 = _vit_entry('vit_small_patch16')
 vit_base_patch16 = _vit_entry('vit_base_patch16')
 vit_large_patch16 = _vit_entry('vit_large_patch16')
 vit_huge_patch14 = _vit_entry('vit_huge_patch14')
+vit_giant_patch14 = _vit_entry('vit_giant_patch14')
+vit_2b_patch14 = _vit_entry('vit_2b_patch14')

@@ -8,6 +8,8 @@ python main_finetune.py --eval --resume mae_finetuned_vit_base.pth --model vit_b
     --data_path $IMAGENET          # -> * Acc@1 83.664 Acc@5 96.530 loss 0.731
 """
 import util  # noqa: F401  first, before torch: device plugins load on demand (see util/__init__.py)
+import argparse
+
 import torch
 from timm.data.mixup import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -17,20 +19,19 @@ from util import args as cli
 from util import checks, classification, launch
 from util.amp import LossScaler
 from util.checkpointer import Checkpointer, load_weights, resume_training
-from util.distributed import print0
 from util.logs import RunLog
 from util.lr_decay import param_groups_lrd
 from util.lr_sched import effective_lr
 from util.optim import make_adamw
 from util.preemption import stop_if_signalled
-from util.transforms import build_eval_transform, build_finetune_transform
+from util.transforms import build_finetune_transform
 
 
 def get_args_parser() -> cli.ArgumentParser:
-    parser = cli.ArgumentParser('MAE fine-tuning for image classification')
+    parser = cli.ArgumentParser('main_finetune.py', 'MAE fine-tuning for image classification')
     cli.add_schedule_args(parser, batch_size=64, epochs=50, blr=1e-3, weight_decay=0.05, min_lr=1e-6,
                           warmup_epochs=5)
-    cli.add_model_args(parser, model='vit_large_patch16')
+    cli.add_model_args(parser, model='vit_large_patch16', classifier=True)
     parser.add_argument('--drop_path', type=float, default=0.1, metavar='PCT', help='stochastic depth rate')
     parser.add_argument('--clip_grad', type=float, default=None, metavar='NORM',
                         help='clip the gradient norm to this (default: no clipping)')
@@ -59,25 +60,25 @@ def get_args_parser() -> cli.ArgumentParser:
     cli.add_classifier_args(parser, global_pool=True)
     cli.add_run_args(parser, folders='train/ and val/ (with --eval: val/)')
     cli.add_adamw_args(parser)
+    cli.add_fsdp_args(parser)
     return parser
 
 
 def main(args):
     check_args(args)
     world_size = launch.world_size_of_launch(args)
-    run = classification.read_up_front(args, build_finetune_transform(args), build_eval_transform(args.input_size),
-                                       world_size)
+    run = classification.read_up_front(args, build_finetune_transform, world_size, global_pool_default=True)
     if run is None:
         return  # the run in --output_dir already finished --epochs
 
-    runtime = launch.start(args)
+    runtime = launch.start(args, training=not args.eval)
     loader_train, loader_val = classification.build_loaders(run, args, runtime, world_size)
     model = classification.build_classifier(args, run.encoder, head_init_std=2e-5, drop_path_rate=args.drop_path)
     if args.eval:
         load_weights(run.resumable, model, args.model, fit_image_size=True)
         return evaluate(loader_val, model.to(runtime.device), runtime, sharded=args.dist_eval)
 
-    model, model_without_ddp = launch.place_model(model, runtime, args)
+    model, model_without_ddp = launch.place_model(model, runtime, args, fsdp=args.fsdp)
     effective_lr(args, world_size)
     # layer-wise lr decay: lr_scale = layer_decay ** (num_layers - layer_id)
     param_groups = param_groups_lrd(model_without_ddp, args.weight_decay,
@@ -90,7 +91,9 @@ def main(args):
 
     start = resume_training(run.resumable, model_without_ddp, optimizer, loss_scaler, runtime, args)
     checkpointer = Checkpointer(args, model_without_ddp, optimizer, loss_scaler, runtime, start, run.classes)
-    run_log = RunLog(args.output_dir, args.log_dir, n_parameters=classification.trainable_parameters(model))
+    run_log = RunLog(args, model_without_ddp, optimizer, runtime, world_size, start, 'MAE fine-tuning',
+                     classification.describe_data(run), describe_recipe(args, mixup_fn),
+                     n_parameters=classification.trainable_parameters(model))
     for epoch in range(start.epoch, args.epochs):
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, runtime, epoch, loss_scaler, args,
                                       run_log.tensorboard, checkpointer, start, mixup_fn, args.clip_grad)
@@ -100,10 +103,16 @@ def main(args):
         stop_if_signalled(epoch, args.epochs, checkpointer.last_path)
 
 
+def describe_recipe(args, mixup_fn) -> str:
+    mixing = f'mixup {args.mixup} / cutmix {args.cutmix}' if mixup_fn is not None else 'no mixup'
+    return (f'layer decay {args.layer_decay}, drop path {args.drop_path}, label smoothing {args.smoothing}, '
+            f'{mixing}, augmentation {args.aa}, random erasing {args.reprob}, '
+            f'{"global pool" if args.global_pool else "class token"}')
+
+
 def build_mixup(args):
     if not mixup_active(args):
         return None
-    print0('Mixup is activated!')
     return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                  prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                  label_smoothing=args.smoothing, num_classes=args.nb_classes)
@@ -116,7 +125,7 @@ def check_args(args):
         errors.append(f'--batch_size {args.batch_size}: mixup/cutmix needs an even batch size')
     if not errors:
         try:
-            build_finetune_transform(args)
+            build_finetune_transform(argparse.Namespace(**{**vars(args), 'input_size': args.input_size or 224}))
         except (AssertionError, ValueError, KeyError) as e:
             errors.append(f'--aa {args.aa}: not an augmentation policy timm knows ({e}); e.g. '
                           'rand-m9-mstd0.5-inc1, original, v0, or none')

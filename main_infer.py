@@ -24,16 +24,18 @@ from util.checkpoint_io import CheckpointError, load_checkpoint, model_state_fro
 from util.classes import display_names, read_lines
 from util.device import AMP_CHOICES, DEVICE_CHOICES, DeviceError, setup_runtime
 from util.images import DECODE_ERRORS, collect_images, decode_image
-from util.reconstruction import panels_to_image, reconstruct, reconstruction_transform
-from util.state_dicts import StateDict, architecture_of, fit_pos_embed, load_state_strict
+from util.reconstruction import reconstruct, reconstruction_transform, save_figure
+from util.state_dicts import StateDict, architecture_of, check_attention_heads, fit_pos_embed, load_state_strict
 from util.transforms import build_eval_transform
 
 
 def get_args_parser() -> cli.ArgumentParser:
-    parser = cli.ArgumentParser('MAE / ViT inference on your own images')
+    parser = cli.ArgumentParser('main_infer.py', 'MAE / ViT inference on your own images')
     parser.add_argument('--model', required=True,
                         help='vit_* (classification) or mae_vit_* (reconstruction), e.g. vit_base_patch16; required')
-    parser.add_argument('--resume', required=True, help='checkpoint path or https URL; required')
+    parser.add_argument('--resume', required=True,
+                        help='checkpoint: a .pth or .safetensors file or a Hugging Face ViTMAE folder, path or https '
+                             'URL; required')
     parser.add_argument('--img_path', nargs='+', required=True,
                         help='image files and/or folders of images; required')
     parser.add_argument('--input_size', type=int, default=None,
@@ -44,12 +46,14 @@ def get_args_parser() -> cli.ArgumentParser:
     parser.add_argument('--class_names', default=None,
                         help="text file, one class name per line in output order (default: the checkpoint's own "
                              'list, else ImageNet-1k names for 1000 outputs)')
-    parser.add_argument('--mask_ratio', type=float, default=0.75, help='fraction of patches hidden (MAE), in [0, 1)')
+    parser.add_argument('--mask_ratio', type=float, default=0.75,
+                        help='fraction of patches hidden (MAE), 0 <= ratio < 1')
     parser.add_argument('--seed', type=int, default=0, help='mask seed: the same seed gives the same mask')
     parser.add_argument('--norm_pix_loss', action='store_true', default=None,
                         help="the MAE predicts per-patch normalised pixels (default: read from the checkpoint's "
                              'args; the released visualisation checkpoints predict raw pixels)')
-    parser.add_argument('--output_dir', default='./infer_output', help='where reconstruction PNGs go')
+    parser.add_argument('--output_dir', default='reconstructions',
+                        help='folder for the reconstruction figures, <image name>_mae.png')
     parser.add_argument('--json', default=None, metavar='FILE', help="also write the results as JSON ('-': stdout)")
     parser.add_argument('--device', default='auto', choices=DEVICE_CHOICES, help='backend (auto: the first available)')
     parser.add_argument('--amp', default='off', choices=AMP_CHOICES, help='precision of the forward pass')
@@ -182,7 +186,7 @@ def reconstruction_handler(args, model, checkpoint, runtime, report: dict):
         panels, loss, mask = reconstruct(model, transform(img).unsqueeze(0), args.mask_ratio, args.seed, norm_pix,
                                          runtime)
         out = output_png_path(args.output_dir, path, taken)
-        panels_to_image([panels]).save(out)
+        save_figure([panels], out)
         loss_text = f'{loss:.4f}' if loss is not None else 'n/a (no patch masked)'
         print(f'{path}: reconstruction loss {loss_text} on {int(mask.sum())} of {mask.numel()} patches masked '
               f'-> {out}')
@@ -209,6 +213,7 @@ def run(args) -> dict:
     check_args(args)
     checkpoint = load_checkpoint(args.resume)
     model = load_model(args, model_state_from(checkpoint, args.resume), args.resume)
+    check_attention_heads(model, checkpoint, args.resume, args.model)
     runtime = setup_runtime(args.device, args.amp)
     model.to(runtime.device)
     files, errors = collect_images(args.img_path)

@@ -17,13 +17,13 @@ from util.lars import LARS
 from util.logs import RunLog
 from util.lr_sched import effective_lr
 from util.preemption import stop_if_signalled
-from util.transforms import build_eval_transform, build_linprobe_transform
+from util.transforms import build_linprobe_transform
 
 
 def get_args_parser() -> cli.ArgumentParser:
-    parser = cli.ArgumentParser('MAE linear probing for image classification')
+    parser = cli.ArgumentParser('main_linprobe.py', 'MAE linear probing for image classification')
     cli.add_schedule_args(parser, batch_size=512, epochs=90, blr=0.1, weight_decay=0., min_lr=0., warmup_epochs=10)
-    cli.add_model_args(parser, model='vit_large_patch16')
+    cli.add_model_args(parser, model='vit_large_patch16', classifier=True)
     cli.add_classifier_args(parser, global_pool=False)
     cli.add_run_args(parser, folders='train/ and val/ (with --eval: val/)')
     return parser
@@ -32,19 +32,19 @@ def get_args_parser() -> cli.ArgumentParser:
 def main(args):
     check_args(args)
     world_size = launch.world_size_of_launch(args)
-    run = classification.read_up_front(args, build_linprobe_transform(args.input_size),
-                                       build_eval_transform(args.input_size), world_size)
+    run = classification.read_up_front(args, lambda a: build_linprobe_transform(a.input_size), world_size,
+                                       global_pool_default=False)
     if run is None:
         return  # the run in --output_dir already finished --epochs
 
-    runtime = launch.start(args)
+    runtime = launch.start(args, training=not args.eval)
     loader_train, loader_val = classification.build_loaders(run, args, runtime, world_size)
     model = linear_probe(classification.build_classifier(args, run.encoder, head_init_std=0.01))
     if args.eval:
         load_weights(run.resumable, model, args.model, fit_image_size=True)
         return evaluate(loader_val, model.to(runtime.device), runtime, sharded=args.dist_eval)
 
-    model, model_without_ddp = launch.place_model(model, runtime, args)
+    model, model_without_ddp = launch.place_model(model, runtime, args, fsdp=False)
     effective_lr(args, world_size)
     optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     loss_scaler = LossScaler(runtime.grad_scaler())
@@ -52,7 +52,10 @@ def main(args):
 
     start = resume_training(run.resumable, model_without_ddp, optimizer, loss_scaler, runtime, args)
     checkpointer = Checkpointer(args, model_without_ddp, optimizer, loss_scaler, runtime, start, run.classes)
-    run_log = RunLog(args.output_dir, args.log_dir, n_parameters=classification.trainable_parameters(model))
+    run_log = RunLog(args, model_without_ddp, optimizer, runtime, world_size, start, 'MAE linear probing',
+                     classification.describe_data(run), f'LARS, weight decay {args.weight_decay}, frozen encoder, '
+                     f'{"global pool" if args.global_pool else "class token"}',
+                     n_parameters=classification.trainable_parameters(model))
     for epoch in range(start.epoch, args.epochs):
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, runtime, epoch, loss_scaler, args,
                                       run_log.tensorboard, checkpointer, start)  # no mixup, no clipping

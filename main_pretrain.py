@@ -16,7 +16,7 @@ from util import args as cli
 from util import checks, knn, launch
 from util.amp import LossScaler
 from util.checkpointer import Checkpointer, find_resumable, resume_training
-from util.datasets import ImageFolderDataset, build_image_folder, build_loader
+from util.datasets import ImageFolderDataset, build_image_folder, build_loader, describe
 from util.distributed import get_rank
 from util.images import decode_image_tensor
 from util.logs import RunLog
@@ -28,12 +28,12 @@ from util.transforms import build_fast_pretrain_transform, build_pretrain_transf
 
 
 def get_args_parser() -> cli.ArgumentParser:
-    parser = cli.ArgumentParser('MAE pre-training')
+    parser = cli.ArgumentParser('main_pretrain.py', 'MAE pre-training')
     cli.add_schedule_args(parser, batch_size=64, epochs=400, blr=1e-3, weight_decay=0.05, min_lr=0.,
                           warmup_epochs=40)
     cli.add_model_args(parser, model='mae_vit_large_patch16')
     parser.add_argument('--mask_ratio', default=0.75, type=float,
-                        help='fraction of the patches hidden from the encoder, in [0, 1)')
+                        help='fraction of the patches hidden from the encoder, 0 <= ratio < 1')
     parser.add_argument('--norm_pix_loss', action='store_true',
                         help='targets are each patch\'s pixels normalised by its own mean and std (the released '
                              'models)')
@@ -41,6 +41,7 @@ def get_args_parser() -> cli.ArgumentParser:
     parser.add_argument('--save_freq', default=20, type=int,
                         help='write a numbered checkpoint every N epochs (and after the last one)')
     cli.add_adamw_args(parser)
+    cli.add_fsdp_args(parser)
     parser.add_argument('--fast_decode', action='store_true',
                         help='decode JPEGs with torchvision.io and crop/resize uint8 tensors: same crop '
                              'distribution, pixels within a few grey levels of PIL, ~2x the images/s per core')
@@ -65,6 +66,11 @@ def check_args(args):
     checks.raise_if_errors(errors)
 
 
+def describe_recipe(args) -> str:
+    targets = 'per-patch normalised pixel targets' if args.norm_pix_loss else 'raw pixel targets'
+    return f'mask ratio {args.mask_ratio}, {targets}, AdamW (0.9, 0.95), weight decay {args.weight_decay}'
+
+
 def build_model(args) -> models_mae.MaskedAutoencoderViT:
     return models_mae.build_mae(args.model, patch_size=args.patch_size, img_size=args.input_size,
                                 norm_pix_loss=args.norm_pix_loss, attn_impl=args.attn)
@@ -82,16 +88,16 @@ def main(args):
     check_args(args)
     world_size = launch.world_size_of_launch(args)
     resumable = find_resumable(args)  # --resume, or this --output_dir's checkpoint: read before any work
-    if checks.nothing_to_train(resumable, args):
+    if checks.nothing_to_train(resumable, args, world_size):
         return
     dataset_train = build_pretraining_dataset(args)
     checks.check_training_plan(len(dataset_train), dataset_train.root, args, world_size)
     knn_data = knn.read_monitor_data(args)  # the k-NN monitor's bank and queries (None without --knn_data_path)
 
-    runtime = launch.start(args)
+    runtime = launch.start(args, training=True)
     data_loader_train = build_loader(dataset_train, args, runtime, True, get_rank(), world_size)
     model = build_model(args)
-    model, model_without_ddp = launch.place_model(model, runtime, args)
+    model, model_without_ddp = launch.place_model(model, runtime, args, fsdp=args.fsdp)
     effective_lr(args, world_size)
     # no weight decay on biases and norm weights; AdamW betas (0.9, 0.95)
     param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
@@ -100,7 +106,8 @@ def main(args):
 
     start = resume_training(resumable, model_without_ddp, optimizer, loss_scaler, runtime, args)
     checkpointer = Checkpointer(args, model_without_ddp, optimizer, loss_scaler, runtime, start)
-    run_log = RunLog(args.output_dir, args.log_dir)
+    run_log = RunLog(args, model_without_ddp, optimizer, runtime, world_size, start, 'MAE pretraining',
+                     describe(dataset_train), describe_recipe(args))
     for epoch in range(start.epoch, args.epochs):
         train_stats = train_one_epoch(model, data_loader_train, optimizer, runtime, epoch, loss_scaler, args,
                                       run_log.tensorboard, checkpointer, start)

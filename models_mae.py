@@ -21,7 +21,7 @@ class MaskedAutoencoderViT(nn.Module):
                  embed_dim: int = 1024, depth: int = 24, num_heads: int = 16,
                  decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
                  mlp_ratio: float = 4., norm_layer=nn.LayerNorm, norm_pix_loss: bool = False,
-                 *, attn_impl: str = 'sdpa'):
+                 *, attn_impl: str = 'sdpa', decoder_mlp_ratio: Optional[float] = None):
         super().__init__()
         self.in_chans = in_chans
         self.norm_pix_loss = norm_pix_loss
@@ -43,8 +43,8 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim),
                                               requires_grad=False)  # fixed
         self.decoder_blocks = nn.ModuleList([
-            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
-                  attn_impl=attn_impl)
+            Block(decoder_embed_dim, decoder_num_heads, decoder_mlp_ratio or mlp_ratio, qkv_bias=True,
+                  norm_layer=norm_layer, attn_impl=attn_impl)
             for _ in range(decoder_depth)])
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans, bias=True)
@@ -206,8 +206,20 @@ def mae_vit_large_patch16(**kwargs) -> MaskedAutoencoderViT:
 def mae_vit_huge_patch14(**kwargs) -> MaskedAutoencoderViT:
     return _mae(1280, 32, 16, 14, kwargs)
 
+# Not official MAE configs: larger encoders to train with --fsdp, with the official 512-d x 8 decoder (MLP ratio 4).
+# ViT-g/14 (Zhai et al.: width 1408, depth 40, MLP 6144, 16 heads); ViT-2B/14 (Singh et al. 2023: width 2560,
+# depth 24, MLP 10240, 32 heads).
+def mae_vit_giant_patch14(**kwargs) -> MaskedAutoencoderViT:
+    return _mae(1408, 40, 16, 14, {'mlp_ratio': 48 / 11, 'decoder_mlp_ratio': 4.0, **kwargs})  # MLP 6144
+
+
+def mae_vit_2b_patch14(**kwargs) -> MaskedAutoencoderViT:
+    return _mae(2560, 24, 32, 14, kwargs)
+
+
 MODELS = {f.__name__: f for f in (mae_vit_tiny_patch16, mae_vit_small_patch16, mae_vit_base_patch16,
-                                  mae_vit_large_patch16, mae_vit_huge_patch14)}
+                                  mae_vit_large_patch16, mae_vit_huge_patch14, mae_vit_giant_patch14,
+                                  mae_vit_2b_patch14)}
 
 
 def build_mae(name: str, patch_size: Optional[int] = None, **kwargs) -> MaskedAutoencoderViT:

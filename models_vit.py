@@ -184,8 +184,19 @@ def vit_huge_patch14(**kwargs) -> VisionTransformer:
     return _vit(1280, 32, 16, 14, kwargs)
 
 
+# Not official MAE configs: larger ViTs to train with --fsdp. ViT-g/14 (Zhai et al., Scaling Vision Transformers:
+# width 1408, depth 40, MLP 6144, 16 heads) and ViT-2B/14 (Singh et al. 2023, MAE pre-pretraining: width 2560,
+# depth 24, MLP 10240, 32 heads).
+def vit_giant_patch14(**kwargs) -> VisionTransformer:
+    return _vit(1408, 40, 16, 14, {'mlp_ratio': 48 / 11, **kwargs})  # 1408 x 48 / 11 = 6144
+
+
+def vit_2b_patch14(**kwargs) -> VisionTransformer:
+    return _vit(2560, 24, 32, 14, kwargs)
+
+
 MODELS = {f.__name__: f for f in (vit_tiny_patch16, vit_small_patch16, vit_base_patch16, vit_large_patch16,
-                                  vit_huge_patch14)}
+                                  vit_huge_patch14, vit_giant_patch14, vit_2b_patch14)}
 
 
 def build_classifier(name: str, patch_size: Optional[int] = None, **kwargs) -> VisionTransformer:

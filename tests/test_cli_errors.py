@@ -67,8 +67,8 @@ CASES = [
     ('main_pretrain.py', ['--resume', '{tmp}/missing.pth'], '--resume {tmp}/missing.pth: no such file'),
     ('main_pretrain.py', ['--resume', '{tmp}'], '--resume {tmp}: is a folder, not a checkpoint file'),
     ('main_finetune.py', ['--finetune', '{tmp}/missing.pth'], '--finetune {tmp}/missing.pth: no such file'),
-    ('main_finetune.py', ['--finetune', '{text}'], '{text}: not a readable PyTorch checkpoint'),
-    ('main_finetune.py', ['--eval', '--resume', '{text}'], '{text}: not a readable PyTorch checkpoint'),
+    ('main_finetune.py', ['--finetune', '{text}'], '{text}: not a readable checkpoint'),
+    ('main_finetune.py', ['--eval', '--resume', '{text}'], '{text}: not a readable checkpoint'),
     ('main_finetune.py', ['--eval', '--finetune', '{weights}'], '--eval: no weights to evaluate; pass the '
      'fine-tuned or linear-probe checkpoint as --resume'),
     ('main_linprobe.py', ['--eval'], '--eval: no weights to evaluate'),

@@ -1,11 +1,12 @@
 """The first README command: `python main_pretrain.py --demo`, here with a reduced budget."""
 import json
 import os
+import signal
 
 import pytest
 from PIL import Image
 
-from conftest import read_json_log, run_script, run_torchrun
+from conftest import read_json_log, run_script, run_torchrun, script_command, start_process, wait_for_line
 from tools.demo import DEMO_DEFAULTS
 
 
@@ -25,9 +26,9 @@ def test_demo_pretrains_and_shows_it_learned(tmp_path):
     assert result['held_out_error_after'] < result['held_out_error_before']
     assert (f"{result['held_out_error_before']:.4f} before training -> {result['held_out_error_after']:.4f} after"
             in proc.stdout)
-    # one row of 4 panels per held-out class, 3x enlarged
+    # one row of 4 titled panels (240 px each) per held-out class
     figure = Image.open(out / 'reconstruction_after.png')
-    assert figure.size == (4 * 64 * 3, 8 * 64 * 3)
+    assert figure.size == (4 * 240, 8 * 240 + 40)
     # where everything went and what to run next
     for text in (f'Everything is in {out}/', 'tensorboard --logdir', 'python main_finetune.py',
                  'python main_linprobe.py', 'python main_infer.py'):
@@ -67,12 +68,32 @@ def test_demo_refuses_a_real_run_and_a_real_dataset_and_changes_neither(tmp_path
 
 
 @pytest.mark.slow
-def test_a_second_demo_replaces_the_first_in_its_own_folder(tmp_path):
+def test_a_second_demo_replaces_the_first_and_its_outputs_and_says_so(tmp_path):
     out = tmp_path / 'demo_output'
-    for _ in range(2):
-        run_script('main_pretrain.py', '--demo', '--epochs', '1', '--demo_images', '8', '--output_dir', out,
-                   '--data_path', out / 'data', check=True)
+    (out / 'finetune').mkdir(parents=True)  # a fine-tuning run of the first demo's model, left by its next step
+    (out / 'finetune' / 'log.txt').write_text('{"epoch": 0}\n')
+    procs = [run_script('main_pretrain.py', '--demo', '--epochs', '1', '--demo_images', '8', '--output_dir', out,
+                        '--data_path', out / 'data', check=True) for _ in range(2)]
+    assert 'Demo: starting over' not in procs[0].stdout
+    assert f'Demo: starting over in {out} (the previous demo finished)' in procs[1].stdout
     assert [e['epoch'] for e in read_json_log(out)] == [0]
+    assert len([n for n in os.listdir(out) if n.startswith('events.out.tfevents')]) == 1  # not one per run
+    assert not (out / 'finetune').exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_demo_then_the_same_command_continues_it(tmp_path):
+    out = tmp_path / 'demo_output'
+    command = script_command('main_pretrain.py', '--demo', '--epochs', '3', '--demo_images', '24', '--output_dir',
+                             out, '--data_path', out / 'data', '--num_workers', '0', '--print_freq', '2')
+    proc = start_process(command, tmp_path / 'first.log', own_group=True)
+    wait_for_line(tmp_path / 'first.log', 'Epoch: [1]  [2/', proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 128 + signal.SIGINT
+    assert 'rerun the same command to continue' in open(tmp_path / 'first.log').read()
+    again = run_script(*command[1:], check=True)
+    assert 'Demo: continuing the interrupted demo' in again.stdout and 'Demo finished' in again.stdout
+    assert [e['epoch'] for e in read_json_log(out)] == [0, 1, 2]
 
 
 def test_demo_without_an_output_folder_is_refused(tmp_path):

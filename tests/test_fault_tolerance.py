@@ -92,6 +92,53 @@ def test_sigterm_saves_at_the_next_step_exits_143_and_the_rerun_matches(texture_
 
 
 @pytest.mark.slow
+def test_ctrl_c_saves_at_the_next_step_exits_130_in_one_line_and_the_rerun_matches(texture_data, uninterrupted,
+                                                                                   tmp_path):
+    """Ctrl-C as a terminal sends it: SIGINT to the whole process group, DataLoader workers included."""
+    out = tmp_path / 'run'
+    proc = start_process(pretrain_cmd(texture_data, out), tmp_path / 'first.log', own_group=True)
+    wait_for_line(tmp_path / 'first.log', 'Epoch: [1]  [4/8]', proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 128 + signal.SIGINT
+    log = open(tmp_path / 'first.log').read()
+    assert 'Traceback' not in log and 'KeyboardInterrupt' not in log
+    assert 'stopped by Ctrl-C (SIGINT); checkpoint saved to' in log and 'rerun the same command to continue' in log
+    assert load_checkpoint(str(out / 'checkpoint-last.pth'))['epoch_in_progress']['epoch'] == 1
+    relaunch = subprocess.run(pretrain_cmd(texture_data, out), cwd=ROOT, capture_output=True, text=True,
+                              timeout=600, env=subprocess_env())
+    assert relaunch.returncode == 0, relaunch.stderr[-3000:]
+    assert_same_weights(final_weights(out), final_weights(uninterrupted))
+    assert_same_epoch_averages(out, uninterrupted)
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_dataloader_workers_saves_and_the_rerun_continues(texture_data, tmp_path):
+    """The workers get the terminal's SIGINT too: they must not die and end the epoch before the save."""
+    command = pretrain_cmd(texture_data, tmp_path / 'run', '--num_workers', '2')
+    proc = start_process(command, tmp_path / 'first.log', own_group=True)
+    wait_for_line(tmp_path / 'first.log', 'Epoch: [0]  [4/8]', proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 128 + signal.SIGINT
+    log = open(tmp_path / 'first.log').read()
+    assert 'stopped by Ctrl-C (SIGINT)' in log and 'exited unexpectedly' not in log and 'Traceback' not in log
+    relaunch = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=subprocess_env())
+    assert relaunch.returncode == 0 and 'Continuing at epoch 0, iteration' in relaunch.stdout
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_in_one_line(texture_data, tmp_path):
+    proc = start_process(pretrain_cmd(texture_data, tmp_path / 'run'), tmp_path / 'first.log', own_group=True)
+    wait_for_line(tmp_path / 'first.log', 'Epoch: [0]  [4/8]', proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    wait_for_line(tmp_path / 'first.log', 'Ctrl-C: stopping at the next optimizer step', proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 128 + signal.SIGINT
+    log = open(tmp_path / 'first.log').read()
+    assert 'Traceback' not in log
+    assert 'Interrupted again (Ctrl-C): stopped at once' in log or 'stopped by Ctrl-C (SIGINT)' in log  # may win
+
+
+@pytest.mark.slow
 def test_torchrun_relaunch_after_kill_has_no_lost_or_repeated_epoch(texture_data, tmp_path):
     out = tmp_path / 'ddp'
 

@@ -64,45 +64,60 @@ def infer(capsys, *argv):
     return code, out.out, out.err
 
 
-def panels_of(png_path, size):
-    array = np.asarray(Image.open(png_path)).astype(np.int16)
-    return [array[:, i * size:(i + 1) * size] for i in range(4)]
+@pytest.fixture
+def drawn(monkeypatch):
+    """The rows of panels main_infer draws into its figure ([4, 3, H, W] each, values in [0, 1]), as uint8 arrays
+    [4, H, W, 3]; the figure is still written."""
+    rows = []
+
+    def record(panels, path, *args, **kwargs):
+        rows.extend((p * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy().astype(np.int16) for p in panels)
+        return reconstruction.save_figure(panels, path, *args, **kwargs)
+    monkeypatch.setattr(main_infer, 'save_figure', record)
+    return rows
 
 
-# --- reconstruction ----------------------------------------------------------------------------------------
-
-def test_reconstruction_png_has_four_panels_of_the_input_size(checkpoints, pictures, tmp_path, capsys):
+def test_reconstruction_writes_a_titled_figure_large_enough_to_read(checkpoints, pictures, tmp_path, capsys, drawn):
     out_dir = tmp_path / 'out'
     code, out, _ = infer(capsys, '--model', 'mae_vit_tiny_patch16', '--resume', checkpoints / 'mae.pth',
                          '--img_path', pictures['rgb'], '--output_dir', out_dir)
     assert code == 0
     png = out_dir / 'rgb_mae.png'
-    assert Image.open(png).size == (4 * 32, 32) and Image.open(png).mode == 'RGB'
-    assert 'reconstruction loss' in out and '48 of 64 patches masked' in out
-    original, masked, _, pasted = panels_of(png, 32)
+    # 4 panels of 240 px (a 32-px image shown 7x) under their column titles
+    assert Image.open(png).size == (960, 280) and Image.open(png).mode == 'RGBA'
+    assert 'reconstruction loss' in out and '48 of 64 patches masked' in out and f'-> {png}' in out
+    original, masked, _, pasted = drawn[0]
     hidden = (masked == 128).all(axis=-1)  # grey where hidden
     assert 0.5 < hidden.mean() < 0.9
     assert np.abs(pasted[~hidden] - original[~hidden]).max() <= 1  # visible patches pasted back
 
 
-def masked_panel(checkpoints, image, out_dir, seed, capsys):
+def test_the_figure_has_a_row_of_four_titled_columns_per_image(tmp_path):
+    rows = [torch.rand(4, 3, 64, 64) for _ in range(3)]
+    reconstruction.save_figure(rows, str(tmp_path / 'f.png'), row_labels=['a', 'b', 'c'])
+    assert Image.open(tmp_path / 'f.png').size == (960, 3 * 240 + 40)
+    assert reconstruction.COLUMN_TITLES == ('original', 'masked', 'reconstruction', 'reconstruction + visible')
+
+
+def masked_panel(checkpoints, image, out_dir, seed, capsys, drawn):
     infer(capsys, '--model', 'mae_vit_tiny_patch16', '--resume', checkpoints / 'mae.pth', '--img_path', image,
           '--output_dir', out_dir, '--seed', seed)
-    return panels_of(out_dir / f'{image.stem}_mae.png', 32)[1]
+    return drawn.pop()[1]
 
 
-def test_the_same_seed_gives_the_same_mask_and_another_seed_another(checkpoints, pictures, tmp_path, capsys):
-    first = masked_panel(checkpoints, pictures['rgb'], tmp_path / 'a', 7, capsys)
-    again = masked_panel(checkpoints, pictures['rgb'], tmp_path / 'b', 7, capsys)
-    other = masked_panel(checkpoints, pictures['rgb'], tmp_path / 'c', 8, capsys)
+def test_the_same_seed_gives_the_same_mask_and_another_seed_another(checkpoints, pictures, tmp_path, capsys, drawn):
+    first = masked_panel(checkpoints, pictures['rgb'], tmp_path / 'a', 7, capsys, drawn)
+    again = masked_panel(checkpoints, pictures['rgb'], tmp_path / 'b', 7, capsys, drawn)
+    other = masked_panel(checkpoints, pictures['rgb'], tmp_path / 'c', 8, capsys, drawn)
     assert np.array_equal(first, again) and not np.array_equal(first, other)
+    assert (tmp_path / 'a' / 'rgb_mae.png').read_bytes() == (tmp_path / 'b' / 'rgb_mae.png').read_bytes()
 
 
-def test_mask_ratio_zero_reproduces_the_visible_pixels(checkpoints, pictures, tmp_path, capsys):
+def test_mask_ratio_zero_reproduces_the_visible_pixels(checkpoints, pictures, tmp_path, capsys, drawn):
     code, out, _ = infer(capsys, '--model', 'mae_vit_tiny_patch16', '--resume', checkpoints / 'mae.pth',
                          '--img_path', pictures['rgb'], '--output_dir', tmp_path, '--mask_ratio', '0')
     assert code == 0 and 'n/a (no patch masked)' in out
-    original, masked, _, pasted = panels_of(tmp_path / 'rgb_mae.png', 32)
+    original, masked, _, pasted = drawn[0]
     assert np.array_equal(masked, original) and np.array_equal(pasted, original)
 
 
@@ -252,7 +267,7 @@ def test_a_real_photo_through_both_modes_as_a_user_runs_them(checkpoints, tmp_pa
     proc = run_script('main_infer.py', '--model', 'mae_vit_tiny_patch16', '--resume', checkpoints / 'mae.pth',
                       '--img_path', PHOTO, '--output_dir', tmp_path, check=True)
     assert 'circuit_board_mae.png' in proc.stdout
-    assert Image.open(tmp_path / 'circuit_board_mae.png').size == (128, 32)
+    assert Image.open(tmp_path / 'circuit_board_mae.png').size == (960, 280)
 
 
 def test_json_to_stdout_is_the_json_alone(checkpoints, pictures, capsys):

@@ -235,8 +235,8 @@ def test_an_empty_train_folder_and_a_text_file_checkpoint_are_refused_before_any
     good = colour_folder(tmp_path / 'data', {'train': {'a': 16, 'b': 16}, 'val': {'a': 1}})
     code, stdout, err = run_in_process(SCRIPTS[script], ['--data_path', good, '--output_dir', out, *tiny, flag, text],
                                        capsys)
-    assert code == 2 and err == [f'error: {text}: not a readable PyTorch checkpoint (it is not a file written by '
-                                 "torch.save; it starts with b'not ')"]
+    assert code == 2 and err == [f'error: {text}: not a readable checkpoint (it is neither a file written by '
+                                 "torch.save nor a safetensors file; it starts with b'not ')"]
     assert stdout == '' and not out.exists()
 
 

@@ -36,7 +36,7 @@ def test_verdict_on_identical_close_and_diverging_curves(tmp_path, capsys, candi
     assert verdict in out
     assert len([line for line in out.splitlines() if line.strip()[:1].isdigit()]) == len(REFERENCE)  # per epoch
     image = Image.open(png)
-    assert image.size == (720, 420) and len(image.getcolors(2 ** 16)) > 3  # axes, two coloured curves
+    assert image.size == (800, 650) and len(image.getcolors(2 ** 16)) > 3  # axes, two coloured curves
     result = json.loads((tmp_path / 'r.json').read_text())
     assert result['passed'] == (code == 0) and len(result['rows']) == len(REFERENCE)
 
@@ -70,6 +70,27 @@ def test_other_keys_and_bad_logs(tmp_path, capsys):
     assert 'no "train_loss" values' in err
 
 
+def test_the_figure_goes_next_to_the_candidate_log_named_for_its_key(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'gpu').mkdir()
+    (tmp_path / 'npu').mkdir()
+    ref = write_log(tmp_path / 'gpu' / 'log.txt', [80.0, 82.0], key='test_acc1')
+    cand = write_log(tmp_path / 'npu' / 'log.txt', [80.1, 82.1], key='test_acc1')
+    assert compare_logs.main([str(ref), str(cand), '--key', 'test_acc1']) == 0
+    figure = tmp_path / 'npu' / 'compare_test_acc1.png'
+    assert f'figure in {figure}' in capsys.readouterr().out
+    assert figure.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ['gpu', 'npu']  # nothing in the cwd
+
+
+def test_a_one_epoch_comparison_draws_both_runs_and_the_error_panel(tmp_path):
+    ref = write_log(tmp_path / 'a.txt', [1.0])
+    cand = write_log(tmp_path / 'b.txt', [1.01])
+    assert compare_logs.main([str(ref), str(cand), '--png', str(tmp_path / 'one.png')]) == 0
+    image = Image.open(tmp_path / 'one.png').convert('RGB')
+    colours = {colour for _, colour in image.getcolors(2 ** 16)}
+    assert (31, 119, 180) in colours and (214, 39, 40) in colours  # the reference's and the candidate's markers
+
+
 def test_compare_logs_runs_as_a_module_on_real_training_logs(tmp_path):
     ref = write_log(tmp_path / 'a.txt', REFERENCE)
     proc = run_script('-m', 'tools.compare_logs', ref, ref, '--png', tmp_path / 'p.png')
@@ -77,8 +98,9 @@ def test_compare_logs_runs_as_a_module_on_real_training_logs(tmp_path):
 
 
 HUB_MAE = ['mae_vit_tiny_patch16', 'mae_vit_small_patch16', 'mae_vit_base_patch16', 'mae_vit_large_patch16',
-           'mae_vit_huge_patch14']
-HUB_VIT = ['vit_tiny_patch16', 'vit_small_patch16', 'vit_base_patch16', 'vit_large_patch16', 'vit_huge_patch14']
+           'mae_vit_huge_patch14', 'mae_vit_giant_patch14', 'mae_vit_2b_patch14']
+HUB_VIT = ['vit_tiny_patch16', 'vit_small_patch16', 'vit_base_patch16', 'vit_large_patch16', 'vit_huge_patch14',
+           'vit_giant_patch14', 'vit_2b_patch14']
 
 
 def test_hubconf_exposes_every_factory_and_nothing_else():

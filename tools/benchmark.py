@@ -1,11 +1,13 @@
 """Benchmarks users can run: the training step on synthetic tensors (images/s, peak memory, FLOP/s against a
 matrix-multiply peak measured in the same run), optionally beside the eager (official) attention; a scaling
-table over mask ratio and model size; and the input pipeline on a folder of real JPEGs.
+table over mask ratio and model size; the input pipeline on a folder of real JPEGs; and the memory per process
+with DDP and with --fsdp.
 
 python -m tools.benchmark --model mae_vit_base_patch16 --batch_size 8 --device cpu --compare
 python -m tools.benchmark --model vit_base_patch16 --batch_size 64 --amp bf16 --compile --compare
 python -m tools.benchmark --scaling --batch_size 8
 python -m tools.benchmark --pipeline --data_path /datasets/imagenet --num_workers 8
+python -m tools.benchmark --memory --model mae_vit_base_patch16 --device cpu --memory_processes 1 2 4
 python -m tools.benchmark --knn --batch_size 16 --device cpu     # the k-NN monitor's and main_knn.py's costs
 Prints a table; --json FILE also writes every number.
 """
@@ -19,6 +21,7 @@ import models_mae
 import models_vit
 from util import args as cli
 from util import checks
+from tools import benchmark_memory as memory
 from tools import benchmark_pipeline as pipeline
 from tools import benchmark_knn
 from tools import benchmark_step as step
@@ -31,7 +34,7 @@ SCALING_MASK_RATIOS = (0.5, 0.75, 0.9)
 
 
 def get_args_parser() -> cli.ArgumentParser:
-    parser = cli.ArgumentParser('MAE benchmarks')
+    parser = cli.ArgumentParser('python -m tools.benchmark', 'MAE benchmarks')
     parser.add_argument('--model', default='mae_vit_base_patch16',
                         help='mae_vit_* (pretraining step) or vit_* (fine-tuning step)')
     parser.add_argument('--batch_size', default=8, type=int, help='images per step')
@@ -50,6 +53,11 @@ def get_args_parser() -> cli.ArgumentParser:
                              'gradient scaler, a host sync every step')
     parser.add_argument('--scaling', action='store_true', help='step cost over mask ratios and model sizes')
     parser.add_argument('--pipeline', action='store_true', help='input-pipeline throughput on real JPEGs')
+    parser.add_argument('--memory', action='store_true',
+                        help='bytes per process of parameters, gradients and AdamW state with DDP and with --fsdp, '
+                             'one torchrun launch per process count')
+    parser.add_argument('--memory_processes', type=int, nargs='+', default=[1, 2, 4],
+                        help='for --memory: the process counts')
     parser.add_argument('--end_to_end', action='store_true',
                         help='also time the pretraining step fed by the real loader on --data_path (default decode '
                              'and --fast_decode), beside the synthetic step')
@@ -124,6 +132,20 @@ STEP_COLUMNS = [('model', 'model', 22, ''), ('variant', 'variant', 8, ''), ('att
                 ('peak GiB', 'peak_mem_gib', 8, '.2f')]
 
 
+def memory_table(args, runtime) -> List[Dict]:
+    """Per-process bytes with DDP and FSDP at each --memory_processes (see tools/benchmark_memory.py)."""
+    rows = [memory.launch_one(args.model, runtime.type, args.input_size, args.patch_size, processes, fsdp)
+            for fsdp in (False, True) for processes in args.memory_processes]
+    for row in rows:
+        row.update({key.replace('_bytes', '_gib'): row[key] / 2 ** 30 for key in list(row) if key.endswith('_bytes')})
+    print_table(f'Memory per process after one AdamW step, {args.model} (activations not included)', rows,
+                [('sharding', 'sharding', 8, ''), ('processes', 'processes', 9, 'd'),
+                 ('params GiB', 'parameters_gib', 10, '.3f'), ('grads GiB', 'gradients_gib', 9, '.3f'),
+                 ('AdamW GiB', 'optimizer_state_gib', 9, '.3f'), ('total GiB', 'total_gib', 9, '.3f'),
+                 ('bytes/param', 'bytes_per_parameter', 11, '.2f')])
+    return rows
+
+
 def end_to_end(args, runtime, synthetic: dict) -> List[Dict]:
     """The pretraining step fed by the real loader, both decoders, as a fraction of the synthetic step."""
     rows = [pipeline.measure_end_to_end(args, runtime, fast_decode) for fast_decode in (False, True)]
@@ -154,7 +176,9 @@ def run(args):
                'args': vars(args)}
     print(f'device: {runtime.describe()}, torch {torch.__version__}, {torch.get_num_threads()} threads')
 
-    if args.knn:
+    if args.memory:
+        results['memory'] = memory_table(args, runtime)
+    elif args.knn:
         results['knn'] = benchmark_knn.report(args, runtime)
         benchmark_knn.print_report(results['knn'], args)
     elif args.pipeline:

@@ -1,7 +1,9 @@
 """Compare the loss curves of two runs' log.txt (say a GPU run and an NPU run of one recipe), the check vendor
 ports are accepted on: pass when the mean relative error or the mean absolute error is within its threshold.
+Writes a figure (matplotlib, headless) of both curves and the per-epoch relative error, by default next to the
+candidate log as compare_<key>.png.
 
-python -m tools.compare_logs gpu_run/log.txt npu_run/log.txt --max_mre 0.05 --max_mae 2e-4 --png curves.png
+python -m tools.compare_logs gpu_run/log.txt npu_run/log.txt --max_mre 0.05 --max_mae 2e-4
 Exit code 0: pass, 1: fail, 2: the logs cannot be compared.
 """
 import json
@@ -10,11 +12,12 @@ import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
-from PIL import Image, ImageDraw
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from util import args as cli
 
-COLOURS = ((31, 119, 180), (214, 39, 40))
+MARKED_EPOCHS = 60  # longer curves are drawn as lines only
 
 
 class LogError(ValueError):
@@ -72,55 +75,54 @@ def verdict(result: dict, max_mre: Optional[float], max_mae: Optional[float]) ->
     return passed, ' or '.join(text for _, text in checks)
 
 
-def plot(curves: List[Tuple[str, Dict[int, float]]], path: str, key: str, size=(720, 420)):
-    """Both curves on one set of axes, with a legend: a PNG drawn with PIL alone."""
-    width, height = size
-    left, right, top, bottom = 70, 20, 40, 45
-    image = Image.new('RGB', size, 'white')
-    draw = ImageDraw.Draw(image)
-    epochs = sorted({e for _, c in curves for e in c})
-    values = [v for _, c in curves for v in c.values()]
-    lo, hi = min(values), max(values)
-    hi = hi if hi > lo else lo + 1
-    e_lo, e_hi = epochs[0], max(epochs[-1], epochs[0] + 1)
+def plot(curves: List[Tuple[str, Dict[int, float]]], result: dict, key: str, max_mre: Optional[float],
+         verdict_line: str, path: str):
+    """Two panels drawn off-screen with matplotlib (Agg: no display needed on a cluster): both curves of `key` per
+    epoch (markers, so a one-epoch run still shows), and the per-epoch relative error with the --max_mre line;
+    the legend sits above the curves, never on them."""
+    figure = Figure(figsize=(8, 6.5), dpi=100, layout='constrained', facecolor='white')
+    values, errors = figure.subplots(2, 1, sharex=True, height_ratios=(2, 1))
+    # the candidate's markers are hollow, so a point both runs share shows both
+    for (name, curve), (colour, marker, fill, style) in zip(curves, (('tab:blue', 'o', 'tab:blue', '-'),
+                                                                     ('tab:red', 's', 'none', '--'))):
+        epochs = sorted(curve)
+        values.plot(epochs, [curve[e] for e in epochs], color=colour, linestyle=style, label=name,
+                    marker=marker if len(epochs) <= MARKED_EPOCHS else None, markersize=6, markerfacecolor=fill)
+    values.set_ylabel(key)
+    values.grid(alpha=0.3)
+    values.legend(loc='lower left', bbox_to_anchor=(0, 1.02), frameon=False, fontsize=9)
+    figure.suptitle(verdict_line, fontsize=11)
+    epochs = [row['epoch'] for row in result['rows']]
+    errors.plot(epochs, [100 * row['rel_error'] for row in result['rows']], color='black', marker='o', markersize=4,
+                label='|candidate - reference| / |reference|')
+    if max_mre is not None:
+        errors.axhline(100 * max_mre, color='tab:orange', linestyle=':', label=f'--max_mre {max_mre:.2%}')
+    every_epoch = sorted({e for _, curve in curves for e in curve})
+    errors.set_xlim(every_epoch[0] - 0.5, every_epoch[-1] + 0.5)  # a one-epoch run gets an axis around its epoch
+    errors.set_xlabel('epoch')
+    errors.set_ylabel('relative error (%)')
+    errors.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    errors.set_ylim(bottom=0)
+    errors.grid(alpha=0.3)
+    errors.legend(loc='best', fontsize=9)
+    figure.savefig(path)
 
-    def xy(epoch, value):
-        x = left + (epoch - e_lo) / (e_hi - e_lo) * (width - left - right)
-        y = top + (hi - value) / (hi - lo) * (height - top - bottom)
-        return x, y
-    draw.rectangle([left, top, width - right, height - bottom], outline='black')
-    for i in range(5):
-        value = lo + (hi - lo) * i / 4
-        _, y = xy(e_lo, value)
-        draw.line([left - 4, y, left, y], fill='black')
-        draw.text((4, y - 6), f'{value:.4g}', fill='black')
-    for epoch in epochs[:: max(1, len(epochs) // 8)]:
-        x, _ = xy(epoch, lo)
-        draw.line([x, height - bottom, x, height - bottom + 4], fill='black')
-        draw.text((x - 6, height - bottom + 8), str(epoch), fill='black')
-    draw.text((width // 2 - 20, height - 18), 'epoch', fill='black')
-    draw.text((left, 10), key, fill='black')
-    for (name, curve), colour in zip(curves, COLOURS):
-        points = [xy(e, curve[e]) for e in sorted(curve)]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        for x, y in points:
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-    for i, ((name, _), colour) in enumerate(zip(curves, COLOURS)):
-        y = top + 8 + 16 * i
-        draw.line([width - right - 230, y + 6, width - right - 210, y + 6], fill=colour, width=3)
-        draw.text((width - right - 205, y), name[-32:], fill='black')
-    image.save(path)
+
+def default_png(candidate: str, key: str) -> str:
+    """Next to the candidate log, named for what it shows: <candidate's folder>/compare_<key>.png."""
+    return os.path.join(os.path.dirname(os.path.abspath(candidate)), f'compare_{key}.png')
 
 
 def get_args_parser() -> cli.ArgumentParser:
-    parser = cli.ArgumentParser('Compare the loss curves of two runs')
+    parser = cli.ArgumentParser('python -m tools.compare_logs', 'Compare the loss curves of two runs')
     parser.add_argument('reference', help='log.txt of the reference run (e.g. the GPU run)')
     parser.add_argument('candidate', help='log.txt of the run to check (e.g. the NPU run)')
     parser.add_argument('--key', default='train_loss', help='which logged value to compare')
     parser.add_argument('--max_mre', type=float, default=0.05, help='pass if mean relative error <= this')
     parser.add_argument('--max_mae', type=float, default=2e-4, help='or if mean absolute error <= this')
-    parser.add_argument('--png', default='loss_curves.png', help='where to save the plot of both curves')
+    parser.add_argument('--png', default=None,
+                        help="where to save the figure of both curves and their relative error (default: "
+                             "compare_<key>.png in the candidate log's folder)")
     parser.add_argument('--json', default=None, help='also write the comparison as JSON')
     return parser
 
@@ -142,12 +144,15 @@ def main(argv=None) -> int:
         if result[label]:
             print(f"note: epochs {result[label]} are {label.replace('_', ' ')}")
     passed, reason = verdict(result, args.max_mre, args.max_mae)
-    plot([(args.reference, reference), (args.candidate, candidate)], args.png, args.key)
-    result.update(passed=passed, reason=reason, png=args.png)
+    verdict_line = f"{'PASS' if passed else 'FAIL'}: {reason} over {len(result['epochs'])} epochs"
+    png = args.png or default_png(args.candidate, args.key)
+    plot([(f'reference: {args.reference}', reference), (f'candidate: {args.candidate}', candidate)], result,
+         args.key, args.max_mre, verdict_line, png)
+    result.update(passed=passed, reason=reason, png=png)
     if args.json:
         with open(args.json, 'w', encoding='utf-8') as f:
             json.dump(result, f, indent=2)
-    print(f"{'PASS' if passed else 'FAIL'}: {reason} over {len(result['epochs'])} epochs; curves in {args.png}")
+    print(f'{verdict_line}; figure in {png}')
     return 0 if passed else 1
 
 

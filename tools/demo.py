@@ -18,10 +18,11 @@ from util import args as cli
 from util import launch
 from util.checkpoint_io import load_checkpoint
 from util.checkpointer import LAST, holds_a_run
-from util.checks import raise_if_errors
+from util.checks import DEMO_RUN_MARKER, raise_if_errors, recipe_changes
 from util.device import Runtime
 from util.distributed import is_main_process, print0
 from util.images import decode_image
+from util.launch import world_size_of_launch
 from util.reconstruction import reconstruct, reconstruction_transform, save_figure
 from util.rng import seed_everything
 from util.synthetic import CLASSES, CYCLES, make_image_folder
@@ -30,14 +31,10 @@ from util.synthetic import CLASSES, CYCLES, make_image_folder
 DEMO_DEFAULTS = dict(model='mae_vit_tiny_patch16', input_size=64, patch_size=8, batch_size=32, epochs=8,
                      warmup_epochs=1, blr=8e-3, mask_ratio=0.75, norm_pix_loss=True, data_path='demo_output/data',
                      output_dir='demo_output', num_workers=1, print_freq=25, save_freq=1000)
-# settings a continued demo must share with the interrupted one
-RECIPE = ('model', 'input_size', 'patch_size', 'batch_size', 'epochs', 'warmup_epochs', 'blr', 'lr', 'mask_ratio',
-          'norm_pix_loss', 'demo_images', 'seed', 'accum_iter')
 DATA_MARKER = 'demo.json'  # in --data_path: images the demo generated
-RUN_MARKER = 'demo_run.json'  # in --output_dir: a demo run, which the next demo may replace
+GENERATING_LOCK = '.generating.lock'  # in --data_path from the moment a demo starts generating there
 DEMO_VAL_IMAGES = 4  # held-out images per class
 FIGURE_SEED = 0
-FIGURE_SCALE = 3  # 64-px panels are easier to see three times larger
 
 
 def main(argv: List[str]) -> int:
@@ -65,18 +62,20 @@ def check_folders(args):
     if not args.output_dir:
         errors.append("--output_dir '': --demo needs a folder for its checkpoint and figures; leave the flag out "
                       '(demo_output) or name a folder')
-    if holds_other_files(args.data_path, DATA_MARKER):
+    # under torchrun another rank may already be generating the images: its lock marks the folder as the demo's
+    if holds_other_files(args.data_path, (DATA_MARKER, GENERATING_LOCK)):
         errors.append(f'--data_path {args.data_path}: --demo generates its images there, and this folder holds '
                       'other files; leave --data_path out or name an empty folder')
     if args.output_dir and holds_a_run(args.output_dir) and not os.path.isfile(
-            os.path.join(args.output_dir, RUN_MARKER)):
+            os.path.join(args.output_dir, DEMO_RUN_MARKER)):
         errors.append(f'--output_dir {args.output_dir}: --demo starts over in its output folder, and this one '
                       'holds another run; leave --output_dir out or name an empty folder')
     raise_if_errors(errors)
 
 
-def holds_other_files(folder: str, marker: str) -> bool:
-    return os.path.isdir(folder) and bool(os.listdir(folder)) and not os.path.isfile(os.path.join(folder, marker))
+def holds_other_files(folder: str, markers: tuple) -> bool:
+    return os.path.isdir(folder) and bool(os.listdir(folder)) and not any(
+        os.path.isfile(os.path.join(folder, marker)) for marker in markers)
 
 
 def decide_continue_or_start_over(args) -> bool:
@@ -87,8 +86,9 @@ def decide_continue_or_start_over(args) -> bool:
     if os.path.isfile(last):
         checkpoint = load_checkpoint(last)
         saved = checkpoint.get('args')
-        changed = [name for name in RECIPE if getattr(saved, name, None) != getattr(args, name, None)
-                   and name != 'lr']
+        changed = recipe_changes(saved, args, checkpoint.get('world_size', 1), world_size_of_launch(args))
+        changed += [f'--{name}' for name in ('model', 'epochs', 'demo_images') if getattr(saved, name, None) !=
+                    getattr(args, name)]
         finished = 'epoch_in_progress' not in checkpoint and checkpoint.get('epoch', -1) + 1 >= args.epochs
         if not changed and not finished:
             print0(f'Demo: continuing the interrupted demo in {args.output_dir} (pass --epochs or another flag to '
@@ -107,12 +107,12 @@ def prepare_data(args):
     Every process calls it; a file lock lets the first generate while the others wait, then reuse."""
     os.makedirs(args.data_path, exist_ok=True)
     os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, RUN_MARKER), 'w') as f:
+    with open(os.path.join(args.output_dir, DEMO_RUN_MARKER), 'w') as f:
         json.dump({'demo': True}, f)
     marker = os.path.join(args.data_path, DATA_MARKER)
     spec = {'train': args.demo_images, 'val': DEMO_VAL_IMAGES, 'size': args.input_size, 'classes': CLASSES,
             'cycles': list(CYCLES), 'class_colours': True}
-    with open(os.path.join(args.data_path, '.generating.lock'), 'w') as lock:
+    with open(os.path.join(args.data_path, GENERATING_LOCK), 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if os.path.isfile(marker) and json.load(open(marker)) == spec:
             print0(f'Demo images: reusing {args.data_path}')
@@ -161,9 +161,9 @@ def finish(args, before: float, continued: bool):
     after, rows = held_out_error(model, args)
     out = args.output_dir
     _, rows_before = held_out_error(initial_model(args), args)
-    save_figure(rows_before, os.path.join(out, 'reconstruction_before.png'), scale=FIGURE_SCALE)
+    save_figure(rows_before, os.path.join(out, 'reconstruction_before.png'), row_labels=list(CLASSES))
     figure = os.path.join(out, 'reconstruction_after.png')
-    save_figure(rows, figure, scale=FIGURE_SCALE)
+    save_figure(rows, figure, row_labels=list(CLASSES))
     for stale in ('finetune', 'linprobe'):  # runs of an earlier demo model: the commands below recreate them
         if not continued and holds_a_run(os.path.join(out, stale)):
             shutil.rmtree(os.path.join(out, stale))

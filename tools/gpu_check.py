@@ -34,7 +34,7 @@ TARGETS = [('MAE ViT-B/16 bf16 pretraining, synthetic, img/s', 'synthetic_images
 
 
 def get_args_parser() -> cli.ArgumentParser:
-    parser = cli.ArgumentParser('GPU check: the gpu tests and the benchmarks, one JSON report')
+    parser = cli.ArgumentParser('python -m tools.gpu_check', 'The gpu tests and the benchmarks, one JSON report')
     parser.add_argument('--device', default='cuda', choices=('cuda', 'cpu'), help='where to run the benchmarks')
     parser.add_argument('--tiny', action='store_true',
                         help='tiny models, one timed step, no --compile run: checks the tool itself')

@@ -15,7 +15,7 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ''
-        if '(default' in text or action.default is argparse.SUPPRESS or action.nargs == 0:
+        if '(default' in text or 'required' in text or action.default is argparse.SUPPRESS or action.nargs == 0:
             return text
         if action.option_strings:
             default = 'none' if action.default in (None, '') else '%(default)s'
@@ -27,8 +27,9 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse with the defaults in --help and a malformed command line reported in one line (exit 2), not
     the whole usage text."""
 
-    def __init__(self, description: str, **kwargs):
-        super().__init__(description=description, formatter_class=HelpFormatter, **kwargs)
+    def __init__(self, prog: str, description: str, **kwargs):
+        """prog: how the user runs it ('main_pretrain.py', 'python -m tools.benchmark'), for usage and errors."""
+        super().__init__(prog=prog, description=description, formatter_class=HelpFormatter, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f'error: {message} (see {self.prog} --help)\n')
@@ -63,9 +64,14 @@ def add_schedule_args(parser, batch_size: int, epochs: int, blr: float, weight_d
                         help='epochs of linear learning-rate warm-up before the cosine decay')
 
 
-def add_model_args(parser, model: str, input_size: int = 224):
+def add_model_args(parser, model: str, classifier: bool = False):
     parser.add_argument('--model', default=model, type=str, metavar='MODEL', help='model name (see models_*.py)')
-    parser.add_argument('--input_size', default=input_size, type=int, help='image side in pixels')
+    if classifier:  # None: resolved by util/classification.resolve_sizes
+        parser.add_argument('--input_size', default=None, type=int,
+                            help="image side in pixels (default: 224; with --eval, the checkpoint's, and another "
+                                 'size interpolates its position embeddings)')
+    else:
+        parser.add_argument('--input_size', default=224, type=int, help='image side in pixels')
     parser.add_argument('--patch_size', default=None, type=int,
                         help="patch side in pixels (default: the model's own, 16 or 14)")
     parser.add_argument('--attn', default='sdpa', choices=('sdpa', 'eager'),
@@ -99,7 +105,9 @@ def add_output_args(parser):
     parser.add_argument('--output_dir', default='./output_dir',
                         help="folder for checkpoints and logs; '' saves nothing")
     parser.add_argument('--log_dir', default=None, help='TensorBoard folder (default: --output_dir)')
-    parser.add_argument('--resume', default='', help='checkpoint to continue from: a path or an https URL')
+    parser.add_argument('--resume', default='',
+                        help='checkpoint to continue from, path or https URL: our .pth (training state too), or '
+                             'weights only: a .safetensors file or a Hugging Face ViTMAE folder')
     parser.add_argument('--start_epoch', default=0, type=int, metavar='N',
                         help='first epoch when not resuming (a resumed run continues where it stopped)')
     parser.add_argument('--no_auto_resume', action='store_false', dest='auto_resume',
@@ -107,11 +115,17 @@ def add_output_args(parser):
     parser.set_defaults(auto_resume=True)
     parser.add_argument('--overwrite', action='store_true',
                         help='with --no_auto_resume: start over in an --output_dir that holds a run')
+    parser.add_argument('--allow_recipe_change', action='store_true',
+                        help='continue a run whose recipe changed (batch size, learning rate, data, augmentation, '
+                             '...); without it such a resume is refused')
     parser.add_argument('--save_every_iters', default=0, type=int,
                         help='also update checkpoint-last.pth every N iterations inside an epoch (0: off)')
     parser.add_argument('--keep_last', default=0, type=int,
                         help='keep only the K newest numbered checkpoints (0: keep all)')
     parser.add_argument('--print_freq', default=20, type=int, help='print a progress line every N iterations')
+    parser.add_argument('--verbose', action='store_true',
+                        help='also print every setting, the model and the optimizer (always written to '
+                             'output_dir/run_details.txt)')
 
 
 def add_runtime_args(parser, training: bool = True):
@@ -135,6 +149,12 @@ def add_runtime_args(parser, training: bool = True):
                         help='minutes a collective may wait for a peer before the job fails')
 
 
+def add_fsdp_args(parser):
+    parser.add_argument('--fsdp', action='store_true',
+                        help='shard parameters, gradients and optimizer state over the processes (FSDP2) instead of '
+                             'replicating them (DDP); start with torchrun. Checkpoints keep the official format')
+
+
 ADAMW_IMPLS = ('auto', 'fused', 'foreach', 'loop')
 
 
@@ -144,13 +164,20 @@ def add_adamw_args(parser):
                              'is one kernel, equal to rounding')
 
 
-def add_classifier_args(parser, global_pool: bool, nb_classes: int = 1000):
-    parser.add_argument('--finetune', default='', help='MAE checkpoint whose encoder training starts from')
-    parser.add_argument('--global_pool', action='store_true', help='classify the mean of the patch tokens')
-    parser.set_defaults(global_pool=global_pool)
+def add_classifier_args(parser, global_pool: bool):
+    """The sizes left None are resolved by util/classification.resolve_sizes: read off the checkpoint with --eval,
+    else the script's defaults."""
+    pooling = 'the mean of the patch tokens' if global_pool else 'the class token'
+    parser.add_argument('--finetune', default='',
+                        help='MAE checkpoint whose encoder training starts from: .pth, .safetensors or a Hugging '
+                             'Face ViTMAE folder, path or https URL')
+    parser.add_argument('--global_pool', action='store_true', default=None,
+                        help=f"classify the mean of the patch tokens (default: {pooling}; with --eval, the "
+                             "checkpoint's pooling)")
     parser.add_argument('--cls_token', action='store_false', dest='global_pool',
                         help='classify the class token instead of the mean of the patch tokens')
-    parser.add_argument('--nb_classes', default=nb_classes, type=int, help='outputs of the classification head')
+    parser.add_argument('--nb_classes', default=None, type=int,
+                        help="outputs of the classification head (default: 1000; with --eval, the checkpoint's)")
     parser.add_argument('--eval', action='store_true', help='only evaluate the --resume checkpoint on val/')
     parser.add_argument('--dist_eval', action='store_true',
                         help='share the evaluation images out over the processes (each image counted once)')

@@ -1,6 +1,7 @@
-"""Reading and writing checkpoint files: weights-only loading (a file can never run code), checkpoint URLs
-cached once in the torch hub cache, and atomic saving (a crash leaves the old file or the new one, never a torn
-one). The official format is {'model', 'optimizer', 'epoch', 'scaler', 'args'}."""
+"""Reading and writing checkpoint files: weights-only loading (a file can never run code) of torch.save files,
+safetensors files and Hugging Face ViTMAE folders, checkpoint URLs cached once in the torch hub cache, and atomic
+saving (a crash leaves the old file or the new one, never a torn one). The official format is
+{'model', 'optimizer', 'epoch', 'scaler', 'args'}."""
 import argparse
 import hashlib
 import os
@@ -9,8 +10,10 @@ import tempfile
 import urllib.parse
 from typing import Dict, Optional
 
+import safetensors.torch
 import torch
 
+from util import hf_layout
 from util.distributed import print0
 
 # The only non-tensor types our checkpoints and the released ones hold. Everything else is refused on load.
@@ -28,8 +31,52 @@ def is_url(path: str) -> bool:
 
 
 def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint file or URL (downloaded once into the torch hub cache) onto the CPU, weights only."""
-    local = download_checkpoint(path) if is_url(path) else path
+    """A checkpoint as a dict with the weights under 'model' in our (the official) keys, read onto the CPU without
+    running any code. `path` is a local path or a URL (downloaded once into the torch hub cache) of:
+    - a file written by torch.save (ours, the official ones, a pytorch_model.bin), loaded weights-only;
+    - a .safetensors file;
+    - weights in the Hugging Face ViTMAE layout: a folder holding config.json and model.safetensors (or
+      pytorch_model.bin), or one of those files with its config.json beside it (for a URL: at the same address),
+      converted to our keys (util/hf_layout.py) with the config's settings: 'args' (norm_pix_loss, mask_ratio),
+      'attention_heads' and 'hf_config'.
+    A safetensors file in our layout with a timm config.json beside it (tools/export.py --to timm) also gives the
+    class names as 'classes'. Raises CheckpointError, one line."""
+    weights_path = local_weights(path)
+    weights = read_weights(weights_path, path)
+    if hf_layout.is_hf_layout(weights):
+        return hf_checkpoint(weights, local_config(path, weights_path), path)
+    if is_safetensors(weights_path):
+        return {'model': weights, **timm_classes(os.path.join(os.path.dirname(weights_path), hf_layout.CONFIG_NAME))}
+    return weights
+
+
+def local_weights(path: str) -> str:
+    """The local file holding the weights of `path`: itself, its downloaded copy, or a model folder's weights file."""
+    if is_url(path):
+        if '.' not in os.path.basename(urllib.parse.urlparse(path).path):
+            raise CheckpointError(f'{path}: a URL of a folder cannot be read; pass the URL of its model.safetensors '
+                                  '(its config.json is fetched from beside it), or download the folder')
+        return download_checkpoint(path)
+    if not os.path.isdir(path):
+        return path
+    if os.path.isfile(os.path.join(path, hf_layout.SHARDED_INDEX)):
+        raise CheckpointError(f'{path}: weights sharded over several files ({hf_layout.SHARDED_INDEX}) are not '
+                              'read; save them as one file (save_pretrained(..., max_shard_size="100GB"))')
+    for name in hf_layout.WEIGHT_NAMES:
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise CheckpointError(f'{path}: a folder without {" or ".join(hf_layout.WEIGHT_NAMES)}; pass a checkpoint file '
+                          'or a Hugging Face model folder')
+
+
+def read_weights(local: str, path: str) -> dict:
+    """What a torch.save or safetensors file holds, weights only; `path` names it in errors."""
+    if is_safetensors(local):
+        try:
+            return safetensors.torch.load_file(local, device='cpu')
+        except Exception as e:  # a torn or malformed file: say which and why
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else 'file is truncated'
+            raise CheckpointError(f'{path}: not a readable safetensors file ({type(e).__name__}: {detail})') from None
     check_looks_like_checkpoint(local)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
@@ -39,6 +86,58 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f'{path}: expected a dict of weights, found {type(checkpoint).__name__}')
     return checkpoint
+
+
+def local_config(path: str, weights_path: str) -> str:
+    """The config.json saved with Hugging Face weights: beside the local file, or downloaded from beside the URL."""
+    needs = f'{path}: weights in the Hugging Face ViTMAE layout need the config.json saved with them'
+    if is_url(path):
+        parts = urllib.parse.urlparse(path)
+        folder = parts.path.rsplit('/', 1)[0]
+        url = urllib.parse.urlunparse(parts._replace(path=f'{folder}/{hf_layout.CONFIG_NAME}', query=''))
+        try:
+            return download_checkpoint(url, shared_cache=False)
+        except CheckpointError as e:
+            raise CheckpointError(f'{needs}, and {str(e).replace(": download failed", " cannot be downloaded")}') \
+                from None
+    config = os.path.join(os.path.dirname(weights_path), hf_layout.CONFIG_NAME)
+    if not os.path.isfile(config):
+        raise CheckpointError(f'{needs}, and there is none beside the file')
+    return config
+
+
+def hf_checkpoint(weights: dict, config_path: str, path: str) -> dict:
+    """ViTMAE weights and their config.json -> our checkpoint, or one line saying what has no equivalent here."""
+    try:
+        checkpoint = hf_layout.checkpoint_from_hf(weights, hf_layout.read_config(config_path))
+    except hf_layout.ConversionError as e:
+        raise CheckpointError(f'{path}: {e}') from None
+    note = hf_layout.eps_note(checkpoint['hf_config'])
+    if note:
+        print0(f'Note: {path}: {note}')
+    return checkpoint
+
+
+def timm_classes(config_path: str) -> dict:
+    """{'classes': [...]} from the label names of a timm config.json (ours, from tools/export.py), else {}."""
+    if not os.path.isfile(config_path):
+        return {}
+    try:
+        config = hf_layout.read_config(config_path)
+    except hf_layout.ConversionError:
+        return {}  # the names are an extra; the weights stand on their own
+    pretrained_cfg = config.get('pretrained_cfg') if isinstance(config.get('pretrained_cfg'), dict) else {}
+    names = config.get('label_names') or pretrained_cfg.get('label_names')
+    return {'classes': list(names)} if isinstance(names, list) else {}
+
+
+def is_safetensors(path: str) -> bool:
+    """A safetensors file starts with the length of its JSON header (8 bytes, little-endian), then the header."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') < os.path.getsize(path)
 
 
 def model_state_from(checkpoint: dict, path: str) -> Dict[str, torch.Tensor]:
@@ -70,15 +169,15 @@ def named_hash_prefix(name: str) -> Optional[str]:
     return match.group(1) if match and not match.group(1).isdigit() else None
 
 
-def download_checkpoint(url: str) -> str:
+def download_checkpoint(url: str, shared_cache: bool = True) -> str:
     """The local copy of `url`: the cached one, or one downloaded now (atomically, so an interrupted download
-    is not mistaken for a checkpoint). A file that torch.hub (or a person, on an offline cluster) put in the
-    hub cache under the URL's file name is used as it is."""
+    is not mistaken for a checkpoint). With shared_cache, a file that torch.hub (or a person, on an offline cluster)
+    put in the hub cache under the URL's file name is used as it is (not for config.json: too common a name)."""
     path = url_cache_path(url)
     if os.path.isfile(path):
         return path
     shared = os.path.join(torch.hub.get_dir(), 'checkpoints', url_file_name(url))
-    if os.path.isfile(shared):
+    if shared_cache and os.path.isfile(shared):
         print0(f'Using the cached {shared} for {url} (delete it to download again)')
         return shared
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -98,8 +197,8 @@ def check_looks_like_checkpoint(path: str):
     with open(path, 'rb') as f:
         head = f.read(4)
     if not (head.startswith(b'PK\x03\x04') or head.startswith(b'\x80')):
-        raise CheckpointError(f'{path}: not a readable PyTorch checkpoint (it is not a file written by torch.save; '
-                              f'it starts with {head!r})')
+        raise CheckpointError(f'{path}: not a readable checkpoint (it is neither a file written by torch.save nor a '
+                              f'safetensors file; it starts with {head!r})')
 
 
 def explain_load_failure(path: str, error: Exception) -> str:

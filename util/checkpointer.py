@@ -6,17 +6,18 @@ import glob
 import os
 import re
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from util import distributed, preemption
+from util import fsdp as util_fsdp
 from util.checkpoint_io import CheckpointError, load_checkpoint, model_state_from, save_atomic
 from util.distributed import print0
-from util.logs import truncate_log
+from util.logs import DETAILS, truncate_log
 from util.rng import gather_rng_states, restore_rng_states
-from util.state_dicts import fit_pos_embed, load_state_strict
+from util.state_dicts import check_heads_up_front, fit_pos_embed, load_state_strict
 
 LAST = 'checkpoint-last.pth'
 BEST = 'checkpoint-best.pth'
@@ -78,7 +79,9 @@ def resumable_checkpoint_in(output_dir: str) -> str:
 def find_resumable(args) -> Optional[Resumable]:
     """--resume if given; else, with auto-resume, the output dir's checkpoint; loaded now (weights only)."""
     if args.resume:
-        return Resumable(args.resume, load_checkpoint(args.resume), auto=False)
+        resumable = Resumable(args.resume, load_checkpoint(args.resume), auto=False)
+        check_heads_up_front(resumable.checkpoint, resumable.path, args.model)
+        return resumable
     path = resumable_checkpoint_in(args.output_dir) if args.auto_resume and args.output_dir else ''
     if path:
         resumable = Resumable(path, load_checkpoint(path), auto=True)
@@ -131,16 +134,22 @@ def load_weights(resumable: Resumable, model: nn.Module, model_name: str, fit_im
 def resume_training(resumable: Optional[Resumable], model: nn.Module, optimizer, loss_scaler, runtime,
                     args) -> ResumeState:
     """Restore model, optimizer, scaler and RNG states; return where the run continues. A checkpoint with
-    weights only (a released file given as --resume) loads the weights and starts at --start_epoch."""
+    weights only (a released file, a safetensors file or a Hugging Face folder given as --resume) loads the weights
+    and starts at --start_epoch, and says so."""
     if resumable is None:
         return ResumeState(epoch=args.start_epoch)
     checkpoint = resumable.checkpoint
     load_weights(resumable, model, args.model)
     extra = {'max_accuracy': checkpoint.get('max_accuracy', 0.0)}
     if not holds_training_state(resumable):
+        print0(f'{resumable.path} holds weights only (no optimizer state or epoch; only our .pth checkpoints hold '
+               f'them): training starts from these weights at epoch {args.start_epoch} (--start_epoch)')
         return ResumeState(epoch=args.start_epoch, extra=extra)
     try:
-        optimizer.load_state_dict(checkpoint['optimizer'])
+        if util_fsdp.is_sharded(model):
+            util_fsdp.load_optimizer_state(model, optimizer, checkpoint['optimizer'])
+        else:
+            optimizer.load_state_dict(checkpoint['optimizer'])
     except (ValueError, KeyError) as e:
         raise CheckpointError(f'{resumable.path}: optimizer state does not fit this run ({e})') from None
     loss_scaler.load_state_dict(checkpoint.get('scaler') or {})
@@ -162,9 +171,10 @@ def prepare_output_dir(args, start_epoch: int):
     if args.output_dir and distributed.is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
         stale = glob.glob(os.path.join(glob.escape(args.output_dir), '.tmp-*'))
-        if not args.auto_resume and args.overwrite:
-            stale += glob.glob(os.path.join(glob.escape(args.output_dir), 'checkpoint-*.pth'))
-            stale += [os.path.join(args.output_dir, n) for n in ('log.txt', 'bad_images.txt')]
+        if not args.auto_resume and args.overwrite:  # the previous run's files, TensorBoard's included
+            for pattern in ('checkpoint-*.pth', 'events.out.tfevents.*'):
+                stale += glob.glob(os.path.join(glob.escape(args.output_dir), pattern))
+            stale += [os.path.join(args.output_dir, n) for n in ('log.txt', 'bad_images.txt', DETAILS)]
         for path in stale:
             if os.path.isfile(path):
                 os.remove(path)
@@ -197,10 +207,18 @@ class Checkpointer:
     def last_path(self) -> str:
         return os.path.join(self.args.output_dir, LAST)
 
-    def state(self, epoch: int, next_iteration: int, rng_states: List[torch.Tensor],
-              partial_meters: Optional[list]) -> dict:
+    def model_and_optimizer_state(self) -> Tuple[dict, dict]:
+        """The model's and the optimizer's state dicts to save: gathered from the shards under --fsdp (a
+        collective: every rank calls it, rank 0 gets them), else the module's and the optimizer's own."""
+        if util_fsdp.is_sharded(self.model):
+            return (util_fsdp.full_model_state(self.model),
+                    util_fsdp.full_optimizer_state(self.model, self.optimizer))
+        return self.model.state_dict(), self.optimizer.state_dict()
+
+    def state(self, epoch: int, next_iteration: int, rng_states: List[torch.Tensor], partial_meters: Optional[list],
+              model_state: dict, optimizer_state: dict) -> dict:
         # 'epoch' is the last finished epoch, as in the official format; a mid-epoch save says where to go on
-        state = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+        state = {'model': model_state, 'optimizer': optimizer_state,
                  'epoch': epoch if next_iteration == 0 else epoch - 1,
                  'scaler': self.loss_scaler.state_dict(), 'args': self.args, 'rng_states': rng_states,
                  'world_size': distributed.get_world_size()}
@@ -216,9 +234,10 @@ class Checkpointer:
             return None
         rng_states = gather_rng_states(self.runtime)
         partial_meters = progress.partial_state() if progress is not None and next_iteration else None
+        model_state, optimizer_state = self.model_and_optimizer_state()
         path = None
         if distributed.is_main_process():
-            state = self.state(epoch, next_iteration, rng_states, partial_meters)
+            state = self.state(epoch, next_iteration, rng_states, partial_meters, model_state, optimizer_state)
             if numbered and next_iteration == 0:
                 path = os.path.join(self.args.output_dir, f'checkpoint-{epoch}.pth')
                 save_atomic(state, path)
@@ -242,10 +261,12 @@ class Checkpointer:
 
     def keep_best(self, epoch: int, test_stats: dict) -> float:
         """checkpoint-best.pth when this epoch's top-1 beats the best so far; returns the best top-1 (printed)."""
-        if test_stats['acc1'] > self.extra_state['max_accuracy']:
+        if test_stats['acc1'] > self.extra_state['max_accuracy']:  # the same on every rank: evaluation is reduced
             self.extra_state['max_accuracy'] = test_stats['acc1']
+            model_state = (util_fsdp.full_model_state(self.model) if util_fsdp.is_sharded(self.model)
+                           else self.model.state_dict())
             if self.args.output_dir and distributed.is_main_process():
-                save_atomic({'model': self.model.state_dict(), 'epoch': epoch, 'args': self.args,
+                save_atomic({'model': model_state, 'epoch': epoch, 'args': self.args,
                              'acc1': test_stats['acc1'], 'acc5': test_stats['acc5'], **self.extra_state},
                             os.path.join(self.args.output_dir, BEST))
         print0(f"Max accuracy: {self.extra_state['max_accuracy']:.2f}%")

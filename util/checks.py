@@ -1,15 +1,19 @@
 """Checks run on a command line before any work: each problem is one line naming the flag, the value and what
 to do instead; the run exits with code 2 and writes nothing. Ranges here are what the code supports, not only
 what the types allow (e.g. a mask ratio that hides no patch, an epoch with no optimizer step)."""
+import math
 import os
 from typing import Callable, Dict, List, Optional, Tuple
 
 import models_vit
+from util import hf_layout
 from util.checkpoint_io import is_url
 from util.checkpointer import LAST, first_epoch, holds_a_run, holds_training_state
+from util import distributed
 from util.distributed import print0
 
 Rule = Tuple[Callable[[object], bool], str]
+DEMO_RUN_MARKER = 'demo_run.json'  # in an --output_dir the demo (tools/demo.py) made: it may replace that run
 
 
 class UsageError(ValueError):
@@ -44,7 +48,7 @@ RANGE_RULES: Dict[str, Rule] = {
     'mixup_prob': (lambda v: 0 <= v <= 1, 'must be in [0, 1]'),
     'mixup_switch_prob': (lambda v: 0 <= v <= 1, 'must be in [0, 1]'),
     'mixup_mode': (lambda v: v in ('batch', 'pair', 'elem'), 'choose from batch, pair, elem'),
-    'nb_classes': (lambda v: v >= 1, 'must be a positive integer'),
+    'nb_classes': (lambda v: v is None or v >= 1, 'must be a positive integer'),
     'num_workers': (lambda v: v >= 0, 'must be >= 0'),
     'start_epoch': (lambda v: v >= 0, 'must be >= 0'),
     'save_freq': (lambda v: v >= 1, 'must be >= 1 (epochs between numbered checkpoints)'),
@@ -100,7 +104,8 @@ def check_model_args(args, models: dict, kind: str, other_models: dict, other_ki
     if args.model not in models:
         return 0
     patch = args.patch_size or models_vit.default_patch_size(models[args.model])
-    check_patch_grid(args.input_size, patch, errors)
+    if args.input_size is not None:  # else resolved later (util/classification.resolve_sizes)
+        check_patch_grid(args.input_size, patch, errors)
     return patch
 
 
@@ -151,8 +156,9 @@ def check_checkpoint_path(flag: str, path: str, errors: List[str]):
     if path and not is_url(path):
         if not os.path.exists(path):
             errors.append(f'{flag} {path}: no such file')
-        elif not os.path.isfile(path):
-            errors.append(f'{flag} {path}: is a folder, not a checkpoint file')
+        elif os.path.isdir(path) and not os.path.isfile(os.path.join(path, hf_layout.CONFIG_NAME)):
+            errors.append(f'{flag} {path}: is a folder, not a checkpoint file (nor a Hugging Face model folder: it '
+                          f'has no {hf_layout.CONFIG_NAME})')
 
 
 def writable_folder(path: str) -> bool:
@@ -179,9 +185,16 @@ def check_output(args, errors: List[str], training: bool = True):
             errors.append(f'{flag} {path}: cannot create or write to this folder')
     if not training:
         return
+    if args.output_dir and os.path.isfile(os.path.join(args.output_dir, DEMO_RUN_MARKER)) and not getattr(
+            args, 'demo', False):  # only main_pretrain.py has --demo
+        errors.append(f'--output_dir {args.output_dir}: holds the built-in demo\'s run; choose another --output_dir '
+                      '(or rerun the demo with --demo)')
     if args.output_dir and not args.auto_resume and not args.overwrite and holds_a_run(args.output_dir):
         errors.append(f'--output_dir {args.output_dir}: already holds a run ({LAST}, log.txt); rerun without '
                       '--no_auto_resume to continue it, or add --overwrite to start over')
+    if getattr(args, 'fsdp', False) and distributed.detect_launch(dist_on_itp=args.dist_on_itp).launcher == 'single':
+        errors.append('--fsdp: shards over the processes of a launch; start the run with torchrun (e.g. torchrun '
+                      '--nproc_per_node=8 ...) or SLURM')  # only pretraining and fine-tuning have --fsdp
     if args.save_every_iters and args.save_every_iters % args.accum_iter:
         errors.append(f'--save_every_iters {args.save_every_iters}: must be a multiple of --accum_iter '
                       f'{args.accum_iter} (checkpoints are taken after an optimizer step)')
@@ -229,9 +242,12 @@ def raise_if_errors(errors: List[str]):
         raise UsageError('\n'.join(dict.fromkeys(errors)))
 
 
-def nothing_to_train(resumable, args) -> bool:
-    """True, after one line saying so, when the run being resumed already finished --epochs (rerunning a finished
-    job is not an error); an empty schedule asked for with --start_epoch >= --epochs is refused (UsageError)."""
+def nothing_to_train(resumable, args, world_size: int) -> bool:
+    """Before any work, for a training run: refuse (UsageError) to continue a run whose recipe changed (unless
+    --allow_recipe_change) and an empty schedule (--start_epoch >= --epochs); True, after one line saying so,
+    when the run being resumed already finished --epochs (rerunning a finished job is not an error)."""
+    if holds_training_state(resumable):
+        check_same_recipe(resumable, args, world_size)
     first = first_epoch(resumable, args.start_epoch)
     if first < args.epochs:
         return False
@@ -240,3 +256,48 @@ def nothing_to_train(resumable, args) -> bool:
     print0(f'Nothing to do: {resumable.path} holds the run after epoch {first - 1}, the last of --epochs '
            f'{args.epochs}; raise --epochs to train further, or pass another --output_dir for a new run')
     return True
+
+
+# the flags that define what a run learns: continuing a run with any of them changed is refused unless asked
+RECIPE_FLAGS = ('data_path', 'input_size', 'patch_size', 'mask_ratio', 'norm_pix_loss', 'blr', 'min_lr',
+                'warmup_epochs', 'weight_decay', 'layer_decay', 'drop_path', 'smoothing', 'mixup', 'cutmix',
+                'cutmix_minmax', 'mixup_prob', 'mixup_switch_prob', 'mixup_mode', 'reprob', 'remode', 'recount', 'aa',
+                'color_jitter', 'nb_classes', 'global_pool', 'seed')
+
+
+def recipe_changes(saved, args, saved_world_size: int, world_size: int) -> List[str]:
+    """'--blr 0.001 (now 0.008)', ... for each recipe flag that differs from the run's saved args, and the
+    effective batch and learning rate, which also follow from the process count."""
+    changes = []
+    for name in RECIPE_FLAGS:
+        if not hasattr(saved, name) or not hasattr(args, name):
+            continue
+        before, now = getattr(saved, name), getattr(args, name)
+        if name == 'data_path' and before and now:
+            before, now = os.path.realpath(before), os.path.realpath(now)
+        if before != now:
+            changes.append(f'--{name} {getattr(saved, name)} (now {getattr(args, name)})')
+    eff_before = saved.batch_size * saved.accum_iter * saved_world_size
+    eff_now = args.batch_size * args.accum_iter * world_size
+    if eff_before != eff_now:
+        changes.append(f'effective batch {eff_before} (now {eff_now}: {args.batch_size} per process x '
+                       f'{args.accum_iter} accumulated x {world_size} processes)')
+    lr_now = args.lr if args.lr is not None else args.blr * eff_now / 256
+    if getattr(saved, 'lr', None) is not None and not math.isclose(saved.lr, lr_now, rel_tol=1e-9):
+        changes.append(f'lr {saved.lr:.3g} (now {lr_now:.3g})')
+    return changes
+
+
+def check_same_recipe(resumable, args, world_size: int):
+    saved = resumable.checkpoint.get('args')
+    if saved is None:
+        return
+    changes = recipe_changes(saved, args, resumable.checkpoint.get('world_size', 1), world_size)
+    if changes and not args.allow_recipe_change:
+        raise UsageError(f'{resumable.path} is a run with other settings: {"; ".join(changes)}; continue it with '
+                         'these anyway with --allow_recipe_change, or choose another --output_dir')
+    if changes:
+        print0(f'Note: continuing {resumable.path} with changed settings (--allow_recipe_change): {"; ".join(changes)}')
+    if getattr(saved, 'epochs', args.epochs) != args.epochs:
+        print0(f'Note: --epochs {args.epochs} (the run was started with {saved.epochs}): the cosine schedule is '
+               'stretched from here')

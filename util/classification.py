@@ -3,7 +3,7 @@ list, the datasets and loaders, the classifier built from the flags (starting fr
 the best-accuracy bookkeeping."""
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from timm.layers import trunc_normal_
@@ -14,9 +14,10 @@ from util import checks
 from util.checkpoint_io import load_checkpoint, model_state_from
 from util.checkpointer import Resumable, find_resumable, holds_training_state, resumable_checkpoint_in
 from util.classes import ClassListError, folder_classes, run_classes
-from util.datasets import DataError, ImageFolderDataset, build_image_folder, build_loader
+from util.datasets import DataError, ImageFolderDataset, build_image_folder, build_loader, describe
 from util.distributed import get_rank, print0
-from util.state_dicts import StateDict, load_pretrained_encoder
+from util.state_dicts import CLASSIFIER_KINDS, architecture_of, check_heads_up_front, load_pretrained_encoder
+from util.transforms import build_eval_transform
 
 
 def check_classifier_args(args, errors: List[str]):
@@ -40,20 +41,44 @@ class ClassifierRun:
     classes: List[str]  # the run's class list, names in output order
     dataset_train: Optional[ImageFolderDataset]  # None with --eval
     dataset_val: ImageFolderDataset
-    encoder: Optional[StateDict]  # the --finetune weights, for a fresh start
+    encoder: Optional[dict]  # the --finetune checkpoint (weights under 'model'), for a fresh start
 
 
-def read_up_front(args, train_transform, eval_transform, world_size: int) -> Optional[ClassifierRun]:
-    """The checkpoint, class list, datasets and --finetune weights, each refused in one line if unusable, and
-    the training plan checked; None when the run being resumed already finished --epochs (said in one line)."""
+def read_up_front(args, train_transform_for: Callable, world_size: int,
+                  global_pool_default: bool) -> Optional[ClassifierRun]:
+    """The checkpoint, the sizes (resolve_sizes), class list, datasets and --finetune weights, each refused in one
+    line if unusable, and the training plan checked; None when the run being resumed already finished --epochs
+    (said in one line). `train_transform_for(args)` builds the training transform once the sizes are known."""
     resumable = find_resumable(args)  # --resume, or this --output_dir's checkpoint
-    if not args.eval and checks.nothing_to_train(resumable, args):
+    resolve_sizes(args, resumable, global_pool_default)
+    if not args.eval and checks.nothing_to_train(resumable, args, world_size):
         return None
     classes = classes_for_run(args, resumable)
-    dataset_train, dataset_val = build_datasets(args, classes, train_transform, eval_transform)
+    dataset_train, dataset_val = build_datasets(args, classes, None if args.eval else train_transform_for(args),
+                                                build_eval_transform(args.input_size))
     if dataset_train is not None:
         checks.check_training_plan(len(dataset_train), dataset_train.root, args, world_size)
     return ClassifierRun(resumable, classes, dataset_train, dataset_val, read_encoder(args, resumable))
+
+
+def resolve_sizes(args, resumable: Optional[Resumable], global_pool_default: bool):
+    """Fill --input_size, --patch_size, --nb_classes and the pooling the user left out: with --eval from the
+    checkpoint (so a checkpoint evaluates without its sizes typed again), else 224 px, the model's patch, 1000
+    classes and the script's pooling (the official defaults). Then the patch grid is checked."""
+    arch = architecture_of(model_state_from(resumable.checkpoint, resumable.path)) if args.eval else None
+    from_checkpoint = arch is not None and arch.kind in CLASSIFIER_KINDS
+    if args.patch_size is None and from_checkpoint:
+        args.patch_size = arch.patch_size
+    if args.input_size is None:
+        args.input_size = arch.img_size if from_checkpoint and arch.grid else 224
+    if args.nb_classes is None:
+        args.nb_classes = arch.num_classes if from_checkpoint else 1000
+    if args.global_pool is None:
+        args.global_pool = arch.global_pool if from_checkpoint else global_pool_default
+    patch = args.patch_size or models_vit.default_patch_size(models_vit.MODELS[args.model])
+    errors = []
+    checks.check_patch_grid(args.input_size, patch, errors)
+    checks.raise_if_errors(errors)
 
 
 def classes_for_run(args, resumable: Optional[Resumable]) -> List[str]:
@@ -91,18 +116,26 @@ def build_loaders(run: ClassifierRun, args, runtime, world_size: int):
     return loader_train, loader_val
 
 
-def read_encoder(args, resumable: Optional[Resumable]) -> Optional[StateDict]:
-    """The --finetune weights, read before any work; none with --eval or when a training run is resumed (its
-    checkpoint replaces them)."""
-    if not args.finetune or args.eval:
+def read_encoder(args, resumable: Optional[Resumable]) -> Optional[dict]:
+    """The --finetune checkpoint, read (and its weights found) before any work; none with --eval or when a training
+    run is resumed (its checkpoint replaces them)."""
+    if args.eval:
+        return None
+    if not args.finetune:
+        if not holds_training_state(resumable):
+            print0('Note: no --finetune: the encoder starts from random weights (pass --finetune with an MAE '
+                   'checkpoint to start from pretrained features)')
         return None
     if holds_training_state(resumable):
         print0(f'--finetune {args.finetune}: not read, the run continues from {resumable.path}')
         return None
-    return model_state_from(load_checkpoint(args.finetune), args.finetune)
+    checkpoint = load_checkpoint(args.finetune)
+    model_state_from(checkpoint, args.finetune)  # a file without weights stops the run here
+    check_heads_up_front(checkpoint, args.finetune, args.model)
+    return checkpoint
 
 
-def build_classifier(args, encoder: Optional[StateDict], head_init_std: float,
+def build_classifier(args, encoder: Optional[dict], head_init_std: float,
                      drop_path_rate: float = 0.0) -> models_vit.VisionTransformer:
     """The --model classifier; with an encoder (--finetune) it starts from it and a fresh head drawn from
     trunc_normal(std=head_init_std): 2e-5 for fine-tuning, 0.01 for linear probing (the official values)."""
@@ -113,6 +146,10 @@ def build_classifier(args, encoder: Optional[StateDict], head_init_std: float,
         load_pretrained_encoder(model, encoder, args.finetune, args.model)
         trunc_normal_(model.head.weight, std=head_init_std)
     return model
+
+
+def describe_data(run: ClassifierRun) -> str:
+    return f'train {describe(run.dataset_train)}; val {len(run.dataset_val):,} images'
 
 
 def trainable_parameters(model: torch.nn.Module) -> int:

@@ -12,6 +12,7 @@ from typing import List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 DEFAULT_MASTER_PORT = '29500'
 _comm_device = torch.device('cpu')
@@ -166,11 +167,26 @@ def all_gather_interleaved(local: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def grad_sync(model: torch.nn.Module, enabled: bool):
-    """Context for forward + backward: with enabled=False a DDP model accumulates gradients locally instead of
-    all-reducing them (same result after the final micro-step, one all-reduce per optimizer step)."""
-    if not enabled and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+    """Context for forward + backward: with enabled=False, gradients accumulate locally instead of being reduced
+    over the processes (DDP's no_sync, FSDP's set_requires_gradient_sync): the same sum after the final
+    micro-step, one reduction per optimizer step."""
+    if enabled:
+        return contextlib.nullcontext()
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return model.no_sync()
+    module = getattr(model, '_orig_mod', model)  # under torch.compile
+    if isinstance(module, FSDPModule):
+        return fsdp_no_sync(module)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def fsdp_no_sync(module):
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
 
 
 def cleanup():

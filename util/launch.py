@@ -2,12 +2,14 @@
 (device, gradient checkpointing, torch.compile, DDP), and the mapping of failures to one line and an exit code.
 """
 import datetime
+import signal
 import sys
 import time
 
 import torch
 
 from util import distributed, preemption
+from util import fsdp as util_fsdp
 from util.bad_images import BadImageBudgetError
 from util.checkpoint_io import CheckpointError
 from util.checks import UsageError
@@ -28,27 +30,29 @@ def world_size_of_launch(args) -> int:
     return distributed.detect_launch(dist_on_itp=args.dist_on_itp).world_size
 
 
-def start(args) -> Runtime:
-    """Resolve the device, join the process group, seed (seed + rank), install the stop-signal handlers."""
+def start(args, training: bool) -> Runtime:
+    """Resolve the device, join the process group, seed (seed + rank), install the stop-signal handlers (with
+    `training`, a first Ctrl-C stops at the next optimizer step and saves)."""
     launch = distributed.detect_launch(dist_on_itp=args.dist_on_itp)
     runtime = setup_runtime(args.device, args.amp, local_rank=launch.local_rank)
     distributed.init_distributed(launch, runtime.dist_backend, runtime.device, args.dist_url, args.dist_timeout)
     seed_everything(args.seed + launch.rank)
-    preemption.install_handlers()
-    print0('{}'.format(args).replace(', ', ',\n'))
-    print0(f'device: {runtime.describe()}, {launch.world_size} process{"es" if launch.world_size > 1 else ""}')
+    preemption.install_handlers(training)
     return runtime
 
 
-def place_model(model: torch.nn.Module, runtime: Runtime, args):
-    """Move to the device and wrap for training. Returns (model to call, model_without_ddp to save)."""
+def place_model(model: torch.nn.Module, runtime: Runtime, args, fsdp: bool):
+    """Move to the device and wrap for training: DDP over several processes, or with `fsdp` (--fsdp) sharded
+    over them (util/fsdp.py). Returns (model to call, the module whose state is saved)."""
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(runtime.device)
+    if fsdp:
+        model = util_fsdp.shard(model, runtime, distributed.get_world_size())
     model_without_ddp = model
     if args.compile:
         model = compile_model(model, runtime)
-    if distributed.get_world_size() > 1:
+    if distributed.get_world_size() > 1 and not fsdp:
         device_ids = [runtime.index] if runtime.index is not None else None
         # every trainable parameter is used in each step, so no unused-parameter search (it costs every step)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -85,5 +89,9 @@ def run_main(main_fn, args):
     except preemption.TrainingInterrupted as e:
         print0(f'{e}; rerun the same command to continue')
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or one outside it
+        print('Interrupted (Ctrl-C): stopped at once; a training run continues from its last checkpoint when the '
+              'same command is run again', file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
     print0(f'Total time {datetime.timedelta(seconds=int(time.time() - start_time))}')
     distributed.cleanup()

@@ -1,25 +1,91 @@
-"""Run outputs on rank 0: TensorBoard scalars and log.txt, one JSON object per epoch (the official format)."""
+"""What a training run reports, on rank 0: a short header on the console, every setting in run_details.txt, and
+each epoch a line of log.txt (one JSON object per epoch, the official format) and TensorBoard scalars."""
 import atexit
 import json
 import os
-from typing import Optional
+import sys
+import time
+from typing import List, Optional
+
+import torch
 
 from util import distributed
+from util.distributed import print0
+
+DETAILS = 'run_details.txt'
+
+
+def plural(n: int, noun: str) -> str:
+    return f'{n} {noun}' + ('' if n == 1 else 's')
+
+
+def format_count(n: int) -> str:
+    """5470000 -> '5.47M', 1540 -> '1.54K', 960 -> '960'."""
+    for unit, size in (('B', 1e9), ('M', 1e6), ('K', 1e3)):
+        if n >= size:
+            return f'{n / size:.3g}{unit}'
+    return str(n)
+
+
+def run_header(title: str, args, model: torch.nn.Module, runtime, world_size: int, start, data: str,
+               recipe: str) -> List[str]:
+    """The few lines a run prints before its first progress line: what trains, on what, how fast it learns,
+    where it starts and where its outputs go."""
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    eff_batch = args.batch_size * args.accum_iter * world_size
+    processes = f'{world_size} process{"es" if world_size > 1 else ""}'
+    where = f'epoch {start.epoch}'
+    if start.path:
+        where = f'resuming {start.path} at epoch {start.epoch}' + (f', iteration {start.iteration}'
+                                                                   if start.iteration else '')
+    outputs = (f'{args.output_dir} (checkpoints, log.txt; TensorBoard in {args.log_dir}); settings, model and '
+               f'optimizer in {os.path.join(args.output_dir, DETAILS)}' if args.output_dir else 'nothing is saved')
+    return [f'{title}: {args.model}, {args.input_size} px, patch {model.patch_embed.patch_size[0]}, '
+            f'{format_count(total)} parameters ({format_count(trained)} trained)',
+            f'data: {data}',
+            f'effective batch size: {eff_batch} ({args.batch_size} per process x {args.accum_iter} accumulated x '
+            f'{processes}); base lr: {args.lr * 256 / eff_batch:.2e}; actual lr: {args.lr:.2e}',
+            f'schedule: {plural(args.epochs, "epoch")}, {args.warmup_epochs} warm-up, cosine to {args.min_lr:g}; '
+            f'{recipe}',
+            f'start: {where}',
+            f'device: {runtime.describe()}, {processes}',
+            f'output: {outputs}']
+
+
+def run_details(args, model: torch.nn.Module, optimizer) -> str:
+    """Everything about the run that a header leaves out: the command, versions, every flag, the model and the
+    optimizer (output_dir/run_details.txt, and the console with --verbose)."""
+    import timm
+    flags = '\n'.join(f'  {name}: {value!r}' for name, value in sorted(vars(args).items()))
+    return (f'=== {time.strftime("%Y-%m-%d %H:%M:%S")}\ncommand: {" ".join(sys.argv)}\n'
+            f'torch {torch.__version__}, timm {timm.__version__}\nargs:\n{flags}\nmodel:\n{model}\n'
+            f'optimizer:\n{optimizer}\n')
 
 
 class RunLog:
-    """A run's outputs on rank 0: log.txt, one JSON line per epoch, and TensorBoard scalars in --log_dir (other
-    ranks hold a RunLog that writes nothing). `tensorboard` is the SummaryWriter the engines add scalars to, or
-    None. `constant` values (e.g. n_parameters) go into every line."""
+    """What a training run reports. On creation: the header on the console (rank 0; see run_header) and the
+    details (run_details) appended to output_dir/run_details.txt, and printed too with --verbose. Then each epoch:
+    a line of log.txt (one JSON object per epoch) and TensorBoard scalars in --log_dir (`tensorboard`, the
+    SummaryWriter the engines add scalars to; None off rank 0). `constant` values go into every log line."""
 
-    def __init__(self, output_dir: str, log_dir: Optional[str], **constant):
-        self.output_dir = output_dir if distributed.is_main_process() else ''
+    def __init__(self, args, model: torch.nn.Module, optimizer, runtime, world_size: int, start, title: str,
+                 data: str, recipe: str, **constant):
+        self.output_dir = args.output_dir if distributed.is_main_process() else ''
         self.constant = constant
+        for line in run_header(title, args, model, runtime, world_size, start, data, recipe):
+            print0(line)
+        details = run_details(args, model, optimizer)
+        if args.verbose:
+            print0(details)
+        if self.output_dir:
+            with open(os.path.join(self.output_dir, DETAILS), 'a', encoding='utf-8') as f:
+                f.write(details)
         self.tensorboard = None
-        if log_dir and distributed.is_main_process():
+        if args.log_dir and distributed.is_main_process():
             from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
-            os.makedirs(log_dir, exist_ok=True)
-            self.tensorboard = SummaryWriter(log_dir=log_dir)
+            os.makedirs(args.log_dir, exist_ok=True)
+            self.tensorboard = SummaryWriter(log_dir=args.log_dir)
             atexit.register(self.tensorboard.close)
 
     def write(self, epoch: int, train: dict, test: Optional[dict] = None, **values):

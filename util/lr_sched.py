@@ -1,8 +1,6 @@
 """Learning-rate schedule: linear warm-up, then a half-cycle cosine down to min_lr, set every iteration."""
 import math
 
-from util.distributed import print0
-
 
 def lr_at(epoch: float, lr: float, min_lr: float, warmup_epochs: float, epochs: float) -> float:
     """Learning rate at a fractional epoch (epoch + iteration / iterations_per_epoch)."""
@@ -21,13 +19,8 @@ def adjust_learning_rate(optimizer, epoch: float, args) -> float:
 
 
 def effective_lr(args, world_size: int) -> float:
-    """Set args.lr = blr x effective batch / 256 unless --lr was given (the official rule, computed once here),
-    and print the arithmetic as the official scripts do. Returns the lr."""
-    eff_batch_size = args.batch_size * args.accum_iter * world_size
+    """Set args.lr = blr x effective batch / 256 unless --lr was given (the official rule, computed once here;
+    the run's header prints the arithmetic). Returns the lr."""
     if args.lr is None:
-        args.lr = args.blr * eff_batch_size / 256
-    print0('base lr: %.2e' % (args.lr * 256 / eff_batch_size))
-    print0('actual lr: %.2e' % args.lr)
-    print0('accumulate grad iterations: %d' % args.accum_iter)
-    print0('effective batch size: %d' % eff_batch_size)
+        args.lr = args.blr * args.batch_size * args.accum_iter * world_size / 256
     return args.lr

@@ -22,7 +22,8 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, epoch: int, iteration: int, value: float, last_good: str):
         self.epoch, self.iteration, self.value = epoch, iteration, value
         super().__init__(f'Loss is {value} at epoch {epoch}, iteration {iteration}, stopping training. {last_good} '
-                         'With fp16, try --amp bf16; else lower --blr or set --clip_grad.')
+                         'With fp16, try --amp bf16; else set --clip_grad, or lower --blr (rerunning with '
+                         '--allow_recipe_change continues from that checkpoint).')
 
 
 def format_seconds(seconds: float) -> str:

@@ -7,7 +7,10 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from util.checkpoint_io import CheckpointError
+import models_mae
+import models_vit
+from util import fsdp as util_fsdp
+from util.checkpoint_io import CheckpointError, model_state_from
 from util.distributed import print0
 from util.pos_embed import interpolate_pos_embed
 
@@ -170,11 +173,40 @@ def misfit_message(model: nn.Module, state: StateDict, path: str, model_name: st
     return f'{path} does not fit {say.model} {model_name}: ' + '; '.join(part for part in (cause, keys) if part)
 
 
+def attention_heads(model: nn.Module) -> Dict[str, int]:
+    """{'encoder': heads of the first block[, 'decoder': heads of the first decoder block]}."""
+    heads = {'encoder': model.blocks[0].attn.num_heads}
+    if hasattr(model, 'decoder_blocks') and len(model.decoder_blocks):
+        heads['decoder'] = model.decoder_blocks[0].attn.num_heads
+    return heads
+
+
+def check_attention_heads(model: nn.Module, checkpoint: dict, path: str, model_name: str, say: Phrasing = CLI):
+    """Weights do not show how many heads split the attention; a Hugging Face config names them
+    (checkpoint['attention_heads'], util/hf_layout.py), and another number would compute other outputs."""
+    named, ours = checkpoint.get('attention_heads') or {}, attention_heads(model)
+    wrong = [f'{n} attention heads in the {part} of the checkpoint, {ours[part]} in the model'
+             for part, n in named.items() if part in ours and ours[part] != n]
+    if wrong:
+        raise CheckpointError(f'{path} does not fit {say.model} {model_name}: {"; ".join(wrong)} (another {say.model})')
+
+
+def check_heads_up_front(checkpoint: dict, path: str, model_name: str):
+    """check_attention_heads against --model built on the meta device (no memory, no init time), before any work."""
+    factory = models_mae.MODELS.get(model_name) or models_vit.MODELS.get(model_name)
+    if factory is not None and checkpoint.get('attention_heads'):
+        with torch.device('meta'):
+            check_attention_heads(factory(), checkpoint, path, model_name)
+
+
 def load_state_strict(model: nn.Module, state: StateDict, path: str, model_name: str, say: Phrasing = CLI):
     """load_state_dict(strict=True), with a one-line error leading with the cause instead of a traceback."""
     if describe_keys(model, state):
         raise CheckpointError(misfit_message(model, state, path, model_name, say))
-    model.load_state_dict(state, strict=True)
+    if util_fsdp.is_sharded(model):  # --fsdp: the full weights are cut into this rank's shards
+        util_fsdp.load_model_state(model, state)
+    else:
+        model.load_state_dict(state, strict=True)
 
 
 def fit_pos_embed(model: nn.Module, state: StateDict, path: str):
@@ -188,11 +220,13 @@ def fit_pos_embed(model: nn.Module, state: StateDict, path: str):
                 raise CheckpointError(f'{path}: position embeddings cannot be resized ({e})') from None
 
 
-def load_pretrained_encoder(model: nn.Module, state: StateDict, path: str, model_name: str) -> List[str]:
-    """Load an encoder-only or full MAE checkpoint (released or ours), or another classifier, into a ViT classifier
-    for --finetune: a head of another shape is dropped, the position embeddings are interpolated to the model's
-    grid, and only the head and (with global pooling) fc_norm may be missing. Returns the ignored keys."""
-    state = dict(state)
+def load_pretrained_encoder(model: nn.Module, checkpoint: dict, path: str, model_name: str) -> List[str]:
+    """Load an encoder-only or full MAE checkpoint (released, ours or converted from Hugging Face), or another
+    classifier, into a ViT classifier for --finetune: a head of another shape is dropped, the position embeddings are
+    interpolated to the model's grid, and only the head and (with global pooling) fc_norm may be missing. Returns
+    the ignored keys."""
+    check_attention_heads(model, checkpoint, path, model_name)
+    state = model_state_from(checkpoint, path)
     own = model.state_dict()
     for k in ('head.weight', 'head.bias'):
         if k in state and state[k].shape != own[k].shape:
@@ -204,8 +238,7 @@ def load_pretrained_encoder(model: nn.Module, state: StateDict, path: str, model
     misfit = [k for k in own if k in state and state[k].shape != own[k].shape]
     missing = sorted(k for k in own if k not in state and k not in allowed)
     if misfit or missing:
-        theirs, ours = architecture_of(state), architecture_of(own)
-        cause = size_cause(theirs, ours, CLI) if theirs.kind else kind_cause(theirs, ours)
+        cause = encoder_cause(state, own, missing)
         shapes = ', '.join(f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in misfit[:6])
         keys = (f'shape mismatch (checkpoint vs model) {len(misfit)}: {shapes}' if misfit
                 else f'missing {len(missing)} encoder keys: {", ".join(missing[:6])}')
@@ -216,6 +249,20 @@ def load_pretrained_encoder(model: nn.Module, state: StateDict, path: str, model
            f'ignored {len(msg.unexpected_keys)} keys not used by the classifier '
            f'({summarize_keys(msg.unexpected_keys)})')
     return list(msg.unexpected_keys)
+
+
+def encoder_cause(state: StateDict, own: StateDict, missing: List[str]) -> str:
+    """Why `state` is not an encoder of the model: sizes only (the head and the decoder do not matter here), or the
+    pooling a fine-tuned classifier was trained with."""
+    theirs, ours = architecture_of(state), architecture_of(own)
+    if not theirs.kind:
+        return kind_cause(theirs, ours)
+    for arch in (theirs, ours):
+        arch.num_classes, arch.global_pool, arch.decoder_embed_dim, arch.decoder_depth = 0, None, 0, 0
+    cause = size_cause(theirs, ours, CLI)
+    if not cause and {'norm.weight', 'norm.bias'} & set(missing) and 'fc_norm.weight' in state:
+        cause = 'it was fine-tuned with global pooling (fc_norm.*, no norm.*): pass --global_pool'
+    return cause
 
 
 def summarize_keys(keys: List[str]) -> str:
