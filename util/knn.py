@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from models_vit import run_blocks
-from util import distributed
+from util import distributed, fsdp
 from util.bad_images import check_budget
 from util.checks import UsageError, check_data_path
 from util.classes import check_subset
@@ -314,7 +314,8 @@ def monitor(data: Optional[KnnData], model: torch.nn.Module, epoch: int, runtime
     start = time.perf_counter()
     saved = rng_state(runtime)
     try:
-        results = evaluate(model, data, args, runtime, args.knn_feature, [args.knn_k], args.knn_temperature)
+        with fsdp.root_unsharded(model):
+            results = evaluate(model, data, args, runtime, args.knn_feature, [args.knn_k], args.knn_temperature)
     finally:
         set_rng_state(saved, runtime)
     top1, top5 = results[args.knn_k]['top1'], results[args.knn_k]['top5']
