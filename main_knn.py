@@ -21,7 +21,7 @@ NOT_ENCODER = ('decoder_', 'mask_token', 'head.')
 
 
 def get_args_parser() -> cli.ArgumentParser:
-    parser = cli.ArgumentParser('k-NN evaluation of a ViT encoder')
+    parser = cli.ArgumentParser('main_knn.py', 'k-NN evaluation of a ViT encoder on frozen features')
     parser.add_argument('--batch_size', default=128, type=int, help='images per process and forward pass')
     cli.add_model_args(parser, model='vit_base_patch16')
     parser.add_argument('--resume', default='',
@@ -93,7 +93,7 @@ def main(args):
     if refusal:
         raise checks.UsageError(refusal)
 
-    runtime = launch.start(args)
+    runtime = launch.start(args, training=False)
     results = knn.evaluate(encoder.to(runtime.device), data, args, runtime, args.feature, args.nb_knn,
                            args.temperature, args.query_chunk, args.bank_chunk)
     for k, result in results.items():

@@ -93,13 +93,16 @@ def save_initial_model(path: str, pretrain_argv: List[str]):
     torch.save({'model': initial_model(args).state_dict()}, path)
 
 
-def main(argv=None) -> int:
-    import argparse
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def get_args_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser('python -m tools.knn_evidence', __doc__.split('\n')[0])
     parser.add_argument('--output_dir', default='knn_evidence', help='folder for the images, runs and results')
     parser.add_argument('--epochs', default=20, type=int, help='pretraining epochs')
     parser.add_argument('--probe_epochs', default=10, type=int, help='linear-probing epochs')
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
     out = os.path.abspath(args.output_dir)
     data = os.path.join(out, 'digits')
     start = time.time()
