@@ -25,7 +25,7 @@ from tools import benchmark_memory as memory
 from tools import benchmark_pipeline as pipeline
 from tools import benchmark_knn
 from tools import benchmark_step as step
-from util import knn
+from util import knn, knn_monitor
 from util.datasets import DataError
 from util.device import AMP_CHOICES, DEVICE_CHOICES, DeviceError, setup_runtime
 
@@ -76,9 +76,9 @@ def get_args_parser() -> cli.ArgumentParser:
                         help='for --knn: bank images (random unit features)')
     parser.add_argument('--knn_queries', default=knn.QUERY_CHUNK, type=int, help='for --knn: queries timed')
     parser.add_argument('--knn_k', default=knn.DEFAULT_K, type=int, help='for --knn: neighbours')
-    parser.add_argument('--knn_train_per_class', default=knn.MONITOR_TRAIN_PER_CLASS, type=int,
+    parser.add_argument('--knn_train_per_class', default=knn_monitor.MONITOR_TRAIN_PER_CLASS, type=int,
                         help="for --knn: the monitor's bank images per class")
-    parser.add_argument('--knn_val_per_class', default=knn.MONITOR_VAL_PER_CLASS, type=int,
+    parser.add_argument('--knn_val_per_class', default=knn_monitor.MONITOR_VAL_PER_CLASS, type=int,
                         help="for --knn: the monitor's queries per class")
     parser.add_argument('--json', default=None, help='also write every number to this JSON file')
     return parser
