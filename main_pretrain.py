@@ -13,7 +13,7 @@ import models_mae
 import models_vit
 from engine_pretrain import train_one_epoch
 from util import args as cli
-from util import checks, launch
+from util import checks, knn_monitor, launch
 from util.amp import LossScaler
 from util.checkpointer import Checkpointer, find_resumable, resume_training
 from util.datasets import ImageFolderDataset, build_image_folder, build_loader, describe
@@ -49,6 +49,7 @@ def get_args_parser() -> cli.ArgumentParser:
                         help='run the built-in demo instead (tools/demo.py): a tiny MAE on generated textures in a '
                              'few CPU minutes; any flag given explicitly overrides its defaults')
     parser.add_argument('--demo_images', default=250, type=int, help='with --demo: training images per class')
+    knn_monitor.add_args(parser)
     return parser
 
 
@@ -61,6 +62,7 @@ def check_args(args):
     checks.check_data_path(args.data_path, ['train'], errors)
     checks.check_checkpoint_path('--resume', args.resume, errors)
     checks.check_output(args, errors)
+    knn_monitor.check_args(args, errors)
     checks.raise_if_errors(errors)
 
 
@@ -90,6 +92,7 @@ def main(args):
         return
     dataset_train = build_pretraining_dataset(args)
     checks.check_training_plan(len(dataset_train), dataset_train.root, args, world_size)
+    knn_data = knn_monitor.read_data(args)  # None without --knn_data_path
 
     runtime = launch.start(args, training=True)
     data_loader_train = build_loader(dataset_train, args, runtime, True, get_rank(), world_size)
@@ -108,7 +111,8 @@ def main(args):
     for epoch in range(start.epoch, args.epochs):
         train_stats = train_one_epoch(model, data_loader_train, optimizer, runtime, epoch, loss_scaler, args,
                                       run_log.tensorboard, checkpointer, start)
-        run_log.write(epoch, train_stats)
+        knn_stats = knn_monitor.run(knn_data, model_without_ddp, epoch, runtime, args, run_log.tensorboard)
+        run_log.write(epoch, train_stats, **knn_stats)
         checkpointer.save(epoch, numbered=epoch % args.save_freq == 0 or epoch + 1 == args.epochs)
         stop_if_signalled(epoch, args.epochs, checkpointer.last_path)
 

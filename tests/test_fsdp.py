@@ -34,9 +34,11 @@ def max_difference(a: dict, b: dict) -> float:
 @pytest.fixture(scope='module')
 def ddp_and_fsdp_pretraining(texture_data, tmp_path_factory):
     out = tmp_path_factory.mktemp('fsdp')
-    run_torchrun('main_pretrain.py', '--data_path', texture_data, '--output_dir', out / 'ddp', *PRETRAIN, check=True)
+    monitor = ['--knn_data_path', texture_data, '--knn_every', '1']  # the k-NN monitor reads root weights directly
+    run_torchrun('main_pretrain.py', '--data_path', texture_data, '--output_dir', out / 'ddp', *PRETRAIN, *monitor,
+                 check=True)
     run_torchrun('main_pretrain.py', '--data_path', texture_data, '--output_dir', out / 'fsdp', '--fsdp',
-                 '--grad_checkpointing', *PRETRAIN, check=True)
+                 '--grad_checkpointing', *PRETRAIN, *monitor, check=True)
     return out / 'ddp', out / 'fsdp'
 
 
@@ -45,6 +47,7 @@ def test_fsdp_pretraining_gives_the_ddp_losses_and_weights(ddp_and_fsdp_pretrain
     ddp, fsdp = ddp_and_fsdp_pretraining
     for a, b in zip(read_json_log(ddp), read_json_log(fsdp)):
         assert a['train_loss'] == pytest.approx(b['train_loss'], rel=1e-6)
+        assert (a['knn_top1'], a['knn_top5']) == (b['knn_top1'], b['knn_top5'])
     difference = max_difference(weights(ddp)['model'], weights(fsdp)['model'])
     print(f'max |FSDP - DDP| after 8 steps of pretraining: {difference:.2e}')
     assert difference <= 1e-5  # fp32 rounding: the gradient sums happen in another order

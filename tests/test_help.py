@@ -4,8 +4,8 @@ import importlib
 
 import pytest
 
-SCRIPTS = ['main_pretrain', 'main_finetune', 'main_linprobe', 'main_infer', 'tools.benchmark', 'tools.compare_logs',
-           'tools.export', 'tools.gpu_check']
+SCRIPTS = ['main_pretrain', 'main_finetune', 'main_linprobe', 'main_infer', 'main_knn', 'tools.benchmark',
+           'tools.compare_logs', 'tools.export', 'tools.gpu_check', 'tools.knn_evidence']
 PAIRS = {'(': ')', '[': ']', '{': '}'}
 
 

@@ -8,6 +8,7 @@ python -m tools.benchmark --model vit_base_patch16 --batch_size 64 --amp bf16 --
 python -m tools.benchmark --scaling --batch_size 8
 python -m tools.benchmark --pipeline --data_path /datasets/imagenet --num_workers 8
 python -m tools.benchmark --memory --model mae_vit_base_patch16 --device cpu --memory_processes 1 2 4
+python -m tools.benchmark --knn --batch_size 16 --device cpu     # the k-NN monitor's and main_knn.py's costs
 Prints a table; --json FILE also writes every number.
 """
 import json
@@ -22,7 +23,9 @@ from util import args as cli
 from util import checks
 from tools import benchmark_memory as memory
 from tools import benchmark_pipeline as pipeline
+from tools import benchmark_knn
 from tools import benchmark_step as step
+from util import knn, knn_monitor
 from util.datasets import DataError
 from util.device import AMP_CHOICES, DEVICE_CHOICES, DeviceError, setup_runtime
 
@@ -66,6 +69,17 @@ def get_args_parser() -> cli.ArgumentParser:
     parser.add_argument('--warmup', default=3, type=int, help='untimed steps first')
     parser.add_argument('--steps', default=5, type=int, help='steps per timed window')
     parser.add_argument('--windows', default=3, type=int, help='timed windows; the median is reported')
+    parser.add_argument('--knn', action='store_true',
+                        help="the k-NN costs: --model's encoder forward per image beside its training step, and the "
+                             'chunked similarity against a bank, with the arithmetic for ImageNet')
+    parser.add_argument('--knn_bank', default=benchmark_knn.IMAGENET_TRAIN, type=int,
+                        help='for --knn: bank images (random unit features)')
+    parser.add_argument('--knn_queries', default=knn.QUERY_CHUNK, type=int, help='for --knn: queries timed')
+    parser.add_argument('--knn_k', default=knn.DEFAULT_K, type=int, help='for --knn: neighbours')
+    parser.add_argument('--knn_train_per_class', default=knn_monitor.MONITOR_TRAIN_PER_CLASS, type=int,
+                        help="for --knn: the monitor's bank images per class")
+    parser.add_argument('--knn_val_per_class', default=knn_monitor.MONITOR_VAL_PER_CLASS, type=int,
+                        help="for --knn: the monitor's queries per class")
     parser.add_argument('--json', default=None, help='also write every number to this JSON file')
     return parser
 
@@ -77,6 +91,9 @@ def check_args(args):
     rules.update(warmup=(lambda v: v >= 0, 'must be >= 0'), steps=(lambda v: v >= 1, 'must be >= 1'),
                  windows=(lambda v: v >= 1, 'must be >= 1'), pipeline_batches=(lambda v: v >= 1, 'must be >= 1'))
     checks.check_ranges(args, errors, rules)
+    if args.knn and args.model not in models_mae.MODELS:
+        errors.append(f'--model {args.model}: --knn times an MAE training step; choose from '
+                      f'{", ".join(models_mae.MODELS)}')
     models = {**models_mae.MODELS, **models_vit.MODELS}
     if args.model not in models:
         errors.append(f'--model {args.model}: unknown model; choose from {", ".join(models)}')
@@ -161,6 +178,9 @@ def run(args):
 
     if args.memory:
         results['memory'] = memory_table(args, runtime)
+    elif args.knn:
+        results['knn'] = benchmark_knn.report(args, runtime)
+        benchmark_knn.print_report(results['knn'], args)
     elif args.pipeline:
         rows = []
         variants = pipeline.variants(args)

@@ -128,14 +128,16 @@ def add_output_args(parser):
                              'output_dir/run_details.txt)')
 
 
-def add_runtime_args(parser):
+def add_runtime_args(parser, training: bool = True):
+    """Device, precision, seed and processes; training scripts also get --compile and --grad_checkpointing."""
     parser.add_argument('--device', default='auto', choices=DEVICE_CHOICES,
                         help='backend: auto picks npu, else sdaa, else cuda, else mps, else cpu')
     parser.add_argument('--amp', default=None, choices=AMP_CHOICES,
                         help='mixed precision (default: fp16 on cuda/npu/sdaa, off on cpu/mps)')
-    parser.add_argument('--compile', action='store_true', help='torch.compile the model')
-    parser.add_argument('--grad_checkpointing', action='store_true',
-                        help='recompute block activations in backward to save memory')
+    if training:
+        parser.add_argument('--compile', action='store_true', help='torch.compile the model')
+        parser.add_argument('--grad_checkpointing', action='store_true',
+                            help='recompute block activations in backward to save memory')
     parser.add_argument('--seed', default=0, type=int, help='random seed (each process adds its rank)')
     parser.add_argument('--world_size', default=1, type=int,
                         help='accepted for the official command lines; the launcher sets the process count')

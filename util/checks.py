@@ -57,6 +57,16 @@ RANGE_RULES: Dict[str, Rule] = {
     'max_bad_images': (lambda v: v >= 0, 'must be >= 0'),
     'print_freq': (lambda v: v >= 1, 'must be >= 1'),
     'dist_timeout': (lambda v: v > 0, 'must be > 0 minutes'),
+    'knn_every': (lambda v: v >= 1, 'must be >= 1 (epochs between k-NN evaluations)'),
+    'knn_k': (lambda v: v >= 1, 'must be >= 1'),
+    'nb_knn': (lambda v: min(v) >= 1, 'every k must be >= 1'),
+    'knn_temperature': (lambda v: v > 0, 'must be > 0'),
+    'temperature': (lambda v: v > 0, 'must be > 0'),
+    'knn_train_per_class': (lambda v: v >= 0, 'must be >= 0 (0: every image)'),
+    'knn_val_per_class': (lambda v: v >= 0, 'must be >= 0 (0: every image)'),
+    'train_per_class': (lambda v: v >= 0, 'must be >= 0 (0: every image)'),
+    'val_per_class': (lambda v: v >= 0, 'must be >= 0 (0: every image)'),
+    'query_chunk': (lambda v: v >= 1, 'must be >= 1'),
     'seed': (lambda v: 0 <= v < 2 ** 31, 'must be in [0, 2^31) (numpy seeds are 32-bit and each process adds '
                                           'its rank)'),
 }
@@ -128,17 +138,17 @@ def smallest_ratio_hiding_one(num_patches: int) -> float:
     return ratio
 
 
-def check_data_path(data_path: Optional[str], folders: List[str], errors: List[str]):
+def check_data_path(data_path: Optional[str], folders: List[str], errors: List[str], flag: str = '--data_path'):
     if not data_path:
-        errors.append('--data_path: required; point it at a folder holding ' + ' and '.join(f'{f}/' for f in folders)
+        errors.append(f'{flag}: required; point it at a folder holding ' + ' and '.join(f'{f}/' for f in folders)
                       + ' with one sub-folder of images per class (the ImageNet layout)')
         return
     if not os.path.isdir(data_path):
-        errors.append(f'--data_path {data_path}: no such folder')
+        errors.append(f'{flag} {data_path}: no such folder')
         return
     missing = [f'{folder}/' for folder in folders if not os.path.isdir(os.path.join(data_path, folder))]
     if missing:
-        errors.append(f'--data_path {data_path}: has no {" or ".join(missing)} folder (expected '
+        errors.append(f'{flag} {data_path}: has no {" or ".join(missing)} folder (expected '
                       f'{os.path.join(data_path, missing[0])}<class>/<image>)')
 
 

@@ -87,6 +87,21 @@ def describe(dataset: ImageFolderDataset) -> str:
     return f'{len(dataset):,} images of {len(set(dataset.targets))} classes in {dataset.root}'
 
 
+def cap_per_class(dataset: ImageFolderDataset, per_class: int) -> ImageFolderDataset:
+    """Keep the first `per_class` images of each class, in the folder's sorted order (0: keep all), in place: a
+    fixed subset, the same on every rank and every run, chosen without drawing a random number."""
+    if per_class <= 0:
+        return dataset
+    kept, seen = [], {}
+    for path, target in dataset.samples:
+        if seen.get(target, 0) < per_class:
+            kept.append((path, target))
+            seen[target] = seen.get(target, 0) + 1
+    dataset.samples = dataset.imgs = kept
+    dataset.targets = [target for _, target in kept]
+    return dataset
+
+
 def iterations_per_epoch(num_images: int, batch_size: int, world_size: int) -> int:
     """Training iterations per epoch on each rank: the sampler gives each rank ceil(N / world) indices (padding
     with repeats, as DistributedSampler does) and the loader drops the last partial batch."""

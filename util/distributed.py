@@ -147,6 +147,25 @@ def all_gather_bytes(data: bytes) -> List[bytes]:
     return [g[:n].cpu().numpy().tobytes() for g, n in zip(gathered, sizes)]
 
 
+def all_gather_interleaved(local: torch.Tensor, total: int) -> torch.Tensor:
+    """Rows split over the ranks as ShardedEvalSampler splits images (rank r holds rows r, r + w, r + 2w, ... of
+    `total`) -> all `total` rows in order, on every rank, on local's device. One all_gather on the backend's
+    device; the shares are padded to the largest, so it holds world_size x ceil(total / w) rows there at once."""
+    world_size = get_world_size()
+    if world_size == 1:
+        return local
+    share = -(-total // world_size)
+    padded = torch.zeros((share, *local.shape[1:]), dtype=local.dtype, device=_comm_device)
+    padded[:local.shape[0]] = local.to(_comm_device)
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    rows = torch.empty((total, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    for rank, part in enumerate(gathered):
+        count = len(range(rank, total, world_size))
+        rows[rank::world_size] = part[:count].to(local.device)
+    return rows
+
+
 def grad_sync(model: torch.nn.Module, enabled: bool):
     """Context for forward + backward: with enabled=False, gradients accumulate locally instead of being reduced
     over the processes (DDP's no_sync, FSDP's set_requires_gradient_sync): the same sum after the final

@@ -3,6 +3,7 @@ sharded over the processes, so each holds 1/N of the parameters, gradients and A
 them (DDP). Checkpoints stay in the official format: the full model state dict, gathered on rank 0, and the
 optimizer state in torch's own layout (integer parameter ids), so a run resumes at any process count, with or
 without --fsdp."""
+import contextlib
 from typing import Dict, List
 
 import torch
@@ -38,6 +39,21 @@ def shard(model: nn.Module, runtime, world_size: int) -> nn.Module:
 
 def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def root_unsharded(model: nn.Module):
+    """Inside: a sharded model's root parameters (patch embedding, class token, position table, final norms) are
+    whole, as in its forward. Code that reads them outside forward (the k-NN monitor's features) runs in this; the
+    blocks unshard themselves when called. A collective under --fsdp; nothing otherwise."""
+    if not is_sharded(model):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def full_model_state(model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -1,0 +1,252 @@
+"""Weighted k-nearest-neighbour accuracy of frozen encoder features: a cheap proxy for representation quality,
+used by main_knn.py (any checkpoint) and by the pretraining monitor (main_pretrain.py --knn_data_path).
+
+The protocol (Wu et al. 2018, as DINO's eval_knn.py runs it; k = 20 and T = 0.07 are DINO's defaults): features
+of the encoder with nothing masked, L2-normalised; the cosine similarity of each query (val/) to every image of
+the memory bank (train/); the k most similar bank images, each voting for its class with weight exp(sim / T);
+top-1 / top-5 of the summed votes. Ties are broken the same way everywhere: among equal similarities the lower
+bank index is the nearer neighbour, among equal votes the lower class index ranks first.
+
+Similarities are computed in chunks (queries x bank images) with a running top-k, so memory is bounded by the
+chunk sizes, not by the bank: see chunk_bytes. They are float32 matrix products, as in DINO: the tie rules apply to
+equal float32 values. Two copies of one image at different bank positions can differ in the last bit (the BLAS
+computes edge columns of a product with other kernels), so which copy is nearer is decided by that rounding, the
+same way on every run with the same chunk sizes. Other chunk sizes can move a similarity by such a rounding step
+(about 1e-7), which changes a decision only between neighbours that close.
+"""
+import math
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models_vit import run_blocks
+from util import distributed
+from util.bad_images import check_budget
+from util.classes import check_subset
+from util.datasets import ImageFolderDataset, build_image_folder, build_loader, cap_per_class
+from util.transforms import build_eval_transform, normalize_batch
+
+FEATURES = ('cls', 'mean')
+DEFAULT_FEATURE = 'mean'  # measured better than the class token after MAE pretraining (README)
+DEFAULT_K = 20
+DEFAULT_TEMPERATURE = 0.07
+QUERY_CHUNK = 1024
+BANK_CHUNK = 16384
+PAIR_BYTES = 24  # peak bytes per query x bank pair of a similarity chunk (chunk_bytes)
+MAX_BANK_CHUNK = 2 ** 24  # chunk_topk numbers the bank images of a chunk in float32
+TOP5 = 5
+
+
+# --- features ----------------------------------------------------------------------------------------------
+
+def encoder_features(encoder: torch.nn.Module, images: torch.Tensor, feature: str) -> torch.Tensor:
+    """images [N, 3, H, W] (normalised) -> features [N, D] of the ViT encoder with nothing masked.
+
+    `encoder` is an MAE (models_mae) or a classifier (models_vit): both have patch_embed, cls_token, pos_embed,
+    blocks and a final norm. feature 'cls': the class token after the final norm; 'mean': the mean of the patch
+    tokens after the final norm. For an MAE these are the tokens forward_encoder(imgs, mask_ratio=0) returns,
+    without its random shuffle of the patch order (which a mean and the class token do not depend on) and without
+    drawing its noise; for a class-token classifier 'cls' is its forward_features. A global-pool classifier has no
+    final norm but fc_norm on the patch-token mean: 'mean' is its forward_features, 'cls' raises ValueError."""
+    x = encoder.patch_embed(images)  # [N, L, D]
+    x = torch.cat((encoder.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + encoder.pos_embed  # [N, 1 + L, D]
+    x = run_blocks(encoder.blocks, x, grad_checkpointing=False)
+    if getattr(encoder, 'global_pool', False):
+        if feature != 'mean':
+            raise ValueError("a global-pool classifier has no final norm for the class token; use feature 'mean'")
+        return encoder.fc_norm(x[:, 1:].mean(dim=1))
+    x = encoder.norm(x)
+    return x[:, 0] if feature == 'cls' else x[:, 1:].mean(dim=1)
+
+
+@torch.no_grad()
+def extract_features(encoder: torch.nn.Module, loader, runtime, feature: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of a dataset through the encoder: (features [n, D] float32, labels [n] int64), on the
+    device, in the loader's order. Labels come with the images, so an unreadable image replaced by the next one
+    keeps the label of the image actually used."""
+    features, labels = [], []
+    for images, targets in loader:
+        images = normalize_batch(images, runtime.device)
+        with runtime.autocast():
+            features.append(encoder_features(encoder, images, feature).float())
+        labels.append(targets.to(runtime.device))
+    if not features:  # more ranks than images
+        dim = encoder.cls_token.shape[-1]
+        return torch.zeros(0, dim, device=runtime.device), torch.zeros(0, dtype=torch.int64, device=runtime.device)
+    return torch.cat(features), torch.cat(labels)
+
+
+# --- the classifier ----------------------------------------------------------------------------------------
+
+def chunk_topk(sims: torch.Tensor, k: int, offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """sims [q, b] (queries x a chunk of bank images starting at bank index `offset`) -> the k most similar,
+    (values [q, k], bank indices [q, k]), sorted by similarity, the lower index first among equal values.
+    torch.topk leaves the choice among equal values open; here the last places go to the lowest indices."""
+    k = min(k, sims.shape[1])
+    threshold = sims.topk(k, dim=1).values[:, -1:]  # [q, 1], the k-th largest value
+    above = sims > threshold
+    room = k - above.sum(dim=1, keepdim=True)  # places left for values equal to the threshold
+    at = sims == threshold
+    chosen = above | (at & (at.cumsum(dim=1, dtype=torch.int32) <= room))  # exactly k per row
+    del above, at
+    # a key that falls with the index on the chosen, 0 elsewhere: its top k (distinct values) is the chosen set
+    # (float32 counts exactly up to 2^24, the largest bank chunk allowed)
+    key = torch.arange(sims.shape[1], 0, -1, device=sims.device, dtype=torch.float32)
+    index = torch.where(chosen, key, 0.).topk(k, dim=1).indices  # [q, k], ascending index
+    return sort_neighbours(sims.gather(1, index), index + offset)
+
+
+def sort_neighbours(values: torch.Tensor, index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Order each row by value, descending. The sort is stable, so rows given in ascending index keep the lower
+    index first among equal values."""
+    order = values.sort(dim=1, descending=True, stable=True).indices
+    return values.gather(1, order), index.gather(1, order)
+
+
+def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int,
+                       bank_chunk: int = BANK_CHUNK) -> Tuple[torch.Tensor, torch.Tensor]:
+    """queries [q, D] and bank [N, D] (both L2-normalised) -> the k nearest bank images of each query by cosine
+    similarity: (similarities [q, k], bank indices [q, k]), nearest first, lower index first on ties. Bank chunks
+    of `bank_chunk` images are scored in turn and merged into a running top-k; raises ValueError if k > N."""
+    if k > bank.shape[0]:
+        raise ValueError(f'k {k} is more than the {bank.shape[0]} images of the bank')
+    best_values = queries.new_zeros(queries.shape[0], 0)
+    best_index = torch.zeros(queries.shape[0], 0, dtype=torch.int64, device=queries.device)
+    for start in range(0, bank.shape[0], bank_chunk):
+        values, index = chunk_topk(queries @ bank[start:start + bank_chunk].T, k, start)
+        # earlier chunks hold lower indices: listed first, the stable sort keeps them first among equal values
+        values, index = sort_neighbours(torch.cat((best_values, values), 1), torch.cat((best_index, index), 1))
+        best_values, best_index = values[:, :k], index[:, :k]
+    return best_values, best_index
+
+
+def ranked_classes(similarities: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int,
+                   temperature: float, votes_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The k neighbours' votes: similarities [q, k] (nearest first) and their labels [q, k] -> the classes [q,
+    min(5, num_classes)] with the most votes, each vote weighted exp(sim / T). Votes are summed nearest first in
+    `votes_dtype` (float64; MPS has none), ties go to the lower class index."""
+    weights = (similarities.to(votes_dtype) / temperature).exp()
+    votes = torch.zeros(similarities.shape[0], num_classes, dtype=votes_dtype, device=similarities.device)
+    rows = torch.arange(similarities.shape[0], device=similarities.device)
+    for j in range(similarities.shape[1]):  # one neighbour per row at a time: a fixed summation order
+        votes.index_put_((rows, neighbour_labels[:, j]), weights[:, j], accumulate=True)
+    return votes.sort(dim=1, descending=True, stable=True).indices[:, :min(TOP5, num_classes)]
+
+
+def knn_hits(queries: torch.Tensor, query_labels: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor,
+             num_classes: int, ks: Sequence[int], temperature: float, query_chunk: int = QUERY_CHUNK,
+             bank_chunk: int = BANK_CHUNK, votes_dtype: torch.dtype = torch.float64) -> Dict[int, torch.Tensor]:
+    """Weighted k-NN: queries [q, D] with labels [q] against bank [N, D] with labels [N], both L2-normalised
+    (normalised by the caller, so that a bank of a million images is never copied). Returns, for each k, [top-1
+    hits, top-5 hits] (a tensor of counts in votes_dtype) over the queries. Memory beyond the inputs:
+    chunk_bytes(query_chunk, bank_chunk, max(ks)), whatever N is."""
+    hits = {k: torch.zeros(2, dtype=votes_dtype, device=queries.device) for k in ks}
+    for start in range(0, queries.shape[0], query_chunk):
+        sims, index = nearest_neighbours(queries[start:start + query_chunk], bank, max(ks), bank_chunk)
+        labels = query_labels[start:start + query_chunk, None]
+        for k in ks:  # the nearest k of the max(ks) found, as they are sorted nearest first
+            ranked = ranked_classes(sims[:, :k], bank_labels[index[:, :k]], num_classes, temperature, votes_dtype)
+            hits[k] += torch.stack([(ranked[:, :1] == labels).sum(), (ranked == labels).sum()]).to(votes_dtype)
+    return hits
+
+
+def chunk_bytes(query_chunk: int, bank_chunk: int, k: int) -> int:
+    """Bytes one step of knn_hits holds beside the bank and the queries: per query x bank pair the similarity
+    (4 bytes) and chunk_topk's masks, running count and key, 24 bytes in all (measured on the CPU: 20-23 at 512-1024
+    queries x 8192-16384 bank images, the same for a bank of 0.1M and of 1M images); per query the running and the
+    new top-k (values and indices, 4 + 8 bytes each)."""
+    return query_chunk * bank_chunk * PAIR_BYTES + query_chunk * 2 * k * (4 + 8) * 2
+
+
+def reference_ranked_classes(queries: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor,
+                             num_classes: int, k: int, temperature: float) -> torch.Tensor:
+    """The same classifier computed another way, for tests (small inputs): float64 features, every similarity at
+    once, neighbours by a full lexicographic sort on (similarity descending, index ascending), each class's votes
+    summed exactly (math.fsum, so equal sets of weights give equal votes), classes ranked by (votes descending,
+    class index ascending). Returns [q, min(5, C)]."""
+    queries, bank = F.normalize(queries.double(), dim=1), F.normalize(bank.double(), dim=1)
+    sims = (queries @ bank.T).numpy()  # [q, N]
+    index = np.broadcast_to(np.arange(bank.shape[0]), sims.shape)
+    order = np.lexsort((index, -sims), axis=1)[:, :k]  # the last key sorts first
+    labels = bank_labels.numpy()
+    ranked = []
+    for row, neighbours in zip(sims, order):
+        votes = [math.fsum(math.exp(row[j] / temperature) for j in neighbours if labels[j] == c)
+                 for c in range(num_classes)]
+        ranked.append(sorted(range(num_classes), key=lambda c: (-votes[c], c))[:TOP5])
+    return torch.tensor(ranked)
+
+
+# --- datasets and the evaluation ---------------------------------------------------------------------------
+
+@dataclass
+class KnnData:
+    """The memory bank (train/) and the queries (val/), labelled by train/'s class names."""
+    bank: ImageFolderDataset
+    queries: ImageFolderDataset
+
+    @property
+    def classes(self) -> List[str]:
+        return self.bank.classes
+
+
+def read_knn_data(data_path: str, input_size: int, train_per_class: int, val_per_class: int) -> KnnData:
+    """train/ and val/ of data_path with the evaluation transform, each capped at the first N images of each class
+    (sorted file order; 0: all). train/'s folders are the classes; a val/ folder not among them is refused in one
+    line (ClassListError), as is an empty or missing folder (DataError)."""
+    transform = build_eval_transform(input_size)
+    train_root, val_root = os.path.join(data_path, 'train'), os.path.join(data_path, 'val')
+    bank = cap_per_class(build_image_folder(train_root, transform), train_per_class)
+    check_subset(val_root, bank.classes, what=f"{train_root}'s")
+    queries = cap_per_class(build_image_folder(val_root, transform, classes=bank.classes), val_per_class)
+    return KnnData(bank, queries)
+
+
+def k_too_large(flag: str, ks: Sequence[int], data: KnnData, where: str) -> str:
+    """'' when every k fits in the bank, else the one-line refusal."""
+    if max(ks) <= len(data.bank):
+        return ''
+    return (f'{flag} {max(ks)}: the memory bank ({where}) holds {len(data.bank)} images; use k <= '
+            f'{len(data.bank)} or more bank images per class')
+
+
+def all_features(encoder: torch.nn.Module, dataset: ImageFolderDataset, args, runtime, feature: str,
+                 gather: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised features and labels of a dataset, each image computed on one rank (ShardedEvalSampler); with
+    `gather` every rank receives all of them in dataset order (one all_gather), else each keeps its share."""
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    loader = build_loader(dataset, args, runtime, False, rank, world_size, dist_eval=True)
+    features, labels = extract_features(encoder, loader, runtime, feature)
+    features = F.normalize(features, dim=1)  # here, per rank: the gathered bank is never copied to normalise it
+    check_budget(dataset.bad_images, len(dataset), args.max_bad_images, output_dir='')
+    if not gather:
+        return features, labels
+    return (distributed.all_gather_interleaved(features, len(dataset)),
+            distributed.all_gather_interleaved(labels, len(dataset)))
+
+
+def evaluate(encoder: torch.nn.Module, data: KnnData, args, runtime, feature: str, ks: Sequence[int],
+             temperature: float, query_chunk: int = QUERY_CHUNK, bank_chunk: int = BANK_CHUNK
+             ) -> Dict[int, Dict[str, float]]:
+    """k-NN top-1 / top-5 (percent) for each k, on every rank (a collective). Each rank computes the features of
+    its share of the bank and the queries; the bank is gathered once, each rank classifies its own queries and the
+    hits are summed, so every image counts exactly once at any process count. Loaders: args.batch_size,
+    num_workers, pin_mem, seed (their own generator); args.max_bad_images holds unreadable images to a budget."""
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        bank, bank_labels = all_features(encoder, data.bank, args, runtime, feature, gather=True)
+        queries, query_labels = all_features(encoder, data.queries, args, runtime, feature, gather=False)
+        hits = knn_hits(queries, query_labels, bank, bank_labels, len(data.classes), ks, temperature, query_chunk,
+                        bank_chunk, runtime.sum_dtype)
+    finally:
+        encoder.train(was_training)
+    results = {}
+    for k in ks:
+        top1, top5 = distributed.all_reduce_sum(hits[k]).tolist()
+        results[k] = {'top1': 100 * top1 / len(data.queries), 'top5': 100 * top5 / len(data.queries)}
+    return results
