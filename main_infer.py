@@ -4,6 +4,8 @@
 python main_infer.py --model vit_base_patch16 --resume mae_finetuned_vit_base.pth --img_path cat.jpg --topk 5
 python main_infer.py --model mae_vit_large_patch16 --resume mae_visualize_vit_large.pth --img_path cat.jpg \
     --mask_ratio 0.75 --output_dir out/
+
+(Over 250 lines: a script with two outputs, the classification and the reconstruction, each a short handler.)
 """
 import util  # noqa: F401  first, before torch: device plugins load on demand (see util/__init__.py)
 import contextlib

@@ -13,7 +13,7 @@ import models_mae
 import models_vit
 from engine_pretrain import train_one_epoch
 from util import args as cli
-from util import checks, knn_monitor, launch
+from util import checks, knn_monitor, launch, plan
 from util.amp import LossScaler
 from util.checkpointer import Checkpointer, find_resumable, resume_training
 from util.datasets import ImageFolderDataset, build_image_folder, build_loader, describe
@@ -88,10 +88,10 @@ def main(args):
     check_args(args)
     world_size = launch.world_size_of_launch(args)
     resumable = find_resumable(args)  # --resume, or this --output_dir's checkpoint: read before any work
-    if checks.nothing_to_train(resumable, args, world_size):
+    if plan.nothing_to_train(resumable, args, world_size):
         return
     dataset_train = build_pretraining_dataset(args)
-    checks.check_training_plan(len(dataset_train), dataset_train.root, args, world_size)
+    plan.check_training_plan(len(dataset_train), dataset_train.root, args, world_size)
     knn_data = knn_monitor.read_data(args)  # None without --knn_data_path
 
     runtime = launch.start(args, training=True)

@@ -52,7 +52,7 @@ def test_reruns_say_what_happens_nothing_left_changed_recipe_refused_unless_aske
 
 
 def test_a_resume_with_the_same_effective_batch_on_other_processes_is_not_a_recipe_change():
-    from util.checks import recipe_changes
+    from util.plan import recipe_changes
     saved = argparse.Namespace(batch_size=32, accum_iter=2, blr=1e-3, lr=1e-3 * 128 / 256, seed=0)
     now = argparse.Namespace(batch_size=32, accum_iter=1, blr=1e-3, lr=None, seed=0)
     assert recipe_changes(saved, now, saved_world_size=2, world_size=4) == []

@@ -18,7 +18,8 @@ from util import args as cli
 from util import launch
 from util.checkpoint_io import load_checkpoint
 from util.checkpointer import LAST, holds_a_run
-from util.checks import DEMO_RUN_MARKER, raise_if_errors, recipe_changes
+from util.checks import DEMO_RUN_MARKER, raise_if_errors
+from util.plan import recipe_changes
 from util.device import Runtime
 from util.distributed import is_main_process, print0
 from util.images import decode_image

@@ -1,7 +1,8 @@
 """A training run's checkpoints and where it resumes from. `checkpoint-last.pth` after every epoch (and every
 --save_every_iters iterations), numbered checkpoints in the official format, `checkpoint-best.pth` for
 classifiers; resuming restores model, optimizer, scaler, epoch, iteration and every rank's RNG streams, and
-returns the position as a ResumeState that the caller passes on."""
+returns the position as a ResumeState that the caller passes on. (Over 250 lines because finding, loading and
+writing a run's checkpoints share one file-naming and one state layout; apart, each half would restate them.)"""
 import glob
 import os
 import re

@@ -1,16 +1,14 @@
 """Checks run on a command line before any work: each problem is one line naming the flag, the value and what
 to do instead; the run exits with code 2 and writes nothing. Ranges here are what the code supports, not only
 what the types allow (e.g. a mask ratio that hides no patch, an epoch with no optimizer step)."""
-import math
 import os
 from typing import Callable, Dict, List, Optional, Tuple
 
 import models_vit
 from util import hf_layout
 from util.checkpoint_io import is_url
-from util.checkpointer import LAST, first_epoch, holds_a_run, holds_training_state
+from util.checkpointer import LAST, holds_a_run
 from util import distributed
-from util.distributed import print0
 
 Rule = Tuple[Callable[[object], bool], str]
 DEMO_RUN_MARKER = 'demo_run.json'  # in an --output_dir the demo (tools/demo.py) made: it may replace that run
@@ -200,104 +198,6 @@ def check_output(args, errors: List[str], training: bool = True):
                       f'{args.accum_iter} (checkpoints are taken after an optimizer step)')
 
 
-def check_training_plan(num_images: int, root: str, args, world_size: int):
-    """Before any work, with the data and the process count known: refuse (UsageError) a run whose epochs would
-    take no optimizer step, or whose learning rate would rise where the schedule should decay."""
-    check_steps_per_epoch(num_images, root, args, world_size)
-    check_schedule(args, world_size)
-
-
-def check_schedule(args, world_size: int):
-    lr = args.lr if args.lr is not None else args.blr * args.batch_size * args.accum_iter * world_size / 256
-    source = '--lr' if args.lr is not None else (f'blr {args.blr:g} x effective batch '
-                                                f'{args.batch_size * args.accum_iter * world_size} / 256')
-    if args.min_lr > lr:
-        raise UsageError(f'--min_lr {args.min_lr:g}: above the peak learning rate {lr:.3g} ({source}), so the cosine '
-                         f'"decay" would raise it; lower --min_lr or raise the learning rate')
-    if args.warmup_epochs >= args.epochs:
-        print0(f'Note: --warmup_epochs {args.warmup_epochs} >= --epochs {args.epochs}: the learning rate rises for '
-               f'the whole run and never reaches {lr:.3g}')
-
-
-def check_steps_per_epoch(num_images: int, root: str, args, world_size: int):
-    """Refuse (UsageError) a run whose epochs would take no optimizer step: the train loader drops the last
-    partial batch of each process, and one step takes --accum_iter iterations."""
-    per_process = -(-num_images // world_size)
-    iterations = per_process // args.batch_size
-    processes = f'{world_size} process{"es" if world_size > 1 else ""}'
-    if iterations == 0:
-        share = f'the {num_images} images' if world_size == 1 else \
-            f'the {num_images} images ({per_process} per process, {processes})'
-        raise UsageError(f'--batch_size {args.batch_size}: {share} in {root} make no full batch, so an epoch would '
-                         f'take no optimizer step; use --batch_size {per_process} or less')
-    if iterations < args.accum_iter:
-        raise UsageError(f'--accum_iter {args.accum_iter}: an epoch has {iterations} iteration'
-                         f'{"s" if iterations > 1 else ""} of {args.batch_size} images per process ({num_images} '
-                         f'images in {root}, {processes}) and one optimizer step takes {args.accum_iter}; use '
-                         f'--accum_iter {iterations} or less, or a smaller --batch_size')
-
-
 def raise_if_errors(errors: List[str]):
     if errors:
         raise UsageError('\n'.join(dict.fromkeys(errors)))
-
-
-def nothing_to_train(resumable, args, world_size: int) -> bool:
-    """Before any work, for a training run: refuse (UsageError) to continue a run whose recipe changed (unless
-    --allow_recipe_change) and an empty schedule (--start_epoch >= --epochs); True, after one line saying so,
-    when the run being resumed already finished --epochs (rerunning a finished job is not an error)."""
-    if holds_training_state(resumable):
-        check_same_recipe(resumable, args, world_size)
-    first = first_epoch(resumable, args.start_epoch)
-    if first < args.epochs:
-        return False
-    if not holds_training_state(resumable):
-        raise UsageError(f'--start_epoch {args.start_epoch}: leaves no epoch to train with --epochs {args.epochs}')
-    print0(f'Nothing to do: {resumable.path} holds the run after epoch {first - 1}, the last of --epochs '
-           f'{args.epochs}; raise --epochs to train further, or pass another --output_dir for a new run')
-    return True
-
-
-# the flags that define what a run learns: continuing a run with any of them changed is refused unless asked
-RECIPE_FLAGS = ('data_path', 'input_size', 'patch_size', 'mask_ratio', 'norm_pix_loss', 'blr', 'min_lr',
-                'warmup_epochs', 'weight_decay', 'layer_decay', 'drop_path', 'smoothing', 'mixup', 'cutmix',
-                'cutmix_minmax', 'mixup_prob', 'mixup_switch_prob', 'mixup_mode', 'reprob', 'remode', 'recount', 'aa',
-                'color_jitter', 'nb_classes', 'global_pool', 'seed')
-
-
-def recipe_changes(saved, args, saved_world_size: int, world_size: int) -> List[str]:
-    """'--blr 0.001 (now 0.008)', ... for each recipe flag that differs from the run's saved args, and the
-    effective batch and learning rate, which also follow from the process count."""
-    changes = []
-    for name in RECIPE_FLAGS:
-        if not hasattr(saved, name) or not hasattr(args, name):
-            continue
-        before, now = getattr(saved, name), getattr(args, name)
-        if name == 'data_path' and before and now:
-            before, now = os.path.realpath(before), os.path.realpath(now)
-        if before != now:
-            changes.append(f'--{name} {getattr(saved, name)} (now {getattr(args, name)})')
-    eff_before = saved.batch_size * saved.accum_iter * saved_world_size
-    eff_now = args.batch_size * args.accum_iter * world_size
-    if eff_before != eff_now:
-        changes.append(f'effective batch {eff_before} (now {eff_now}: {args.batch_size} per process x '
-                       f'{args.accum_iter} accumulated x {world_size} processes)')
-    lr_now = args.lr if args.lr is not None else args.blr * eff_now / 256
-    if getattr(saved, 'lr', None) is not None and not math.isclose(saved.lr, lr_now, rel_tol=1e-9):
-        changes.append(f'lr {saved.lr:.3g} (now {lr_now:.3g})')
-    return changes
-
-
-def check_same_recipe(resumable, args, world_size: int):
-    saved = resumable.checkpoint.get('args')
-    if saved is None:
-        return
-    changes = recipe_changes(saved, args, resumable.checkpoint.get('world_size', 1), world_size)
-    if changes and not args.allow_recipe_change:
-        raise UsageError(f'{resumable.path} is a run with other settings: {"; ".join(changes)}; continue it with '
-                         'these anyway with --allow_recipe_change, or choose another --output_dir')
-    if changes:
-        print0(f'Note: continuing {resumable.path} with changed settings (--allow_recipe_change): {"; ".join(changes)}')
-    if getattr(saved, 'epochs', args.epochs) != args.epochs:
-        print0(f'Note: --epochs {args.epochs} (the run was started with {saved.epochs}): the cosine schedule is '
-               'stretched from here')

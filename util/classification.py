@@ -10,7 +10,7 @@ from timm.layers import trunc_normal_
 
 import models_mae
 import models_vit
-from util import checks
+from util import checks, plan
 from util.checkpoint_io import load_checkpoint, model_state_from
 from util.checkpointer import Resumable, find_resumable, holds_training_state, resumable_checkpoint_in
 from util.classes import ClassListError, folder_classes, run_classes
@@ -51,13 +51,13 @@ def read_up_front(args, train_transform_for: Callable, world_size: int,
     (said in one line). `train_transform_for(args)` builds the training transform once the sizes are known."""
     resumable = find_resumable(args)  # --resume, or this --output_dir's checkpoint
     resolve_sizes(args, resumable, global_pool_default)
-    if not args.eval and checks.nothing_to_train(resumable, args, world_size):
+    if not args.eval and plan.nothing_to_train(resumable, args, world_size):
         return None
     classes = classes_for_run(args, resumable)
     dataset_train, dataset_val = build_datasets(args, classes, None if args.eval else train_transform_for(args),
                                                 build_eval_transform(args.input_size))
     if dataset_train is not None:
-        checks.check_training_plan(len(dataset_train), dataset_train.root, args, world_size)
+        plan.check_training_plan(len(dataset_train), dataset_train.root, args, world_size)
     return ClassifierRun(resumable, classes, dataset_train, dataset_val, read_encoder(args, resumable))
 
 

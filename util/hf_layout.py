@@ -15,6 +15,8 @@ N: a block index; D: 'decoder.decoder_layers.' as files on the hub name decoder 
       intermediate.dense.* / output.dense.*         mlp.fc1.* / mlp.fc2.*
   E layernorm.*                                 norm.*
   decoder.{decoder_embed, mask_token, decoder_pos_embed, decoder_norm, decoder_pred}   the same names without 'decoder.'
+
+(Over 250 lines: the two directions of one key map and one config, kept side by side so that they cannot drift.)
 """
 import argparse
 import json
@@ -174,6 +176,7 @@ def check_weights_fit_config(state: StateDict, config: dict):
 
 
 def count_blocks(state: StateDict, prefix: str) -> int:
+    """Blocks numbered under prefix ('blocks.', 'vit.encoder.layer.', ...) in a state dict."""
     return len({k[len(prefix):].split('.')[0] for k in state if k.startswith(prefix)})
 
 

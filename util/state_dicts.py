@@ -1,6 +1,7 @@
 """Matching a checkpoint's weights to a model: the architecture read off a state dict, strict loading whose error
 leads with the cause ('patch 8 px in the checkpoint, 4 in the model'), an MAE encoder loaded into a classifier
-(--finetune), and position embeddings fitted to another image size (--eval, main_infer)."""
+(--finetune), and position embeddings fitted to another image size (--eval, main_infer). (Over 250 lines: every
+way a state dict can misfit a model is explained from the one Architecture read off it, so they stay together.)"""
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -12,9 +13,9 @@ import models_vit
 from util import fsdp as util_fsdp
 from util.checkpoint_io import CheckpointError, model_state_from
 from util.distributed import print0
+from util.hf_layout import StateDict, count_blocks
 from util.pos_embed import interpolate_pos_embed
 
-StateDict = Dict[str, torch.Tensor]
 CLASSIFIER_KINDS = ('classifier', 'linear probe')
 KIND_WORDS = {
     'mae': 'an MAE checkpoint (encoder and decoder)',
@@ -54,10 +55,6 @@ class Architecture:
 
     def describe(self) -> str:
         return f'embed dim {self.embed_dim}, {self.depth} blocks, patch {self.patch_size}'
-
-
-def count_blocks(state: StateDict, prefix: str) -> int:
-    return len({k.split('.')[1] for k in state if k.startswith(prefix)})
 
 
 def architecture_of(state: StateDict) -> Architecture:
