@@ -16,6 +16,13 @@ USER_AUTOLOAD = os.environ.get('TORCH_DEVICE_BACKEND_AUTOLOAD')
 
 import torch  # noqa: E402
 
+# Under pytest-xdist (the README runs `-n auto`, one worker per core) each worker and the scripts it starts use one
+# thread: torch's default of one thread per core in every worker oversubscribes the cores, and its spinning threads
+# then slow every run several-fold. torchrun sets the same for its workers.
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    os.environ.setdefault('OMP_NUM_THREADS', '1')
+    torch.set_num_threads(1)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
