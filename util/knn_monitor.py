@@ -18,6 +18,7 @@ from util.rng import rng_state, set_rng_state
 MONITOR_TRAIN_PER_CLASS = 20
 MONITOR_VAL_PER_CLASS = 10
 
+
 def add_args(parser):
     """main_pretrain.py's flags of the k-NN monitor (off without --knn_data_path)."""
     parser.add_argument('--knn_data_path', default=None,
