@@ -251,6 +251,13 @@ def test_a_checkpoint_of_another_architecture_names_the_mismatched_keys(checkpoi
     assert 'cls_token (1, 1, 384) vs (1, 1, 192)' in err
 
 
+def test_another_patch_size_is_named_first_and_nothing_is_interpolated_before(checkpoints, pictures, capsys):
+    code, out, err = infer(capsys, '--model', 'mae_vit_tiny_patch16', '--resume', checkpoints / 'mae.pth',
+                           '--patch_size', '8', '--input_size', '128', '--img_path', pictures['rgb'])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and 'Position interpolate' not in out
+    assert 'patch 4 px in the checkpoint, 8 px in the model (pass --patch_size 4)' in err
+
+
 def test_missing_inputs_and_unknown_models_are_reported(checkpoints, tmp_path, capsys):
     code, _, err = infer(capsys, '--model', 'vit_gigantic', '--resume', checkpoints / 'vit4.pth', '--img_path', 'x')
     assert code == 2 and 'error: --model vit_gigantic: unknown model; choose from vit_tiny_patch16' in err

@@ -178,6 +178,8 @@ KNN_CASES = [
     (['--resume', '{mae}', '--model', 'vit_small_patch16'], '{mae} does not fit --model vit_small_patch16: embed '
      'dim 192 and 12 blocks in the checkpoint, 384 and 12 in the model'),
     (['--resume', '{mae}', '--model', 'vit_gigantic'], '--model vit_gigantic: unknown ViT encoder'),
+    (['--resume', '{mae}', '--patch_size', '8'], '{mae} does not fit --model mae_vit_tiny_patch16: patch 4 px in the '
+     'checkpoint, 8 px in the model (pass --patch_size 4)'),
 ]
 
 
@@ -187,7 +189,7 @@ def test_main_knn_refuses_bad_input_in_one_line_with_exit_2(flags, expected, knn
     code, out, err = run_in_process(main_knn, argv, capsys)
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith('error: ' + expected.format(**knn_places)), err[0]
-    assert 'device:' not in out  # refused before the run started
+    assert 'device:' not in out and 'Position interpolate' not in out  # refused before anything is done
 
 
 MONITOR_CASES = [
@@ -197,6 +199,7 @@ MONITOR_CASES = [
      '--knn_k 21: the memory bank ({data}/train, at most 5 per class) holds 20 images'),
     (['--knn_data_path', '{data}', '--knn_every', '0'], '--knn_every 0: must be >= 1'),
     (['--knn_data_path', '{data}', '--knn_temperature', '-1'], '--knn_temperature -1.0: must be > 0'),
+    (['--knn_every', '1'], '--knn_every 1: the k-NN monitor is off without --knn_data_path'),
 ]
 
 

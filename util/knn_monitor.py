@@ -14,9 +14,12 @@ from util.knn import (DEFAULT_FEATURE, DEFAULT_K, DEFAULT_TEMPERATURE, FEATURES,
                       read_knn_data)
 from util.rng import rng_state, set_rng_state
 
-# the default cap, images per class: about 1% of a ViT-B ImageNet epoch (README; python -m tools.benchmark --knn)
+# the default cap, images per class: 0.6-1.4% of a ViT-B ImageNet epoch (README; python -m tools.benchmark --knn)
 MONITOR_TRAIN_PER_CLASS = 20
 MONITOR_VAL_PER_CLASS = 10
+DEFAULTS = {'knn_every': 10, 'knn_train_per_class': MONITOR_TRAIN_PER_CLASS,
+            'knn_val_per_class': MONITOR_VAL_PER_CLASS, 'knn_k': DEFAULT_K, 'knn_temperature': DEFAULT_TEMPERATURE,
+            'knn_feature': DEFAULT_FEATURE}
 
 
 def add_args(parser):
@@ -25,10 +28,11 @@ def add_args(parser):
                         help='k-NN monitor: a folder holding train/ (the memory bank) and val/ (the queries), one '
                              'sub-folder per class; k-NN accuracy is logged every --knn_every epochs and after the '
                              'last (off without it)')
-    parser.add_argument('--knn_every', default=10, type=int, help='k-NN monitor: run it every N epochs')
+    parser.add_argument('--knn_every', default=DEFAULTS['knn_every'], type=int,
+                        help='k-NN monitor: run it every N epochs')
     parser.add_argument('--knn_train_per_class', default=MONITOR_TRAIN_PER_CLASS, type=int,
                         help='k-NN monitor: bank images per class, the first in sorted file order (0: all); the '
-                             'default keeps it to about 1%% of a ViT-B ImageNet epoch (README)')
+                             'default costs 0.6%% (by time) to 1.4%% (by FLOPs) of a ViT-B ImageNet epoch')
     parser.add_argument('--knn_val_per_class', default=MONITOR_VAL_PER_CLASS, type=int,
                         help='k-NN monitor: query images per class, the first in sorted file order (0: all)')
     parser.add_argument('--knn_k', default=DEFAULT_K, type=int, help='k-NN monitor: neighbours that vote')
@@ -39,9 +43,15 @@ def add_args(parser):
 
 
 def check_args(args, errors: List[str]):
-    """With the other checks of main_pretrain.py, before any work."""
+    """With the other checks of main_pretrain.py, before any work: the monitor's folder, and no monitor flag
+    given without it (the monitor would silently not run)."""
     if args.knn_data_path is not None:
         check_data_path(args.knn_data_path, ['train', 'val'], errors, flag='--knn_data_path')
+        return
+    for name, default in DEFAULTS.items():
+        if getattr(args, name) != default:
+            errors.append(f'--{name} {getattr(args, name)}: the k-NN monitor is off without --knn_data_path; add '
+                          '--knn_data_path DIR (a folder holding train/ and val/) or drop the flag')
 
 
 def read_data(args) -> Optional[KnnData]:
