@@ -101,7 +101,7 @@ def load_model(args, state: StateDict, path: str) -> nn.Module:
         model = models_vit.build_classifier(args.model, **kwargs)
         if arch.kind == 'linear probe':
             model = models_vit.add_batchnorm_head(model)
-    if arch.kind and arch.grid and arch.img_size != size and arch.patch_size == patch:  # else the load names the patch
+    if arch.kind and arch.grid and arch.img_size != size:
         fit_pos_embed(model, state, path)
     load_state_strict(model, state, path, args.model)
     return model.eval()

@@ -79,8 +79,7 @@ def build_encoder(args, state: StateDict) -> models_vit.VisionTransformer:
     name = args.model.removeprefix('mae_')  # mae_vit_base_patch16's encoder is vit_base_patch16
     model = models_vit.build_classifier(name, patch_size=args.patch_size, img_size=args.input_size, num_classes=0,
                                         global_pool='fc_norm.weight' in state, attn_impl=args.attn)
-    if architecture_of(state).patch_size == model.patch_embed.patch_size[0]:  # else the strict load names the patch
-        fit_pos_embed(model, state, args.resume)
+    fit_pos_embed(model, state, args.resume)
     load_state_strict(model, state, args.resume, args.model)
     return model
 

@@ -332,13 +332,23 @@ def test_a_classifier_given_for_reconstruction_is_called_a_classifier(tmp_path, 
     assert 'unexpected 4: fc_norm.weight, fc_norm.bias, head.weight, head.bias' in err[0]
 
 
+def test_a_patch_size_mismatch_in_eval_resizes_nothing_and_names_the_patch(tmp_path, capsys):
+    data = colour_folder(tmp_path / 'data', {'val': {'a': 1, 'b': 1, 'c': 1, 'd': 1}})
+    weights = save_classifier(tmp_path / 'w.pth', colour_classifier(), classes='abcd')  # 32 px, 4-px patches
+    flags = [*EVAL_FLAGS, '--patch_size', '8', '--input_size', '64']
+    code, out, err = run_in_process(main_finetune, ['--eval', '--resume', weights, '--data_path', data, *flags],
+                                    capsys)
+    assert code == 2 and len(err) == 1 and 'Position interpolate' not in out
+    assert 'patch 4 px in the checkpoint, 8 px in the model (pass --patch_size 4)' in err[0]
+
+
 def test_a_patch_size_mismatch_in_finetune_leads_with_the_cause_and_names_the_model(texture_data, tmp_path, capsys):
     mae = models_mae.mae_vit_tiny_patch16(img_size=32, patch_size=8)
     torch.save({'model': mae.state_dict(), 'args': argparse.Namespace(model='mae_vit_tiny_patch16')},
                tmp_path / 'mae8.pth')
-    code, _, err = run_in_process(main_finetune, ['--data_path', texture_data, '--output_dir', tmp_path / 'out',
-                                                  *TINY_CLASSIFIER_ARGS, '--finetune', tmp_path / 'mae8.pth'], capsys)
-    assert code == 2 and len(err) == 1
+    code, out, err = run_in_process(main_finetune, ['--data_path', texture_data, '--output_dir', tmp_path / 'out',
+                                                    *TINY_CLASSIFIER_ARGS, '--finetune', tmp_path / 'mae8.pth'], capsys)
+    assert code == 2 and len(err) == 1 and 'Position interpolate' not in out  # no table resized for another patch
     assert err[0].startswith(f"error: {tmp_path / 'mae8.pth'} is not an encoder of --model vit_tiny_patch16: patch 8 "
                              'px in the checkpoint, 4 px in the model (pass --patch_size 8)')
 
@@ -366,4 +376,3 @@ def test_no_crop_of_a_tiny_image_is_empty(size):
     tensor = torch.tensor([200, 10, 10], dtype=torch.uint8).view(3, 1, 1).expand(3, size[1], size[0]).contiguous()
     for _ in range(50):
         assert build_fast_pretrain_transform(8)(tensor)[0].min() > 150
-

@@ -208,7 +208,11 @@ def load_state_strict(model: nn.Module, state: StateDict, path: str, model_name:
 
 def fit_pos_embed(model: nn.Module, state: StateDict, path: str):
     """Interpolate state's position tables (in place) to the model's patch grid, or say in one line why not.
-    For --finetune, --eval and main_infer at another --input_size; resuming a training run stays strict."""
+    For --finetune, --eval, main_infer and main_knn at another --input_size; resuming a training run stays strict.
+    Nothing is resized when the patch sizes differ: the strict load then names the patch size, the real cause."""
+    kernel = state.get('patch_embed.proj.weight')
+    if kernel is not None and kernel.shape[-1] != model.patch_embed.patch_size[0]:
+        return
     for key in ('pos_embed', 'decoder_pos_embed'):
         if hasattr(model, key):
             try:
