@@ -14,12 +14,10 @@ computes edge columns of a product with other kernels), so which copy is nearer 
 same way on every run with the same chunk sizes. Other chunk sizes can move a similarity by such a rounding step
 (about 1e-7), which changes a decision only between neighbours that close.
 """
-import math
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -160,25 +158,6 @@ def chunk_bytes(query_chunk: int, bank_chunk: int, k: int) -> int:
     queries x 8192-16384 bank images, the same for a bank of 0.1M and of 1M images); per query the running and the
     new top-k (values and indices, 4 + 8 bytes each)."""
     return query_chunk * bank_chunk * PAIR_BYTES + query_chunk * 2 * k * (4 + 8) * 2
-
-
-def reference_ranked_classes(queries: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor,
-                             num_classes: int, k: int, temperature: float) -> torch.Tensor:
-    """The same classifier computed another way, for tests (small inputs): float64 features, every similarity at
-    once, neighbours by a full lexicographic sort on (similarity descending, index ascending), each class's votes
-    summed exactly (math.fsum, so equal sets of weights give equal votes), classes ranked by (votes descending,
-    class index ascending). Returns [q, min(5, C)]."""
-    queries, bank = F.normalize(queries.double(), dim=1), F.normalize(bank.double(), dim=1)
-    sims = (queries @ bank.T).numpy()  # [q, N]
-    index = np.broadcast_to(np.arange(bank.shape[0]), sims.shape)
-    order = np.lexsort((index, -sims), axis=1)[:, :k]  # the last key sorts first
-    labels = bank_labels.numpy()
-    ranked = []
-    for row, neighbours in zip(sims, order):
-        votes = [math.fsum(math.exp(row[j] / temperature) for j in neighbours if labels[j] == c)
-                 for c in range(num_classes)]
-        ranked.append(sorted(range(num_classes), key=lambda c: (-votes[c], c))[:TOP5])
-    return torch.tensor(ranked)
 
 
 # --- datasets and the evaluation ---------------------------------------------------------------------------

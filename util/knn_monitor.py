@@ -17,6 +17,7 @@ from util.rng import rng_state, set_rng_state
 # the default cap, images per class: 0.6-1.4% of a ViT-B ImageNet epoch (README; python -m tools.benchmark --knn)
 MONITOR_TRAIN_PER_CLASS = 20
 MONITOR_VAL_PER_CLASS = 10
+# the monitor's flags and their defaults: the parser's, and what check_args compares against
 DEFAULTS = {'knn_every': 10, 'knn_train_per_class': MONITOR_TRAIN_PER_CLASS,
             'knn_val_per_class': MONITOR_VAL_PER_CLASS, 'knn_k': DEFAULT_K, 'knn_temperature': DEFAULT_TEMPERATURE,
             'knn_feature': DEFAULT_FEATURE}
@@ -30,15 +31,15 @@ def add_args(parser):
                              'last (off without it)')
     parser.add_argument('--knn_every', default=DEFAULTS['knn_every'], type=int,
                         help='k-NN monitor: run it every N epochs')
-    parser.add_argument('--knn_train_per_class', default=MONITOR_TRAIN_PER_CLASS, type=int,
+    parser.add_argument('--knn_train_per_class', default=DEFAULTS['knn_train_per_class'], type=int,
                         help='k-NN monitor: bank images per class, the first in sorted file order (0: all); the '
                              'default costs 0.6%% (by time) to 1.4%% (by FLOPs) of a ViT-B ImageNet epoch')
-    parser.add_argument('--knn_val_per_class', default=MONITOR_VAL_PER_CLASS, type=int,
+    parser.add_argument('--knn_val_per_class', default=DEFAULTS['knn_val_per_class'], type=int,
                         help='k-NN monitor: query images per class, the first in sorted file order (0: all)')
-    parser.add_argument('--knn_k', default=DEFAULT_K, type=int, help='k-NN monitor: neighbours that vote')
-    parser.add_argument('--knn_temperature', default=DEFAULT_TEMPERATURE, type=float,
+    parser.add_argument('--knn_k', default=DEFAULTS['knn_k'], type=int, help='k-NN monitor: neighbours that vote')
+    parser.add_argument('--knn_temperature', default=DEFAULTS['knn_temperature'], type=float,
                         help='k-NN monitor: T in the vote weight exp(similarity / T)')
-    parser.add_argument('--knn_feature', default=DEFAULT_FEATURE, choices=FEATURES,
+    parser.add_argument('--knn_feature', default=DEFAULTS['knn_feature'], choices=FEATURES,
                         help='k-NN monitor: the class token or the mean of the patch tokens, after the final norm')
 
 
