@@ -2,6 +2,7 @@
 exact against a float64 brute force, chunking that changes nothing, labels by class name, refusals in one line,
 every image once under torchrun, and a monitor that leaves training bit-identical and survives kill-and-resume."""
 import itertools
+import json
 import math
 import os
 import shutil
@@ -382,3 +383,19 @@ def test_the_evidence_tool_writes_scikit_learns_digits_as_an_image_folder_with_a
     assert all(len(os.listdir(tmp_path / 'train' / str(d))) == 100 for d in range(10))
     image = Image.open(tmp_path / 'train' / '0' / '0000.png')  # the first scan of the file is a 0
     assert image.size == (32, 32) and image.mode == 'RGB'
+
+
+@pytest.mark.slow
+def test_the_knn_benchmark_reports_the_monitor_share_of_an_epoch_from_its_measurements(tmp_path):
+    out = tmp_path / 'knn.json'
+    run_script('-m', 'tools.benchmark', '--knn', '--model', 'mae_vit_tiny_patch16', '--input_size', '32',
+               '--patch_size', '4', '--batch_size', '4', '--device', 'cpu', '--knn_bank', '5000', '--knn_queries',
+               '64', '--warmup', '1', '--steps', '1', '--windows', '1', '--json', out, check=True)
+    result = json.loads(out.read_text())['knn']
+    similarity, monitor = result['similarity'], result['monitor']
+    assert similarity['bank_images'] == 5000 and similarity['queries'] == 64 and similarity['ns_per_pair'] > 0
+    assert monitor['images'] == 30 * 1000  # (20 + 10) per class at the default cap, 1000 classes
+    feature_s = result['features']['feature_ms_per_image'] / 1000
+    expected = 30_000 * feature_s + 10_000 * 20_000 * similarity['ns_per_pair'] / 1e9
+    assert monitor['seconds'] == pytest.approx(expected, rel=1e-9)
+    assert monitor['fraction_of_epoch'] == pytest.approx(monitor['seconds'] / monitor['epoch_seconds'], rel=1e-9)

@@ -7,7 +7,6 @@ beside the pretraining step on the same device in the same run.
   pair, with the process's peak memory beside the bound util.knn.chunk_bytes states.
 """
 import statistics
-import time
 from typing import Dict
 
 import torch
@@ -26,17 +25,7 @@ FILL = 65536
 
 def timed(fn, runtime, warmup: int, windows: int, steps: int) -> float:
     """Median seconds per call of fn over `windows` windows of `steps` calls, after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(windows):
-        runtime.synchronize()
-        start = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        runtime.synchronize()
-        times.append((time.perf_counter() - start) / steps)
-    return statistics.median(times)
+    return statistics.median(step.time_windows(fn, runtime, warmup, windows, steps))
 
 
 def measure_features(args, runtime) -> Dict[str, float]:

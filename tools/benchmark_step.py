@@ -68,6 +68,22 @@ def make_forward(name: str, args, runtime):
     return forward
 
 
+def time_windows(fn, runtime, warmup: int, windows: int, steps: int) -> List[float]:
+    """Seconds per call of fn for each of `windows` windows of `steps` calls, after `warmup` calls; the device is
+    synchronised at window edges only."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(windows):
+        runtime.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        runtime.synchronize()
+        times.append((time.perf_counter() - start) / steps)
+    return times
+
+
 def time_steps(model, images, forward, optimizer, loss_scaler, runtime, args, sync_every_step: bool = False
                ) -> List[float]:
     """Seconds per step for each timed window (device synchronised at window edges only, unless sync_every_step:
@@ -79,17 +95,7 @@ def time_steps(model, images, forward, optimizer, loss_scaler, runtime, args, sy
         if sync_every_step:
             loss.item()
             runtime.synchronize()
-    for _ in range(args.warmup):
-        step()
-    windows = []
-    for _ in range(args.windows):
-        runtime.synchronize()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        runtime.synchronize()
-        windows.append((time.perf_counter() - start) / args.steps)
-    return windows
+    return time_windows(step, runtime, args.warmup, args.windows, args.steps)
 
 
 def measure(name: str, args, runtime, attn_impl: str = 'sdpa', compile_model: bool = False, peak: float = 0.0,
