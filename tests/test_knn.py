@@ -21,7 +21,7 @@ import models_vit
 from conftest import (ROOT, TINY, TINY_MAE, TINY_PRETRAIN_ARGS, read_json_log, run_in_process, run_script,
                       run_torchrun, start_process, subprocess_env, wait_for_line)
 from util import args as cli
-from util import knn
+from util import checks, knn
 from util.checkpoint_io import load_checkpoint
 from util.device import Runtime
 from util.state_dicts import load_pretrained_encoder
@@ -38,7 +38,7 @@ def reference_ranked_classes(queries: torch.Tensor, bank: torch.Tensor, bank_lab
     """util/knn.py's classifier computed another way (small inputs): float64 features, every similarity at
     once, neighbours by a full lexicographic sort on (similarity descending, index ascending), each class's votes
     summed exactly (math.fsum, so equal sets of weights give equal votes), classes ranked by (votes descending,
-    class index ascending). Returns [q, min(5, C)]."""
+    class index ascending), only classes some neighbour voted for; -1 in the places left. Returns [q, min(5, C)]."""
     queries, bank = F.normalize(queries.double(), dim=1), F.normalize(bank.double(), dim=1)
     sims = (queries @ bank.T).numpy()  # [q, N]
     index = np.broadcast_to(np.arange(bank.shape[0]), sims.shape)
@@ -48,7 +48,9 @@ def reference_ranked_classes(queries: torch.Tensor, bank: torch.Tensor, bank_lab
     for row, neighbours in zip(sims, order):
         votes = [math.fsum(math.exp(row[j] / temperature) for j in neighbours if labels[j] == c)
                  for c in range(num_classes)]
-        ranked.append(sorted(range(num_classes), key=lambda c: (-votes[c], c))[:knn.TOP5])
+        voted = [c for c in range(num_classes) if any(labels[j] == c for j in neighbours)]
+        top = sorted(voted, key=lambda c: (-votes[c], c))[:knn.TOP5]
+        ranked.append(top + [-1] * (min(knn.TOP5, num_classes) - len(top)))
     return torch.tensor(ranked)
 
 
@@ -102,6 +104,38 @@ def test_the_lower_bank_index_is_the_nearer_of_equal_neighbours_and_the_lower_cl
     assert index.tolist() == [[0, 1]] and sims.tolist() == [[1., 1.]]
     assert ranked(torch.tensor([[1., 0.]]), bank, labels, 4, 1)[0, 0] == 2  # index 0 is the nearest
     assert ranked(torch.tensor([[1., 0.]]), bank, labels, 4, 2)[0].tolist()[:2] == [1, 2]  # equal votes: class 1
+
+
+def test_a_class_no_neighbour_voted_for_is_never_in_the_top_5():
+    queries, bank, labels = random_features(num_classes=10)
+    top = ranked(queries, bank, labels, 10, 1)
+    assert (top[:, 1:] == knn.NO_CLASS).all()  # k = 1: one class has evidence, the other four places stay empty
+    # the issue's instance: top-5 equals top-1 with one neighbour (was 53.3 against 6.7, filled in by class index)
+    hits = knn.knn_hits(F.normalize(queries, dim=1), labels[:60], F.normalize(bank, dim=1), labels, 10, [1, 3], 0.07)
+    assert hits[1][1] == hits[1][0]
+    three = ranked(queries, bank, labels, 10, 3)
+    assert ((three != knn.NO_CLASS).sum(dim=1) <= 3).all() and (three[:, 3:] == knn.NO_CLASS).all()
+
+
+@pytest.mark.parametrize('temperature', [1e-3, 1e-6, 1e-100, checks.MIN_TEMPERATURE, 1e6, math.inf])
+def test_every_accepted_temperature_gives_finite_weights_and_the_limit_ranking(temperature):
+    """exp(sim / T) overflows to inf for T below ~1/709 (float64), and every class then ties at inf: the ranking
+    fell back to class index. As T -> 0 the nearest neighbour's class must lead (then the next nearest class, ...);
+    as T -> inf every vote weighs the same (a majority vote)."""
+    queries, bank, labels = random_features(queries=30, bank=200)
+    queries, bank = F.normalize(queries, dim=1), F.normalize(bank, dim=1)
+    sims, index = knn.nearest_neighbours(queries, bank, 20)
+    top = knn.ranked_classes(sims, labels[index], 7, temperature)
+    for row, neighbours, got in zip(sims.tolist(), labels[index].tolist(), top.tolist()):
+        voted = sorted(set(neighbours))
+        if temperature < 1:  # distinct similarities: classes in the order of their nearest neighbour
+            expected = sorted(voted, key=lambda c: -max(s for s, n in zip(row, neighbours) if n == c))
+        elif temperature < math.inf:  # every weight near 1: the count, then the summed similarity
+            expected = sorted(voted, key=lambda c: (-neighbours.count(c), -sum(s for s, n in zip(row, neighbours)
+                                                                              if n == c)))
+        else:  # every weight exactly 1: a majority vote, ties to the lower class
+            expected = sorted(voted, key=lambda c: (-neighbours.count(c), c))
+        assert got == (expected + [-1] * 5)[:5]
 
 
 def test_any_chunk_sizes_give_the_same_neighbours_and_classes():
@@ -190,7 +224,9 @@ KNN_CASES = [
     ([], '--resume: required; the checkpoint whose encoder is evaluated'),
     (['--resume', '{mae}', '--nb_knn', '129'], '--nb_knn 129: the memory bank ({data}/train) holds 128 images'),
     (['--resume', '{mae}', '--nb_knn', '20', '0'], '--nb_knn [20, 0]: every k must be >= 1'),
-    (['--resume', '{mae}', '--temperature', '0'], '--temperature 0.0: must be > 0'),
+    (['--resume', '{mae}', '--temperature', '0'], '--temperature 0.0: must be >= 1e-300'),
+    (['--resume', '{mae}', '--temperature', '5e-324'], '--temperature 5e-324: must be >= 1e-300'),
+    (['--resume', '{mae}', '--temperature', 'nan'], '--temperature nan: must be >= 1e-300'),
     (['--resume', '{mae}', '--bank_chunk', '0'], '--bank_chunk 0: must be in [1, 16777216]'),
     (['--resume', '{mae}', '--data_path', '{unknown}'],
      "{unknown}/val: class folder zebra is not among {unknown}/train's 4 classes"),
@@ -220,7 +256,7 @@ MONITOR_CASES = [
     (['--knn_data_path', '{data}', '--knn_k', '21', '--knn_train_per_class', '5'],
      '--knn_k 21: the memory bank ({data}/train, at most 5 per class) holds 20 images'),
     (['--knn_data_path', '{data}', '--knn_every', '0'], '--knn_every 0: must be >= 1'),
-    (['--knn_data_path', '{data}', '--knn_temperature', '-1'], '--knn_temperature -1.0: must be > 0'),
+    (['--knn_data_path', '{data}', '--knn_temperature', '-1'], '--knn_temperature -1.0: must be >= 1e-300'),
     (['--knn_every', '1'], '--knn_every 1: the k-NN monitor is off without --knn_data_path'),
 ]
 
@@ -267,6 +303,19 @@ def test_a_full_mae_its_encoder_alone_a_classifier_from_it_and_the_mae_itself_gi
     direct = knn.evaluate(mae, knn.read_knn_data(texture_data, 32, 6, 3), args, Runtime('cpu'), args.feature,
                           [5, 20], 0.07)
     assert direct == results[0] and mae.training  # the monitor's path, on the MAE itself; its mode restored
+
+
+def test_main_knn_with_one_neighbour_reports_top_5_equal_to_top_1(tmp_path):
+    """The issue's instance: --nb_knn 1 on 10 classes gave top-1 6.667 and top-5 53.333 (the four classes with
+    no vote filled in by class index)."""
+    from util.synthetic import CLASSES, make_image_folder
+    data = make_image_folder(str(tmp_path / 'data'), {'train': 3, 'val': 3}, size=32, classes=CLASSES[:10])
+    torch.manual_seed(0)
+    torch.save({'model': models_mae.mae_vit_tiny_patch16(img_size=32, patch_size=4).state_dict()},
+               tmp_path / 'mae.pth')
+    results = evaluate_checkpoint(tmp_path / 'mae.pth', data, '--nb_knn', '1', '2', '20')
+    assert results[1]['top5'] == results[1]['top1'] < 100
+    assert results[2]['top1'] <= results[2]['top5'] <= 100 and results[20]['top5'] >= results[20]['top1']
 
 
 def printed_knn(stdout: str) -> list:

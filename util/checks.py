@@ -11,6 +11,8 @@ from util.checkpointer import LAST, holds_a_run
 from util import distributed
 
 Rule = Tuple[Callable[[object], bool], str]
+# k-NN: (similarity - nearest) / T, in util/knn.ranked_classes, stays a finite float64 from here on (|sim| <= 1)
+MIN_TEMPERATURE = 1e-300
 DEMO_RUN_MARKER = 'demo_run.json'  # in an --output_dir the demo (tools/demo.py) made: it may replace that run
 
 
@@ -58,8 +60,8 @@ RANGE_RULES: Dict[str, Rule] = {
     'knn_every': (lambda v: v >= 1, 'must be >= 1 (epochs between k-NN evaluations)'),
     'knn_k': (lambda v: v >= 1, 'must be >= 1'),
     'nb_knn': (lambda v: min(v) >= 1, 'every k must be >= 1'),
-    'knn_temperature': (lambda v: v > 0, 'must be > 0'),
-    'temperature': (lambda v: v > 0, 'must be > 0'),
+    'knn_temperature': (lambda v: v >= MIN_TEMPERATURE, f'must be >= {MIN_TEMPERATURE:g} (a positive float64)'),
+    'temperature': (lambda v: v >= MIN_TEMPERATURE, f'must be >= {MIN_TEMPERATURE:g} (a positive float64)'),
     'knn_train_per_class': (lambda v: v >= 0, 'must be >= 0 (0: every image)'),
     'knn_val_per_class': (lambda v: v >= 0, 'must be >= 0 (0: every image)'),
     'train_per_class': (lambda v: v >= 0, 'must be >= 0 (0: every image)'),

@@ -4,7 +4,7 @@ used by main_knn.py (any checkpoint) and by the pretraining monitor (main_pretra
 The protocol (Wu et al. 2018, as DINO's eval_knn.py runs it; k = 20 and T = 0.07 are DINO's defaults): features
 of the encoder with nothing masked, L2-normalised; the cosine similarity of each query (val/) to every image of
 the memory bank (train/); the k most similar bank images, each voting for its class with weight exp(sim / T);
-top-1 / top-5 of the summed votes. Ties are broken the same way everywhere: among equal similarities the lower
+top-1 / top-5 of the summed votes (a class no neighbour voted for is never in the top 5). Ties are broken the same way everywhere: among equal similarities the lower
 bank index is the nearer neighbour, among equal votes the lower class index ranks first.
 
 Similarities are computed in chunks (queries x bank images) with a running top-k, so memory is bounded by the
@@ -37,6 +37,7 @@ BANK_CHUNK = 16384
 PAIR_BYTES = 24  # peak bytes per query x bank pair of a similarity chunk (chunk_bytes)
 MAX_BANK_CHUNK = 2 ** 24  # chunk_topk numbers the bank images of a chunk in float32
 TOP5 = 5
+NO_CLASS = -1  # a top-5 place no neighbour voted for: never a hit
 
 
 # --- features ----------------------------------------------------------------------------------------------
@@ -125,14 +126,29 @@ def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, k: int,
 def ranked_classes(similarities: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int,
                    temperature: float, votes_dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The k neighbours' votes: similarities [q, k] (nearest first) and their labels [q, k] -> the classes [q,
-    min(5, num_classes)] with the most votes, each vote weighted exp(sim / T). Votes are summed nearest first in
-    `votes_dtype` (float64; MPS has none), ties go to the lower class index."""
-    weights = (similarities.to(votes_dtype) / temperature).exp()
-    votes = torch.zeros(similarities.shape[0], num_classes, dtype=votes_dtype, device=similarities.device)
-    rows = torch.arange(similarities.shape[0], device=similarities.device)
+    min(5, num_classes)] with the most votes, each vote weighted exp(sim / T); NO_CLASS (-1) fills the places
+    beyond the classes that got a vote (with k = 1 only one class has evidence: the other four places of a top-5
+    are not guesses to be credited). Ties go to the lower class index.
+
+    Each class is ranked by the log of its summed votes, relative to the nearest neighbour: log sum exp((sim -
+    nearest) / T), its largest term taken out of the sum. That is the order of the summed exp(sim / T), but it
+    stays finite for every T the flags accept (util/checks.MIN_TEMPERATURE): exp(sim / T) itself overflows to inf below T
+    ~ 1/709 and underflows to 0 for far neighbours, and either ties the classes, which are then ranked by index.
+    Sums run nearest first in `votes_dtype` (float64; MPS has none), a fixed order, so equal sets of votes tie."""
+    dtype = votes_dtype
+    scaled = (similarities.to(dtype) - similarities[:, :1].to(dtype)) / temperature  # [q, k], <= 0, finite
+    rows, cols = similarities.shape[0], num_classes
+    largest = torch.full((rows, cols), -torch.inf, dtype=dtype, device=similarities.device)
+    largest.scatter_reduce_(1, neighbour_labels, scaled, 'amax')  # [q, C], -inf where no neighbour voted
+    terms = (scaled - largest.gather(1, neighbour_labels)).exp()  # [q, k], in (0, 1], 1 for a class's nearest
+    sums = torch.zeros(rows, cols, dtype=dtype, device=similarities.device)
+    row = torch.arange(rows, device=similarities.device)
     for j in range(similarities.shape[1]):  # one neighbour per row at a time: a fixed summation order
-        votes.index_put_((rows, neighbour_labels[:, j]), weights[:, j], accumulate=True)
-    return votes.sort(dim=1, descending=True, stable=True).indices[:, :min(TOP5, num_classes)]
+        sums.index_put_((row, neighbour_labels[:, j]), terms[:, j], accumulate=True)
+    votes = largest + sums.log()  # log of the summed votes, less nearest / T; -inf for a class with none
+    order = votes.sort(dim=1, descending=True, stable=True)
+    places = min(TOP5, num_classes)
+    return torch.where(order.values[:, :places] > -torch.inf, order.indices[:, :places], NO_CLASS)
 
 
 def knn_hits(queries: torch.Tensor, query_labels: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor,
