@@ -14,7 +14,7 @@ from util import args as cli
 from util import checks, knn, launch
 from util.checkpoint_io import load_checkpoint, model_state_from
 from util.distributed import print0
-from util.state_dicts import StateDict, architecture_of, fit_pos_embed, load_state_strict
+from util.state_dicts import StateDict, architecture_of, fit_pos_embed, load_state_strict, no_vit_cause
 
 # what an encoder does not hold: an MAE's decoder and mask token, a classifier's head
 NOT_ENCODER = ('decoder_', 'mask_token', 'head.')
@@ -66,7 +66,7 @@ def encoder_weights(state: StateDict, path: str, feature: str) -> StateDict:
     token of a global-pool classifier, which has no final norm for it."""
     arch = architecture_of(state)
     if not arch.kind:
-        raise checks.UsageError(f'--resume {path}: holds no ViT weights (no patch_embed.proj.weight)')
+        raise checks.UsageError(f'--resume {path}: {no_vit_cause(state)}')
     if arch.global_pool and feature == 'cls':
         raise checks.UsageError(f'--feature cls: {path} is a global-pool classifier; its class token has no final '
                                 'norm (fc_norm normalises the mean of the patch tokens): use --feature mean')

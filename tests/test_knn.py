@@ -232,7 +232,7 @@ KNN_CASES = [
      "{unknown}/val: class folder zebra is not among {unknown}/train's 4 classes"),
     (['--resume', '{pooled}', '--feature', 'cls'],
      '--feature cls: {pooled} is a global-pool classifier; its class token has no final norm'),
-    (['--resume', '{weights}'], '--resume {weights}: holds no ViT weights'),
+    (['--resume', '{weights}'], '--resume {weights}: it holds no ViT weights'),
     (['--resume', '{mae}', '--model', 'vit_small_patch16'], '{mae} does not fit --model vit_small_patch16: embed '
      'dim 192 and 12 blocks in the checkpoint, 384 and 12 in the model'),
     (['--resume', '{mae}', '--model', 'vit_gigantic'], '--model vit_gigantic: unknown ViT encoder'),

@@ -11,7 +11,7 @@ import torch.nn as nn
 import models_mae
 import models_vit
 from util import fsdp as util_fsdp
-from util.checkpoint_io import CheckpointError, model_state_from
+from util.checkpoint_io import CheckpointError, model_state_from, vit_prefix
 from util.distributed import print0
 from util.hf_layout import StateDict, count_blocks
 from util.pos_embed import interpolate_pos_embed
@@ -98,9 +98,20 @@ HUB = Phrasing(model='entry point', patch='patch_size={}', img='img_size={}', cl
                global_pool='global_pool=True', cls_token='global_pool=False')
 
 
-def kind_cause(theirs: Architecture, ours: Architecture) -> str:
-    if not theirs.kind:
+def no_vit_cause(state: StateDict) -> str:
+    """Why weights are not a ViT's: nothing like one in them, or a ViT under a prefix beside other weights (the
+    backbone of a bigger model)."""
+    prefix = vit_prefix(state)
+    if not prefix:
         return 'it holds no ViT weights (no patch_embed.proj.weight)'
+    inside = sum(k.startswith(prefix) for k in state)
+    return (f"its ViT weights are under '{prefix}' ({inside} of its {len(state)} keys), beside other weights: it is "
+            f'a bigger model holding a ViT; save that ViT alone (its state_dict()) and pass that file')
+
+
+def kind_cause(theirs: Architecture, ours: Architecture, state: Optional[StateDict] = None) -> str:
+    if not theirs.kind:
+        return no_vit_cause(state or {})
     if ours.kind == 'mae' and theirs.kind != 'mae':
         return (f'it is {KIND_WORDS[theirs.kind]}, and an MAE needs its encoder and decoder (e.g. '
                 'mae_visualize_vit_*.pth, or a checkpoint of main_pretrain.py)')
@@ -165,7 +176,7 @@ def describe_keys(model: nn.Module, state: StateDict, limit: int = 6) -> str:
 def misfit_message(model: nn.Module, state: StateDict, path: str, model_name: str, say: Phrasing = CLI) -> str:
     """'<path> does not fit --model <name>: <the cause, in words>; <the keys that do not fit>'."""
     theirs, ours = architecture_of(state), architecture_of(model.state_dict())
-    cause = kind_cause(theirs, ours) or size_cause(theirs, ours, say)
+    cause = kind_cause(theirs, ours, state) or size_cause(theirs, ours, say)
     keys = describe_keys(model, state)
     return f'{path} does not fit {say.model} {model_name}: ' + '; '.join(part for part in (cause, keys) if part)
 
@@ -257,7 +268,7 @@ def encoder_cause(state: StateDict, own: StateDict, missing: List[str]) -> str:
     pooling a fine-tuned classifier was trained with."""
     theirs, ours = architecture_of(state), architecture_of(own)
     if not theirs.kind:
-        return kind_cause(theirs, ours)
+        return kind_cause(theirs, ours, state)
     for arch in (theirs, ours):
         arch.num_classes, arch.global_pool, arch.decoder_embed_dim, arch.decoder_depth = 0, None, 0, 0
     cause = size_cause(theirs, ours, CLI)

@@ -1,0 +1,115 @@
+"""Weights saved by other people's training code: every wrapper their model may have had when it was saved (DDP,
+torch.compile, FSDP, activation checkpointing, EMA copies, a Lightning module) leaves the same weights here, made
+with the real wrappers where this machine can run them; what cannot be read is refused naming the real cause."""
+import os
+
+import pytest
+import timm.utils
+import torch
+import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel
+
+import models_vit
+from conftest import TINY_VIT, free_port, run_script
+from util.checkpoint_io import CheckpointError, load_checkpoint, model_state_from
+from util.state_dicts import load_state_strict
+
+
+def tiny_classifier() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return models_vit.vit_tiny_patch16(num_classes=4, **TINY_VIT)
+
+
+@pytest.fixture(scope='module')
+def gloo():
+    """A one-process gloo group, for the real DDP wrapper."""
+    if not dist.is_initialized():
+        os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()))
+        dist.init_process_group('gloo', rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def renamed(state: dict, insert: str) -> dict:
+    """Keys as a per-block wrapper leaves them: 'blocks.0.<insert>.attn...'."""
+    return {(k.replace('blocks.0.', f'blocks.0.{insert}.') if k.startswith('blocks.0.') else k): v
+            for k, v in state.items()}
+
+
+def saved_by(wrapper: str, model: torch.nn.Module) -> dict:
+    """What `wrapper`'s users torch.save: a checkpoint dict around the wrapped model's state dict."""
+    if wrapper == 'compile':
+        return {'model': torch.compile(model).state_dict()}  # no compilation happens before the first call
+    if wrapper == 'ddp':
+        return {'model': torch.nn.parallel.DistributedDataParallel(model).state_dict()}
+    if wrapper == 'ddp_of_compiled':
+        return {'model': torch.nn.parallel.DistributedDataParallel(torch.compile(model)).state_dict()}
+    if wrapper == 'compiled_ddp':
+        return {'model': torch.compile(torch.nn.parallel.DistributedDataParallel(model)).state_dict()}
+    if wrapper == 'timm_ema':  # timm's train.py: the EMA copy beside the weights
+        return {'state_dict_ema': timm.utils.ModelEmaV3(model).state_dict()}
+    if wrapper == 'swa':  # torch.optim.swa_utils: 'module.' keys and a counter
+        return {'state_dict': AveragedModel(model).state_dict()}
+    if wrapper == 'deit_ema':  # DeiT / ConvNeXt-style checkpoints of the EMA weights alone
+        return {'model_ema': model.state_dict(), 'epoch': 3}
+    if wrapper == 'deepspeed':
+        return {'module': model.state_dict()}
+    if wrapper == 'fsdp_per_block':
+        return {'model': renamed(model.state_dict(), '_fsdp_wrapped_module')}
+    if wrapper == 'checkpointed_blocks':
+        return {'model': renamed(model.state_dict(), '_checkpoint_wrapped_module')}
+    if wrapper == 'lightning':
+        return {'state_dict': {f'model.{k}': v for k, v in model.state_dict().items()}, 'epoch': 1}
+    raise ValueError(wrapper)
+
+
+WRAPPERS = ['compile', 'ddp', 'ddp_of_compiled', 'compiled_ddp', 'timm_ema', 'swa', 'deit_ema', 'deepspeed',
+            'fsdp_per_block', 'checkpointed_blocks', 'lightning']
+
+
+@pytest.mark.parametrize('wrapper', WRAPPERS)
+def test_weights_saved_from_a_wrapped_model_load_strictly_as_the_bare_model(wrapper, gloo, tmp_path):
+    model = tiny_classifier()
+    torch.save(saved_by(wrapper, model), tmp_path / 'wrapped.pth')
+    state = model_state_from(load_checkpoint(str(tmp_path / 'wrapped.pth')), 'wrapped.pth')
+    assert state.keys() == model.state_dict().keys()
+    fresh = models_vit.vit_tiny_patch16(num_classes=4, **TINY_VIT)
+    load_state_strict(fresh, state, 'wrapped.pth', 'vit_tiny_patch16')
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), model.state_dict().values()))
+
+
+def test_the_issues_compiled_checkpoint_is_evaluated_by_main_knn(tmp_path):
+    """The issue's instance: `_orig_mod.` keys were refused ('holds no ViT weights ... missing 148 keys')."""
+    from util.synthetic import CLASSES, make_image_folder
+    data = make_image_folder(str(tmp_path / 'data'), {'train': 2, 'val': 1}, size=32, classes=CLASSES[:2])
+    torch.manual_seed(0)
+    model = models_vit.vit_tiny_patch16(img_size=32, patch_size=4, num_classes=2)  # --model vit_tiny_patch16
+    torch.save(saved_by('compile', model), tmp_path / 'compiled.pth')
+    proc = run_script('main_knn.py', '--resume', tmp_path / 'compiled.pth', '--data_path', data, '--model',
+                      'vit_tiny_patch16', '--input_size', '32', '--patch_size', '4', '--num_workers', '0',
+                      '--nb_knn', '1')
+    assert proc.returncode == 0 and '* k-NN k=1' in proc.stdout, proc.stderr
+
+
+def test_a_vit_beside_other_weights_is_refused_naming_where_it_is(tmp_path):
+    """A DINO-style model: the ViT under 'backbone.' beside a projection head; not a ViT checkpoint by itself."""
+    state = {f'backbone.{k}': v for k, v in tiny_classifier().state_dict().items() if not k.startswith('head')}
+    state['head.mlp.0.weight'] = torch.zeros(8, 64)
+    torch.save({'teacher': state}, tmp_path / 'dino.pth')
+    checkpoint = load_checkpoint(str(tmp_path / 'dino.pth'))
+    with pytest.raises(CheckpointError, match='no model weights found'):
+        model_state_from(checkpoint, 'dino.pth')  # a dict of dicts: no weights at the top level
+    with pytest.raises(CheckpointError) as error:
+        load_state_strict(tiny_classifier(), model_state_from(checkpoint['teacher'], 'dino.pth'), 'dino.pth',
+                          'vit_tiny_patch16')
+    assert "its ViT weights are under 'backbone.' (" in str(error.value)
+
+
+def test_one_processs_shards_of_an_fsdp_model_are_refused_as_shards(gloo, tmp_path):
+    """FSDP2's state_dict() holds DTensors: one rank's shard of each weight, not the model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    model = fully_shard(tiny_classifier(), mesh=init_device_mesh('cpu', (1,)))
+    torch.save({'model': model.state_dict()}, tmp_path / 'sharded.pth')
+    with pytest.raises(CheckpointError, match=r"one process's shards of the weights \(FSDP's DTensor"):
+        model_state_from(load_checkpoint(str(tmp_path / 'sharded.pth')), 'sharded.pth')
