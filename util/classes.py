@@ -11,6 +11,8 @@ Anything else (a val/ subset, no list anywhere) cannot be mapped, and is refused
 import os
 from typing import List, Optional, Sequence
 
+from util.folders import class_folders
+
 UTIL = os.path.dirname(os.path.abspath(__file__))
 IMAGENET_SYNSETS = os.path.join(UTIL, 'imagenet_synsets.txt')  # n01440764 ... in the standard class order
 IMAGENET_NAMES = os.path.join(UTIL, 'imagenet_classes.txt')  # tench ... readable names in the same order
@@ -34,10 +36,9 @@ def imagenet_names() -> List[str]:
 
 
 def folder_classes(root: str) -> List[str]:
-    """The class folders of an ImageFolder root, sorted as torchvision sorts them ([] if root is missing)."""
-    if not os.path.isdir(root):
-        return []
-    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    """The class folders of an ImageFolder root, sorted as torchvision sorts them, hidden and metadata folders left
+    out (util/folders.py); [] if root is missing."""
+    return class_folders(root)[0]
 
 
 def run_classes(stored: Optional[Sequence[str]], train_root: str, val_root: str, num_outputs: int) -> List[str]:
