@@ -4,11 +4,12 @@ from typing import Callable, Optional
 import torch
 
 from util import distributed, lr_sched
-from util.bad_images import report_after_evaluation
+from util.bad_images import BadImageBudget, BadImageBudgetError
 from util.checkpointer import Checkpointer, ResumeState
 from util.distributed import grad_sync, print0
 from util.metrics import topk_hits
-from util.progress import begin_epoch, end_epoch
+from util.datasets import LEFT_OUT
+from util.progress import begin_epoch, end_epoch, evaluation_batches
 from util.transforms import normalize_batch
 
 
@@ -16,6 +17,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     optimizer: torch.optim.Optimizer, runtime, epoch: int, loss_scaler, args, tensorboard,
                     checkpointer: Checkpointer, start: ResumeState, mixup_fn: Optional[Callable] = None,
                     max_norm: Optional[float] = None) -> dict:
+    if start.training_done(epoch) is not None:  # stopped during this epoch's evaluation: train no further
+        return start.training_done(epoch)
     progress = begin_epoch(model, optimizer, data_loader, runtime, epoch, args, tensorboard, checkpointer, start,
                            'loss')
     for it, is_update, (samples, targets) in progress.iterate(data_loader, args.accum_iter):
@@ -40,39 +43,58 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
             checkpointer.save_if_due(epoch, it + 1, progress)  # --save_every_iters
             if progress.stop_agreed:  # SIGTERM / SIGUSR1 / Ctrl-C reached a rank: every rank stops at this step
                 raise checkpointer.interrupt(epoch, it + 1, progress)
-    return end_epoch(progress, data_loader, args)  # holds the unreadable images to --max_bad_images
+    return end_epoch(progress)  # holds the unreadable images to --max_bad_images
 
 
 @torch.no_grad()
-def evaluate(data_loader, model: torch.nn.Module, runtime, sharded: bool, print_freq: int = 50) -> dict:
+def evaluate(data_loader, model: torch.nn.Module, runtime, sharded: bool, max_bad_images: float = 0.001,
+             output_dir: str = '', print_freq: int = 50) -> dict:
     """Top-1 / top-5 accuracy and the mean cross-entropy over the images. With `sharded` (--dist_eval) each rank
     holds a disjoint share and the sums are added over ranks, so every image counts exactly once and the figures
     equal one process's (up to float rounding of the sums); else each rank evaluates every image itself.
+
+    An image that cannot be read is left out of every count (the printed count says how many), never replaced
+    by another; more than --max_bad_images of them stop the evaluation when they are met (BadImageBudgetError,
+    the list in output_dir/bad_images.txt). A stop signal ends it on every rank (EvaluationInterrupted).
 
     The official code reports the mean of per-batch losses; this is the mean per image, the same number when
     every batch is full (ImageNet val at batch 16) and independent of the batch size and process count."""
     criterion = torch.nn.CrossEntropyLoss(reduction='sum')
     model.eval()
+    dataset = data_loader.dataset
+    budget = BadImageBudget(dataset.bad_images, len(dataset), max_bad_images, output_dir)
     # [sum of per-image losses, top-1 hits, top-5 hits, images]
     totals = torch.zeros(4, dtype=runtime.sum_dtype, device=runtime.device)
     num_batches = len(data_loader)
-    for i, (images, target) in enumerate(data_loader):
-        images = normalize_batch(images, runtime.device)
-        target = target.to(runtime.device, non_blocking=True)
-        with runtime.autocast():
-            output = model(images)
-            loss_sum = criterion(output, target)
-        hits1, hits5 = topk_hits(output, target, (1, 5))
-        totals += torch.stack([loss_sum.to(totals.dtype), hits1.to(totals.dtype), hits5.to(totals.dtype),
-                               torch.tensor(images.shape[0], dtype=totals.dtype, device=totals.device)])
+    for i, (images, target) in evaluation_batches(data_loader, budget, print_freq):
+        readable = target != LEFT_OUT
+        images, target = images[readable], target[readable]
+        if target.numel():
+            totals += batch_totals(model, images, target, criterion, runtime, totals.dtype)
         if (i + 1) % print_freq == 0:
-            print0(f'Test:  [{i + 1}/{num_batches}]  acc1 {100 * totals[1].item() / totals[3].item():.3f} (so far)')
+            print0(f'Test:  [{i + 1}/{num_batches}]  acc1 {100 * totals[1].item() / max(totals[3].item(), 1):.3f} '
+                   '(so far)')
     if sharded:
         totals = distributed.all_reduce_sum(totals)
     loss_sum, hits1, hits5, num_images = totals.tolist()
+    if not num_images:
+        raise BadImageBudgetError(f'{dataset.root}: none of its {len(dataset)} images could be read')
     stats = {'loss': loss_sum / num_images, 'acc1': 100 * hits1 / num_images, 'acc5': 100 * hits5 / num_images,
-             'num_images': int(num_images)}
+             'num_images': int(num_images), 'left_out': len(dataset.bad_images)}
     print0('* Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.3f}'.format(**stats))
-    print0(f"Accuracy of the network on the {stats['num_images']} test images: {stats['acc1']:.1f}%")
-    report_after_evaluation(data_loader.dataset.bad_images)
+    left_out = f' ({stats["left_out"]} unreadable images left out)' if stats['left_out'] else ''
+    print0(f"Accuracy of the network on the {stats['num_images']} test images: {stats['acc1']:.1f}%{left_out}")
     return stats
+
+
+def batch_totals(model: torch.nn.Module, images: torch.Tensor, target: torch.Tensor, criterion, runtime,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """[summed loss, top-1 hits, top-5 hits, images] of one batch, on the device (no host sync)."""
+    images = normalize_batch(images, runtime.device)
+    target = target.to(runtime.device, non_blocking=True)
+    with runtime.autocast():
+        output = model(images)
+        loss_sum = criterion(output, target)
+    hits1, hits5 = topk_hits(output, target, (1, 5))
+    return torch.stack([loss_sum.to(dtype), hits1.to(dtype), hits5.to(dtype),
+                        torch.tensor(images.shape[0], dtype=dtype, device=output.device)])

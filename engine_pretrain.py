@@ -10,6 +10,8 @@ from util.transforms import normalize_batch
 
 def train_one_epoch(model: torch.nn.Module, data_loader, optimizer: torch.optim.Optimizer, runtime, epoch: int,
                     loss_scaler, args, tensorboard, checkpointer: Checkpointer, start: ResumeState) -> dict:
+    if start.training_done(epoch) is not None:  # stopped during this epoch's evaluation: train no further
+        return start.training_done(epoch)
     progress = begin_epoch(model, optimizer, data_loader, runtime, epoch, args, tensorboard, checkpointer, start,
                            'train_loss')
     for it, is_update, (samples, _) in progress.iterate(data_loader, args.accum_iter):
@@ -30,4 +32,4 @@ def train_one_epoch(model: torch.nn.Module, data_loader, optimizer: torch.optim.
             checkpointer.save_if_due(epoch, it + 1, progress)  # --save_every_iters
             if progress.stop_agreed:  # SIGTERM / SIGUSR1 / Ctrl-C reached a rank: every rank stops at this step
                 raise checkpointer.interrupt(epoch, it + 1, progress)
-    return end_epoch(progress, data_loader, args)  # holds the unreadable images to --max_bad_images
+    return end_epoch(progress)  # holds the unreadable images to --max_bad_images

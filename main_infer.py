@@ -25,7 +25,8 @@ from util import checks
 from util.checkpoint_io import CheckpointError, load_checkpoint, model_state_from
 from util.classes import display_names, read_lines
 from util.device import AMP_CHOICES, DEVICE_CHOICES, DeviceError, setup_runtime
-from util.images import DECODE_ERRORS, collect_images, decode_image
+from util.folders import collect_images, describe_skipped
+from util.images import DECODE_ERRORS, DEFAULT_MAX_PIXELS, NOT_DAMAGED, decode_image, describe_error
 from util.reconstruction import reconstruct, reconstruction_transform, save_figure
 from util.state_dicts import StateDict, architecture_of, check_attention_heads, fit_pos_embed, load_state_strict
 from util.transforms import build_eval_transform
@@ -57,6 +58,7 @@ def get_args_parser() -> cli.ArgumentParser:
     parser.add_argument('--output_dir', default='reconstructions',
                         help='folder for the reconstruction figures, <image name>_mae.png')
     parser.add_argument('--json', default=None, metavar='FILE', help="also write the results as JSON ('-': stdout)")
+    cli.add_max_image_pixels(parser)
     parser.add_argument('--device', default='auto', choices=DEVICE_CHOICES, help='backend (auto: the first available)')
     parser.add_argument('--amp', default='off', choices=AMP_CHOICES, help='precision of the forward pass')
     return parser
@@ -64,12 +66,14 @@ def get_args_parser() -> cli.ArgumentParser:
 
 # --- inputs ---------------------------------------------------------------------------------------------------
 
-def open_image(path: str) -> Image.Image:
+def open_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode now (util/images.py: the decoding of every path), so a bad file fails here with a clear message."""
     try:
-        return decode_image(path)
+        return decode_image(path, max_pixels)
+    except NOT_DAMAGED as e:  # a safety limit of Pillow's, not damage: the message says how to read it
+        raise ValueError(f'not read: {e}') from None
     except DECODE_ERRORS as e:
-        raise ValueError(f'cannot read as an image ({type(e).__name__}: {str(e).splitlines()[0]})') from None
+        raise ValueError(f'cannot read as an image ({describe_error(e)})') from None
 
 
 def preprocess(img: Image.Image, input_size: int) -> torch.Tensor:
@@ -160,7 +164,8 @@ def check_args(args):
         errors.append(f'--model {args.model}: unknown model; choose from '
                       f'{", ".join(list(models_vit.MODELS) + list(models_mae.MODELS))}')
     checks.check_ranges(args, errors, {name: checks.RANGE_RULES[name]
-                                       for name in ('mask_ratio', 'input_size', 'patch_size', 'seed')})
+                                       for name in ('mask_ratio', 'input_size', 'patch_size', 'seed',
+                                                    'max_image_pixels')})
     if args.topk < 1:
         errors.append(f'--topk {args.topk}: must be >= 1')
     if args.class_names and not os.path.isfile(args.class_names):
@@ -218,7 +223,9 @@ def run(args) -> dict:
     check_attention_heads(model, checkpoint, args.resume, args.model)
     runtime = setup_runtime(args.device, args.amp)
     model.to(runtime.device)
-    files, errors = collect_images(args.img_path)
+    files, errors, skipped = collect_images(args.img_path)
+    if skipped:
+        print(describe_skipped(' '.join(args.img_path), skipped), flush=True)
     for error in errors:
         print(f"error: {error['image']}: {error['error']}", file=sys.stderr, flush=True)
     is_mae = args.model in models_mae.MODELS
@@ -230,7 +237,7 @@ def run(args) -> dict:
         handle = classification_handler(args, model, checkpoint, runtime)
     for path in files:
         try:
-            img = open_image(path)
+            img = open_image(path, args.max_image_pixels)
         except ValueError as e:
             errors.append({'image': path, 'error': str(e)})
             print(f'error: {path}: {e}', file=sys.stderr, flush=True)

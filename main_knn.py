@@ -42,6 +42,8 @@ def get_args_parser() -> cli.ArgumentParser:
                         help='queries scored at once; the similarities hold at most 24 bytes x query_chunk x '
                              'bank_chunk beside the bank')
     parser.add_argument('--bank_chunk', default=knn.BANK_CHUNK, type=int, help='bank images scored at once')
+    parser.add_argument('--print_freq', default=50, type=int,
+                        help='print a progress line every N batches of features (where a stop signal is acted on)')
     cli.add_data_args(parser, folders='train/ (the memory bank) and val/ (the queries)')
     cli.add_runtime_args(parser, training=False)
     return parser
@@ -88,7 +90,8 @@ def main(args):
     check_args(args)
     state = encoder_weights(model_state_from(load_checkpoint(args.resume), args.resume), args.resume, args.feature)
     encoder = build_encoder(args, state)  # before any work: a checkpoint that does not fit stops the run here
-    data = knn.read_knn_data(args.data_path, args.input_size, args.train_per_class, args.val_per_class)
+    data = knn.read_knn_data(args.data_path, args.input_size, args.train_per_class, args.val_per_class,
+                             args.max_image_pixels)
     refusal = knn.k_too_large('--nb_knn', args.nb_knn, data, os.path.join(args.data_path, 'train'))
     if refusal:
         raise checks.UsageError(refusal)
@@ -98,8 +101,7 @@ def main(args):
                            args.temperature, args.query_chunk, args.bank_chunk)
     for k, result in results.items():
         print0(f'* k-NN k={k} T={args.temperature:g} {args.feature}: top-1 {result["top1"]:.3f} top-5 '
-               f'{result["top5"]:.3f} ({len(data.queries)} queries, bank of {len(data.bank)} images, '
-               f'{len(data.classes)} classes)')
+               f'{result["top5"]:.3f} ({knn.describe_counts(data, result)})')
     return results
 
 

@@ -42,7 +42,8 @@ def main(args):
     model = linear_probe(classification.build_classifier(args, run.encoder, head_init_std=0.01))
     if args.eval:
         load_weights(run.resumable, model, args.model, fit_image_size=True)
-        return evaluate(loader_val, model.to(runtime.device), runtime, sharded=args.dist_eval)
+        return evaluate(loader_val, model.to(runtime.device), runtime, args.dist_eval, args.max_bad_images,
+                        print_freq=args.print_freq)
 
     model, model_without_ddp = launch.place_model(model, runtime, args, fsdp=False)
     effective_lr(args, world_size)
@@ -59,7 +60,9 @@ def main(args):
     for epoch in range(start.epoch, args.epochs):
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, runtime, epoch, loss_scaler, args,
                                       run_log.tensorboard, checkpointer, start)  # no mixup, no clipping
-        test_stats = evaluate(loader_val, model, runtime, sharded=args.dist_eval)
+        with checkpointer.saving_if_stopped(epoch, train_stats):  # a stop signal during it saves, then exits
+            test_stats = evaluate(loader_val, model, runtime, args.dist_eval, args.max_bad_images, args.output_dir,
+                                  args.print_freq)
         run_log.write(epoch, train_stats, test_stats, max_accuracy=checkpointer.keep_best(epoch, test_stats))
         checkpointer.save(epoch)
         stop_if_signalled(epoch, args.epochs, checkpointer.last_path)

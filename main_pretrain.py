@@ -80,8 +80,10 @@ def build_pretraining_dataset(args) -> ImageFolderDataset:
     """The workers emit uint8 crops; the engine normalises them on the device (the official numbers)."""
     root = os.path.join(args.data_path, 'train')
     if args.fast_decode:
-        return build_image_folder(root, build_fast_pretrain_transform(args.input_size), decode=decode_image_tensor)
-    return build_image_folder(root, build_pretrain_transform(args.input_size, uint8_output=True))
+        return build_image_folder(root, build_fast_pretrain_transform(args.input_size), decode=decode_image_tensor,
+                                  max_pixels=args.max_image_pixels)
+    return build_image_folder(root, build_pretrain_transform(args.input_size, uint8_output=True),
+                              max_pixels=args.max_image_pixels)
 
 
 def main(args):
@@ -111,7 +113,8 @@ def main(args):
     for epoch in range(start.epoch, args.epochs):
         train_stats = train_one_epoch(model, data_loader_train, optimizer, runtime, epoch, loss_scaler, args,
                                       run_log.tensorboard, checkpointer, start)
-        knn_stats = knn_monitor.run(knn_data, model_without_ddp, epoch, runtime, args, run_log.tensorboard)
+        with checkpointer.saving_if_stopped(epoch, train_stats):  # a stop signal during it saves, then exits
+            knn_stats = knn_monitor.run(knn_data, model_without_ddp, epoch, runtime, args, run_log.tensorboard)
         run_log.write(epoch, train_stats, **knn_stats)
         checkpointer.save(epoch, numbered=epoch % args.save_freq == 0 or epoch + 1 == args.epochs)
         stop_if_signalled(epoch, args.epochs, checkpointer.last_path)

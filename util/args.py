@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from util.device import AMP_CHOICES, DEVICE_CHOICES
+from util.images import DEFAULT_MAX_PIXELS
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -97,8 +98,15 @@ def add_data_args(parser, folders: str):
     parser.add_argument('--persistent_workers', action='store_true',
                         help='keep DataLoader workers alive between epochs')
     parser.add_argument('--max_bad_images', default=0.001, type=float,
-                        help='stop when more unreadable images than this were replaced: a fraction of the '
-                             'dataset if < 1, else a count')
+                        help='stop when more images than this could not be read (replaced in training, left out of '
+                             'evaluations): a fraction of the dataset if < 1, else a count')
+    add_max_image_pixels(parser)
+
+
+def add_max_image_pixels(parser):
+    parser.add_argument('--max_image_pixels', default=DEFAULT_MAX_PIXELS, type=int,
+                        help="images with more pixels are not decoded (Pillow's decompression-bomb limit, a guard "
+                             'against files made to exhaust memory); 0: no limit')
 
 
 def add_output_args(parser):

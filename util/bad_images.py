@@ -1,5 +1,7 @@
-"""Unreadable images: reported once by whichever process met them (DataLoader workers included), counted over
-all ranks, and held to the --max_bad_images budget after each epoch."""
+"""Unreadable images (and images over --max_image_pixels): reported once by whichever process met them (DataLoader
+workers included), counted over all ranks, and held to the --max_bad_images budget as soon as it is exceeded (at
+the next point where the ranks agree: a logging window in training, every 50 batches in evaluation) and at the end
+of each pass."""
 import glob
 import json
 import os
@@ -10,7 +12,7 @@ import weakref
 from typing import Dict, List
 
 from util import distributed
-from util.distributed import print0
+from util.images import ImageTooLarge, MetadataTooLarge, describe_error
 
 
 class BadImageBudgetError(RuntimeError):
@@ -24,7 +26,8 @@ class BadImageLog:
     about 64 KiB, so a few hundred reports in one epoch would block the reporting process until the main
     process drains it after the epoch, which then never ends."""
 
-    def __init__(self):
+    def __init__(self, action: str = 'replaced by another sample'):
+        self.action = action  # what happens to such a sample, for the report line
         remove_files_of_dead_processes()
         fd, self._path = tempfile.mkstemp(prefix=f'{report_file_prefix()}{os.getpid()}-', suffix='.jsonl')
         os.close(fd)
@@ -35,16 +38,17 @@ class BadImageLog:
         weakref.finalize(self, _remove_if_owner, self._path, os.getpid())
 
     def __getstate__(self):  # what a spawned worker gets: where to write, nothing else
-        return {'_path': self._path}
+        return {'_path': self._path, 'action': self.action}
 
     def __setstate__(self, state):
-        self._path, self._bytes_read, self._reported_here, self.files = state['_path'], 0, set(), {}
+        self._path, self.action = state['_path'], state['action']
+        self._bytes_read, self._reported_here, self.files = 0, set(), {}
 
     def report(self, path: str, error: Exception):
         if path in self._reported_here:
             return
         self._reported_here.add(path)
-        message = f'{type(error).__name__}: {error}'.splitlines()[0][:500]
+        message = describe_error(error)[:500]
         line = (json.dumps([path, message]) + '\n').encode()
         # one O_APPEND write per report, so lines from concurrent workers do not interleave
         fd = os.open(self._path, os.O_WRONLY | os.O_APPEND)
@@ -66,7 +70,7 @@ class BadImageLog:
             if path not in self.files:
                 self.files[path] = error
                 new.append(path)
-                print(f'Unreadable image replaced by another sample: {path} ({error})', flush=True)
+                print(f'Image {self.action}: {path} ({error})', flush=True)
         return new
 
     def collect_all_ranks(self):
@@ -79,31 +83,54 @@ class BadImageLog:
         return len(self.files)
 
 
+class BadImageBudget:
+    """--max_bad_images for one dataset: a fraction of it if < 1, else a count of files."""
+
+    def __init__(self, bad_images: BadImageLog, dataset_size: int, max_bad_images: float, output_dir: str):
+        self.bad_images = bad_images
+        self.allowed = int(max_bad_images * dataset_size) if max_bad_images < 1 else int(max_bad_images)
+        self.output_dir = output_dir
+
+    def local_count(self) -> int:
+        """Files this process has met so far (its workers' reports read now); no collective."""
+        self.bad_images.collect()
+        return len(self.bad_images)
+
+    def check_if_over(self, summed_local_counts: float):
+        """At a point where every rank agrees: the local counts summed over ranks can only overcount (one file met
+        on two ranks), so only a sum above the budget costs the exact count (a collective, on every rank alike)."""
+        if summed_local_counts > self.allowed:
+            self.check()
+
+    def check(self) -> int:
+        """Gather every rank's files; above the budget write output_dir/bad_images.txt and raise
+        BadImageBudgetError. Collective. Returns how many files were unusable so far."""
+        self.bad_images.collect_all_ranks()
+        files = self.bad_images.files
+        if len(files) <= self.allowed:
+            return len(files)
+        listing = os.path.join(self.output_dir, 'bad_images.txt') if self.output_dir else ''
+        if listing and distributed.is_main_process():
+            with open(listing, 'w', encoding='utf-8') as f:
+                f.writelines(f'{path}\t{error}\n' for path, error in files.items())
+        shown = ', '.join(list(files)[:5])
+        too_large = sum(error.startswith(ImageTooLarge.__name__) for error in files.values())
+        big_metadata = sum(error.startswith(MetadataTooLarge.__name__) for error in files.values())
+        advice = '; repair or remove them, or raise --max_bad_images' if too_large + big_metadata < len(files) else ''
+        if too_large:
+            advice += (f'; {too_large} of them are not damaged but larger than --max_image_pixels allows (pass '
+                       '--max_image_pixels 0 to read them)')
+        if big_metadata:
+            advice += (f"; {big_metadata} of them are not damaged but carry PNG metadata over Pillow's limit (strip "
+                       'it, e.g. mogrify -strip)')
+        raise BadImageBudgetError(f'{len(files)} unreadable images, more than --max_bad_images allows '
+                                  f'({self.allowed}): {shown}{" ..." if len(files) > 5 else ""}'
+                                  + (f' (full list in {listing})' if listing else '') + advice)
+
+
 def check_budget(bad_images: BadImageLog, dataset_size: int, max_bad_images: float, output_dir: str) -> int:
-    """After a training epoch: gather every rank's unreadable files; above --max_bad_images (a fraction of the
-    dataset if < 1, else a count) write output_dir/bad_images.txt and raise BadImageBudgetError. Collective.
-    Returns how many files were unreadable so far."""
-    bad_images.collect_all_ranks()
-    allowed = int(max_bad_images * dataset_size) if max_bad_images < 1 else int(max_bad_images)
-    if len(bad_images) <= allowed:
-        return len(bad_images)
-    listing = os.path.join(output_dir, 'bad_images.txt') if output_dir else ''
-    if listing and distributed.is_main_process():
-        with open(listing, 'w', encoding='utf-8') as f:
-            f.writelines(f'{path}\t{error}\n' for path, error in bad_images.files.items())
-    shown = ', '.join(list(bad_images.files)[:5])
-    raise BadImageBudgetError(f'{len(bad_images)} unreadable images, more than --max_bad_images allows '
-                              f'({allowed}): {shown}{" ..." if len(bad_images) > 5 else ""}'
-                              + (f' (full list in {listing})' if listing else '')
-                              + '; repair or remove them, or raise --max_bad_images')
-
-
-def report_after_evaluation(bad_images: BadImageLog) -> int:
-    """Evaluation sets: unreadable images were replaced, so the accuracy covers other images; say how many."""
-    bad_images.collect_all_ranks()
-    if len(bad_images):
-        print0(f'{len(bad_images)} unreadable images were replaced while evaluating')
-    return len(bad_images)
+    """At the end of a pass over a dataset: BadImageBudget(...).check() (collective)."""
+    return BadImageBudget(bad_images, dataset_size, max_bad_images, output_dir).check()
 
 
 def report_file_prefix() -> str:

@@ -3,6 +3,7 @@
 classifiers; resuming restores model, optimizer, scaler, epoch, iteration and every rank's RNG streams, and
 returns the position as a ResumeState that the caller passes on. (Over 250 lines because finding, loading and
 writing a run's checkpoints share one file-naming and one state layout; apart, each half would restate them.)"""
+import contextlib
 import glob
 import os
 import re
@@ -39,13 +40,19 @@ class Resumable:
 @dataclass
 class ResumeState:
     """Where a run starts: the first epoch, the first iteration within it (a mid-epoch checkpoint), the checkpoint
-    it came from ('' for a fresh start), that partial epoch's running sums per rank, and extra state such as
-    max_accuracy."""
+    it came from ('' for a fresh start), that partial epoch's running sums per rank, extra state such as
+    max_accuracy, and for a run stopped during an epoch's evaluation that epoch's training stats (its training is
+    done; the evaluation is not)."""
     epoch: int = 0
     iteration: int = 0
     path: str = ''
     meters: Optional[list] = None
     extra: dict = field(default_factory=dict)
+    trained_stats: Optional[dict] = None
+
+    def training_done(self, epoch: int) -> Optional[dict]:
+        """The stats of `epoch`'s training if it finished before the stop (evaluation pending), else None."""
+        return self.trained_stats if epoch == self.epoch else None
 
     def iteration_in(self, epoch: int) -> int:
         """Iterations of `epoch` already done before the resume."""
@@ -112,8 +119,32 @@ def first_epoch(resumable: Optional[Resumable], start_epoch: int) -> int:
     """The epoch a run would start at: after the checkpoint's last finished epoch, or --start_epoch."""
     if not holds_training_state(resumable):
         return start_epoch
-    in_progress = resumable.checkpoint.get('epoch_in_progress')
-    return in_progress['epoch'] if in_progress else resumable.checkpoint['epoch'] + 1
+    checkpoint = resumable.checkpoint
+    in_progress = checkpoint.get('epoch_in_progress') or checkpoint.get('evaluation_pending')
+    return in_progress['epoch'] if in_progress else checkpoint['epoch'] + 1
+
+
+def resumed_iteration(checkpoint: dict, path: str, args, world_size: int) -> int:
+    """The iteration a mid-epoch checkpoint continues at, in this run's division of the epoch (--batch_size per
+    process x processes x --accum_iter): the images the stopped run took from the epoch's shuffled order, counted in
+    this run's iterations. Whatever the division, optimizer step s takes the images at positions [s x E, (s + 1) x
+    E) of the epoch's order (E the effective batch; ResumableSampler), so with the same E the steps are the same
+    images and a changed E starts its steps where the stopped run left off. Raises CheckpointError when those
+    images are not a whole number of this run's optimizer steps."""
+    in_progress, saved = checkpoint['epoch_in_progress'], checkpoint.get('args')
+    if saved is None:
+        return in_progress['iteration']
+    saved_world_size = checkpoint.get('world_size', 1)
+    images = in_progress['iteration'] * saved.batch_size * saved_world_size
+    per_iteration, per_step = args.batch_size * world_size, args.batch_size * world_size * args.accum_iter
+    if images % per_step:
+        raise CheckpointError(
+            f'{path} stopped epoch {in_progress["epoch"]} after {images:,} of its images; this run takes {per_step:,} '
+            f'per optimizer step (--batch_size {args.batch_size} x {world_size} processes x --accum_iter '
+            f'{args.accum_iter}), which does not divide {images:,}, so the epoch cannot continue at a step '
+            f'boundary: finish it with an effective batch that divides {images:,} (the run\'s own was '
+            f'{saved.batch_size * saved_world_size * saved.accum_iter})')
+    return images // per_iteration
 
 
 def load_weights(resumable: Resumable, model: nn.Module, model_name: str, fit_image_size: bool = False):
@@ -132,6 +163,20 @@ def load_weights(resumable: Resumable, model: nn.Module, model_name: str, fit_im
     print0(f'Resume checkpoint {resumable.path}')
 
 
+def with_this_runs_settings(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A saved optimizer state whose parameter groups carry this run's settings (each group's lr_scale from
+    --layer_decay, weight_decay, betas, the AdamW kernel, ...) around the saved moments. torch's load_state_dict
+    takes every group setting from the file, so a change a resume accepts (--allow_recipe_change, --adamw_impl)
+    would be announced and then trained without. The groups correspond one to one (the same model and recipe
+    build them in the same order); when their number differs the file is left as it is, and loading it names
+    the mismatch."""
+    if len(saved.get('param_groups', [])) != len(optimizer.param_groups):
+        return saved
+    groups = [{**{k: v for k, v in ours.items() if k != 'params'}, 'params': theirs['params']}
+              for ours, theirs in zip(optimizer.param_groups, saved['param_groups'])]
+    return {**saved, 'param_groups': groups}
+
+
 def resume_training(resumable: Optional[Resumable], model: nn.Module, optimizer, loss_scaler, runtime,
                     args) -> ResumeState:
     """Restore model, optimizer, scaler and RNG states; return where the run continues. A checkpoint with
@@ -146,23 +191,27 @@ def resume_training(resumable: Optional[Resumable], model: nn.Module, optimizer,
         print0(f'{resumable.path} holds weights only (no optimizer state or epoch; only our .pth checkpoints hold '
                f'them): training starts from these weights at epoch {args.start_epoch} (--start_epoch)')
         return ResumeState(epoch=args.start_epoch, extra=extra)
+    saved_optimizer = with_this_runs_settings(checkpoint['optimizer'], optimizer)
     try:
         if util_fsdp.is_sharded(model):
-            util_fsdp.load_optimizer_state(model, optimizer, checkpoint['optimizer'])
+            util_fsdp.load_optimizer_state(model, optimizer, saved_optimizer)
         else:
-            optimizer.load_state_dict(checkpoint['optimizer'])
+            optimizer.load_state_dict(saved_optimizer)
     except (ValueError, KeyError) as e:
         raise CheckpointError(f'{resumable.path}: optimizer state does not fit this run ({e})') from None
     loss_scaler.load_state_dict(checkpoint.get('scaler') or {})
     restore_rng_states(checkpoint.get('rng_states'), checkpoint.get('world_size', 1), runtime)
-    in_progress = checkpoint.get('epoch_in_progress')
+    in_progress, pending = checkpoint.get('epoch_in_progress'), checkpoint.get('evaluation_pending')
     if in_progress:
-        start = ResumeState(in_progress['epoch'], in_progress['iteration'], resumable.path,
-                            in_progress.get('meters') or None, extra)
+        iteration = resumed_iteration(checkpoint, resumable.path, args, distributed.get_world_size())
+        start = ResumeState(in_progress['epoch'], iteration, resumable.path, in_progress.get('meters') or None, extra)
+    elif pending:
+        start = ResumeState(pending['epoch'], 0, resumable.path, None, extra, trained_stats=pending['train_stats'])
     else:
         start = ResumeState(checkpoint['epoch'] + 1, 0, resumable.path, None, extra)
     print0(f'With optim & sched! Continuing at epoch {start.epoch}'
-           + (f', iteration {start.iteration}' if start.iteration else ''))
+           + (f', iteration {start.iteration}' if start.iteration else '')
+           + (' with its evaluation (its training was done)' if pending else ''))
     return start
 
 
@@ -201,7 +250,7 @@ class Checkpointer:
             self.extra_state = {'classes': list(classes), 'max_accuracy': start.extra.get('max_accuracy', 0.0)}
         self.last_saved: Optional[tuple] = None  # (path, epoch, next_iteration)
         if start.path:
-            finished_epoch = start.epoch - 1 if start.iteration == 0 else start.epoch
+            finished_epoch = start.epoch - 1 if start.iteration == 0 and start.trained_stats is None else start.epoch
             self.last_saved = (start.path, finished_epoch, start.iteration)
 
     @property
@@ -217,20 +266,25 @@ class Checkpointer:
         return self.model.state_dict(), self.optimizer.state_dict()
 
     def state(self, epoch: int, next_iteration: int, rng_states: List[torch.Tensor], partial_meters: Optional[list],
-              model_state: dict, optimizer_state: dict) -> dict:
-        # 'epoch' is the last finished epoch, as in the official format; a mid-epoch save says where to go on
+              model_state: dict, optimizer_state: dict, pending_stats: Optional[dict] = None) -> dict:
+        # 'epoch' is the last finished epoch, as in the official format; a mid-epoch save says where to go on, a
+        # save during the evaluation keeps the epoch's training stats for the evaluation still to be done
         state = {'model': model_state, 'optimizer': optimizer_state,
                  'epoch': epoch if next_iteration == 0 else epoch - 1,
                  'scaler': self.loss_scaler.state_dict(), 'args': self.args, 'rng_states': rng_states,
                  'world_size': distributed.get_world_size()}
         if next_iteration:
             state['epoch_in_progress'] = {'epoch': epoch, 'iteration': next_iteration, 'meters': partial_meters or []}
+        if pending_stats is not None:
+            state['evaluation_pending'] = {'epoch': epoch, 'train_stats': pending_stats}
         state.update(self.extra_state)
         return state
 
-    def save(self, epoch: int, next_iteration: int = 0, numbered: bool = True, progress=None) -> Optional[str]:
+    def save(self, epoch: int, next_iteration: int = 0, numbered: bool = True, progress=None,
+             pending_stats: Optional[dict] = None) -> Optional[str]:
         """Save after `next_iteration` iterations of `epoch` (0: the epoch is finished). Mid-epoch, `progress`
-        (the EpochProgress) adds the epoch's running averages. Returns the path."""
+        (the EpochProgress) adds the epoch's running averages; `pending_stats`, the stats of an epoch whose
+        evaluation was stopped (it is done on resume). Returns the path."""
         if not self.args.output_dir:
             return None
         rng_states = gather_rng_states(self.runtime)
@@ -238,7 +292,8 @@ class Checkpointer:
         model_state, optimizer_state = self.model_and_optimizer_state()
         path = None
         if distributed.is_main_process():
-            state = self.state(epoch, next_iteration, rng_states, partial_meters, model_state, optimizer_state)
+            state = self.state(epoch, next_iteration, rng_states, partial_meters, model_state, optimizer_state,
+                               pending_stats)
             if numbered and next_iteration == 0:
                 path = os.path.join(self.args.output_dir, f'checkpoint-{epoch}.pth')
                 save_atomic(state, path)
@@ -259,6 +314,17 @@ class Checkpointer:
         """A stop signal was agreed on by every rank: save where the run is and return the exception to raise."""
         self.save(epoch, next_iteration, numbered=False, progress=progress)
         return preemption.TrainingInterrupted(preemption.received_signal(), self.last_path)
+
+    @contextlib.contextmanager
+    def saving_if_stopped(self, epoch: int, train_stats: dict):
+        """Around an epoch's evaluation or k-NN monitor, after its training: a stop signal agreed on there
+        (EvaluationInterrupted) saves the trained epoch with its evaluation still to do, which a resumed run does
+        first, and raises TrainingInterrupted. The evaluation is not waited for: a scheduler's grace time is short."""
+        try:
+            yield
+        except preemption.EvaluationInterrupted:
+            self.save(epoch, numbered=False, pending_stats=train_stats)
+            raise preemption.TrainingInterrupted(preemption.received_signal(), self.last_path) from None
 
     def keep_best(self, epoch: int, test_stats: dict) -> float:
         """checkpoint-best.pth when this epoch's top-1 beats the best so far; returns the best top-1 (printed)."""

@@ -55,6 +55,7 @@ RANGE_RULES: Dict[str, Rule] = {
     'save_every_iters': (lambda v: v >= 0, 'must be >= 0 (0: off)'),
     'keep_last': (lambda v: v >= 0, 'must be >= 0 (0: keep all)'),
     'max_bad_images': (lambda v: v >= 0, 'must be >= 0'),
+    'max_image_pixels': (lambda v: v >= 0, 'must be >= 0 (0: no limit)'),
     'print_freq': (lambda v: v >= 1, 'must be >= 1'),
     'dist_timeout': (lambda v: v > 0, 'must be > 0 minutes'),
     'knn_every': (lambda v: v >= 1, 'must be >= 1 (epochs between k-NN evaluations)'),

@@ -104,8 +104,10 @@ def build_datasets(args, classes: List[str], train_transform, eval_transform
                         '--nb_classes of at least that')
     dataset_train = None
     if not args.eval:
-        dataset_train = build_image_folder(os.path.join(args.data_path, 'train'), train_transform, classes=classes)
-    dataset_val = build_image_folder(os.path.join(args.data_path, 'val'), eval_transform, classes=classes)
+        dataset_train = build_image_folder(os.path.join(args.data_path, 'train'), train_transform, classes=classes,
+                                           max_pixels=args.max_image_pixels)
+    dataset_val = build_image_folder(os.path.join(args.data_path, 'val'), eval_transform, classes=classes,
+                                     max_pixels=args.max_image_pixels, substitute=False)
     return dataset_train, dataset_val
 
 

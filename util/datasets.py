@@ -1,20 +1,24 @@
 """ImageFolder datasets under --data_path (`train/`, `val/`, one sub-folder per class) and their loaders.
 
-Labels come from the run's class list (util/classes.py), by class name; a file that cannot be decoded is
-reported once and replaced by the next one instead of ending the run; evaluation shards the images over the
-ranks without padding, so each one is counted exactly once.
+Labels come from the run's class list (util/classes.py), by class name; folders are walked by util/folders.py's
+rule (hidden and metadata entries are not data). A file that cannot be decoded is reported once: in training it is
+replaced by the next one instead of ending the run, in evaluation it is left out of every count. Evaluation shards
+the images over the ranks without padding, so each one is counted exactly once.
 """
 import math
 import os
 from typing import Callable, List, Optional, Sequence
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from torchvision import datasets
 
 from util.bad_images import BadImageLog
-from util.images import DECODE_ERRORS, decode_image
-from util.preemption import ignore_ctrl_c_in_workers
+from util.distributed import print0
+from util.folders import IMG_EXTENSIONS, class_folders, describe_skipped, image_files
+from util.images import DECODE_ERRORS, DEFAULT_MAX_PIXELS, decode_image
+from util.preemption import ignore_stop_signals_in_workers
 from util.rng import loader_seed
 
 MAX_CONSECUTIVE_BAD = 20
@@ -24,23 +28,41 @@ class DataError(RuntimeError):
     """The dataset cannot be used; the message is one line for the user."""
 
 
+LEFT_OUT = -1  # the target of an evaluation sample that could not be read: counted nowhere
+
+
 class ImageFolderDataset(datasets.ImageFolder):
-    """torchvision's ImageFolder (same samples and order), with two changes:
+    """torchvision's ImageFolder (the same samples in the same order; hidden and metadata entries aside, GIFs
+    added), with these changes:
+    - folders are walked by util/folders.py's rule: hidden entries and other systems' metadata are not data;
     - with `classes` (the run's class list) each folder's label is its name's index in that list, and a folder
       not in the list is refused; without it, the sorted folder names are the list (torchvision's rule);
-    - a file that cannot be decoded is reported to `bad_images` and replaced by the next readable one."""
+    - a file that cannot be decoded (or has more than `max_pixels` pixels) is reported to `bad_images`; with
+      `substitute` (training) it is replaced by the next readable one, so an epoch keeps its batches; without it
+      (evaluation) the sample is a blank image with target LEFT_OUT, which the evaluation leaves out of every
+      count: it never scores another image in its place."""
 
     def __init__(self, root: str, transform=None, decode: Callable = decode_image,
-                 classes: Optional[Sequence[str]] = None):
+                 classes: Optional[Sequence[str]] = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 substitute: bool = True):
         self.run_classes = list(classes) if classes is not None else None
+        self.skipped: List[str] = []  # hidden and metadata entries, filled by the scan
         super().__init__(root, transform=transform)
         self.decode = decode
-        self.bad_images = BadImageLog()
+        self.max_pixels = max_pixels
+        self.substitute = substitute
+        self.bad_images = BadImageLog('replaced by another sample' if substitute else 'left out of the evaluation')
+        note = describe_skipped(root, self.skipped)
+        if note:
+            print0(note)
 
     def find_classes(self, directory: str):
-        found, class_to_idx = super().find_classes(directory)
+        found, skipped = class_folders(directory)
+        self.skipped += [os.path.join(directory, name) for name in skipped]
+        if not found:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
         if self.run_classes is None:
-            return found, class_to_idx
+            return found, {name: i for i, name in enumerate(found)}
         index = {name: i for i, name in enumerate(self.run_classes)}
         unknown = [name for name in found if name not in index]
         if unknown:
@@ -51,9 +73,23 @@ class ImageFolderDataset(datasets.ImageFolder):
                             f'{"them" if len(unknown) > 1 else "it"}')
         return list(self.run_classes), {name: index[name] for name in found}
 
+    def make_dataset(self, directory: str, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        """torchvision's samples and order (its make_dataset), by util/folders.py's walk."""
+        samples, empty = [], []
+        for name in sorted(class_to_idx):
+            files, skipped = image_files(os.path.join(directory, name))
+            self.skipped += skipped
+            samples += [(path, class_to_idx[name]) for path in files]
+            if not files:
+                empty.append(name)
+        if empty and not allow_empty:
+            raise FileNotFoundError(f'Found no valid file for the classes {", ".join(empty)}. Supported extensions '
+                                    f'are: {", ".join(IMG_EXTENSIONS)}')
+        return samples
+
     def read(self, path: str):
         with open(path, 'rb') as f:
-            return self.decode(f)
+            return self.decode(f, self.max_pixels)
 
     def __getitem__(self, index: int):
         for _ in range(MAX_CONSECUTIVE_BAD):
@@ -62,20 +98,31 @@ class ImageFolderDataset(datasets.ImageFolder):
                 img = self.read(path)
             except DECODE_ERRORS as e:
                 self.bad_images.report(path, e)
+                if not self.substitute:
+                    return self.blank(), LEFT_OUT
                 index = (index + 1) % len(self.samples)
                 continue
             return (self.transform(img) if self.transform is not None else img), target
         raise DataError(f'{MAX_CONSECUTIVE_BAD} unreadable images in a row up to {path}: is the dataset intact?')
 
+    def blank(self):
+        """What stands in for an unreadable evaluation image in its batch: a black image through the transform
+        (the evaluation transforms give every image the same size)."""
+        img = Image.new('RGB', (64, 64))
+        return self.transform(img) if self.transform is not None else img
+
 
 def build_image_folder(root: str, transform, decode: Callable = decode_image,
-                       classes: Optional[Sequence[str]] = None) -> ImageFolderDataset:
-    """ImageFolder over `root` with a one-line DataError when the folder is missing, empty or has no images."""
+                       classes: Optional[Sequence[str]] = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                       substitute: bool = True) -> ImageFolderDataset:
+    """ImageFolderDataset over `root` with a one-line DataError when the folder is missing, empty or has no
+    images. substitute: True for training sets, False for evaluation sets (see ImageFolderDataset)."""
     if not os.path.isdir(root):
         raise DataError(f'{root}: no such folder; --data_path must hold train/ and val/ with one sub-folder '
                         'per class (the ImageNet layout)')
     try:
-        return ImageFolderDataset(root, transform=transform, decode=decode, classes=classes)
+        return ImageFolderDataset(root, transform=transform, decode=decode, classes=classes, max_pixels=max_pixels,
+                                  substitute=substitute)
     except (FileNotFoundError, RuntimeError) as e:
         if isinstance(e, DataError):
             raise
@@ -140,12 +187,21 @@ class ShardedEvalSampler(Sampler):
 
     def __init__(self, num_images: int, num_replicas: int, rank: int):
         self.indices: List[int] = list(range(rank, num_images, num_replicas))
+        self.smallest_share = num_images // num_replicas  # the last rank's (a share is this or one more)
 
     def __iter__(self):
         return iter(self.indices)
 
     def __len__(self):
         return len(self.indices)
+
+
+def batches_on_every_rank(loader: DataLoader) -> int:
+    """How many batches of an evaluation loader every rank has (the ranks' shares differ by one image at most;
+    a loader that is not sharded has the same batches on every rank)."""
+    if not isinstance(loader.sampler, ShardedEvalSampler):
+        return len(loader)
+    return -(-loader.sampler.smallest_share // loader.batch_size)
 
 
 def build_loader(dataset, args, runtime, train: bool, rank: int, world_size: int,
@@ -164,7 +220,7 @@ def build_loader(dataset, args, runtime, train: bool, rank: int, world_size: int
     return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
                       pin_memory=args.pin_mem and runtime.pin_memory_supported, drop_last=train,
                       generator=generator, persistent_workers=args.persistent_workers and args.num_workers > 0,
-                      worker_init_fn=ignore_ctrl_c_in_workers)
+                      worker_init_fn=ignore_stop_signals_in_workers)
 
 
 def start_epoch_of(loader: DataLoader, epoch: int, rank: int, seed: int, skip_batches: int = 0):

@@ -8,37 +8,86 @@ equals exactly for every other file:
 - transparency (RGBA, LA, PA, or a palette / RGB image with a transparent colour) is composited over white
   (dropping the alpha channel shows whatever colour the transparent pixels happen to store, often black).
 """
-import os
+import io
 import struct
-from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 
 try:  # torchvision 0.29 deprecates its decoders in favour of TorchCodec; without them PIL decodes (slower)
     from torchvision.io import ImageReadMode, decode_jpeg
 except ImportError:
     decode_jpeg = None
 
-# what PIL raises for truncated, corrupt or non-image files (ValueError: malformed PNG chunks and the like)
+# Pillow refuses images of more than 2 x Image.MAX_IMAGE_PIXELS pixels (its decompression-bomb guard against files
+# made to exhaust memory) with an error that reads like damage. decode_image applies the same default limit itself,
+# from the header, and names it (ImageTooLarge); --max_image_pixels changes it per run, in every worker, through
+# the dataset. Pillow's own check (and its warning above half the limit) is therefore off in our processes.
+DEFAULT_MAX_PIXELS = 178_956_970  # 2 x Pillow's default Image.MAX_IMAGE_PIXELS (89,478,485)
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageTooLarge(ValueError):
+    """A valid image with more pixels than the run allows (--max_image_pixels); the message says how to allow it."""
+
+    def __init__(self, width: int, height: int, max_pixels: int):
+        self.pixels = width * height
+        super().__init__(f'{self.pixels:,} pixels ({width} x {height}), more than --max_image_pixels {max_pixels:,} '
+                         "(Pillow's decompression-bomb limit, a guard against files made to exhaust memory); the file "
+                         'is not damaged: if it is genuine, pass --max_image_pixels 0 (no limit) or a larger number')
+
+
+class MetadataTooLarge(ValueError):
+    """A PNG whose compressed text metadata exceeds Pillow's limit (PngImagePlugin.MAX_TEXT_CHUNK, another
+    decompression-bomb guard); its pixels are not damaged."""
+
+    def __init__(self):
+        super().__init__(f"a compressed PNG text chunk (metadata) decompresses to more than Pillow's limit of "
+                         f'{PngImagePlugin.MAX_TEXT_CHUNK:,} bytes (PngImagePlugin.MAX_TEXT_CHUNK, a guard against '
+                         'decompression bombs); the pixels are not damaged: strip the metadata (e.g. mogrify -strip)')
+
+
+# Pillow's safety limits: an image they stop is not damaged, and the messages say so
+NOT_DAMAGED = (ImageTooLarge, MetadataTooLarge)
+
+# what PIL raises for truncated, corrupt or non-image files (ValueError: malformed PNG chunks and the like), and
+# the safety limits above (ValueErrors)
 DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, struct.error, Image.DecompressionBombError)
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 HIGH_BIT_DEPTH_MODES = ('I;16', 'I;16B', 'I;16L', 'I', 'F')
 EXIF_ORIENTATION = 0x0112
 JPEG_MAGIC = b'\xff\xd8'
 BACKGROUND = (255, 255, 255, 255)  # what transparent pixels become
 
 
-def decode_image(f) -> Image.Image:
-    """An open image file (or path) -> 8-bit RGB PIL image, decoded now (errors: see DECODE_ERRORS)."""
-    img = Image.open(f)
+def decode_image(f, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An open image file (or path) -> 8-bit RGB PIL image, decoded now (errors: see DECODE_ERRORS). An image of
+    more than `max_pixels` pixels (0: no limit) raises ImageTooLarge before its pixels are decoded."""
+    try:
+        img = Image.open(f)
+    except ValueError as e:
+        if 'MAX_TEXT_' in str(e):  # Pillow's message names the limit; say what it means
+            raise MetadataTooLarge() from None
+        raise
+    check_size(img, max_pixels)
     if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
         img = ImageOps.exif_transpose(img)
     img = to_8bit(img)
     if has_transparency(img):
         img = Image.alpha_composite(Image.new('RGBA', img.size, BACKGROUND), img.convert('RGBA'))
     return img.convert('RGB')  # PIL decodes lazily: every decoding error surfaces here at the latest
+
+
+def check_size(img: Image.Image, max_pixels: int):
+    """ImageTooLarge if the image (its header read, its pixels not yet) has more than max_pixels (0: no limit)."""
+    width, height = img.size
+    if max_pixels and width * height > max_pixels:
+        raise ImageTooLarge(width, height, max_pixels)
+
+
+def describe_error(error: Exception) -> str:
+    """One line naming why an image could not be used: 'ImageTooLarge: 182,000,000 pixels ...', 'OSError: ...'."""
+    return f'{type(error).__name__}: {error}'.splitlines()[0]
 
 
 def has_transparency(img: Image.Image) -> bool:
@@ -57,33 +106,17 @@ def to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8), 'L')
 
 
-def decode_image_tensor(f) -> torch.Tensor:
+def decode_image_tensor(f, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """An open image file -> uint8 [3, H, W], for --fast_decode. JPEGs go through torchvision.io (libjpeg-turbo:
     the same pixels as PIL, EXIF orientation applied, CMYK and greyscale converted to RGB); every other file
-    through decode_image."""
+    through decode_image. The same pixel limit as decode_image, read from the header first."""
     data = f.read()
     if data[:2] == JPEG_MAGIC and decode_jpeg is not None:
+        check_size(Image.open(io.BytesIO(data)), max_pixels)  # the header only: microseconds
         try:
             return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
                                apply_exif_orientation=True)
         except RuntimeError as e:  # corrupt or truncated: reported like PIL's decoding errors
             raise OSError(f'JPEG decoding failed: {str(e).splitlines()[0]}') from None
     f.seek(0)
-    return torch.from_numpy(np.array(decode_image(f))).permute(2, 0, 1).contiguous()
-
-
-def collect_images(paths: List[str]) -> Tuple[List[str], List[Dict[str, str]]]:
-    """Expand folders (sorted, recursively) into image files; missing paths become errors."""
-    files, errors = [], []
-    for path in paths:
-        if os.path.isdir(path):
-            found = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-                           if name.lower().endswith(IMAGE_SUFFIXES))
-            if not found:
-                errors.append({'image': path, 'error': 'folder holds no image files'})
-            files.extend(found)
-        elif os.path.isfile(path):
-            files.append(path)
-        else:
-            errors.append({'image': path, 'error': 'no such file or folder'})
-    return files, errors
+    return torch.from_numpy(np.array(decode_image(f, max_pixels))).permute(2, 0, 1).contiguous()

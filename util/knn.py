@@ -23,9 +23,12 @@ import torch.nn.functional as F
 
 from models_vit import run_blocks
 from util import distributed
-from util.bad_images import check_budget
+from util.distributed import print0
+from util.bad_images import BadImageBudget
 from util.classes import check_subset
-from util.datasets import ImageFolderDataset, build_image_folder, build_loader, cap_per_class
+from util.images import DEFAULT_MAX_PIXELS
+from util.datasets import LEFT_OUT, DataError, ImageFolderDataset, build_image_folder, build_loader, cap_per_class
+from util.progress import evaluation_batches
 from util.transforms import build_eval_transform, normalize_batch
 
 FEATURES = ('cls', 'mean')
@@ -63,12 +66,16 @@ def encoder_features(encoder: torch.nn.Module, images: torch.Tensor, feature: st
 
 
 @torch.no_grad()
-def extract_features(encoder: torch.nn.Module, loader, runtime, feature: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def extract_features(encoder: torch.nn.Module, loader, runtime, feature: str, budget: BadImageBudget,
+                     every: int = 50) -> Tuple[torch.Tensor, torch.Tensor]:
     """This rank's share of a dataset through the encoder: (features [n, D] float32, labels [n] int64), on the
-    device, in the loader's order. Labels come with the images, so an unreadable image replaced by the next one
-    keeps the label of the image actually used."""
+    device, in the loader's order; an image that could not be read keeps its place with the label LEFT_OUT (the
+    caller drops it after gathering). A progress line every `every` batches, where stops and unreadable images are
+    agreed on as in every evaluation (util/progress.evaluation_batches)."""
     features, labels = [], []
-    for images, targets in loader:
+    for i, (images, targets) in evaluation_batches(loader, budget, every):
+        if (i + 1) % every == 0:
+            print0(f'k-NN features of {loader.dataset.root}: [{i + 1}/{len(loader)}]')
         images = normalize_batch(images, runtime.device)
         with runtime.autocast():
             features.append(encoder_features(encoder, images, feature).float())
@@ -189,15 +196,19 @@ class KnnData:
         return self.bank.classes
 
 
-def read_knn_data(data_path: str, input_size: int, train_per_class: int, val_per_class: int) -> KnnData:
+def read_knn_data(data_path: str, input_size: int, train_per_class: int, val_per_class: int,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> KnnData:
     """train/ and val/ of data_path with the evaluation transform, each capped at the first N images of each class
     (sorted file order; 0: all). train/'s folders are the classes; a val/ folder not among them is refused in one
-    line (ClassListError), as is an empty or missing folder (DataError)."""
+    line (ClassListError), as is an empty or missing folder (DataError). Both are evaluation sets: an unreadable
+    image (or one over max_pixels pixels) is left out, never replaced."""
     transform = build_eval_transform(input_size)
     train_root, val_root = os.path.join(data_path, 'train'), os.path.join(data_path, 'val')
-    bank = cap_per_class(build_image_folder(train_root, transform), train_per_class)
+    bank = cap_per_class(build_image_folder(train_root, transform, max_pixels=max_pixels, substitute=False),
+                         train_per_class)
     check_subset(val_root, bank.classes, what=f"{train_root}'s")
-    queries = cap_per_class(build_image_folder(val_root, transform, classes=bank.classes), val_per_class)
+    queries = cap_per_class(build_image_folder(val_root, transform, classes=bank.classes, max_pixels=max_pixels,
+                                               substitute=False), val_per_class)
     return KnnData(bank, queries)
 
 
@@ -211,31 +222,58 @@ def k_too_large(flag: str, ks: Sequence[int], data: KnnData, where: str) -> str:
 
 def all_features(encoder: torch.nn.Module, dataset: ImageFolderDataset, args, runtime, feature: str,
                  gather: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised features and labels of a dataset, each image computed on one rank (ShardedEvalSampler); with
-    `gather` every rank receives all of them in dataset order (one all_gather), else each keeps its share."""
+    """L2-normalised features and labels of a dataset's readable images, each image computed on one rank
+    (ShardedEvalSampler); with `gather` every rank receives all of them in dataset order (one all_gather), else
+    each keeps its share. Unreadable images are left out (args.max_bad_images holds them to a budget)."""
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     loader = build_loader(dataset, args, runtime, False, rank, world_size, dist_eval=True)
-    features, labels = extract_features(encoder, loader, runtime, feature)
+    budget = BadImageBudget(dataset.bad_images, len(dataset), args.max_bad_images, output_dir='')
+    features, labels = extract_features(encoder, loader, runtime, feature, budget, args.print_freq)
     features = F.normalize(features, dim=1)  # here, per rank: the gathered bank is never copied to normalise it
-    check_budget(dataset.bad_images, len(dataset), args.max_bad_images, output_dir='')
-    if not gather:
-        return features, labels
-    return (distributed.all_gather_interleaved(features, len(dataset)),
-            distributed.all_gather_interleaved(labels, len(dataset)))
+    if gather:
+        features = distributed.all_gather_interleaved(features, len(dataset))
+        labels = distributed.all_gather_interleaved(labels, len(dataset))
+    readable = labels != LEFT_OUT
+    if not readable.all():  # a copy only when some image was unreadable
+        features, labels = features[readable], labels[readable]
+    return features, labels
+
+
+def check_readable(data: KnnData, bank_size: int, num_queries: int, k: int):
+    """DataError when too few images could be read to classify: no query, or fewer bank images than k."""
+    if not num_queries:
+        raise DataError(f'{data.queries.root}: none of its {len(data.queries)} query images could be read')
+    if bank_size < k:
+        raise DataError(f'{data.bank.root}: {bank_size} of its {len(data.bank)} bank images could be read, fewer than '
+                        f'k = {k}; repair the images or lower k')
+
+
+def describe_counts(data: KnnData, result: Dict[str, float]) -> str:
+    """'32 queries, bank of 2000 images, 8 classes', with the unreadable images left out, if any."""
+    left_out = len(data.queries) + len(data.bank) - result['queries'] - result['bank']
+    return (f'{result["queries"]} queries, bank of {result["bank"]} images, {len(data.classes)} classes'
+            + (f'; {left_out} unreadable images left out' if left_out else ''))
 
 
 def evaluate(encoder: torch.nn.Module, data: KnnData, args, runtime, feature: str, ks: Sequence[int],
              temperature: float, query_chunk: int = QUERY_CHUNK, bank_chunk: int = BANK_CHUNK
              ) -> Dict[int, Dict[str, float]]:
-    """k-NN top-1 / top-5 (percent) for each k, on every rank (a collective). Each rank computes the features of
-    its share of the bank and the queries; the bank is gathered once, each rank classifies its own queries and the
-    hits are summed, so every image counts exactly once at any process count. Loaders: args.batch_size,
-    num_workers, pin_mem, seed (their own generator); args.max_bad_images holds unreadable images to a budget."""
+    """k-NN top-1 / top-5 (percent) for each k, on every rank (a collective), with 'queries' and 'bank' the
+    numbers of images used (unreadable ones are left out of both, never replaced by others). Each rank computes
+    the features of its share of the bank and the queries; the bank is gathered once, each rank classifies its own
+    queries and the hits are summed, so every image counts exactly once at any process count. Loaders:
+    args.batch_size, num_workers, pin_mem, seed (their own generator); args.max_bad_images holds unreadable images
+    to a budget; args.print_freq batches between progress lines and stop checks (EvaluationInterrupted). Raises
+    DataError when no query, or fewer bank images than the largest k, could be read."""
     was_training = encoder.training
     encoder.eval()
     try:
         bank, bank_labels = all_features(encoder, data.bank, args, runtime, feature, gather=True)
         queries, query_labels = all_features(encoder, data.queries, args, runtime, feature, gather=False)
+        counts = distributed.all_reduce_sum(torch.tensor([float(queries.shape[0])], dtype=torch.float64,
+                                                         device=distributed.comm_device()))
+        num_queries = int(counts.item())
+        check_readable(data, bank.shape[0], num_queries, max(ks))
         hits = knn_hits(queries, query_labels, bank, bank_labels, len(data.classes), ks, temperature, query_chunk,
                         bank_chunk, runtime.sum_dtype)
     finally:
@@ -243,5 +281,6 @@ def evaluate(encoder: torch.nn.Module, data: KnnData, args, runtime, feature: st
     results = {}
     for k in ks:
         top1, top5 = distributed.all_reduce_sum(hits[k]).tolist()
-        results[k] = {'top1': 100 * top1 / len(data.queries), 'top5': 100 * top5 / len(data.queries)}
+        results[k] = {'top1': 100 * top1 / num_queries, 'top5': 100 * top5 / num_queries,
+                      'queries': num_queries, 'bank': bank.shape[0]}
     return results

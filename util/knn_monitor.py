@@ -10,8 +10,8 @@ import torch
 from util import fsdp
 from util.checks import UsageError, check_data_path
 from util.distributed import print0
-from util.knn import (DEFAULT_FEATURE, DEFAULT_K, DEFAULT_TEMPERATURE, FEATURES, KnnData, evaluate, k_too_large,
-                      read_knn_data)
+from util.knn import (DEFAULT_FEATURE, DEFAULT_K, DEFAULT_TEMPERATURE, FEATURES, KnnData, describe_counts, evaluate,
+                      k_too_large, read_knn_data)
 from util.rng import rng_state, set_rng_state
 
 # the default cap, images per class: 0.6-1.4% of a ViT-B ImageNet epoch (README; python -m tools.benchmark --knn)
@@ -59,7 +59,8 @@ def read_data(args) -> Optional[KnnData]:
     """The monitor's bank and queries, read before any work like the training set (None without the monitor)."""
     if args.knn_data_path is None:
         return None
-    data = read_knn_data(args.knn_data_path, args.input_size, args.knn_train_per_class, args.knn_val_per_class)
+    data = read_knn_data(args.knn_data_path, args.input_size, args.knn_train_per_class, args.knn_val_per_class,
+                         args.max_image_pixels)
     where = os.path.join(args.knn_data_path, 'train')
     if args.knn_train_per_class:
         where += f', at most {args.knn_train_per_class} per class'
@@ -90,8 +91,8 @@ def run(data: Optional[KnnData], model: torch.nn.Module, epoch: int, runtime, ar
     top1, top5 = results[args.knn_k]['top1'], results[args.knn_k]['top5']
     elapsed = time.perf_counter() - start
     print0(f'k-NN monitor, epoch {epoch}: top-1 {top1:.3f} top-5 {top5:.3f} (k={args.knn_k}, '
-           f'T={args.knn_temperature:g}, {args.knn_feature}, {len(data.queries)} queries, bank of {len(data.bank)} '
-           f'images, {len(data.classes)} classes) in {elapsed:.1f} s')
+           f'T={args.knn_temperature:g}, {args.knn_feature}, {describe_counts(data, results[args.knn_k])}) in '
+           f'{elapsed:.1f} s')
     if tensorboard is not None:
         tensorboard.add_scalar('perf/knn_top1', top1, epoch)
         tensorboard.add_scalar('perf/knn_top5', top5, epoch)

@@ -38,6 +38,7 @@ def start(args, training: bool) -> Runtime:
     distributed.init_distributed(launch, runtime.dist_backend, runtime.device, args.dist_url, args.dist_timeout)
     seed_everything(args.seed + launch.rank)
     preemption.install_handlers(training)
+    preemption.note_dropped_signals()
     return runtime
 
 
@@ -88,6 +89,9 @@ def run_main(main_fn, args):
         sys.exit(1)
     except preemption.TrainingInterrupted as e:
         print0(f'{e}; rerun the same command to continue')
+        sys.exit(e.exit_code)
+    except preemption.EvaluationInterrupted as e:  # an evaluation-only run: nothing to save
+        print0(f'{e}; nothing was saved (an evaluation has no state to keep): rerun the command to evaluate')
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # a second Ctrl-C in training, or one outside it
         print('Interrupted (Ctrl-C): stopped at once; a training run continues from its last checkpoint when the '

@@ -5,7 +5,7 @@ import math
 import os
 from typing import List
 
-from util.checkpointer import first_epoch, holds_training_state
+from util.checkpointer import first_epoch, holds_training_state, resumed_iteration
 from util.checks import UsageError
 from util.distributed import print0
 
@@ -52,6 +52,7 @@ def nothing_to_train(resumable, args, world_size: int) -> bool:
     --allow_recipe_change) and an empty schedule (--start_epoch >= --epochs); True, after one line saying so,
     when the run being resumed already finished --epochs (rerunning a finished job is not an error)."""
     if holds_training_state(resumable):
+        check_resumable_here(resumable, args, world_size)
         check_same_recipe(resumable, args, world_size)
     first = first_epoch(resumable, args.start_epoch)
     if first < args.epochs:
@@ -63,11 +64,30 @@ def nothing_to_train(resumable, args, world_size: int) -> bool:
     return True
 
 
+def check_resumable_here(resumable, args, world_size: int):
+    """What a resume cannot take on even with --allow_recipe_change, refused before any work: another seed (the run
+    continues the random streams and the epoch order its checkpoint holds), an explicit --start_epoch (the run
+    continues where it stopped), and a mid-epoch checkpoint whose images taken so far are not a whole number of
+    this run's optimizer steps (resumed_iteration)."""
+    checkpoint = resumable.checkpoint
+    saved = checkpoint.get('args')
+    if saved is not None and getattr(saved, 'seed', args.seed) != args.seed:
+        raise UsageError(f'--seed {args.seed}: {resumable.path} is a run with --seed {saved.seed}, and a resumed run '
+                         'continues its random streams and shuffled order, so another seed cannot take effect; '
+                         'drop --seed, or start a new run in another --output_dir')
+    if args.start_epoch:
+        raise UsageError(f'--start_epoch {args.start_epoch}: {resumable.path} continues at epoch '
+                         f'{first_epoch(resumable, 0)}, where it stopped; --start_epoch only sets where a run that starts '
+                         'from weights alone begins: drop it')
+    if checkpoint.get('epoch_in_progress'):
+        resumed_iteration(checkpoint, resumable.path, args, world_size)
+
+
 # the flags that define what a run learns: continuing a run with any of them changed is refused unless asked
 RECIPE_FLAGS = ('data_path', 'input_size', 'patch_size', 'mask_ratio', 'norm_pix_loss', 'blr', 'min_lr',
                 'warmup_epochs', 'weight_decay', 'layer_decay', 'drop_path', 'smoothing', 'mixup', 'cutmix',
                 'cutmix_minmax', 'mixup_prob', 'mixup_switch_prob', 'mixup_mode', 'reprob', 'remode', 'recount', 'aa',
-                'color_jitter', 'nb_classes', 'global_pool', 'seed')
+                'color_jitter', 'nb_classes', 'global_pool')
 
 
 def recipe_changes(saved, args, saved_world_size: int, world_size: int) -> List[str]:

@@ -1,15 +1,20 @@
-"""Clean stops of training runs. SIGTERM / SIGUSR1 (SLURM pre-emption and requeue, `scancel`, Kubernetes) and a
-first Ctrl-C (SIGINT) only set a flag: every rank stops at the same optimizer step, saves checkpoint-last.pth and
-exits with 128 + signal (130 for Ctrl-C). A second Ctrl-C stops at once, without saving."""
+"""Clean stops. The signals schedulers send before they kill or requeue a job (SIGTERM: SLURM, Kubernetes, PBS,
+HTCondor, torchrun passing it on; SIGUSR1 / SIGUSR2: SLURM's --signal, SGE's -notify, LSF's warning action) and a
+first Ctrl-C (SIGINT) only set a flag: every rank stops at the same point, a training run saves
+checkpoint-last.pth, and the process exits with 128 + signal (130 for Ctrl-C). A second Ctrl-C stops at once,
+without saving. DataLoader workers ignore all of them (the signal reaches a whole process group, workers included,
+and a worker it killed would end the run before the save); they end with the main process."""
+import contextlib
 import os
 import signal
 import sys
+from typing import List
 
 import torch
 
 from util import distributed
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 _received = []
 
 
@@ -28,6 +33,18 @@ class TrainingInterrupted(Exception):
 
 def signal_name(signum: int) -> str:
     return 'Ctrl-C (SIGINT)' if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+class EvaluationInterrupted(Exception):
+    """Raised on every rank out of an evaluation (or the k-NN monitor) when a stop signal was agreed on there."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f'stopped by {signal_name(signum)} during evaluation')
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 def _handler(signum, _frame):
@@ -50,10 +67,53 @@ def install_handlers(training: bool):
             signal.signal(sig, _handler)
 
 
-def ignore_ctrl_c_in_workers(_worker_id: int):
-    """worker_init_fn of the DataLoaders: Ctrl-C reaches every process of the terminal's group, and a worker it
-    killed would end the epoch with 'DataLoader worker exited unexpectedly' before the main process can save."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def ignore_stop_signals_in_workers(_worker_id: int):
+    """worker_init_fn of the DataLoaders: a stop signal sent to the process group (Ctrl-C, `kill -- -PGID`, SLURM,
+    torchrun passing SIGTERM on to each rank's group) reaches the workers too, and a worker it killed would end
+    the epoch with 'DataLoader worker ... killed by signal' before the main process can save. They ignore them
+    and end with the main process (torch's workers watch it). The signals were blocked while the worker started
+    (iterate): now ignored, they are unblocked, and one that arrived meanwhile is dropped."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Hold the stop signals back (they stay pending and arrive when the block ends): a worker process started
+    meanwhile inherits the block, so no signal can kill it before ignore_stop_signals_in_workers runs."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def iterate(loader):
+    """Iterate a DataLoader with its workers started while the stop signals are held back (see above)."""
+    with stop_signals_blocked():
+        batches = iter(loader)
+    yield from batches
+
+
+def signals_torchrun_drops(environ=os.environ) -> List[str]:
+    """The stop signals that kill torchrun itself (and the run with it, unsaved) instead of being passed on to the
+    ranks: those not in its --signals-to-handle, which it hands its workers as TORCHELASTIC_SIGNALS_TO_HANDLE
+    (default SIGTERM, SIGINT, SIGHUP, SIGQUIT: SLURM's --signal=USR1 is not among them). [] outside torchrun."""
+    handled = environ.get('TORCHELASTIC_SIGNALS_TO_HANDLE')
+    if handled is None:
+        return []
+    names = {name.strip() for name in handled.split(',')}
+    return [signal.Signals(sig).name for sig in STOP_SIGNALS if signal.Signals(sig).name not in names]
+
+
+def note_dropped_signals(environ=os.environ):
+    """Inside a SLURM job under torchrun, say which stop signals torchrun would not pass on (once, rank 0)."""
+    dropped = signals_torchrun_drops(environ)
+    if dropped and 'SLURM_JOB_ID' in environ:
+        distributed.print0(f'Note: torchrun passes {", ".join(dropped)} on to no process: they would end it, and '
+                           'this run with it, without a checkpoint (SLURM sends SIGUSR1 with --signal=USR1@...); '
+                           'start torchrun with --signals-to-handle=SIGTERM,SIGINT,SIGUSR1,SIGUSR2')
 
 
 def stop_requested() -> bool:

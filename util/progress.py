@@ -1,6 +1,8 @@
-"""Progress of one training epoch. Losses stay on the device and are synchronised once per logging window
-(not every iteration): one all-reduce gives the cross-rank loss for TensorBoard, the non-finite check and the
-stop-signal agreement. Logs images/s over all ranks, data-loading time, ETA and peak device memory."""
+"""Progress of one training epoch, and the batches of an evaluation. Training losses stay on the device and are
+synchronised once per logging window (not every iteration): one all-reduce gives the cross-rank loss for
+TensorBoard, the non-finite check, the stop-signal agreement and the unreadable images so far. Logs images/s over
+all ranks, data-loading time, ETA and peak device memory. Evaluations agree on stops and unreadable images every
+so many batches the same way (evaluation_batches)."""
 import datetime
 import json
 import math
@@ -11,8 +13,8 @@ import torch
 
 from util import distributed, preemption
 from util.distributed import print0
-from util.bad_images import check_budget
-from util.datasets import start_epoch_of
+from util.bad_images import BadImageBudget
+from util.datasets import batches_on_every_rank, start_epoch_of
 from util.metrics import MetricLogger, SmoothedValue
 
 
@@ -37,8 +39,9 @@ class EpochProgress:
 
     def __init__(self, runtime, epoch: int, iters_per_epoch: int, print_freq: int = 20, start_iter: int = 0,
                  log_writer=None, tb_loss_name: str = 'train_loss', header: Optional[str] = None,
-                 describe_last_good=lambda: ''):
+                 describe_last_good=lambda: '', budget: Optional[BadImageBudget] = None):
         self.runtime = runtime
+        self.budget = budget  # --max_bad_images, checked at every window
         self.describe_last_good = describe_last_good
         self.epoch = epoch
         self.iters_per_epoch = iters_per_epoch
@@ -64,7 +67,7 @@ class EpochProgress:
         The optimizer steps on the iterations that end a cycle of `accum_iter`."""
         iteration = self.start_iter
         waited_since = time.perf_counter()
-        for batch in loader:
+        for batch in preemption.iterate(loader):
             wait = time.perf_counter() - waited_since
             self.data_time += wait
             self.window_data_time += wait
@@ -91,10 +94,13 @@ class EpochProgress:
         if not self.window:
             return
         local = torch.stack([loss.float() for _, loss, _, _ in self.window])
-        flags = torch.tensor([float(preemption.stop_requested())], device=local.device)
+        bad_images = self.budget.local_count() if self.budget is not None else 0
+        flags = torch.tensor([float(preemption.stop_requested()), float(bad_images)], device=local.device)
         reduced = distributed.all_reduce_sum(torch.cat([local, flags]))
-        self._stop_agreed = self._stop_agreed or reduced[-1].item() > 0
-        reduced_losses = (reduced[:-1] / self.world_size).tolist()
+        self._stop_agreed = self._stop_agreed or reduced[-2].item() > 0
+        if self.budget is not None:
+            self.budget.check_if_over(reduced[-1].item())  # over --max_bad_images: stop now, not at the epoch's end
+        reduced_losses = (reduced[:-2] / self.world_size).tolist()
         local_losses = local.tolist()
         self.runtime.synchronize()  # the window's time includes its last backward and step
         for (iteration, _, lr, write_tb), value, value_all in zip(self.window, local_losses, reduced_losses):
@@ -176,15 +182,34 @@ def begin_epoch(model: torch.nn.Module, optimizer, data_loader, runtime, epoch: 
     start_iter = start.iteration_in(epoch)
     start_epoch_of(data_loader, epoch, distributed.get_rank(), args.seed, skip_batches=start_iter)
     iters_per_epoch = start_iter + len(data_loader)  # a resumed epoch's loader holds only what is left
+    dataset = data_loader.dataset
+    budget = BadImageBudget(dataset.bad_images, len(dataset), args.max_bad_images, args.output_dir)
     progress = EpochProgress(runtime, epoch, iters_per_epoch, args.print_freq, start_iter, tensorboard, tb_loss_name,
-                             describe_last_good=checkpointer.describe_last_good)
+                             describe_last_good=checkpointer.describe_last_good, budget=budget)
     if start.meters_in(epoch):
         progress.restore(start.meters_in(epoch))
     return progress
 
 
-def end_epoch(progress: EpochProgress, data_loader, args) -> dict:
+def end_epoch(progress: EpochProgress) -> dict:
     """The epoch's stats (averaged over ranks), after holding its unreadable images to --max_bad_images."""
-    dataset = data_loader.dataset
-    bad_images = check_budget(dataset.bad_images, len(dataset), args.max_bad_images, args.output_dir)
+    bad_images = progress.budget.check()
     return {**progress.finish(), 'bad_images': bad_images}
+
+
+def evaluation_batches(loader, budget: BadImageBudget, every: int = 50):
+    """Yield (index, batch) of an evaluation loader. Every `every` batches, at a batch every rank has (shares differ
+    by one batch at most), the ranks agree: on a stop signal, raising EvaluationInterrupted on every rank, and on
+    the unreadable images so far, raising BadImageBudgetError once they exceed --max_bad_images; the budget is
+    checked once more at the end (collective). Call it on every rank."""
+    common = batches_on_every_rank(loader)
+    for i, batch in enumerate(preemption.iterate(loader)):
+        yield i, batch
+        if (i + 1) % every == 0 and i < common:
+            flags = torch.tensor([float(preemption.stop_requested()), float(budget.local_count())],
+                                 dtype=torch.float64, device=distributed.comm_device())
+            stop, bad_images = distributed.all_reduce_sum(flags).tolist()
+            if stop:
+                raise preemption.EvaluationInterrupted(preemption.received_signal())
+            budget.check_if_over(bad_images)
+    budget.check()

@@ -1,0 +1,169 @@
+"""A resume takes effect exactly as announced, or is refused before any work: changed settings reach the optimizer
+(the saved parameter groups do not bring back the old ones), a new division of the epoch (processes, --batch_size,
+--accum_iter) continues with the same images in each optimizer step, and what cannot take effect (another seed, an
+explicit --start_epoch, a step boundary the stopped run never reached) is refused in one line."""
+import argparse
+import os
+import signal
+
+import pytest
+import torch
+
+import main_finetune
+import main_pretrain
+import models_vit
+from conftest import (TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, descendants, read_json_log, run_in_process,
+                      run_script, start_process, torchrun_command, wait_for_line)
+from util.checkpoint_io import CheckpointError, load_checkpoint
+from util.checkpointer import resumed_iteration
+from util.datasets import ResumableSampler
+from util.lr_decay import param_groups_lrd
+from util.lr_sched import lr_at
+
+
+def finetune(data, out, *extra):
+    return run_script('main_finetune.py', '--data_path', data, '--output_dir', out, *TINY_CLASSIFIER_ARGS, *extra)
+
+
+def wrong_groups(groups: list, expected: list, key: str) -> int:
+    """Parameter tensors whose group has another `key` than the freshly built groups give them."""
+    return sum(len(saved['params']) for saved, fresh in zip(groups, expected) if saved[key] != fresh[key])
+
+
+@pytest.mark.slow
+def test_layer_and_weight_decay_changed_on_resume_reach_every_parameter_group(texture_data, tmp_path):
+    """The issue's instance: the change was printed, then the restored optimizer state brought back the old
+    lr_scale and weight_decay of every group (148 and 50 tensors of ViT-B)."""
+    out = tmp_path / 'run'
+    assert finetune(texture_data, out, '--epochs', '1').returncode == 0
+    proc = finetune(texture_data, out, '--epochs', '2', '--allow_recipe_change', '--layer_decay', '0.5',
+                    '--weight_decay', '0.1')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert '--weight_decay 0.05 (now 0.1); --layer_decay 0.75 (now 0.5)' in proc.stdout
+    groups = load_checkpoint(str(out / 'checkpoint-last.pth'))['optimizer']['param_groups']
+    model = models_vit.vit_tiny_patch16(img_size=32, patch_size=4, num_classes=4)
+    expected = param_groups_lrd(model, 0.1, model.no_weight_decay(), layer_decay=0.5)
+    assert len(groups) == len(expected)
+    assert wrong_groups(groups, expected, 'lr_scale') == 0 and wrong_groups(groups, expected, 'weight_decay') == 0
+
+
+@pytest.mark.slow
+def test_a_free_change_of_adamw_kernel_on_resume_is_the_kernel_used(texture_data, tmp_path):
+    """--adamw_impl may change on resume: the saved groups' foreach / fused flags must not win."""
+    out = tmp_path / 'run'
+    pretrain = ['--data_path', texture_data, '--output_dir', out, *TINY_PRETRAIN_ARGS]
+    assert run_script('main_pretrain.py', *pretrain, '--epochs', '1', '--adamw_impl', 'loop').returncode == 0
+    proc = run_script('main_pretrain.py', *pretrain, '--epochs', '2', '--adamw_impl', 'fused')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    groups = load_checkpoint(str(out / 'checkpoint-last.pth'))['optimizer']['param_groups']
+    assert all(group['fused'] for group in groups)
+
+
+# --- the division of an epoch ------------------------------------------------------------------------------
+
+def step_images(num_images: int, epoch: int, batch: int, world: int, accum: int, skip_iterations: int = 0) -> list:
+    """The images each optimizer step of an epoch takes over all ranks (sets of dataset indices), from the real
+    sampler as the training loader uses it (each rank its shuffled share, last partial batch dropped)."""
+    shares = []
+    for rank in range(world):
+        sampler = ResumableSampler(range(num_images), world, rank, shuffle=True, seed=0)
+        sampler.set_epoch(epoch)
+        sampler.skip(skip_iterations * batch)
+        order = list(sampler)
+        shares.append([order[i:i + batch] for i in range(0, len(order) - batch + 1, batch)])
+    iterations = len(shares[0])
+    return [set().union(*(b for batches in shares for b in batches[s * accum:(s + 1) * accum]))
+            for s in range(iterations // accum)]
+
+
+def stopped_after(steps: int, batch: int, world: int, accum: int) -> dict:
+    """A mid-epoch checkpoint of epoch 2 taken after `steps` optimizer steps of that division."""
+    return {'epoch_in_progress': {'epoch': 2, 'iteration': steps * accum, 'meters': []}, 'world_size': world,
+            'args': argparse.Namespace(batch_size=batch, accum_iter=accum)}
+
+
+DIVISIONS = [(16, 1, 1), (8, 2, 1), (8, 1, 2), (4, 2, 2), (2, 4, 2), (16, 2, 1)]  # (batch, processes, accum)
+
+
+@pytest.mark.parametrize('before', DIVISIONS[:4], ids=lambda d: 'b%d_w%d_a%d' % d)
+@pytest.mark.parametrize('after', DIVISIONS[:5], ids=lambda d: 'b%d_w%d_a%d' % d)
+def test_a_new_division_of_the_same_effective_batch_continues_with_the_same_images_in_every_step(before, after):
+    num_images = 1000
+    uninterrupted = step_images(num_images, 2, *before)
+    iteration = resumed_iteration(stopped_after(5, *before), 'last.pth', argparse.Namespace(
+        batch_size=after[0], accum_iter=after[2]), after[1])
+    resumed = step_images(num_images, 2, *after, skip_iterations=iteration)
+    assert iteration % after[2] == 0  # at the start of an accumulation cycle
+    common = min(len(resumed), len(uninterrupted) - 5)  # the epochs' tails may differ by the padding of a share
+    assert common >= len(uninterrupted) - 6 and resumed[:common] == uninterrupted[5:5 + common]
+
+
+def test_a_larger_effective_batch_starts_its_steps_where_the_stopped_run_left_off():
+    before, after = (8, 1, 1), (16, 2, 1)  # 8 images per step, then 32 (with --allow_recipe_change)
+    done = set().union(*step_images(1000, 2, *before)[:12])  # 96 images
+    iteration = resumed_iteration(stopped_after(12, *before), 'last.pth', argparse.Namespace(
+        batch_size=16, accum_iter=1), 2)
+    rest = set().union(*step_images(1000, 2, *after, skip_iterations=iteration))
+    assert iteration == 3 and not done & rest and len(done | rest) == 96 + len(rest)
+
+
+def test_a_division_whose_steps_do_not_meet_the_images_taken_is_refused_naming_the_numbers():
+    with pytest.raises(CheckpointError, match=r'last.pth stopped epoch 2 after 40 of its images; this run takes 32 '
+                                              r"per optimizer step .*the run's own was 8"):
+        resumed_iteration(stopped_after(5, 8, 1, 1), 'last.pth', argparse.Namespace(batch_size=16, accum_iter=1), 2)
+
+
+# --- what a resume refuses ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def finished_epoch(texture_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp('finished') / 'run'
+    proc = run_script('main_pretrain.py', '--data_path', texture_data, '--output_dir', out, '--epochs', '1',
+                      *TINY_PRETRAIN_ARGS)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+@pytest.mark.parametrize('flags, expected', [
+    (['--seed', '5', '--allow_recipe_change'], '--seed 5: {out}/checkpoint-last.pth is a run with --seed 0, and a '
+                                               'resumed run continues its random streams'),
+    (['--start_epoch', '1'], '--start_epoch 1: {out}/checkpoint-last.pth continues at epoch 1, where it stopped'),
+])
+def test_what_a_resume_cannot_take_on_is_refused_before_any_work(finished_epoch, texture_data, flags, expected,
+                                                                  capsys):
+    before = sorted(os.listdir(finished_epoch))
+    code, out, err = run_in_process(main_pretrain, ['--data_path', texture_data, '--output_dir', finished_epoch,
+                                                    '--epochs', '2', *TINY_PRETRAIN_ARGS, *flags], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith('error: ' + expected.format(out=finished_epoch)), err
+    assert sorted(os.listdir(finished_epoch)) == before and 'device:' not in out
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_of_torchrun_with_workers_saves_and_one_process_continues_step_for_step(
+        texture_data, tmp_path):
+    """A scheduler's SIGTERM to every process (torchrun, both ranks, their DataLoader workers); the relaunch on
+    one process with twice the --accum_iter takes the same images per step at the same learning rates: each
+    epoch's mean lr equals the schedule's, every epoch is logged once."""
+    out = tmp_path / 'run'
+    common = ['--data_path', texture_data, '--output_dir', out, '--epochs', '2', '--warmup_epochs', '1',
+              *TINY_PRETRAIN_ARGS, '--batch_size', '8', '--num_workers', '2', '--print_freq', '1']
+    proc = start_process(torchrun_command('main_pretrain.py', *common), tmp_path / 'first.log')
+    wait_for_line(tmp_path / 'first.log', 'Epoch: [0]  [3/8]', proc)
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=120)
+    log = open(tmp_path / 'first.log').read()
+    assert 'stopped by SIGTERM; checkpoint saved to' in log and 'killed by signal' not in log, log[-3000:]
+    stopped = load_checkpoint(str(out / 'checkpoint-last.pth'))['epoch_in_progress']
+    relaunch = run_script('main_pretrain.py', *common, '--accum_iter', '2')
+    assert relaunch.returncode == 0, relaunch.stderr[-3000:]
+    assert f"Continuing at epoch 0, iteration {2 * stopped['iteration']}" in relaunch.stdout
+    entries = read_json_log(out)
+    assert [e['epoch'] for e in entries] == [0, 1]
+    for entry in entries:  # 16 iterations of one process = 8 steps of two: lr at (step / 8) of the epoch
+        lrs = [lr_at(entry['epoch'] + (it // 2 * 2) / 16, 1e-3 * 16 / 256, 0., 1, 2) for it in range(16)]
+        assert entry['train_lr'] == pytest.approx(sum(lrs) / len(lrs), rel=1e-9)
+    assert torch.isfinite(load_checkpoint(str(out / 'checkpoint-last.pth'))['model']['cls_token']).all()
