@@ -23,7 +23,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                            'loss')
     for it, is_update, (samples, targets) in progress.iterate(data_loader, args.accum_iter):
         if it % args.accum_iter == 0:  # per-iteration (not per-epoch) LR schedule
-            lr_sched.adjust_learning_rate(optimizer, it / progress.iters_per_epoch + epoch, args)
+            lr_sched.adjust_learning_rate(optimizer, progress.epoch_fraction(it) + epoch, args)
         samples, targets = normalize_batch(samples, runtime.device), targets.to(runtime.device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
@@ -41,7 +41,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                         write_tb=is_update)
         if is_update:
             checkpointer.save_if_due(epoch, it + 1, progress)  # --save_every_iters
-            if progress.stop_agreed:  # SIGTERM / SIGUSR1 / Ctrl-C reached a rank: every rank stops at this step
+            if progress.stops_before(it + 1):  # a stop signal reached a rank: every rank stops at this step
                 raise checkpointer.interrupt(epoch, it + 1, progress)
     return end_epoch(progress)  # holds the unreadable images to --max_bad_images
 

@@ -97,8 +97,8 @@ def test_a_vit_beside_other_weights_is_refused_naming_where_it_is(tmp_path):
     state['head.mlp.0.weight'] = torch.zeros(8, 64)
     torch.save({'teacher': state}, tmp_path / 'dino.pth')
     checkpoint = load_checkpoint(str(tmp_path / 'dino.pth'))
-    with pytest.raises(CheckpointError, match='no model weights found'):
-        model_state_from(checkpoint, 'dino.pth')  # a dict of dicts: no weights at the top level
+    with pytest.raises(CheckpointError, match="it holds weights under 'teacher' \\(another trainer's layout\\)"):
+        model_state_from(checkpoint, 'dino.pth')  # weights under a key no trainer of MAEs uses
     with pytest.raises(CheckpointError) as error:
         load_state_strict(tiny_classifier(), model_state_from(checkpoint['teacher'], 'dino.pth'), 'dino.pth',
                           'vit_tiny_patch16')

@@ -138,6 +138,18 @@ def test_every_accepted_temperature_gives_finite_weights_and_the_limit_ranking(t
         assert got == (expected + [-1] * 5)[:5]
 
 
+@pytest.mark.parametrize('temperature', [1e-30, 1e-40, 1e-300])
+def test_float32_votes_mps_uses_stay_finite_for_the_smallest_temperatures(temperature):
+    queries, bank, labels = random_features(queries=30, bank=200)
+    queries, bank = F.normalize(queries, dim=1), F.normalize(bank, dim=1)
+    sims, index = knn.nearest_neighbours(queries, bank, 20)
+    for dtype in (torch.float32, torch.float64):
+        top = knn.ranked_classes(sims, labels[index], 7, temperature, votes_dtype=dtype)
+        assert (top[:, 0] == labels[index[:, 0]]).all()  # the nearest neighbour's class first, never NO_CLASS
+        voted = [len(set(row)) for row in labels[index].tolist()]
+        assert [(row != knn.NO_CLASS).sum().item() for row in top] == [min(v, 5) for v in voted]
+
+
 def test_any_chunk_sizes_give_the_same_neighbours_and_classes():
     queries, bank, labels = random_features(queries=37, bank=251)
     queries, bank = F.normalize(queries, dim=1), F.normalize(bank, dim=1)

@@ -18,7 +18,10 @@ from util.checkpoint_io import CheckpointError, load_checkpoint
 from util.checkpointer import resumed_iteration
 from util.datasets import ResumableSampler
 from util.lr_decay import param_groups_lrd
+from util import preemption
+from util.device import Runtime
 from util.lr_sched import lr_at
+from util.progress import EpochProgress
 
 
 def finetune(data, out, *extra):
@@ -111,6 +114,34 @@ def test_a_division_whose_steps_do_not_meet_the_images_taken_is_refused_naming_t
     with pytest.raises(CheckpointError, match=r'last.pth stopped epoch 2 after 40 of its images; this run takes 32 '
                                               r"per optimizer step .*the run's own was 8"):
         resumed_iteration(stopped_after(5, 8, 1, 1), 'last.pth', argparse.Namespace(batch_size=16, accum_iter=1), 2)
+
+
+def test_each_step_of_a_resumed_epoch_gets_the_stopped_runs_learning_rate_at_any_division():
+    """The reviewer's instance: 1000 images, stopped at --batch_size 8 --accum_iter 2 (125 iterations), resumed at
+    --batch_size 16 --accum_iter 1 (62): step s must sit at 2s / 125 of the epoch, not s / 62."""
+    runtime = Runtime('cpu')
+    stopped = EpochProgress(runtime, 3, iters_per_epoch=125, images_per_iteration=8)
+    resumed = EpochProgress(runtime, 3, iters_per_epoch=62, start_iter=20, images_per_iteration=16,
+                            images_per_epoch=stopped.images_per_epoch)
+    assert all(resumed.epoch_fraction(s) == stopped.epoch_fraction(2 * s) for s in range(20, 62))
+    assert any(resumed.epoch_fraction(s) != s / 62 for s in range(20, 62))
+    # an unchanged division: the official it / iterations_per_epoch, the same float
+    same = EpochProgress(runtime, 3, iters_per_epoch=1251, images_per_iteration=1024)
+    assert all(same.epoch_fraction(it) == it / 1251 for it in range(1251))
+
+
+def test_a_stop_at_the_epochs_last_iteration_lets_the_epoch_end():
+    """A mid-epoch checkpoint of a finished epoch would count the ranks' padding among the images taken."""
+    progress = EpochProgress(Runtime('cpu'), 0, iters_per_epoch=8)
+    preemption._received.append(signal.SIGTERM)
+    try:
+        assert progress.stops_before(7) and not progress.stops_before(8)
+    finally:
+        preemption._received.clear()
+    sampler = ResumableSampler(range(15), 2, 1, shuffle=True, seed=0)
+    sampler.set_epoch(0)
+    sampler.skip(16)  # more than its share: nothing left, never a negative length
+    assert len(sampler) == 0 and list(sampler) == []
 
 
 # --- what a resume refuses ---------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from util.synthetic import CLASSES, make_image_folder
 
 @pytest.fixture(scope='module')
 def long_val(tmp_path_factory):
-    """4 classes of 8 training and 64 validation images: an evaluation long enough to be interrupted."""
-    return make_image_folder(str(tmp_path_factory.mktemp('long_val')), {'train': 8, 'val': 64}, size=32,
+    """4 classes of 8 training and 32 validation images: an evaluation long enough to be interrupted."""
+    return make_image_folder(str(tmp_path_factory.mktemp('long_val')), {'train': 8, 'val': 32}, size=32,
                              classes=CLASSES[:4], class_colours=True)
 
 
@@ -54,6 +54,8 @@ def test_a_stop_signal_to_the_process_group_with_workers_saves_and_the_rerun_con
     output = stop_when(command, 'Epoch: [0]  [4/8]', sig, tmp_path / 'first.log')
     assert f'stopped by {sig.name}; checkpoint saved to' in output
     assert load_checkpoint(str(tmp_path / 'run' / 'checkpoint-last.pth'))['epoch_in_progress']['epoch'] == 0
+    if sig != signal.SIGTERM:
+        return  # the rerun is the same for every signal
     relaunch = run_script(*command[1:])
     assert relaunch.returncode == 0 and 'Continuing at epoch 0, iteration' in relaunch.stdout, relaunch.stderr
 
@@ -66,8 +68,8 @@ def test_a_stop_during_an_epochs_evaluation_saves_it_trained_and_the_rerun_ends_
     reference = run_script('main_finetune.py', *flags, '--output_dir', tmp_path / 'reference')
     assert reference.returncode == 0, reference.stderr[-2000:]
     command = ['python', 'main_finetune.py', *flags, '--output_dir', tmp_path / 'run']
-    output = stop_when(command, 'Test:  [2/64]', signal.SIGTERM, tmp_path / 'first.log')
-    assert 'stopped by SIGTERM; checkpoint saved to' in output and 'Test:  [64/64]' not in output
+    output = stop_when(command, 'Test:  [2/32]', signal.SIGTERM, tmp_path / 'first.log')
+    assert 'stopped by SIGTERM; checkpoint saved to' in output and 'Test:  [32/32]' not in output
     checkpoint = load_checkpoint(str(tmp_path / 'run' / 'checkpoint-last.pth'))
     assert checkpoint['epoch'] == 0 and checkpoint['evaluation_pending']['epoch'] == 0
     relaunch = run_script(*command[1:])
@@ -102,7 +104,7 @@ def test_an_evaluation_only_run_stops_in_one_line(long_val, tmp_path):
     command = ['python', 'main_finetune.py', '--eval', '--resume', tmp_path / 'trained' / 'checkpoint-last.pth',
                '--data_path', long_val, '--model', 'vit_tiny_patch16', '--batch_size', '4', '--print_freq', '2',
                '--num_workers', '2']
-    output = stop_when(command, 'Test:  [2/64]', signal.SIGTERM, tmp_path / 'eval.log')
+    output = stop_when(command, 'Test:  [2/32]', signal.SIGTERM, tmp_path / 'eval.log')
     assert 'stopped by SIGTERM during evaluation; nothing was saved' in output and '* Acc@1' not in output
 
 

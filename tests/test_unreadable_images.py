@@ -1,8 +1,11 @@
 """Images that cannot be used: an evaluation leaves them out of every count and says so (training replaces them),
 the --max_bad_images budget stops a run when it is exceeded, not at the end of the pass, and an image over
 Pillow's decompression-bomb limit is named for what it is, with the flag that allows it."""
+import io
 import os
 import shutil
+import struct
+import zlib
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from engine_finetune import evaluate
 from util import knn
 from util.args import parse_with
 from util.bad_images import BadImageBudgetError
+from util.checkpoint_io import load_checkpoint
 from util.datasets import LEFT_OUT, build_image_folder, build_loader
 from util.device import Runtime
 from util.images import DEFAULT_MAX_PIXELS, ImageTooLarge, decode_image, decode_image_tensor
@@ -96,6 +100,22 @@ def test_the_budget_stops_training_within_the_epoch(tmp_path):
     assert proc.returncode == 2 and 'more than --max_bad_images allows (3)' in proc.stderr, proc.stderr[-2000:]
     assert 'Epoch: [0]  [2/8]' not in proc.stdout  # the first window's check, not the epoch's end
     assert os.path.isfile(tmp_path / 'out' / 'bad_images.txt')
+
+
+@pytest.mark.slow
+def test_too_many_unreadable_images_in_an_epochs_evaluation_keep_the_trained_epoch(val_with_one_bad, tmp_path):
+    """The budget stops the run in its evaluation: the epoch it trained is saved, evaluated when it continues."""
+    data, _, bad = val_with_one_bad
+    command = ['--data_path', data, '--output_dir', tmp_path / 'out', '--epochs', '2', *TINY_CLASSIFIER_ARGS,
+               '--batch_size', '4']
+    proc = run_script('main_finetune.py', *command)  # default budget: 0.1% of 16 images, none
+    assert proc.returncode == 2 and 'error: 1 unreadable images, more than --max_bad_images allows (0)' in proc.stderr
+    assert f"epoch 0 is trained and saved in {tmp_path / 'out' / 'checkpoint-last.pth'}" in proc.stderr
+    assert load_checkpoint(str(tmp_path / 'out' / 'checkpoint-last.pth'))['evaluation_pending']['epoch'] == 0
+    os.remove(bad)  # repaired
+    proc = run_script('main_finetune.py', *command)
+    assert proc.returncode == 0 and 'Continuing at epoch 0 with its evaluation' in proc.stdout, proc.stderr[-2000:]
+    assert 'on the 15 test images' in proc.stdout
 
 
 @pytest.mark.slow
@@ -182,15 +202,32 @@ def test_the_limit_is_the_flags_on_every_decoding_path(tmp_path):
     assert DEFAULT_MAX_PIXELS == 2 * 89_478_485  # Pillow's default refusal threshold
 
 
-def test_png_metadata_over_pillows_limit_is_named_as_such_not_as_damage(tmp_path):
+def png_with_metadata_after_the_pixels(path, text: bytes):
+    """A PNG whose compressed text chunk comes after the image data (Pillow reads it while decoding, not when
+    opening the file)."""
+    buffer = io.BytesIO()
+    Image.new('RGB', (8, 8)).save(buffer, 'PNG')
+    data = buffer.getvalue()
+    payload = b'comment\x00\x00' + zlib.compress(text)
+    chunk = struct.pack('>I', len(payload)) + b'zTXt' + payload + struct.pack('>I', zlib.crc32(b'zTXt' + payload))
+    end = data.rindex(b'IEND') - 4
+    path.write_bytes(data[:end] + chunk + data[end:])
+
+
+@pytest.mark.parametrize('where', ['before the pixels', 'after the pixels'])
+def test_png_metadata_over_pillows_limit_is_named_as_such_not_as_damage(where, tmp_path):
     from PIL import PngImagePlugin
     from util.bad_images import BadImageLog, check_budget
     from util.images import MetadataTooLarge
-    info = PngImagePlugin.PngInfo()
-    info.add_text('comment', 'x' * (PngImagePlugin.MAX_TEXT_CHUNK + 1), zip=True)
     path = tmp_path / 'annotated.png'
-    Image.new('RGB', (8, 8)).save(path, pnginfo=info)
-    with pytest.raises(MetadataTooLarge, match='the pixels are not damaged: strip the metadata'):
+    text = b'x' * (PngImagePlugin.MAX_TEXT_CHUNK + 1)
+    if where == 'before the pixels':
+        info = PngImagePlugin.PngInfo()
+        info.add_text('comment', text.decode(), zip=True)
+        Image.new('RGB', (8, 8)).save(path, pnginfo=info)
+    else:
+        png_with_metadata_after_the_pixels(path, text)
+    with pytest.raises(MetadataTooLarge, match=r'PngImagePlugin.MAX_TEXT_CHUNK.*the pixels are not damaged'):
         decode_image(str(path))
     log = BadImageLog()
     log.report(str(path), MetadataTooLarge())

@@ -22,6 +22,7 @@ from util.checks import DEMO_RUN_MARKER, raise_if_errors
 from util.plan import recipe_changes
 from util.device import Runtime
 from util.distributed import is_main_process, print0
+from util.folders import image_files
 from util.images import decode_image
 from util.launch import world_size_of_launch
 from util.reconstruction import reconstruct, reconstruction_transform, save_figure
@@ -139,7 +140,7 @@ def held_out_images(args) -> torch.Tensor:
     """The first held-out image of every class, normalised: [classes, 3, H, W]."""
     transform = reconstruction_transform(args.input_size)
     val = os.path.join(args.data_path, 'val')
-    paths = [os.path.join(val, name, sorted(os.listdir(os.path.join(val, name)))[0]) for name in CLASSES]
+    paths = [image_files(os.path.join(val, name))[0][0] for name in CLASSES]  # not a .DS_Store a file manager left
     return torch.stack([transform(decode_image(p)) for p in paths])
 
 

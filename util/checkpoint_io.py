@@ -163,10 +163,22 @@ def model_state_from(checkpoint: dict, path: str) -> Dict[str, torch.Tensor]:
     CheckpointError when there are no weights."""
     state = next((checkpoint[k] for k in WEIGHT_KEYS if isinstance(checkpoint.get(k), dict)), checkpoint)
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: no model weights found (expected a state dict under 'model')")
+        raise CheckpointError(f'{path}: {no_weights_cause(checkpoint)}')
     if any(type(v).__name__ in SHARDED_TYPES for v in state.values()):
         raise CheckpointError(f'{path}: {SHARDED_CAUSE}')
     return unwrap_keys(dict(state))
+
+
+def no_weights_cause(checkpoint: dict) -> str:
+    """Why no weights were found: none anywhere, or weights under keys this code does not read (a DINO
+    checkpoint's 'student' and 'teacher'), named."""
+    elsewhere = [k for k, v in checkpoint.items() if isinstance(v, dict) and v
+                 and all(isinstance(t, torch.Tensor) for t in v.values())]
+    if not elsewhere:
+        return "no model weights found (expected a state dict under 'model')"
+    return (f"no model weights under {', '.join(repr(k) for k in WEIGHT_KEYS)}; it holds weights under "
+            f"{', '.join(repr(k) for k in elsewhere)} (another trainer's layout): save the ViT's state_dict() under "
+            "'model'")
 
 
 def unwrap_keys(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

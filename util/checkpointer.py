@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from util import distributed, preemption
 from util import fsdp as util_fsdp
+from util.bad_images import BadImageBudgetError
 from util.checkpoint_io import CheckpointError, load_checkpoint, model_state_from, save_atomic
 from util.distributed import print0
 from util.logs import DETAILS, truncate_log
@@ -49,6 +50,10 @@ class ResumeState:
     meters: Optional[list] = None
     extra: dict = field(default_factory=dict)
     trained_stats: Optional[dict] = None
+    epoch_images: Optional[int] = None  # the images the stopped run's epoch took (its division), for the lr
+
+    def epoch_images_in(self, epoch: int) -> Optional[int]:
+        return self.epoch_images if epoch == self.epoch and self.iteration else None
 
     def training_done(self, epoch: int) -> Optional[dict]:
         """The stats of `epoch`'s training if it finished before the stop (evaluation pending), else None."""
@@ -204,7 +209,8 @@ def resume_training(resumable: Optional[Resumable], model: nn.Module, optimizer,
     in_progress, pending = checkpoint.get('epoch_in_progress'), checkpoint.get('evaluation_pending')
     if in_progress:
         iteration = resumed_iteration(checkpoint, resumable.path, args, distributed.get_world_size())
-        start = ResumeState(in_progress['epoch'], iteration, resumable.path, in_progress.get('meters') or None, extra)
+        start = ResumeState(in_progress['epoch'], iteration, resumable.path, in_progress.get('meters') or None, extra,
+                            epoch_images=in_progress.get('epoch_images'))
     elif pending:
         start = ResumeState(pending['epoch'], 0, resumable.path, None, extra, trained_stats=pending['train_stats'])
     else:
@@ -255,7 +261,8 @@ class Checkpointer:
 
     @property
     def last_path(self) -> str:
-        return os.path.join(self.args.output_dir, LAST)
+        """checkpoint-last.pth in --output_dir ('' when nothing is saved)."""
+        return os.path.join(self.args.output_dir, LAST) if self.args.output_dir else ''
 
     def model_and_optimizer_state(self) -> Tuple[dict, dict]:
         """The model's and the optimizer's state dicts to save: gathered from the shards under --fsdp (a
@@ -265,8 +272,8 @@ class Checkpointer:
                     util_fsdp.full_optimizer_state(self.model, self.optimizer))
         return self.model.state_dict(), self.optimizer.state_dict()
 
-    def state(self, epoch: int, next_iteration: int, rng_states: List[torch.Tensor], partial_meters: Optional[list],
-              model_state: dict, optimizer_state: dict, pending_stats: Optional[dict] = None) -> dict:
+    def state(self, epoch: int, next_iteration: int, rng_states: List[torch.Tensor], partial: dict, model_state: dict,
+              optimizer_state: dict, pending_stats: Optional[dict] = None) -> dict:
         # 'epoch' is the last finished epoch, as in the official format; a mid-epoch save says where to go on, a
         # save during the evaluation keeps the epoch's training stats for the evaluation still to be done
         state = {'model': model_state, 'optimizer': optimizer_state,
@@ -274,7 +281,7 @@ class Checkpointer:
                  'scaler': self.loss_scaler.state_dict(), 'args': self.args, 'rng_states': rng_states,
                  'world_size': distributed.get_world_size()}
         if next_iteration:
-            state['epoch_in_progress'] = {'epoch': epoch, 'iteration': next_iteration, 'meters': partial_meters or []}
+            state['epoch_in_progress'] = {'epoch': epoch, 'iteration': next_iteration, **partial}
         if pending_stats is not None:
             state['evaluation_pending'] = {'epoch': epoch, 'train_stats': pending_stats}
         state.update(self.extra_state)
@@ -284,22 +291,24 @@ class Checkpointer:
              pending_stats: Optional[dict] = None) -> Optional[str]:
         """Save after `next_iteration` iterations of `epoch` (0: the epoch is finished). Mid-epoch, `progress`
         (the EpochProgress) adds the epoch's running averages; `pending_stats`, the stats of an epoch whose
-        evaluation was stopped (it is done on resume). Returns the path."""
+        evaluation was stopped (it is done on resume). Returns the path (on every rank; None without
+        --output_dir)."""
         if not self.args.output_dir:
             return None
         rng_states = gather_rng_states(self.runtime)
-        partial_meters = progress.partial_state() if progress is not None and next_iteration else None
+        partial = {'meters': [], 'epoch_images': None}  # the epoch so far, for a mid-epoch save
+        if progress is not None and next_iteration:
+            partial = {'meters': progress.partial_state(), 'epoch_images': progress.images_per_epoch}
         model_state, optimizer_state = self.model_and_optimizer_state()
-        path = None
+        numbered = numbered and next_iteration == 0
+        path = os.path.join(self.args.output_dir, f'checkpoint-{epoch}.pth') if numbered else self.last_path
         if distributed.is_main_process():
-            state = self.state(epoch, next_iteration, rng_states, partial_meters, model_state, optimizer_state,
+            state = self.state(epoch, next_iteration, rng_states, partial, model_state, optimizer_state,
                                pending_stats)
-            if numbered and next_iteration == 0:
-                path = os.path.join(self.args.output_dir, f'checkpoint-{epoch}.pth')
+            if numbered:
                 save_atomic(state, path)
                 self.prune()
             save_atomic(state, self.last_path)
-            path = path or self.last_path
         distributed.barrier()
         self.last_saved = (self.last_path, epoch, next_iteration)
         return path
@@ -312,19 +321,27 @@ class Checkpointer:
 
     def interrupt(self, epoch: int, next_iteration: int, progress) -> preemption.TrainingInterrupted:
         """A stop signal was agreed on by every rank: save where the run is and return the exception to raise."""
-        self.save(epoch, next_iteration, numbered=False, progress=progress)
-        return preemption.TrainingInterrupted(preemption.received_signal(), self.last_path)
+        path = self.save(epoch, next_iteration, numbered=False, progress=progress)
+        return preemption.TrainingInterrupted(preemption.received_signal(), path)
 
     @contextlib.contextmanager
     def saving_if_stopped(self, epoch: int, train_stats: dict):
-        """Around an epoch's evaluation or k-NN monitor, after its training: a stop signal agreed on there
-        (EvaluationInterrupted) saves the trained epoch with its evaluation still to do, which a resumed run does
-        first, and raises TrainingInterrupted. The evaluation is not waited for: a scheduler's grace time is short."""
+        """Around an epoch's evaluation or k-NN monitor, after its training: whatever stops it there saves the
+        trained epoch with its evaluation still to do, which a resumed run does first. A stop signal agreed on
+        (EvaluationInterrupted; the evaluation is not waited for, a scheduler's grace time is short) raises
+        TrainingInterrupted; more unreadable images than --max_bad_images re-raise BadImageBudgetError, which now
+        says where the trained epoch is."""
         try:
             yield
         except preemption.EvaluationInterrupted:
-            self.save(epoch, numbered=False, pending_stats=train_stats)
-            raise preemption.TrainingInterrupted(preemption.received_signal(), self.last_path) from None
+            path = self.save(epoch, numbered=False, pending_stats=train_stats)
+            raise preemption.TrainingInterrupted(preemption.received_signal(), path) from None
+        except BadImageBudgetError as e:
+            path = self.save(epoch, numbered=False, pending_stats=train_stats)
+            if path is None:
+                raise
+            raise BadImageBudgetError(f'{e}; epoch {epoch} is trained and saved in {path}: rerunning the same '
+                                      'command evaluates it and continues') from None
 
     def keep_best(self, epoch: int, test_stats: dict) -> float:
         """checkpoint-best.pth when this epoch's top-1 beats the best so far; returns the best top-1 (printed)."""

@@ -170,8 +170,8 @@ class ResumableSampler(DistributedSampler):
         self.start_index = 0
 
     def skip(self, num_samples: int):
-        """Leave out the first `num_samples` samples of this rank's share of the current epoch."""
-        self.start_index = num_samples
+        """Leave out the first `num_samples` samples of this rank's share of the current epoch (all of it, at most)."""
+        self.start_index = min(num_samples, self.num_samples)
 
     def __iter__(self):
         return iter(list(super().__iter__())[self.start_index:])

@@ -39,13 +39,13 @@ class ImageTooLarge(ValueError):
 
 
 class MetadataTooLarge(ValueError):
-    """A PNG whose compressed text metadata exceeds Pillow's limit (PngImagePlugin.MAX_TEXT_CHUNK, another
-    decompression-bomb guard); its pixels are not damaged."""
+    """A PNG whose text metadata exceeds one of Pillow's limits (PngImagePlugin.MAX_TEXT_CHUNK for one chunk,
+    MAX_TEXT_MEMORY for all of them: decompression-bomb guards too); its pixels are not damaged."""
 
-    def __init__(self):
-        super().__init__(f"a compressed PNG text chunk (metadata) decompresses to more than Pillow's limit of "
-                         f'{PngImagePlugin.MAX_TEXT_CHUNK:,} bytes (PngImagePlugin.MAX_TEXT_CHUNK, a guard against '
-                         'decompression bombs); the pixels are not damaged: strip the metadata (e.g. mogrify -strip)')
+    def __init__(self, limit: str = 'MAX_TEXT_CHUNK'):
+        super().__init__(f"PNG text metadata larger than Pillow's limit of {getattr(PngImagePlugin, limit):,} bytes "
+                         f'(PngImagePlugin.{limit}, a guard against decompression bombs); the pixels are not '
+                         'damaged: strip the metadata (e.g. mogrify -strip)')
 
 
 # Pillow's safety limits: an image they stop is not damaged, and the messages say so
@@ -62,13 +62,19 @@ BACKGROUND = (255, 255, 255, 255)  # what transparent pixels become
 
 def decode_image(f, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """An open image file (or path) -> 8-bit RGB PIL image, decoded now (errors: see DECODE_ERRORS). An image of
-    more than `max_pixels` pixels (0: no limit) raises ImageTooLarge before its pixels are decoded."""
+    more than `max_pixels` pixels (0: no limit) raises ImageTooLarge before its pixels are decoded; PNG metadata
+    over Pillow's limits, MetadataTooLarge (wherever the chunk sits: Pillow reads those after the pixels late)."""
     try:
-        img = Image.open(f)
+        return decode_rgb(f, max_pixels)
     except ValueError as e:
-        if 'MAX_TEXT_' in str(e):  # Pillow's message names the limit; say what it means
-            raise MetadataTooLarge() from None
+        limit = next((name for name in ('MAX_TEXT_CHUNK', 'MAX_TEXT_MEMORY') if name in str(e)), '')
+        if limit:  # Pillow's message names the limit; say what it means
+            raise MetadataTooLarge(limit) from None
         raise
+
+
+def decode_rgb(f, max_pixels: int) -> Image.Image:
+    img = Image.open(f)
     check_size(img, max_pixels)
     if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
         img = ImageOps.exif_transpose(img)

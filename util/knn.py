@@ -143,6 +143,8 @@ def ranked_classes(similarities: torch.Tensor, neighbour_labels: torch.Tensor, n
     ~ 1/709 and underflows to 0 for far neighbours, and either ties the classes, which are then ranked by index.
     Sums run nearest first in `votes_dtype` (float64; MPS has none), a fixed order, so equal sets of votes tie."""
     dtype = votes_dtype
+    # float32 (MPS) holds no temperature below its smallest normal number; there the limit ranking is reached
+    temperature = max(temperature, torch.finfo(dtype).tiny)
     scaled = (similarities.to(dtype) - similarities[:, :1].to(dtype)) / temperature  # [q, k], <= 0, finite
     rows, cols = similarities.shape[0], num_classes
     largest = torch.full((rows, cols), -torch.inf, dtype=dtype, device=similarities.device)

@@ -8,7 +8,7 @@ import contextlib
 import os
 import signal
 import sys
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -21,10 +21,12 @@ _received = []
 class TrainingInterrupted(Exception):
     """Raised out of the training loop after the stop checkpoint was written."""
 
-    def __init__(self, signum: int, checkpoint_path: str):
+    def __init__(self, signum: int, checkpoint_path: Optional[str]):
         self.signum = signum
         self.checkpoint_path = checkpoint_path
-        super().__init__(f'stopped by {signal_name(signum)}; checkpoint saved to {checkpoint_path}')
+        saved = (f'checkpoint saved to {checkpoint_path}' if checkpoint_path else
+                 'nothing was saved (--output_dir is empty)')
+        super().__init__(f'stopped by {signal_name(signum)}; {saved}')
 
     @property
     def exit_code(self) -> int:

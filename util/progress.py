@@ -39,8 +39,12 @@ class EpochProgress:
 
     def __init__(self, runtime, epoch: int, iters_per_epoch: int, print_freq: int = 20, start_iter: int = 0,
                  log_writer=None, tb_loss_name: str = 'train_loss', header: Optional[str] = None,
-                 describe_last_good=lambda: '', budget: Optional[BadImageBudget] = None):
+                 describe_last_good=lambda: '', budget: Optional[BadImageBudget] = None,
+                 images_per_iteration: int = 1, images_per_epoch: Optional[int] = None):
         self.runtime = runtime
+        # the learning rate's position in the epoch, counted in images (epoch_fraction)
+        self.images_per_iteration = images_per_iteration
+        self.images_per_epoch = images_per_epoch or iters_per_epoch * images_per_iteration
         self.budget = budget  # --max_bad_images, checked at every window
         self.describe_last_good = describe_last_good
         self.epoch = epoch
@@ -88,6 +92,20 @@ class EpochProgress:
         if self.world_size == 1:
             return preemption.stop_requested()
         return self._stop_agreed
+
+    def epoch_fraction(self, iteration: int) -> float:
+        """How far into the epoch `iteration` starts, for the learning-rate schedule: the official iteration /
+        iterations-per-epoch (the same float: the same ratio, rounded once), counted in images, so that a run
+        resumed mid-epoch at another division of the same effective batch gives each optimizer step the learning
+        rate the stopped run would have given it (images_per_epoch: the stopped run's, for that epoch)."""
+        return iteration * self.images_per_iteration / self.images_per_epoch
+
+    def stops_before(self, next_iteration: int) -> bool:
+        """Stop the epoch before `next_iteration`: a stop was agreed on and iterations are left. A stop agreed on at
+        the epoch's last iteration lets the epoch end (its evaluation stops at once, or its checkpoint is saved
+        and the run stops): a mid-epoch checkpoint of a finished epoch would count the padding of the ranks'
+        shares among the images taken, which another process count cannot place."""
+        return self.stop_agreed and next_iteration < self.iters_per_epoch
 
     def flush(self):
         """Synchronise the window: reduce losses across ranks, check them, log, write TensorBoard."""
@@ -185,7 +203,9 @@ def begin_epoch(model: torch.nn.Module, optimizer, data_loader, runtime, epoch: 
     dataset = data_loader.dataset
     budget = BadImageBudget(dataset.bad_images, len(dataset), args.max_bad_images, args.output_dir)
     progress = EpochProgress(runtime, epoch, iters_per_epoch, args.print_freq, start_iter, tensorboard, tb_loss_name,
-                             describe_last_good=checkpointer.describe_last_good, budget=budget)
+                             describe_last_good=checkpointer.describe_last_good, budget=budget,
+                             images_per_iteration=args.batch_size * distributed.get_world_size(),
+                             images_per_epoch=start.epoch_images_in(epoch))
     if start.meters_in(epoch):
         progress.restore(start.meters_in(epoch))
     return progress
