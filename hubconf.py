@@ -15,6 +15,7 @@ import util  # noqa: F401  first, before torch: device plugins load on demand (s
 import models_mae as _models_mae
 import models_vit as _models_vit
 from util import checkpoint_io as _checkpoint_io
+from util import checkpoint_weights as _checkpoint_weights
 from util import state_dicts as _state_dicts
 
 dependencies = ['torch', 'timm', 'numpy', 'safetensors']
@@ -23,7 +24,7 @@ dependencies = ['torch', 'timm', 'numpy', 'safetensors']
 def _read(checkpoint):
     """(the checkpoint dict, its weights): a .pth, .safetensors or Hugging Face ViTMAE folder, path or URL."""
     loaded = _checkpoint_io.load_checkpoint(checkpoint)
-    return loaded, _checkpoint_io.model_state_from(loaded, checkpoint)
+    return loaded, _checkpoint_weights.model_state_from(loaded, checkpoint)
 
 
 def _sizes(state, kwargs: dict, keys) -> dict:

@@ -22,7 +22,8 @@ import models_mae
 import models_vit
 from util import args as cli
 from util import checks
-from util.checkpoint_io import CheckpointError, load_checkpoint, model_state_from
+from util.checkpoint_io import CheckpointError, load_checkpoint
+from util.checkpoint_weights import model_state_from
 from util.classes import display_names, read_lines
 from util.device import AMP_CHOICES, DEVICE_CHOICES, DeviceError, setup_runtime
 from util.folders import collect_images, describe_skipped

@@ -12,7 +12,8 @@ import models_mae
 import models_vit
 from util import args as cli
 from util import checks, knn, launch
-from util.checkpoint_io import load_checkpoint, model_state_from
+from util.checkpoint_io import load_checkpoint
+from util.checkpoint_weights import model_state_from
 from util.distributed import print0
 from util.state_dicts import StateDict, architecture_of, fit_pos_embed, load_state_strict, no_vit_cause
 

@@ -9,7 +9,6 @@ import signal
 import pytest
 import torch
 
-import main_finetune
 import main_pretrain
 import models_vit
 from conftest import (TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, descendants, read_json_log, run_in_process,

@@ -111,7 +111,8 @@ def test_an_evaluation_only_run_stops_in_one_line(long_val, tmp_path):
 def test_torchrun_names_the_stop_signals_it_would_die_of_instead_of_passing_them_on(capsys):
     default = {'TORCHELASTIC_SIGNALS_TO_HANDLE': 'SIGTERM,SIGINT,SIGHUP,SIGQUIT', 'SLURM_JOB_ID': '7'}
     assert preemption.signals_torchrun_drops(default) == ['SIGUSR1', 'SIGUSR2']
-    assert preemption.signals_torchrun_drops({'TORCHELASTIC_SIGNALS_TO_HANDLE': 'SIGTERM, SIGINT,SIGUSR1,SIGUSR2'}) == []
+    forwarded = {'TORCHELASTIC_SIGNALS_TO_HANDLE': 'SIGTERM, SIGINT,SIGUSR1,SIGUSR2'}
+    assert preemption.signals_torchrun_drops(forwarded) == []
     assert preemption.signals_torchrun_drops({}) == []  # not under torchrun: each signal reaches this process
     preemption.note_dropped_signals(default)
     assert '--signals-to-handle=SIGTERM,SIGINT,SIGUSR1,SIGUSR2' in capsys.readouterr().out

@@ -16,7 +16,8 @@ import torch.nn as nn
 from util import distributed, preemption
 from util import fsdp as util_fsdp
 from util.bad_images import BadImageBudgetError
-from util.checkpoint_io import CheckpointError, load_checkpoint, model_state_from, save_atomic
+from util.checkpoint_io import CheckpointError, load_checkpoint, save_atomic
+from util.checkpoint_weights import model_state_from
 from util.distributed import print0
 from util.logs import DETAILS, truncate_log
 from util.rng import gather_rng_states, restore_rng_states

@@ -11,7 +11,8 @@ from timm.layers import trunc_normal_
 import models_mae
 import models_vit
 from util import checks, plan
-from util.checkpoint_io import load_checkpoint, model_state_from
+from util.checkpoint_io import load_checkpoint
+from util.checkpoint_weights import model_state_from
 from util.checkpointer import Resumable, find_resumable, holds_training_state, resumable_checkpoint_in
 from util.classes import ClassListError, folder_classes, run_classes
 from util.datasets import DataError, ImageFolderDataset, build_image_folder, build_loader, describe

@@ -4,8 +4,9 @@ used by main_knn.py (any checkpoint) and by the pretraining monitor (main_pretra
 The protocol (Wu et al. 2018, as DINO's eval_knn.py runs it; k = 20 and T = 0.07 are DINO's defaults): features
 of the encoder with nothing masked, L2-normalised; the cosine similarity of each query (val/) to every image of
 the memory bank (train/); the k most similar bank images, each voting for its class with weight exp(sim / T);
-top-1 / top-5 of the summed votes (a class no neighbour voted for is never in the top 5). Ties are broken the same way everywhere: among equal similarities the lower
-bank index is the nearer neighbour, among equal votes the lower class index ranks first.
+top-1 / top-5 of the summed votes (a class no neighbour voted for is never in the top 5). Ties are broken the
+same way everywhere: among equal similarities the lower bank index is the nearer neighbour, among equal votes the
+lower class index ranks first.
 
 Similarities are computed in chunks (queries x bank images) with a running top-k, so memory is bounded by the
 chunk sizes, not by the bank: see chunk_bytes. They are float32 matrix products, as in DINO: the tie rules apply to
@@ -13,6 +14,9 @@ equal float32 values. Two copies of one image at different bank positions can di
 computes edge columns of a product with other kernels), so which copy is nearer is decided by that rounding, the
 same way on every run with the same chunk sizes. Other chunk sizes can move a similarity by such a rounding step
 (about 1e-7), which changes a decision only between neighbours that close.
+
+(Over 250 lines: features, classifier and evaluation share the rules above, and the evaluation's handling of
+unreadable images and ranks is what makes the classifier's numbers right; apart, each would restate the other.)
 """
 import os
 from dataclasses import dataclass
@@ -139,8 +143,8 @@ def ranked_classes(similarities: torch.Tensor, neighbour_labels: torch.Tensor, n
 
     Each class is ranked by the log of its summed votes, relative to the nearest neighbour: log sum exp((sim -
     nearest) / T), its largest term taken out of the sum. That is the order of the summed exp(sim / T), but it
-    stays finite for every T the flags accept (util/checks.MIN_TEMPERATURE): exp(sim / T) itself overflows to inf below T
-    ~ 1/709 and underflows to 0 for far neighbours, and either ties the classes, which are then ranked by index.
+    stays finite for every T the flags accept (util/checks.MIN_TEMPERATURE): exp(sim / T) itself overflows to inf
+    below T ~ 1/709 and underflows to 0 for far neighbours, and either ties the classes, then ranked by index.
     Sums run nearest first in `votes_dtype` (float64; MPS has none), a fixed order, so equal sets of votes tie."""
     dtype = votes_dtype
     # float32 (MPS) holds no temperature below its smallest normal number; there the limit ranking is reached

@@ -77,8 +77,8 @@ def check_resumable_here(resumable, args, world_size: int):
                          'drop --seed, or start a new run in another --output_dir')
     if args.start_epoch:
         raise UsageError(f'--start_epoch {args.start_epoch}: {resumable.path} continues at epoch '
-                         f'{first_epoch(resumable, 0)}, where it stopped; --start_epoch only sets where a run that starts '
-                         'from weights alone begins: drop it')
+                         f'{first_epoch(resumable, 0)}, where it stopped; --start_epoch only sets where a run that '
+                         'starts from weights alone begins: drop it')
     if checkpoint.get('epoch_in_progress'):
         resumed_iteration(checkpoint, resumable.path, args, world_size)
 

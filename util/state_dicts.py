@@ -11,7 +11,8 @@ import torch.nn as nn
 import models_mae
 import models_vit
 from util import fsdp as util_fsdp
-from util.checkpoint_io import CheckpointError, model_state_from, vit_prefix
+from util.checkpoint_io import CheckpointError
+from util.checkpoint_weights import model_state_from, vit_prefix
 from util.distributed import print0
 from util.hf_layout import StateDict, count_blocks
 from util.pos_embed import interpolate_pos_embed
