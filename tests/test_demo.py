@@ -52,6 +52,23 @@ def test_demo_defaults_fit_a_laptop():
     assert DEMO_DEFAULTS['data_path'].startswith('demo_output') and DEMO_DEFAULTS['epochs'] == 8
 
 
+def test_a_demo_rerun_with_another_seed_starts_over_instead_of_a_refused_resume(tmp_path):
+    """A resumed run cannot take another --seed (refused); the demo must start over rather than try."""
+    import argparse
+    import torch
+    import main_pretrain
+    from tools.demo import decide_continue_or_start_over
+    from util import args as cli
+    parser = main_pretrain.get_args_parser()
+    parser.set_defaults(**{**DEMO_DEFAULTS, 'output_dir': str(tmp_path / 'demo_output')})
+    args = cli.parse_with(parser, ['--seed', '1'])
+    os.makedirs(args.output_dir)
+    saved = argparse.Namespace(**{**vars(args), 'seed': 0})
+    torch.save({'model': {}, 'optimizer': {}, 'epoch': 2, 'args': saved}, os.path.join(args.output_dir,
+                                                                                       'checkpoint-last.pth'))
+    assert decide_continue_or_start_over(args) is False and args.overwrite and not args.auto_resume
+
+
 def test_demo_refuses_a_real_run_and_a_real_dataset_and_changes_neither(tmp_path):
     run = tmp_path / 'my_run'
     run.mkdir()

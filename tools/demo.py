@@ -89,7 +89,7 @@ def decide_continue_or_start_over(args) -> bool:
         checkpoint = load_checkpoint(last)
         saved = checkpoint.get('args')
         changed = recipe_changes(saved, args, checkpoint.get('world_size', 1), world_size_of_launch(args))
-        changed += [f'--{name}' for name in ('model', 'epochs', 'demo_images') if getattr(saved, name, None) !=
+        changed += [f'--{name}' for name in ('model', 'epochs', 'demo_images', 'seed') if getattr(saved, name, None) !=
                     getattr(args, name)]
         finished = 'epoch_in_progress' not in checkpoint and checkpoint.get('epoch', -1) + 1 >= args.epochs
         if not changed and not finished:
