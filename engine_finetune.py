@@ -82,7 +82,8 @@ def evaluate(data_loader, model: torch.nn.Module, runtime, sharded: bool, max_ba
     stats = {'loss': loss_sum / num_images, 'acc1': 100 * hits1 / num_images, 'acc5': 100 * hits5 / num_images,
              'num_images': int(num_images), 'left_out': len(dataset.bad_images)}
     print0('* Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.3f}'.format(**stats))
-    left_out = f' ({stats["left_out"]} unreadable images left out)' if stats['left_out'] else ''
+    count = stats['left_out']
+    left_out = f' ({count} unreadable image{"s" if count > 1 else ""} left out)' if count else ''
     print0(f"Accuracy of the network on the {stats['num_images']} test images: {stats['acc1']:.1f}%{left_out}")
     return stats
 

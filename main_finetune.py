@@ -91,7 +91,8 @@ def main(args):
     criterion = build_criterion(args, mixup_fn)
 
     start = resume_training(run.resumable, model_without_ddp, optimizer, loss_scaler, runtime, args)
-    checkpointer = Checkpointer(args, model_without_ddp, optimizer, loss_scaler, runtime, start, run.classes)
+    checkpointer = Checkpointer(args, model_without_ddp, optimizer, loss_scaler, runtime, start, len(run.dataset_train),
+                                run.classes)
     run_log = RunLog(args, model_without_ddp, optimizer, runtime, world_size, start, 'MAE fine-tuning',
                      classification.describe_data(run), describe_recipe(args, mixup_fn),
                      n_parameters=classification.trainable_parameters(model))

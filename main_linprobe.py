@@ -52,7 +52,8 @@ def main(args):
     criterion = torch.nn.CrossEntropyLoss()
 
     start = resume_training(run.resumable, model_without_ddp, optimizer, loss_scaler, runtime, args)
-    checkpointer = Checkpointer(args, model_without_ddp, optimizer, loss_scaler, runtime, start, run.classes)
+    checkpointer = Checkpointer(args, model_without_ddp, optimizer, loss_scaler, runtime, start, len(run.dataset_train),
+                                run.classes)
     run_log = RunLog(args, model_without_ddp, optimizer, runtime, world_size, start, 'MAE linear probing',
                      classification.describe_data(run), f'LARS, weight decay {args.weight_decay}, frozen encoder, '
                      f'{"global pool" if args.global_pool else "class token"}',

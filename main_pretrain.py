@@ -93,7 +93,7 @@ def main(args):
     if plan.nothing_to_train(resumable, args, world_size):
         return
     dataset_train = build_pretraining_dataset(args)
-    plan.check_training_plan(len(dataset_train), dataset_train.root, args, world_size)
+    plan.check_training_plan(len(dataset_train), dataset_train.root, args, world_size, resumable)
     knn_data = knn_monitor.read_data(args)  # None without --knn_data_path
 
     runtime = launch.start(args, training=True)
@@ -107,7 +107,7 @@ def main(args):
     loss_scaler = LossScaler(runtime.grad_scaler())
 
     start = resume_training(resumable, model_without_ddp, optimizer, loss_scaler, runtime, args)
-    checkpointer = Checkpointer(args, model_without_ddp, optimizer, loss_scaler, runtime, start)
+    checkpointer = Checkpointer(args, model_without_ddp, optimizer, loss_scaler, runtime, start, len(dataset_train))
     run_log = RunLog(args, model_without_ddp, optimizer, runtime, world_size, start, 'MAE pretraining',
                      describe(dataset_train), describe_recipe(args))
     for epoch in range(start.epoch, args.epochs):

@@ -4,6 +4,7 @@
 explicit --start_epoch, a step boundary the stopped run never reached) is refused in one line."""
 import argparse
 import os
+import shutil
 import signal
 
 import pytest
@@ -166,6 +167,21 @@ def test_what_a_resume_cannot_take_on_is_refused_before_any_work(finished_epoch,
                                                     '--epochs', '2', *TINY_PRETRAIN_ARGS, *flags], capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith('error: ' + expected.format(out=finished_epoch)), err
     assert sorted(os.listdir(finished_epoch)) == before and 'device:' not in out
+
+
+@pytest.mark.slow
+def test_a_training_set_that_grew_is_a_recipe_change(tmp_path):
+    """New images reshuffle every epoch: the rest of a stopped epoch would see some images twice, others never."""
+    from util.synthetic import CLASSES, make_image_folder
+    data = make_image_folder(str(tmp_path / 'data'), {'train': 8}, size=32, classes=CLASSES[:2])
+    command = ['--data_path', data, '--output_dir', tmp_path / 'run', *TINY_PRETRAIN_ARGS, '--batch_size', '4']
+    assert run_script('main_pretrain.py', *command, '--epochs', '1').returncode == 0
+    shutil.copy(os.path.join(data, 'train', CLASSES[0], '00000.jpg'), os.path.join(data, 'train', CLASSES[0], 'x.jpg'))
+    refused = run_script('main_pretrain.py', *command, '--epochs', '2')
+    assert refused.returncode == 2 and f"is a run on other data: {os.path.join(data, 'train')} holds 17 images, " \
+                                      'the run had 16' in refused.stderr, refused.stderr
+    allowed = run_script('main_pretrain.py', *command, '--epochs', '2', '--allow_recipe_change')
+    assert allowed.returncode == 0 and 'on other data (--allow_recipe_change)' in allowed.stdout
 
 
 @pytest.mark.slow

@@ -76,7 +76,7 @@ def test_an_unreadable_validation_image_is_left_out_of_numerator_and_denominator
     assert ours['loss'] == pytest.approx(reference['loss'], rel=1e-6)
     out = capsys.readouterr().out
     assert f'Image left out of the evaluation: {bad} (' in out
-    assert 'on the 15 test images: ' in out and '(1 unreadable images left out)' in out
+    assert 'on the 15 test images: ' in out and '(1 unreadable image left out)' in out
 
 
 def test_the_budget_stops_an_evaluation_when_it_is_exceeded_not_at_its_end(tmp_path, capsys):
@@ -98,6 +98,7 @@ def test_the_budget_stops_training_within_the_epoch(tmp_path):
     proc = run_script('main_pretrain.py', '--data_path', data, '--output_dir', tmp_path / 'out', '--epochs', '1',
                       *TINY_PRETRAIN_ARGS, '--max_bad_images', '3', '--print_freq', '1')
     assert proc.returncode == 2 and 'more than --max_bad_images allows (3)' in proc.stderr, proc.stderr[-2000:]
+    assert 'No checkpoint was saved before it.' in proc.stderr  # where the run's work is: none yet
     assert 'Epoch: [0]  [2/8]' not in proc.stdout  # the first window's check, not the epoch's end
     assert os.path.isfile(tmp_path / 'out' / 'bad_images.txt')
 
@@ -109,7 +110,7 @@ def test_too_many_unreadable_images_in_an_epochs_evaluation_keep_the_trained_epo
     command = ['--data_path', data, '--output_dir', tmp_path / 'out', '--epochs', '2', *TINY_CLASSIFIER_ARGS,
                '--batch_size', '4']
     proc = run_script('main_finetune.py', *command)  # default budget: 0.1% of 16 images, none
-    assert proc.returncode == 2 and 'error: 1 unreadable images, more than --max_bad_images allows (0)' in proc.stderr
+    assert proc.returncode == 2 and 'error: 1 unreadable image, more than --max_bad_images allows (0)' in proc.stderr
     assert f"epoch 0 is trained and saved in {tmp_path / 'out' / 'checkpoint-last.pth'}" in proc.stderr
     assert load_checkpoint(str(tmp_path / 'out' / 'checkpoint-last.pth'))['evaluation_pending']['epoch'] == 0
     os.remove(bad)  # repaired

@@ -123,7 +123,8 @@ class BadImageBudget:
         if big_metadata:
             advice += (f"; {big_metadata} of them are not damaged but carry PNG metadata over Pillow's limit (strip "
                        'it, e.g. mogrify -strip)')
-        raise BadImageBudgetError(f'{len(files)} unreadable images, more than --max_bad_images allows '
+        raise BadImageBudgetError(f'{len(files)} unreadable image{"s" if len(files) > 1 else ""}, more than '
+                                  f'--max_bad_images allows '
                                   f'({self.allowed}): {shown}{" ..." if len(files) > 5 else ""}'
                                   + (f' (full list in {listing})' if listing else '') + advice)
 

@@ -144,11 +144,12 @@ def resumed_iteration(checkpoint: dict, path: str, args, world_size: int) -> int
     images = in_progress['iteration'] * saved.batch_size * saved_world_size
     per_iteration, per_step = args.batch_size * world_size, args.batch_size * world_size * args.accum_iter
     if images % per_step:
+        processes = f'{world_size} process{"es" if world_size > 1 else ""}'
         raise CheckpointError(
             f'{path} stopped epoch {in_progress["epoch"]} after {images:,} of its images; this run takes {per_step:,} '
-            f'per optimizer step (--batch_size {args.batch_size} x {world_size} processes x --accum_iter '
-            f'{args.accum_iter}), which does not divide {images:,}, so the epoch cannot continue at a step '
-            f'boundary: finish it with an effective batch that divides {images:,} (the run\'s own was '
+            f'per optimizer step (--batch_size {args.batch_size} x {processes} x --accum_iter {args.accum_iter}), '
+            f'which does not divide {images:,}, so the epoch cannot continue at a step boundary: finish it with an '
+            f'effective batch that divides {images:,} (the run\'s own was '
             f'{saved.batch_size * saved_world_size * saved.accum_iter})')
     return images // per_iteration
 
@@ -218,6 +219,8 @@ def resume_training(resumable: Optional[Resumable], model: nn.Module, optimizer,
         start = ResumeState(checkpoint['epoch'] + 1, 0, resumable.path, None, extra)
     print0(f'With optim & sched! Continuing at epoch {start.epoch}'
            + (f', iteration {start.iteration}' if start.iteration else '')
+           + (f" (iteration {in_progress['iteration']} of the stopped run's division of the epoch: the same images)"
+              if in_progress and start.iteration != in_progress['iteration'] else '')
            + (' with its evaluation (its training was done)' if pending else ''))
     return start
 
@@ -244,17 +247,18 @@ class Checkpointer:
     creates and tidies (prepare_output_dir). Call save() on every rank (it gathers RNG states); rank 0 writes."""
 
     def __init__(self, args, model_without_ddp: nn.Module, optimizer, loss_scaler, runtime, start: ResumeState,
-                 classes: Optional[List[str]] = None):
+                 train_images: int, classes: Optional[List[str]] = None):
         prepare_output_dir(args, start.epoch)
         self.args = args
         self.model = model_without_ddp
         self.optimizer = optimizer
         self.loss_scaler = loss_scaler
         self.runtime = runtime
-        # classifier runs keep their class list and best top-1 in every checkpoint
-        self.extra_state = {}
+        # the size of the training set, which a resumed run must see unchanged (util/plan.check_same_data); classifier
+        # runs also keep their class list and best top-1 in every checkpoint
+        self.extra_state = {'train_images': train_images}
         if classes is not None:
-            self.extra_state = {'classes': list(classes), 'max_accuracy': start.extra.get('max_accuracy', 0.0)}
+            self.extra_state.update(classes=list(classes), max_accuracy=start.extra.get('max_accuracy', 0.0))
         self.last_saved: Optional[tuple] = None  # (path, epoch, next_iteration)
         if start.path:
             finished_epoch = start.epoch - 1 if start.iteration == 0 and start.trained_stats is None else start.epoch
@@ -341,8 +345,9 @@ class Checkpointer:
             path = self.save(epoch, numbered=False, pending_stats=train_stats)
             if path is None:
                 raise
-            raise BadImageBudgetError(f'{e}; epoch {epoch} is trained and saved in {path}: rerunning the same '
-                                      'command evaluates it and continues') from None
+            raise BadImageBudgetError(f'{e}; epoch {epoch} is trained and saved in {path}: once the files are '
+                                      'repaired or removed (or with a higher --max_bad_images), rerunning continues '
+                                      'from it with its evaluation') from None
 
     def keep_best(self, epoch: int, test_stats: dict) -> float:
         """checkpoint-best.pth when this epoch's top-1 beats the best so far; returns the best top-1 (printed)."""

@@ -58,7 +58,7 @@ def read_up_front(args, train_transform_for: Callable, world_size: int,
     dataset_train, dataset_val = build_datasets(args, classes, None if args.eval else train_transform_for(args),
                                                 build_eval_transform(args.input_size))
     if dataset_train is not None:
-        plan.check_training_plan(len(dataset_train), dataset_train.root, args, world_size)
+        plan.check_training_plan(len(dataset_train), dataset_train.root, args, world_size, resumable)
     return ClassifierRun(resumable, classes, dataset_train, dataset_val, read_encoder(args, resumable))
 
 

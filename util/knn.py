@@ -258,7 +258,7 @@ def describe_counts(data: KnnData, result: Dict[str, float]) -> str:
     """'32 queries, bank of 2000 images, 8 classes', with the unreadable images left out, if any."""
     left_out = len(data.queries) + len(data.bank) - result['queries'] - result['bank']
     return (f'{result["queries"]} queries, bank of {result["bank"]} images, {len(data.classes)} classes'
-            + (f'; {left_out} unreadable images left out' if left_out else ''))
+            + (f'; {left_out} unreadable image{"s" if left_out > 1 else ""} left out' if left_out else ''))
 
 
 def evaluate(encoder: torch.nn.Module, data: KnnData, args, runtime, feature: str, ks: Sequence[int],

@@ -10,11 +10,28 @@ from util.checks import UsageError
 from util.distributed import print0
 
 
-def check_training_plan(num_images: int, root: str, args, world_size: int):
+def check_training_plan(num_images: int, root: str, args, world_size: int, resumable=None):
     """Before any work, with the data and the process count known: refuse (UsageError) a run whose epochs would
-    take no optimizer step, or whose learning rate would rise where the schedule should decay."""
+    take no optimizer step, or whose learning rate would rise where the schedule should decay, and a resumed run
+    whose training set changed (unless --allow_recipe_change)."""
     check_steps_per_epoch(num_images, root, args, world_size)
     check_schedule(args, world_size)
+    if holds_training_state(resumable):
+        check_same_data(resumable, num_images, root, args)
+
+
+def check_same_data(resumable, num_images: int, root: str, args):
+    """The training set of a resumed run must have the size it had (a new image reshuffles every epoch, and the
+    rest of a stopped epoch would see some images twice and others never); --allow_recipe_change continues with
+    the new set, from the same position of the new epoch order, and says so."""
+    saved = resumable.checkpoint.get('train_images')
+    if saved is None or saved == num_images:
+        return
+    change = f'{root} holds {num_images:,} images, the run had {saved:,}'
+    if not args.allow_recipe_change:
+        raise UsageError(f'{resumable.path} is a run on other data: {change}; continue it with these anyway with '
+                         '--allow_recipe_change, or choose another --output_dir')
+    print0(f'Note: continuing {resumable.path} on other data (--allow_recipe_change): {change}')
 
 
 def check_schedule(args, world_size: int):

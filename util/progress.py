@@ -13,7 +13,7 @@ import torch
 
 from util import distributed, preemption
 from util.distributed import print0
-from util.bad_images import BadImageBudget
+from util.bad_images import BadImageBudget, BadImageBudgetError
 from util.datasets import batches_on_every_rank, start_epoch_of
 from util.metrics import MetricLogger, SmoothedValue
 
@@ -93,6 +93,17 @@ class EpochProgress:
             return preemption.stop_requested()
         return self._stop_agreed
 
+    def hold_budget(self, summed_local_counts: Optional[float] = None) -> int:
+        """--max_bad_images at a window (the ranks' local counts, summed) or, without them, at the epoch's end (the
+        exact count, a collective; returned). Over it, BadImageBudgetError also names the last good checkpoint."""
+        try:
+            if summed_local_counts is None:
+                return self.budget.check()
+            self.budget.check_if_over(summed_local_counts)
+            return 0
+        except BadImageBudgetError as e:
+            raise BadImageBudgetError(f'{e}. {self.describe_last_good()}') from None
+
     def epoch_fraction(self, iteration: int) -> float:
         """How far into the epoch `iteration` starts, for the learning-rate schedule: the official iteration /
         iterations-per-epoch (the same float: the same ratio, rounded once), counted in images, so that a run
@@ -117,7 +128,7 @@ class EpochProgress:
         reduced = distributed.all_reduce_sum(torch.cat([local, flags]))
         self._stop_agreed = self._stop_agreed or reduced[-2].item() > 0
         if self.budget is not None:
-            self.budget.check_if_over(reduced[-1].item())  # over --max_bad_images: stop now, not at the epoch's end
+            self.hold_budget(reduced[-1].item())  # over --max_bad_images: stop now, not at the epoch's end
         reduced_losses = (reduced[:-2] / self.world_size).tolist()
         local_losses = local.tolist()
         self.runtime.synchronize()  # the window's time includes its last backward and step
@@ -213,7 +224,7 @@ def begin_epoch(model: torch.nn.Module, optimizer, data_loader, runtime, epoch: 
 
 def end_epoch(progress: EpochProgress) -> dict:
     """The epoch's stats (averaged over ranks), after holding its unreadable images to --max_bad_images."""
-    bad_images = progress.budget.check()
+    bad_images = progress.hold_budget()
     return {**progress.finish(), 'bad_images': bad_images}
 
 
