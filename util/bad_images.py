@@ -1,7 +1,7 @@
 """Unreadable images (and images over --max_image_pixels): reported once by whichever process met them (DataLoader
 workers included), counted over all ranks, and held to the --max_bad_images budget as soon as it is exceeded (at
-the next point where the ranks agree: a logging window in training, every 50 batches in evaluation) and at the end
-of each pass."""
+the next point where the ranks agree: a logging window in training, every --print_freq batches in evaluation) and
+at the end of each pass."""
 import glob
 import json
 import os
