@@ -34,9 +34,9 @@ class ImageTooLarge(ValueError):
     def __init__(self, width: int, height: int, max_pixels: int):
         self.pixels = width * height
         super().__init__(f'{self.pixels:,} pixels ({width} x {height}), more than --max_image_pixels {max_pixels:,} '
-                         "(by default Pillow's decompression-bomb limit, a guard against files made to exhaust memory); "
-                         'the file is not damaged: if it is genuine, pass --max_image_pixels 0 (no limit) or a larger '
-                         'number')
+                         "(by default Pillow's decompression-bomb limit, a guard against files made to exhaust "
+                         'memory); the file is not damaged: if it is genuine, pass --max_image_pixels 0 (no limit) or '
+                         'a larger number')
 
 
 class MetadataTooLarge(ValueError):
