@@ -14,9 +14,6 @@ equal float32 values. Two copies of one image at different bank positions can di
 computes edge columns of a product with other kernels), so which copy is nearer is decided by that rounding, the
 same way on every run with the same chunk sizes. Other chunk sizes can move a similarity by such a rounding step
 (about 1e-7), which changes a decision only between neighbours that close.
-
-(Over 250 lines: features, classifier and evaluation share the rules above, and the evaluation's handling of
-unreadable images and ranks is what makes the classifier's numbers right; apart, each would restate the other.)
 """
 import os
 from dataclasses import dataclass
