@@ -17,8 +17,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     optimizer: torch.optim.Optimizer, runtime, epoch: int, loss_scaler, args, tensorboard,
                     checkpointer: Checkpointer, start: ResumeState, mixup_fn: Optional[Callable] = None,
                     max_norm: Optional[float] = None) -> dict:
-    if start.training_done(epoch) is not None:  # stopped during this epoch's evaluation: train no further
-        return start.training_done(epoch)
+    trained = start.training_done(epoch)
+    if trained is not None:  # stopped during this epoch's evaluation: train no further
+        return trained
     progress = begin_epoch(model, optimizer, data_loader, runtime, epoch, args, tensorboard, checkpointer, start,
                            'loss')
     for it, is_update, (samples, targets) in progress.iterate(data_loader, args.accum_iter):

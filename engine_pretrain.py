@@ -10,8 +10,9 @@ from util.transforms import normalize_batch
 
 def train_one_epoch(model: torch.nn.Module, data_loader, optimizer: torch.optim.Optimizer, runtime, epoch: int,
                     loss_scaler, args, tensorboard, checkpointer: Checkpointer, start: ResumeState) -> dict:
-    if start.training_done(epoch) is not None:  # stopped during this epoch's evaluation: train no further
-        return start.training_done(epoch)
+    trained = start.training_done(epoch)
+    if trained is not None:  # stopped during this epoch's evaluation: train no further
+        return trained
     progress = begin_epoch(model, optimizer, data_loader, runtime, epoch, args, tensorboard, checkpointer, start,
                            'train_loss')
     for it, is_update, (samples, _) in progress.iterate(data_loader, args.accum_iter):

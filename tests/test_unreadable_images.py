@@ -218,7 +218,7 @@ def png_with_metadata_after_the_pixels(path, text: bytes):
 @pytest.mark.parametrize('where', ['before the pixels', 'after the pixels'])
 def test_png_metadata_over_pillows_limit_is_named_as_such_not_as_damage(where, tmp_path):
     from PIL import PngImagePlugin
-    from util.bad_images import BadImageLog, check_budget
+    from util.bad_images import BadImageBudget, BadImageLog
     from util.images import MetadataTooLarge
     path = tmp_path / 'annotated.png'
     text = b'x' * (PngImagePlugin.MAX_TEXT_CHUNK + 1)
@@ -233,7 +233,7 @@ def test_png_metadata_over_pillows_limit_is_named_as_such_not_as_damage(where, t
     log = BadImageLog()
     log.report(str(path), MetadataTooLarge())
     with pytest.raises(BadImageBudgetError) as error:
-        check_budget(log, 10, 0, '')
+        BadImageBudget(log, 10, 0, '').check()
     assert "1 of them are not damaged but carry PNG metadata over Pillow's limit" in str(error.value)
     assert 'repair or remove' not in str(error.value)
 

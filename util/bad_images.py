@@ -129,11 +129,6 @@ class BadImageBudget:
                                   + (f' (full list in {listing})' if listing else '') + advice)
 
 
-def check_budget(bad_images: BadImageLog, dataset_size: int, max_bad_images: float, output_dir: str) -> int:
-    """At the end of a pass over a dataset: BadImageBudget(...).check() (collective)."""
-    return BadImageBudget(bad_images, dataset_size, max_bad_images, output_dir).check()
-
-
 def report_file_prefix() -> str:
     return f'mae-bad-images-{socket.gethostname()}-'
 

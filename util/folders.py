@@ -13,8 +13,10 @@ datasets, the class lists, main_infer.py's folder mode), so that they agree on w
 import os
 from typing import Dict, List, Tuple
 
+from torchvision.datasets.folder import IMG_EXTENSIONS as TORCHVISION_EXTENSIONS
+
 # torchvision's ImageFolder extensions, and GIF (decoded by its first frame), which torchvision leaves out
-IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp', '.gif')
+IMG_EXTENSIONS = TORCHVISION_EXTENSIONS + ('.gif',)
 # names (lower case) that file managers, archivers, NAS boxes and file systems leave beside data
 METADATA_NAMES = frozenset({'__macosx', '@eadir', 'thumbs.db', 'ehthumbs.db', 'desktop.ini', '$recycle.bin',
                             'system volume information', 'lost+found', 'icon\r'})
