@@ -239,6 +239,7 @@ KNN_CASES = [
     (['--resume', '{mae}', '--temperature', '0'], '--temperature 0.0: must be >= 1e-300'),
     (['--resume', '{mae}', '--temperature', '5e-324'], '--temperature 5e-324: must be >= 1e-300'),
     (['--resume', '{mae}', '--temperature', 'nan'], '--temperature nan: must be >= 1e-300'),
+    (['--resume', '{mae}', '--max_image_pixels', '-1'], '--max_image_pixels -1: must be >= 0 (0: no limit)'),
     (['--resume', '{mae}', '--bank_chunk', '0'], '--bank_chunk 0: must be in [1, 16777216]'),
     (['--resume', '{mae}', '--data_path', '{unknown}'],
      "{unknown}/val: class folder zebra is not among {unknown}/train's 4 classes"),
@@ -315,6 +316,17 @@ def test_a_full_mae_its_encoder_alone_a_classifier_from_it_and_the_mae_itself_gi
     direct = knn.evaluate(mae, knn.read_knn_data(texture_data, 32, 6, 3), args, Runtime('cpu'), args.feature,
                           [5, 20], 0.07)
     assert direct == results[0] and mae.training  # the monitor's path, on the MAE itself; its mode restored
+
+
+def test_main_knn_prints_feature_progress_every_print_freq_batches(texture_data, tmp_path, capsys):
+    """--print_freq: a progress line (and a stop check) every N batches of features."""
+    torch.manual_seed(0)
+    torch.save({'model': models_mae.mae_vit_tiny_patch16(img_size=32, patch_size=4).state_dict()},
+               tmp_path / 'mae.pth')
+    evaluate_checkpoint(tmp_path / 'mae.pth', texture_data, '--print_freq', '3', '--nb_knn', '5')
+    lines = [line.split('] ', 1)[1] for line in capsys.readouterr().out.splitlines() if 'k-NN features' in line]
+    train, val = os.path.join(texture_data, 'train'), os.path.join(texture_data, 'val')
+    assert lines == [f'k-NN features of {train}: [{i}/8]' for i in (3, 6)] + [f'k-NN features of {val}: [3/4]']
 
 
 def test_main_knn_with_one_neighbour_reports_top_5_equal_to_top_1(tmp_path):

@@ -180,6 +180,19 @@ def test_a_huge_valid_image_is_named_too_large_with_the_flag_that_allows_it(huge
 
 
 @pytest.mark.slow
+def test_an_image_between_pillows_warning_and_its_limit_decodes_without_a_warning(tmp_path):
+    """Pillow warns (DecompressionBombWarning) from 89,478,485 pixels, once per image, in every worker; a
+    100-megapixel image is under the limit and decodes in silence."""
+    import warnings
+    path = tmp_path / 'scan.png'
+    Image.new('L', (10000, 10000), 7).save(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        assert decode_image(str(path)).size == (10000, 10000)
+    assert not caught
+
+
+@pytest.mark.slow
 def test_a_training_run_names_the_huge_image_and_the_budget_says_it_is_not_damaged(huge_png, tmp_path):
     data = make_image_folder(str(tmp_path / 'data'), {'train': 8}, size=32, classes=CLASSES[:2])
     shutil.copy(huge_png, os.path.join(data, 'train', CLASSES[0], 'panorama.png'))
