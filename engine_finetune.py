@@ -3,18 +3,20 @@ from typing import Callable, Optional
 
 import torch
 
-from util import distributed, lr_sched
+from util import distributed
 from util.bad_images import BadImageBudget, BadImageBudgetError
 from util.checkpointer import Checkpointer, ResumeState
 from util.distributed import grad_sync, print0
 from util.metrics import topk_hits
 from util.datasets import LEFT_OUT
+from util.lr_sched import LrSchedule
 from util.progress import begin_epoch, end_epoch, evaluation_batches
 from util.transforms import normalize_batch
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader,
-                    optimizer: torch.optim.Optimizer, runtime, epoch: int, loss_scaler, args, tensorboard,
+                    optimizer: torch.optim.Optimizer,
+                    lr_schedule: LrSchedule, runtime, epoch: int, loss_scaler, args, tensorboard,
                     checkpointer: Checkpointer, start: ResumeState, mixup_fn: Optional[Callable] = None,
                     max_norm: Optional[float] = None) -> dict:
     trained = start.training_done(epoch)
@@ -24,7 +26,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                            'loss')
     for it, is_update, (samples, targets) in progress.iterate(data_loader, args.accum_iter):
         if it % args.accum_iter == 0:  # per-iteration (not per-epoch) LR schedule
-            lr_sched.adjust_learning_rate(optimizer, progress.epoch_fraction(it) + epoch, args)
+            lr_schedule.apply(optimizer, progress.epoch_fraction(it) + epoch)
         samples, targets = normalize_batch(samples, runtime.device), targets.to(runtime.device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)

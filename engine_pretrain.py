@@ -1,14 +1,15 @@
 """One epoch of MAE pretraining: forward, loss, backward, step, log."""
 import torch
 
-from util import lr_sched
 from util.checkpointer import Checkpointer, ResumeState
 from util.distributed import grad_sync
+from util.lr_sched import LrSchedule
 from util.progress import begin_epoch, end_epoch
 from util.transforms import normalize_batch
 
 
-def train_one_epoch(model: torch.nn.Module, data_loader, optimizer: torch.optim.Optimizer, runtime, epoch: int,
+def train_one_epoch(model: torch.nn.Module, data_loader, optimizer: torch.optim.Optimizer,
+                    lr_schedule: LrSchedule, runtime, epoch: int,
                     loss_scaler, args, tensorboard, checkpointer: Checkpointer, start: ResumeState) -> dict:
     trained = start.training_done(epoch)
     if trained is not None:  # stopped during this epoch's evaluation: train no further
@@ -17,7 +18,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader, optimizer: torch.optim.
                            'train_loss')
     for it, is_update, (samples, _) in progress.iterate(data_loader, args.accum_iter):
         if it % args.accum_iter == 0:  # per-iteration (not per-epoch) LR schedule
-            lr_sched.adjust_learning_rate(optimizer, progress.epoch_fraction(it) + epoch, args)
+            lr_schedule.apply(optimizer, progress.epoch_fraction(it) + epoch)
         samples = normalize_batch(samples, runtime.device)
 
         with grad_sync(model, is_update):  # accumulation micro-steps skip the gradient all-reduce

@@ -15,8 +15,8 @@ import util  # noqa: F401  first, before torch: device plugins load on demand (s
 import models_mae as _models_mae
 import models_vit as _models_vit
 from util import checkpoint_io as _checkpoint_io
-from util import checkpoint_weights as _checkpoint_weights
-from util import state_dicts as _state_dicts
+from util import weights as _weights
+from util.architecture import architecture_of as _architecture_of
 
 dependencies = ['torch', 'timm', 'numpy', 'safetensors']
 
@@ -24,20 +24,18 @@ dependencies = ['torch', 'timm', 'numpy', 'safetensors']
 def _read(checkpoint):
     """(the checkpoint dict, its weights): a .pth, .safetensors or Hugging Face ViTMAE folder, path or URL."""
     loaded = _checkpoint_io.load_checkpoint(checkpoint)
-    return loaded, _checkpoint_weights.model_state_from(loaded, checkpoint)
+    return loaded, _weights.model_state_from(loaded, checkpoint)
 
 
 def _sizes(state, kwargs: dict, keys) -> dict:
     """kwargs, completed with the sizes the checkpoint shows (those the caller did not pass)."""
-    shown = _state_dicts.architecture_of(state).size_kwargs()
+    shown = _architecture_of(state).size_kwargs()
     return {**{k: v for k, v in shown.items() if k in keys}, **kwargs}
 
 
-def _load(model, loaded: dict, state, checkpoint, name: str):
+def _load(model, loaded: dict, checkpoint, name: str):
     """Strictly, after fitting the position embeddings to an img_size the caller chose."""
-    _state_dicts.check_attention_heads(model, loaded, checkpoint, name, _state_dicts.HUB)
-    _state_dicts.fit_pos_embed(model, state, checkpoint)
-    _state_dicts.load_state_strict(model, state, checkpoint, name, _state_dicts.HUB)
+    _weights.load_weights(model, loaded, checkpoint, name, fit_grid=True, say=_weights.HUB)
     return model
 
 
@@ -47,7 +45,7 @@ def _mae_entry(name: str):
         if state is not None:
             kwargs = _sizes(state, kwargs, ('patch_size', 'img_size'))
         model = _models_mae.build_mae(name, **kwargs)
-        return _load(model, loaded, state, checkpoint, name) if state is not None else model
+        return _load(model, loaded, checkpoint, name) if state is not None else model
     entry.__name__ = name
     entry.__doc__ = f'{name} (models_mae.py). checkpoint: an MAE checkpoint with its decoder; kwargs: img_size, ' \
                     'patch_size, norm_pix_loss, ...'
@@ -61,11 +59,11 @@ def _vit_entry(name: str):
             kwargs = _sizes(state, kwargs, ('patch_size', 'img_size', 'num_classes', 'global_pool'))
         model = _models_vit.build_classifier(name, **kwargs)
         if state is not None:
-            if _state_dicts.architecture_of(state).kind == 'linear probe':
+            if _architecture_of(state).kind == 'linear probe':
                 model = _models_vit.add_batchnorm_head(model)
-            _load(model, loaded, state, checkpoint, name)
+            _load(model, loaded, checkpoint, name)
         if finetune:
-            _state_dicts.load_pretrained_encoder(model, _checkpoint_io.load_checkpoint(finetune), finetune, name)
+            _weights.load_weights(model, _checkpoint_io.load_checkpoint(finetune), finetune, name, pretrained=True)
         return model
     entry.__name__ = name
     entry.__doc__ = f'{name} (models_vit.py). checkpoint: a fine-tuned classifier; finetune: MAE encoder weights; ' \

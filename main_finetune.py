@@ -8,8 +8,6 @@ python main_finetune.py --eval --resume mae_finetuned_vit_base.pth --model vit_b
     --data_path $IMAGENET          # -> * Acc@1 83.664 Acc@5 96.530 loss 0.731
 """
 import util  # noqa: F401  first, before torch: device plugins load on demand (see util/__init__.py)
-import argparse
-
 import torch
 from timm.data.mixup import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -18,13 +16,16 @@ from engine_finetune import evaluate, train_one_epoch
 from util import args as cli
 from util import checks, classification, launch
 from util.amp import LossScaler
-from util.checkpointer import Checkpointer, load_weights, resume_training
+from util.checkpointer import Checkpointer, load_resumable, prepare_output_dir, resume_training
+from util.datasets import build_transform
 from util.logs import RunLog
 from util.lr_decay import param_groups_lrd
-from util.lr_sched import effective_lr
+from util.lr_sched import LrSchedule
 from util.optim import make_adamw
 from util.preemption import stop_if_signalled
-from util.transforms import build_finetune_transform
+
+CUTMIX_BOX: cli.Rule = ((lambda v: v is None or (len(v) == 2 and 0 < v[0] < v[1] <= 1)),
+                        'must be two fractions, min < max, in (0, 1]')
 
 
 def get_args_parser() -> cli.ArgumentParser:
@@ -32,30 +33,38 @@ def get_args_parser() -> cli.ArgumentParser:
     cli.add_schedule_args(parser, batch_size=64, epochs=50, blr=1e-3, weight_decay=0.05, min_lr=1e-6,
                           warmup_epochs=5)
     cli.add_model_args(parser, model='vit_large_patch16', classifier=True)
-    parser.add_argument('--drop_path', type=float, default=0.1, metavar='PCT', help='stochastic depth rate')
-    parser.add_argument('--clip_grad', type=float, default=None, metavar='NORM',
+    parser.add_argument('--drop_path', type=float, default=0.1, metavar='PCT', check=cli.within(0, 1, '[)'),
+                        recipe=True, help='stochastic depth rate')
+    parser.add_argument('--clip_grad', type=float, default=None, metavar='NORM', check=cli.above(0),
                         help='clip the gradient norm to this (default: no clipping)')
-    parser.add_argument('--layer_decay', type=float, default=0.75,
+    parser.add_argument('--layer_decay', type=float, default=0.75, check=cli.within(0, 1, '(]'), recipe=True,
                         help='layer-wise lr decay (ELECTRA / BEiT): block i gets lr x layer_decay^(depth + 1 - i)')
-    parser.add_argument('--color_jitter', type=float, default=None, metavar='PCT',
+    parser.add_argument('--color_jitter', type=float, default=None, metavar='PCT', check=cli.at_least(0), recipe=True,
                         help='colour jitter strength, used only when --aa is none (default: off)')
-    parser.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME',
+    parser.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME', recipe=True,
                         help='AutoAugment / RandAugment policy: e.g. rand-m9-mstd0.5-inc1, original, v0, or none')
-    parser.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
-    parser.add_argument('--reprob', type=float, default=0.25, metavar='PCT', help='random erasing probability')
-    parser.add_argument('--remode', type=str, default='pixel', help='random erasing fill: pixel, rand or const')
-    parser.add_argument('--recount', type=int, default=1, help='random erasing regions per image')
+    parser.add_argument('--smoothing', type=float, default=0.1, check=cli.within(0, 1, '[)'), recipe=True,
+                        help='label smoothing')
+    parser.add_argument('--reprob', type=float, default=0.25, metavar='PCT', check=cli.within(0, 1), recipe=True,
+                        help='random erasing probability')
+    parser.add_argument('--remode', type=str, default='pixel', check=cli.one_of('pixel', 'rand', 'const'), recipe=True,
+                        help='random erasing fill: pixel, rand or const')
+    parser.add_argument('--recount', type=int, default=1, check=cli.at_least(1), recipe=True,
+                        help='random erasing regions per image')
     parser.add_argument('--resplit', action='store_true', default=False,
                         help='do not random-erase the first (clean) augmentation split')
-    parser.add_argument('--mixup', type=float, default=0, help='mixup alpha; mixup is on if > 0')
-    parser.add_argument('--cutmix', type=float, default=0, help='cutmix alpha; cutmix is on if > 0')
-    parser.add_argument('--cutmix_minmax', type=float, nargs='+', default=None,
+    parser.add_argument('--mixup', type=float, default=0, check=cli.at_least(0), recipe=True,
+                        help='mixup alpha; mixup is on if > 0')
+    parser.add_argument('--cutmix', type=float, default=0, check=cli.at_least(0), recipe=True,
+                        help='cutmix alpha; cutmix is on if > 0')
+    parser.add_argument('--cutmix_minmax', type=float, nargs='+', default=None, check=CUTMIX_BOX, recipe=True,
                         help='cutmix min and max box ratio; overrides --cutmix and turns cutmix on')
-    parser.add_argument('--mixup_prob', type=float, default=1.0,
+    parser.add_argument('--mixup_prob', type=float, default=1.0, check=cli.within(0, 1), recipe=True,
                         help='probability of mixup or cutmix per batch when either is on')
-    parser.add_argument('--mixup_switch_prob', type=float, default=0.5,
+    parser.add_argument('--mixup_switch_prob', type=float, default=0.5, check=cli.within(0, 1), recipe=True,
                         help='probability of cutmix instead of mixup when both are on')
-    parser.add_argument('--mixup_mode', type=str, default='batch',
+    parser.add_argument('--mixup_mode', type=str, default='batch', check=cli.one_of('batch', 'pair', 'elem'),
+                        recipe=True,
                         help='mixup / cutmix parameters drawn per batch, pair or elem')
     cli.add_classifier_args(parser, global_pool=True)
     cli.add_run_args(parser, folders='train/ and val/ (with --eval: val/)')
@@ -67,38 +76,37 @@ def get_args_parser() -> cli.ArgumentParser:
 def main(args):
     check_args(args)
     world_size = launch.world_size_of_launch(args)
-    run = classification.read_up_front(args, build_finetune_transform, world_size, global_pool_default=True)
+    run = classification.read_up_front(args, world_size, global_pool_default=True,
+                                       train_transform=lambda size: build_transform(True, args, size))
     if run is None:
         return  # the run in --output_dir already finished --epochs
 
     runtime = launch.start(args, training=not args.eval)
     loader_train, loader_val = classification.build_loaders(run, args, runtime, world_size)
-    model = classification.build_classifier(args, run.encoder, head_init_std=2e-5, drop_path_rate=args.drop_path)
+    model = classification.build_model(args, run, head_init_std=2e-5, drop_path_rate=args.drop_path)
     if args.eval:
-        load_weights(run.resumable, model, args.model, fit_image_size=True)
+        load_resumable(run.resumable, model, args.model, fit_grid=True)
         return evaluate(loader_val, model.to(runtime.device), runtime, args.dist_eval, args.max_bad_images,
                         print_freq=args.print_freq)
 
-    model, model_without_ddp = launch.place_model(model, runtime, args, fsdp=args.fsdp)
-    effective_lr(args, world_size)
-    # layer-wise lr decay: lr_scale = layer_decay ** (num_layers - layer_id)
-    param_groups = param_groups_lrd(model_without_ddp, args.weight_decay,
-                                    no_weight_decay_list=model_without_ddp.no_weight_decay(),
-                                    layer_decay=args.layer_decay)
-    optimizer = make_adamw(param_groups, args.lr, args.adamw_impl, runtime.type)
+    model, model_to_save = launch.place_model(model, runtime, args, fsdp=args.fsdp)
+    lr_schedule = LrSchedule.of(args, world_size)
+    optimizer = build_optimizer(args, model_to_save, lr_schedule.lr, runtime.type)
     loss_scaler = LossScaler(runtime.grad_scaler())
-    mixup_fn = build_mixup(args)
+    mixup_fn = build_mixup(args, run.sizes.nb_classes)
     criterion = build_criterion(args, mixup_fn)
 
-    start = resume_training(run.resumable, model_without_ddp, optimizer, loss_scaler, runtime, args)
-    checkpointer = Checkpointer(args, model_without_ddp, optimizer, loss_scaler, runtime, start, len(run.dataset_train),
+    start = resume_training(run.resumable, model_to_save, optimizer, loss_scaler, runtime, args)
+    prepare_output_dir(args, start.epoch)
+    checkpointer = Checkpointer(args, model_to_save, optimizer, loss_scaler, runtime, start, len(run.dataset_train),
                                 run.classes)
-    run_log = RunLog(args, model_without_ddp, optimizer, runtime, world_size, start, 'MAE fine-tuning',
-                     classification.describe_data(run), describe_recipe(args, mixup_fn),
+    run_log = RunLog(args, model_to_save, optimizer, lr_schedule, runtime, world_size, start, 'MAE fine-tuning',
+                     classification.describe_data(run), describe_recipe(args, run.sizes, mixup_fn),
                      n_parameters=classification.trainable_parameters(model))
     for epoch in range(start.epoch, args.epochs):
-        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, runtime, epoch, loss_scaler, args,
-                                      run_log.tensorboard, checkpointer, start, mixup_fn, args.clip_grad)
+        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, lr_schedule, runtime, epoch,
+                                      loss_scaler, args, run_log.tensorboard, checkpointer, start, mixup_fn,
+                                      args.clip_grad)
         with checkpointer.saving_if_stopped(epoch, train_stats):  # a stop signal during it saves, then exits
             test_stats = evaluate(loader_val, model, runtime, args.dist_eval, args.max_bad_images, args.output_dir,
                                   args.print_freq)
@@ -107,19 +115,27 @@ def main(args):
         stop_if_signalled(epoch, args.epochs, checkpointer.last_path)
 
 
-def describe_recipe(args, mixup_fn) -> str:
+def build_optimizer(args, model: torch.nn.Module, lr: float, device_type: str) -> torch.optim.Optimizer:
+    """AdamW over layer-wise decayed groups: lr_scale = layer_decay ** (num_layers - layer_id); no weight decay
+    on biases, norms and the position / class tokens."""
+    param_groups = param_groups_lrd(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay(),
+                                    layer_decay=args.layer_decay)
+    return make_adamw(param_groups, lr, args.adamw_impl, device_type)
+
+
+def describe_recipe(args, sizes: classification.Sizes, mixup_fn) -> str:
     mixing = f'mixup {args.mixup} / cutmix {args.cutmix}' if mixup_fn is not None else 'no mixup'
     return (f'layer decay {args.layer_decay}, drop path {args.drop_path}, label smoothing {args.smoothing}, '
             f'{mixing}, augmentation {args.aa}, random erasing {args.reprob}, '
-            f'{"global pool" if args.global_pool else "class token"}')
+            f'{"global pool" if sizes.global_pool else "class token"}')
 
 
-def build_mixup(args):
+def build_mixup(args, num_classes: int):
     if not mixup_active(args):
         return None
     return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                  prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                 label_smoothing=args.smoothing, num_classes=args.nb_classes)
+                 label_smoothing=args.smoothing, num_classes=num_classes)
 
 
 def check_args(args):
@@ -129,7 +145,7 @@ def check_args(args):
         errors.append(f'--batch_size {args.batch_size}: mixup/cutmix needs an even batch size')
     if not errors:
         try:
-            build_finetune_transform(argparse.Namespace(**{**vars(args), 'input_size': args.input_size or 224}))
+            build_transform(True, args, args.input_size or 224)
         except (AssertionError, ValueError, KeyError) as e:
             errors.append(f'--aa {args.aa}: not an augmentation policy timm knows ({e}); e.g. '
                           'rand-m9-mstd0.5-inc1, original, v0, or none')

@@ -4,8 +4,6 @@
 python main_infer.py --model vit_base_patch16 --resume mae_finetuned_vit_base.pth --img_path cat.jpg --topk 5
 python main_infer.py --model mae_vit_large_patch16 --resume mae_visualize_vit_large.pth --img_path cat.jpg \
     --mask_ratio 0.75 --output_dir out/
-
-(Over 250 lines: a script with two outputs, the classification and the reconstruction, each a short handler.)
 """
 import util  # noqa: F401  first, before torch: device plugins load on demand (see util/__init__.py)
 import contextlib
@@ -23,13 +21,13 @@ import models_vit
 from util import args as cli
 from util import checks
 from util.checkpoint_io import CheckpointError, load_checkpoint
-from util.checkpoint_weights import model_state_from
 from util.classes import display_names, read_lines
 from util.device import AMP_CHOICES, DEVICE_CHOICES, DeviceError, setup_runtime
 from util.folders import collect_images, describe_skipped
 from util.images import DECODE_ERRORS, DEFAULT_MAX_PIXELS, NOT_DAMAGED, decode_image, describe_error
-from util.reconstruction import reconstruct, reconstruction_transform, save_figure
-from util.state_dicts import StateDict, architecture_of, check_attention_heads, fit_pos_embed, load_state_strict
+from util.architecture import architecture_of
+from util.reconstruction import figure_class, reconstruct, reconstruction_transform, save_figure
+from util.weights import load_weights, model_state_from
 from util.transforms import build_eval_transform
 
 
@@ -42,17 +40,19 @@ def get_args_parser() -> cli.ArgumentParser:
                              'URL; required')
     parser.add_argument('--img_path', nargs='+', required=True,
                         help='image files and/or folders of images; required')
-    parser.add_argument('--input_size', type=int, default=None,
+    parser.add_argument('--input_size', type=int, default=None, check=cli.POSITIVE_INT,
                         help="image side in pixels fed to the model (default: the checkpoint's; another size "
                              'interpolates the position embeddings)')
-    parser.add_argument('--patch_size', type=int, default=None, help="patch side in pixels (default: the checkpoint's)")
-    parser.add_argument('--topk', type=int, default=5, help='classes to print per image')
+    parser.add_argument('--patch_size', type=int, default=None, check=cli.POSITIVE_INT,
+                        help="patch side in pixels (default: the checkpoint's)")
+    parser.add_argument('--topk', type=int, default=5, check=cli.at_least(1), help='classes to print per image')
     parser.add_argument('--class_names', default=None,
                         help="text file, one class name per line in output order (default: the checkpoint's own "
                              'list, else ImageNet-1k names for 1000 outputs)')
-    parser.add_argument('--mask_ratio', type=float, default=0.75,
+    parser.add_argument('--mask_ratio', type=float, default=0.75, check=cli.within(0, 1, '[)'),
                         help='fraction of patches hidden (MAE), 0 <= ratio < 1')
-    parser.add_argument('--seed', type=int, default=0, help='mask seed: the same seed gives the same mask')
+    parser.add_argument('--seed', type=int, default=0, check=cli.SEED,
+                        help='mask seed: the same seed gives the same mask')
     parser.add_argument('--norm_pix_loss', action='store_true', default=None,
                         help="the MAE predicts per-patch normalised pixels (default: read from the checkpoint's "
                              'args; the released visualisation checkpoints predict raw pixels)')
@@ -84,10 +84,10 @@ def preprocess(img: Image.Image, input_size: int) -> torch.Tensor:
 
 # --- model -----------------------------------------------------------------------------------------------------
 
-def load_model(args, state: StateDict, path: str) -> nn.Module:
+def load_model(args, checkpoint: dict, path: str) -> nn.Module:
     """The --model architecture with what the checkpoint shows of it (patch size, image size, classes, pooling,
     a linear probe's BatchNorm head); --input_size / --patch_size override, position embeddings are fitted."""
-    arch = architecture_of(state)
+    arch = architecture_of(model_state_from(checkpoint, path))
     kwargs = arch.size_kwargs() if arch.kind else {}
     if args.patch_size:
         kwargs['patch_size'] = args.patch_size
@@ -106,9 +106,7 @@ def load_model(args, state: StateDict, path: str) -> nn.Module:
         model = models_vit.build_classifier(args.model, **kwargs)
         if arch.kind == 'linear probe':
             model = models_vit.add_batchnorm_head(model)
-    if arch.kind and arch.grid and arch.img_size != size:
-        fit_pos_embed(model, state, path)
-    load_state_strict(model, state, path, args.model)
+    load_weights(model, checkpoint, path, args.model, fit_grid=True)
     return model.eval()
 
 
@@ -164,11 +162,6 @@ def check_args(args):
     if args.model not in models_vit.MODELS and args.model not in models_mae.MODELS:
         errors.append(f'--model {args.model}: unknown model; choose from '
                       f'{", ".join(list(models_vit.MODELS) + list(models_mae.MODELS))}')
-    checks.check_ranges(args, errors, {name: checks.RANGE_RULES[name]
-                                       for name in ('mask_ratio', 'input_size', 'patch_size', 'seed',
-                                                    'max_image_pixels')})
-    if args.topk < 1:
-        errors.append(f'--topk {args.topk}: must be >= 1')
     if args.class_names and not os.path.isfile(args.class_names):
         errors.append(f'--class_names {args.class_names}: no such file')
     checks.check_checkpoint_path('--resume', args.resume, errors)
@@ -177,6 +170,8 @@ def check_args(args):
     if args.json and args.json != '-' and not checks.writable_file(args.json):
         errors.append(f'--json {args.json}: cannot write this file (is its folder there and writable?)')
     checks.raise_if_errors(errors)
+    if args.model in models_mae.MODELS:
+        figure_class()  # matplotlib, only for the figure: missing, one line before any work
 
 
 def reconstruction_handler(args, model, checkpoint, runtime, report: dict):
@@ -220,8 +215,7 @@ def run(args) -> dict:
     """Returns {'model', 'checkpoint', 'task', 'results': [...], 'errors': [...]}."""
     check_args(args)
     checkpoint = load_checkpoint(args.resume)
-    model = load_model(args, model_state_from(checkpoint, args.resume), args.resume)
-    check_attention_heads(model, checkpoint, args.resume, args.model)
+    model = load_model(args, checkpoint, args.resume)
     runtime = setup_runtime(args.device, args.amp)
     model.to(runtime.device)
     files, errors, skipped = collect_images(args.img_path)

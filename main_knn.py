@@ -11,11 +11,11 @@ import os
 import models_mae
 import models_vit
 from util import args as cli
-from util import checks, knn, launch
+from util import checks, knn, knn_monitor, launch
 from util.checkpoint_io import load_checkpoint
-from util.checkpoint_weights import model_state_from
 from util.distributed import print0
-from util.state_dicts import StateDict, architecture_of, fit_pos_embed, load_state_strict, no_vit_cause
+from util.architecture import Architecture, StateDict, architecture_of
+from util.weights import load_weights, model_state_from, no_vit_cause
 
 # what an encoder does not hold: an MAE's decoder and mask token, a classifier's head
 NOT_ENCODER = ('decoder_', 'mask_token', 'head.')
@@ -23,7 +23,8 @@ NOT_ENCODER = ('decoder_', 'mask_token', 'head.')
 
 def get_args_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser('main_knn.py', 'k-NN evaluation of a ViT encoder on frozen features')
-    parser.add_argument('--batch_size', default=128, type=int, help='images per process and forward pass')
+    parser.add_argument('--batch_size', default=128, type=int, check=cli.POSITIVE_INT,
+                        help='images per process and forward pass')
     cli.add_model_args(parser, model='vit_base_patch16')
     parser.add_argument('--resume', default='',
                         help='the checkpoint whose encoder is evaluated (path or https URL): encoder-only or full '
@@ -32,18 +33,20 @@ def get_args_parser() -> cli.ArgumentParser:
                         help='the class token or the mean of the patch tokens, after the final norm (a global-pool '
                              "classifier: its fc_norm'd mean)")
     parser.add_argument('--nb_knn', default=[knn.DEFAULT_K], type=int, nargs='+',
+                        check=((lambda ks: min(ks) >= 1), 'every k must be >= 1'),
                         help='neighbours that vote; several values are evaluated in one pass')
-    parser.add_argument('--temperature', default=knn.DEFAULT_TEMPERATURE, type=float,
+    parser.add_argument('--temperature', default=knn.DEFAULT_TEMPERATURE, type=float, check=cli.TEMPERATURE,
                         help='T in the vote weight exp(cosine similarity / T)')
-    parser.add_argument('--train_per_class', default=0, type=int,
+    parser.add_argument('--train_per_class', default=0, type=int, check=knn_monitor.EVERY_IMAGE_AT_0,
                         help='bank images per class, the first in sorted file order (0: all)')
-    parser.add_argument('--val_per_class', default=0, type=int,
+    parser.add_argument('--val_per_class', default=0, type=int, check=knn_monitor.EVERY_IMAGE_AT_0,
                         help='query images per class, the first in sorted file order (0: all)')
-    parser.add_argument('--query_chunk', default=knn.QUERY_CHUNK, type=int,
+    parser.add_argument('--query_chunk', default=knn.QUERY_CHUNK, type=int, check=cli.at_least(1),
                         help='queries scored at once; the similarities hold at most 24 bytes x query_chunk x '
                              'bank_chunk beside the bank')
-    parser.add_argument('--bank_chunk', default=knn.BANK_CHUNK, type=int, help='bank images scored at once')
-    parser.add_argument('--print_freq', default=50, type=int,
+    parser.add_argument('--bank_chunk', default=knn.BANK_CHUNK, type=int, check=cli.within(1, knn.MAX_BANK_CHUNK),
+                        help='bank images scored at once')
+    parser.add_argument('--print_freq', default=50, type=int, check=cli.at_least(1),
                         help='print a progress line every N batches of features (where a stop signal is acted on)')
     cli.add_data_args(parser, folders='train/ (the memory bank) and val/ (the queries)')
     cli.add_runtime_args(parser, training=False)
@@ -54,8 +57,6 @@ def check_args(args):
     errors = []
     encoders = {**models_vit.MODELS, **models_mae.MODELS}
     checks.check_model_args(args, encoders, 'ViT encoder', {}, '', '', errors)
-    checks.check(1 <= args.bank_chunk <= knn.MAX_BANK_CHUNK, '--bank_chunk', args.bank_chunk,
-                 f'must be in [1, {knn.MAX_BANK_CHUNK}]', errors)
     checks.check_data_path(args.data_path, ['train', 'val'], errors)
     if not args.resume:
         errors.append('--resume: required; the checkpoint whose encoder is evaluated (e.g. mae_pretrain_vit_base.pth '
@@ -64,33 +65,36 @@ def check_args(args):
     checks.raise_if_errors(errors)
 
 
-def encoder_weights(state: StateDict, path: str, feature: str) -> StateDict:
-    """The encoder's part of a checkpoint's weights; refuses (one line) weights that are not a ViT, and the class
-    token of a global-pool classifier, which has no final norm for it."""
-    arch = architecture_of(state)
+def check_encoder(arch: Architecture, state: StateDict, path: str, feature: str):
+    """Refuse (one line) weights that are not a ViT, and the class token of a global-pool classifier, which has no
+    final norm for it."""
     if not arch.kind:
         raise checks.UsageError(f'--resume {path}: {no_vit_cause(state)}')
     if arch.global_pool and feature == 'cls':
         raise checks.UsageError(f'--feature cls: {path} is a global-pool classifier; its class token has no final '
                                 'norm (fc_norm normalises the mean of the patch tokens): use --feature mean')
-    return {k: v for k, v in state.items() if not k.startswith(NOT_ENCODER)}
 
 
-def build_encoder(args, state: StateDict) -> models_vit.VisionTransformer:
-    """The --model encoder (an MAE name means its encoder) without a head, with the checkpoint's weights: strict,
-    after fitting the position table to --input_size; a misfit is one line naming the cause."""
+def is_encoder_key(key: str) -> bool:
+    return not key.startswith(NOT_ENCODER)
+
+
+def build_encoder(args, checkpoint: dict) -> models_vit.VisionTransformer:
+    """The --model encoder (an MAE name means its encoder) without a head, with the checkpoint's encoder weights:
+    strict, after fitting the position table to --input_size; a misfit is one line naming the cause."""
+    state = model_state_from(checkpoint, args.resume)
+    arch = architecture_of(state)
+    check_encoder(arch, state, args.resume, args.feature)
     name = args.model.removeprefix('mae_')  # mae_vit_base_patch16's encoder is vit_base_patch16
     model = models_vit.build_classifier(name, patch_size=args.patch_size, img_size=args.input_size, num_classes=0,
-                                        global_pool='fc_norm.weight' in state, attn_impl=args.attn)
-    fit_pos_embed(model, state, args.resume)
-    load_state_strict(model, state, args.resume, args.model)
+                                        global_pool=bool(arch.global_pool), attn_impl=args.attn)
+    load_weights(model, checkpoint, args.resume, args.model, fit_grid=True, keep=is_encoder_key)
     return model
 
 
 def main(args):
     check_args(args)
-    state = encoder_weights(model_state_from(load_checkpoint(args.resume), args.resume), args.resume, args.feature)
-    encoder = build_encoder(args, state)  # before any work: a checkpoint that does not fit stops the run here
+    encoder = build_encoder(args, load_checkpoint(args.resume))  # a checkpoint that does not fit stops the run here
     data = knn.read_knn_data(args.data_path, args.input_size, args.train_per_class, args.val_per_class,
                              args.max_image_pixels)
     refusal = knn.k_too_large('--nb_knn', args.nb_knn, data, os.path.join(args.data_path, 'train'))

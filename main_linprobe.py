@@ -12,10 +12,10 @@ from engine_finetune import evaluate, train_one_epoch
 from util import args as cli
 from util import checks, classification, launch
 from util.amp import LossScaler
-from util.checkpointer import Checkpointer, load_weights, resume_training
+from util.checkpointer import Checkpointer, load_resumable, prepare_output_dir, resume_training
 from util.lars import LARS
 from util.logs import RunLog
-from util.lr_sched import effective_lr
+from util.lr_sched import LrSchedule
 from util.preemption import stop_if_signalled
 from util.transforms import build_linprobe_transform
 
@@ -32,35 +32,36 @@ def get_args_parser() -> cli.ArgumentParser:
 def main(args):
     check_args(args)
     world_size = launch.world_size_of_launch(args)
-    run = classification.read_up_front(args, lambda a: build_linprobe_transform(a.input_size), world_size,
-                                       global_pool_default=False)
+    run = classification.read_up_front(args, world_size, global_pool_default=False,
+                                       train_transform=build_linprobe_transform)
     if run is None:
         return  # the run in --output_dir already finished --epochs
 
     runtime = launch.start(args, training=not args.eval)
     loader_train, loader_val = classification.build_loaders(run, args, runtime, world_size)
-    model = linear_probe(classification.build_classifier(args, run.encoder, head_init_std=0.01))
+    model = linear_probe(classification.build_model(args, run, head_init_std=0.01))
     if args.eval:
-        load_weights(run.resumable, model, args.model, fit_image_size=True)
+        load_resumable(run.resumable, model, args.model, fit_grid=True)
         return evaluate(loader_val, model.to(runtime.device), runtime, args.dist_eval, args.max_bad_images,
                         print_freq=args.print_freq)
 
-    model, model_without_ddp = launch.place_model(model, runtime, args, fsdp=False)
-    effective_lr(args, world_size)
-    optimizer = LARS(model_without_ddp.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    model, model_to_save = launch.place_model(model, runtime, args, fsdp=False)
+    lr_schedule = LrSchedule.of(args, world_size)
+    optimizer = LARS(model_to_save.head.parameters(), lr=lr_schedule.lr, weight_decay=args.weight_decay)
     loss_scaler = LossScaler(runtime.grad_scaler())
     criterion = torch.nn.CrossEntropyLoss()
 
-    start = resume_training(run.resumable, model_without_ddp, optimizer, loss_scaler, runtime, args)
-    checkpointer = Checkpointer(args, model_without_ddp, optimizer, loss_scaler, runtime, start, len(run.dataset_train),
+    start = resume_training(run.resumable, model_to_save, optimizer, loss_scaler, runtime, args)
+    prepare_output_dir(args, start.epoch)
+    checkpointer = Checkpointer(args, model_to_save, optimizer, loss_scaler, runtime, start, len(run.dataset_train),
                                 run.classes)
-    run_log = RunLog(args, model_without_ddp, optimizer, runtime, world_size, start, 'MAE linear probing',
-                     classification.describe_data(run), f'LARS, weight decay {args.weight_decay}, frozen encoder, '
-                     f'{"global pool" if args.global_pool else "class token"}',
+    run_log = RunLog(args, model_to_save, optimizer, lr_schedule, runtime, world_size, start, 'MAE linear probing',
+                     classification.describe_data(run), f'weight decay {args.weight_decay}, frozen encoder, '
+                     f'{"global pool" if run.sizes.global_pool else "class token"}',
                      n_parameters=classification.trainable_parameters(model))
     for epoch in range(start.epoch, args.epochs):
-        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, runtime, epoch, loss_scaler, args,
-                                      run_log.tensorboard, checkpointer, start)  # no mixup, no clipping
+        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, lr_schedule, runtime, epoch,
+                                      loss_scaler, args, run_log.tensorboard, checkpointer, start)  # no mixup/clip
         with checkpointer.saving_if_stopped(epoch, train_stats):  # a stop signal during it saves, then exits
             test_stats = evaluate(loader_val, model, runtime, args.dist_eval, args.max_bad_images, args.output_dir,
                                   args.print_freq)

@@ -8,6 +8,9 @@ torchrun --nproc_per_node=8 main_pretrain.py --batch_size 64 --accum_iter 8 --mo
 import util  # noqa: F401  first, before torch: device plugins load on demand (see util/__init__.py)
 import os
 import sys
+from typing import List, Optional
+
+import torch
 
 import models_mae
 import models_vit
@@ -15,13 +18,13 @@ from engine_pretrain import train_one_epoch
 from util import args as cli
 from util import checks, knn_monitor, launch, plan
 from util.amp import LossScaler
-from util.checkpointer import Checkpointer, find_resumable, resume_training
+from util.checkpointer import Checkpointer, find_resumable, prepare_output_dir, resume_training
 from util.datasets import ImageFolderDataset, build_image_folder, build_loader, describe
 from util.distributed import get_rank
 from util.images import decode_image_tensor
 from util.logs import RunLog
 from util.lr_decay import param_groups_weight_decay
-from util.lr_sched import effective_lr
+from util.lr_sched import LrSchedule
 from util.optim import make_adamw
 from util.preemption import stop_if_signalled
 from util.transforms import build_fast_pretrain_transform, build_pretrain_transform
@@ -32,13 +35,14 @@ def get_args_parser() -> cli.ArgumentParser:
     cli.add_schedule_args(parser, batch_size=64, epochs=400, blr=1e-3, weight_decay=0.05, min_lr=0.,
                           warmup_epochs=40)
     cli.add_model_args(parser, model='mae_vit_large_patch16')
-    parser.add_argument('--mask_ratio', default=0.75, type=float,
+    parser.add_argument('--mask_ratio', default=0.75, type=float, check=cli.within(0, 1, '[)'), recipe=True,
                         help='fraction of the patches hidden from the encoder, 0 <= ratio < 1')
-    parser.add_argument('--norm_pix_loss', action='store_true',
+    parser.add_argument('--norm_pix_loss', action='store_true', recipe=True,
                         help='targets are each patch\'s pixels normalised by its own mean and std (the released '
                              'models)')
     cli.add_run_args(parser, folders='train/ (val/ is not read)')
     parser.add_argument('--save_freq', default=20, type=int,
+                        check=cli.at_least(1, ' (epochs between numbered checkpoints)'),
                         help='write a numbered checkpoint every N epochs (and after the last one)')
     cli.add_adamw_args(parser)
     cli.add_fsdp_args(parser)
@@ -58,7 +62,7 @@ def check_args(args):
     patch = checks.check_model_args(args, models_mae.MODELS, 'MAE model', models_vit.MODELS, 'a classifier',
                                     'main_finetune.py or main_linprobe.py', errors)
     if patch:
-        checks.check_mask_ratio(args.mask_ratio, args.input_size, patch, errors)
+        check_mask_ratio(args.mask_ratio, args.input_size, patch, errors)
     checks.check_data_path(args.data_path, ['train'], errors)
     checks.check_checkpoint_path('--resume', args.resume, errors)
     checks.check_output(args, errors)
@@ -66,9 +70,32 @@ def check_args(args):
     checks.raise_if_errors(errors)
 
 
+def check_mask_ratio(mask_ratio: float, input_size: int, patch_size: int, errors: List[str]):
+    """Pretraining: the ratio must hide at least one patch (the loss is the mean over hidden patches, 0/0
+    otherwise) and leave at least one visible (the encoder's input)."""
+    if not (0 <= mask_ratio < 1) or input_size % patch_size or input_size < 1 or patch_size < 1:
+        return  # reported by the range and grid checks
+    num_patches = (input_size // patch_size) ** 2
+    kept = int(num_patches * (1 - mask_ratio))  # as models_mae.random_masking counts them
+    where = f'of the {num_patches} patches ({input_size} px images, {patch_size} px patches)'
+    if kept == num_patches:
+        errors.append(f'--mask_ratio {mask_ratio}: hides none {where}, and the loss is computed on hidden patches '
+                      f'only; use at least {smallest_ratio_hiding_one(num_patches):.4g}')
+    elif kept == 0:
+        errors.append(f'--mask_ratio {mask_ratio}: leaves none {where} visible to the encoder; use at most '
+                      f'{(num_patches - 1) / num_patches:.4g}')
+
+
+def smallest_ratio_hiding_one(num_patches: int) -> float:
+    ratio = 1 / num_patches
+    while int(num_patches * (1 - ratio)) == num_patches:  # float rounding of L * (1 - 1/L)
+        ratio *= 1.0001
+    return ratio
+
+
 def describe_recipe(args) -> str:
     targets = 'per-patch normalised pixel targets' if args.norm_pix_loss else 'raw pixel targets'
-    return f'mask ratio {args.mask_ratio}, {targets}, AdamW (0.9, 0.95), weight decay {args.weight_decay}'
+    return f'mask ratio {args.mask_ratio}, {targets}, weight decay {args.weight_decay}'
 
 
 def build_model(args) -> models_mae.MaskedAutoencoderViT:
@@ -86,10 +113,12 @@ def build_pretraining_dataset(args) -> ImageFolderDataset:
                               max_pixels=args.max_image_pixels)
 
 
-def main(args):
+def main(args, start_over: Optional[bool] = None):
+    """start_over: the demo's decision to replace its previous run (tools/demo.py), else --overwrite's."""
     check_args(args)
     world_size = launch.world_size_of_launch(args)
-    resumable = find_resumable(args)  # --resume, or this --output_dir's checkpoint: read before any work
+    # --resume, or this --output_dir's checkpoint (not when starting over): read before any work
+    resumable = find_resumable(args, auto_resume=False if start_over else None)
     if plan.nothing_to_train(resumable, args, world_size):
         return
     dataset_train = build_pretraining_dataset(args)
@@ -99,26 +128,30 @@ def main(args):
     runtime = launch.start(args, training=True)
     data_loader_train = build_loader(dataset_train, args, runtime, True, get_rank(), world_size)
     model = build_model(args)
-    model, model_without_ddp = launch.place_model(model, runtime, args, fsdp=args.fsdp)
-    effective_lr(args, world_size)
-    # no weight decay on biases and norm weights; AdamW betas (0.9, 0.95)
-    param_groups = param_groups_weight_decay(model_without_ddp, args.weight_decay)
-    optimizer = make_adamw(param_groups, args.lr, args.adamw_impl, runtime.type, betas=(0.9, 0.95))
+    model, model_to_save = launch.place_model(model, runtime, args, fsdp=args.fsdp)
+    lr_schedule = LrSchedule.of(args, world_size)
+    optimizer = build_optimizer(args, model_to_save, lr_schedule.lr, runtime.type)
     loss_scaler = LossScaler(runtime.grad_scaler())
 
-    start = resume_training(resumable, model_without_ddp, optimizer, loss_scaler, runtime, args)
-    checkpointer = Checkpointer(args, model_without_ddp, optimizer, loss_scaler, runtime, start, len(dataset_train))
-    run_log = RunLog(args, model_without_ddp, optimizer, runtime, world_size, start, 'MAE pretraining',
+    start = resume_training(resumable, model_to_save, optimizer, loss_scaler, runtime, args)
+    prepare_output_dir(args, start.epoch, start_over)
+    checkpointer = Checkpointer(args, model_to_save, optimizer, loss_scaler, runtime, start, len(dataset_train))
+    run_log = RunLog(args, model_to_save, optimizer, lr_schedule, runtime, world_size, start, 'MAE pretraining',
                      describe(dataset_train), describe_recipe(args))
     for epoch in range(start.epoch, args.epochs):
-        train_stats = train_one_epoch(model, data_loader_train, optimizer, runtime, epoch, loss_scaler, args,
-                                      run_log.tensorboard, checkpointer, start)
+        train_stats = train_one_epoch(model, data_loader_train, optimizer, lr_schedule, runtime, epoch, loss_scaler,
+                                      args, run_log.tensorboard, checkpointer, start)
         with checkpointer.saving_if_stopped(epoch, train_stats):  # a stop signal during it saves, then exits
-            knn_stats = knn_monitor.run(knn_data, model_without_ddp, epoch, runtime, args, run_log.tensorboard)
+            knn_stats = knn_monitor.run(knn_data, model_to_save, epoch, runtime, args, run_log.tensorboard)
         run_log.write(epoch, train_stats, **knn_stats)
         checkpointer.save(epoch, numbered=epoch % args.save_freq == 0 or epoch + 1 == args.epochs)
         stop_if_signalled(epoch, args.epochs, checkpointer.last_path)
 
+
+def build_optimizer(args, model: torch.nn.Module, lr: float, device_type: str) -> torch.optim.Optimizer:
+    """AdamW, betas (0.9, 0.95); no weight decay on biases and norm weights."""
+    param_groups = param_groups_weight_decay(model, args.weight_decay)
+    return make_adamw(param_groups, lr, args.adamw_impl, device_type, betas=(0.9, 0.95))
 
 if __name__ == '__main__':
     parsed = cli.parse_with(get_args_parser())

@@ -12,8 +12,7 @@ from torch.optim.swa_utils import AveragedModel
 import models_vit
 from conftest import TINY_VIT, free_port, run_script
 from util.checkpoint_io import CheckpointError, load_checkpoint
-from util.checkpoint_weights import model_state_from
-from util.state_dicts import load_state_strict
+from util.weights import load_state_strict, model_state_from
 
 
 def tiny_classifier() -> torch.nn.Module:

@@ -66,7 +66,8 @@ def test_a_demo_rerun_with_another_seed_starts_over_instead_of_a_refused_resume(
     saved = argparse.Namespace(**{**vars(args), 'seed': 0})
     torch.save({'model': {}, 'optimizer': {}, 'epoch': 2, 'args': saved}, os.path.join(args.output_dir,
                                                                                        'checkpoint-last.pth'))
-    assert decide_continue_or_start_over(args) is False and args.overwrite and not args.auto_resume
+    typed = dict(vars(args))
+    assert decide_continue_or_start_over(args) is False and vars(args) == typed
 
 
 def test_demo_refuses_a_real_run_and_a_real_dataset_and_changes_neither(tmp_path):

@@ -417,7 +417,7 @@ WEIGHTS = {'blocks.0.w': torch.ones(2), 'norm.b': torch.zeros(2)}
     {'state_dict': {f'module.{k}': v for k, v in WEIGHTS.items()}},     # saved from a DDP-wrapped model
 ], ids=['model', 'state_dict', 'bare', 'ddp_prefix'])
 def test_weights_are_found_in_every_common_checkpoint_layout(checkpoint):
-    from util.checkpoint_weights import model_state_from
+    from util.weights import model_state_from
     assert model_state_from(checkpoint, 'x.pth') == WEIGHTS
 
 

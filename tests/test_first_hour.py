@@ -108,10 +108,10 @@ def test_inference_writes_its_figures_into_a_folder_named_for_them(tmp_path, mon
 
 def test_a_global_pool_classifier_given_to_a_class_token_probe_names_the_pooling():
     from util.checkpoint_io import CheckpointError
-    from util.state_dicts import load_pretrained_encoder
+    from util.weights import load_weights
     source = models_vit.vit_tiny_patch16(img_size=32, patch_size=4, num_classes=10, global_pool=True)
     target = models_vit.vit_tiny_patch16(img_size=32, patch_size=4, num_classes=4, global_pool=False)
     with pytest.raises(CheckpointError, match=r'w\.pth is not an encoder of --model vit_tiny_patch16: it was '
                                               r'fine-tuned with global pooling \(fc_norm\.\*, no norm\.\*\): pass '
                                               r'--global_pool; missing 2 encoder keys: norm\.bias, norm\.weight'):
-        load_pretrained_encoder(target, source.state_dict(), 'w.pth', 'vit_tiny_patch16')
+        load_weights(target, {'model': source.state_dict()}, 'w.pth', 'vit_tiny_patch16', pretrained=True)

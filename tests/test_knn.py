@@ -21,10 +21,10 @@ import models_vit
 from conftest import (ROOT, TINY, TINY_MAE, TINY_PRETRAIN_ARGS, read_json_log, run_in_process, run_script,
                       run_torchrun, start_process, subprocess_env, wait_for_line)
 from util import args as cli
-from util import checks, knn
+from util import knn
 from util.checkpoint_io import load_checkpoint
 from util.device import Runtime
-from util.state_dicts import load_pretrained_encoder
+from util.weights import load_weights
 
 TINY_KNN_ARGS = ['--model', 'mae_vit_tiny_patch16', '--input_size', '32', '--patch_size', '4', '--num_workers', '0',
                  '--batch_size', '16']
@@ -117,7 +117,7 @@ def test_a_class_no_neighbour_voted_for_is_never_in_the_top_5():
     assert ((three != knn.NO_CLASS).sum(dim=1) <= 3).all() and (three[:, 3:] == knn.NO_CLASS).all()
 
 
-@pytest.mark.parametrize('temperature', [1e-3, 1e-6, 1e-100, checks.MIN_TEMPERATURE, 1e6, math.inf])
+@pytest.mark.parametrize('temperature', [1e-3, 1e-6, 1e-100, cli.MIN_TEMPERATURE, 1e6, math.inf])
 def test_every_accepted_temperature_gives_finite_weights_and_the_limit_ranking(temperature):
     """exp(sim / T) overflows to inf for T below ~1/709 (float64), and every class then ties at inf: the ranking
     fell back to class index. As T -> 0 the nearest neighbour's class must lead (then the next nearest class, ...);
@@ -293,9 +293,9 @@ def knn_args(*argv):
 def evaluate_checkpoint(path, data_path, *flags):
     """main_knn.main's steps in this process, without its start-up (which installs signal handlers)."""
     args = knn_args('--resume', path, '--data_path', data_path, *TINY_KNN_ARGS, *flags)
-    state = main_knn.encoder_weights(load_checkpoint(str(path))['model'], str(path), args.feature)
+    encoder = main_knn.build_encoder(args, load_checkpoint(str(path)))
     data = knn.read_knn_data(args.data_path, args.input_size, args.train_per_class, args.val_per_class)
-    return knn.evaluate(main_knn.build_encoder(args, state), data, args, Runtime('cpu'), args.feature, args.nb_knn,
+    return knn.evaluate(encoder, data, args, Runtime('cpu'), args.feature, args.nb_knn,
                         args.temperature)
 
 
@@ -305,7 +305,7 @@ def test_a_full_mae_its_encoder_alone_a_classifier_from_it_and_the_mae_itself_gi
     mae = models_mae.mae_vit_tiny_patch16(img_size=32, patch_size=4)
     encoder = {k: v for k, v in mae.state_dict().items() if not k.startswith('decoder') and k != 'mask_token'}
     classifier = models_vit.vit_tiny_patch16(img_size=32, patch_size=4, num_classes=4, global_pool=False)
-    load_pretrained_encoder(classifier, encoder, 'encoder.pth', 'vit_tiny_patch16')
+    load_weights(classifier, {'model': encoder}, 'encoder.pth', 'vit_tiny_patch16', pretrained=True)
     for name, state in (('full', mae.state_dict()), ('encoder', encoder), ('classifier', classifier.state_dict())):
         torch.save({'model': state}, tmp_path / f'{name}.pth')
     few = ['--train_per_class', '6', '--val_per_class', '3']  # 24 bank images, 12 queries

@@ -367,8 +367,8 @@ def test_no_crop_of_a_tiny_image_is_empty(size):
     for _ in range(200):
         _, _, h, w = TFCrop.get_params(red, (0.08, 1.0), (3 / 4, 4 / 3))
         assert h >= 1 and w >= 1
-    finetune = build_finetune_transform(SimpleNamespace(input_size=8, color_jitter=None, aa='none', reprob=0,
-                                                        remode='pixel', recount=1))
+    finetune = build_finetune_transform(SimpleNamespace(color_jitter=None, aa='none', reprob=0, remode='pixel',
+                                                        recount=1), 8)
     for transform in (build_linprobe_transform(8), build_pretrain_transform(8), finetune):
         for _ in range(50):
             out = transform(red)

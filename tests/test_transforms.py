@@ -9,7 +9,8 @@ from PIL import Image
 from timm.data.auto_augment import RandAugment
 
 from util.crop import RandomResizedCrop
-from util.transforms import (build_eval_transform, build_finetune_transform, build_linprobe_transform,
+from util.datasets import build_transform
+from util.transforms import (build_eval_transform, build_linprobe_transform,
                              build_pretrain_transform, posterize_any_bits)
 
 FINETUNE_ARGS = SimpleNamespace(input_size=32, color_jitter=None, aa='rand-m9-mstd0.5-inc1', reprob=0.25,
@@ -24,7 +25,7 @@ def noise_image(size=(40, 30), seed=0):
 def test_pretrain_and_eval_transforms_give_normalised_tensors_of_input_size():
     img = noise_image((64, 48))
     for transform in (build_pretrain_transform(32), build_eval_transform(32),
-                      build_linprobe_transform(32), build_finetune_transform(FINETUNE_ARGS)):
+                      build_linprobe_transform(32), build_transform(True, FINETUNE_ARGS)):
         out = transform(img)
         assert out.shape == (3, 32, 32) and out.dtype == torch.float32
 
@@ -58,7 +59,7 @@ def test_posterize_with_zero_bits_gives_the_black_image_older_pillow_gave():
 def test_the_finetune_randaugment_survives_a_posterize_draw_of_zero_bits():
     """mstd0.5 pushes the magnitude to 10 in ~2% of draws, which PosterizeIncreasing maps to 0 bits: Pillow 13
     raises on it; our transform must give the black image older Pillow gave."""
-    randaug = next(t for t in build_finetune_transform(FINETUNE_ARGS).transforms if isinstance(t, RandAugment))
+    randaug = next(t for t in build_transform(True, FINETUNE_ARGS).transforms if isinstance(t, RandAugment))
     op = next(op for op in randaug.ops if op.name == 'PosterizeIncreasing')
     op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0  # the draw that reaches 0 bits
     assert op.level_fn(op.magnitude, op.hparams)[0] == 0
@@ -70,7 +71,7 @@ def test_the_finetune_randaugment_survives_a_posterize_draw_of_zero_bits():
 def test_three_thousand_official_randaugment_draws_raise_nothing():
     random.seed(0)
     torch.manual_seed(0)
-    transform = build_finetune_transform(FINETUNE_ARGS)
+    transform = build_transform(True, FINETUNE_ARGS)
     img = noise_image((48, 48))
     for _ in range(3000):
         assert transform(img).shape == (3, 32, 32)

@@ -11,12 +11,14 @@ python -m tools.benchmark --memory --model mae_vit_base_patch16 --device cpu --m
 python -m tools.benchmark --knn --batch_size 16 --device cpu     # the k-NN monitor's and main_knn.py's costs
 Prints a table; --json FILE also writes every number.
 """
+import argparse
 import json
 import sys
 from typing import Dict, List
 
 import torch
 
+import main_pretrain
 import models_mae
 import models_vit
 from util import args as cli
@@ -37,10 +39,12 @@ def get_args_parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser('python -m tools.benchmark', 'MAE benchmarks')
     parser.add_argument('--model', default='mae_vit_base_patch16',
                         help='mae_vit_* (pretraining step) or vit_* (fine-tuning step)')
-    parser.add_argument('--batch_size', default=8, type=int, help='images per step')
-    parser.add_argument('--input_size', default=224, type=int, help='image side in pixels')
-    parser.add_argument('--patch_size', default=None, type=int, help="patch side in pixels (default: the model's own)")
-    parser.add_argument('--mask_ratio', default=0.75, type=float, help='MAE: fraction of patches hidden')
+    parser.add_argument('--batch_size', default=8, type=int, check=cli.POSITIVE_INT, help='images per step')
+    parser.add_argument('--input_size', default=224, type=int, check=cli.POSITIVE_INT, help='image side in pixels')
+    parser.add_argument('--patch_size', default=None, type=int, check=cli.POSITIVE_INT,
+                        help="patch side in pixels (default: the model's own)")
+    parser.add_argument('--mask_ratio', default=0.75, type=float, check=cli.within(0, 1, '[)'),
+                        help='MAE: fraction of patches hidden')
     parser.add_argument('--device', default='auto', choices=DEVICE_CHOICES, help='backend')
     parser.add_argument('--amp', default=None, choices=AMP_CHOICES,
                         help='mixed precision (default: fp16 on cuda/npu/sdaa, off on cpu/mps)')
@@ -63,12 +67,14 @@ def get_args_parser() -> cli.ArgumentParser:
                              'and --fast_decode), beside the synthetic step')
     parser.add_argument('--data_path', default=None,
                         help='for --pipeline / --end_to_end: a folder holding train/<class>/*.jpg')
-    parser.add_argument('--num_workers', default=2, type=int, help='for --pipeline / --end_to_end: DataLoader workers')
-    parser.add_argument('--pipeline_batches', default=60, type=int,
+    parser.add_argument('--num_workers', default=2, type=int, check=cli.at_least(0),
+                        help='for --pipeline / --end_to_end: DataLoader workers')
+    parser.add_argument('--pipeline_batches', default=60, type=int, check=cli.at_least(1),
                         help=f'for --pipeline: batches of {pipeline.BATCH} timed per variant')
-    parser.add_argument('--warmup', default=3, type=int, help='untimed steps first')
-    parser.add_argument('--steps', default=5, type=int, help='steps per timed window')
-    parser.add_argument('--windows', default=3, type=int, help='timed windows; the median is reported')
+    parser.add_argument('--warmup', default=3, type=int, check=cli.at_least(0), help='untimed steps first')
+    parser.add_argument('--steps', default=5, type=int, check=cli.at_least(1), help='steps per timed window')
+    parser.add_argument('--windows', default=3, type=int, check=cli.at_least(1),
+                        help='timed windows; the median is reported')
     parser.add_argument('--knn', action='store_true',
                         help="the k-NN costs: --model's encoder forward per image beside its training step, and the "
                              'chunked similarity against a bank, with the arithmetic for ImageNet')
@@ -86,22 +92,17 @@ def get_args_parser() -> cli.ArgumentParser:
 
 def check_args(args):
     errors = []
-    rules = {name: checks.RANGE_RULES[name] for name in ('batch_size', 'input_size', 'patch_size', 'mask_ratio',
-                                                          'num_workers')}
-    rules.update(warmup=(lambda v: v >= 0, 'must be >= 0'), steps=(lambda v: v >= 1, 'must be >= 1'),
-                 windows=(lambda v: v >= 1, 'must be >= 1'), pipeline_batches=(lambda v: v >= 1, 'must be >= 1'))
-    checks.check_ranges(args, errors, rules)
     if args.knn and args.model not in models_mae.MODELS:
         errors.append(f'--model {args.model}: --knn times an MAE training step; choose from '
                       f'{", ".join(models_mae.MODELS)}')
     models = {**models_mae.MODELS, **models_vit.MODELS}
     if args.model not in models:
         errors.append(f'--model {args.model}: unknown model; choose from {", ".join(models)}')
-    elif not errors:
+    else:
         patch = args.patch_size or models_vit.default_patch_size(models[args.model])
         checks.check_patch_grid(args.input_size, patch, errors)
         if args.model in models_mae.MODELS and not args.scaling:
-            checks.check_mask_ratio(args.mask_ratio, args.input_size, patch, errors)
+            main_pretrain.check_mask_ratio(args.mask_ratio, args.input_size, patch, errors)
     if args.pipeline or args.end_to_end:
         checks.check_data_path(args.data_path, ['train'], errors)
     if args.json and not checks.writable_file(args.json):
@@ -206,8 +207,8 @@ def run(args):
         if args.scaling:
             for name in SCALING_MODELS:
                 for ratio in SCALING_MASK_RATIOS:
-                    args.mask_ratio = ratio
-                    rows.append(step.measure(name, args, runtime, peak=peak))
+                    rows.append(step.measure(name, argparse.Namespace(**{**vars(args), 'mask_ratio': ratio}), runtime,
+                                             peak=peak))
             print_table('Step cost against mask ratio and model size', rows, STEP_COLUMNS)
         else:
             ours = step.measure(args.model, args, runtime, compile_model=args.compile, peak=peak)

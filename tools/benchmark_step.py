@@ -9,11 +9,11 @@ from typing import Dict, List
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import main_finetune
+import main_pretrain
 import models_mae
 import models_vit
 from util.amp import LossScaler
-from util.lr_decay import param_groups_lrd, param_groups_weight_decay
-from util.optim import make_adamw
 
 
 def matmul_peak_flops(runtime, dtype: torch.dtype) -> float:
@@ -127,9 +127,9 @@ def measure(name: str, args, runtime, attn_impl: str = 'sdpa', compile_model: bo
             'peak_mem_gib': runtime.max_memory_allocated() / 2 ** 30}
 
 
-def build_optimizer(name: str, model: torch.nn.Module, adamw_impl: str, runtime) -> torch.optim.AdamW:
-    """AdamW with the recipe's parameter groups: weight-decay groups and betas (0.9, 0.95) for an MAE, layer
-    decay for a classifier."""
-    if name in models_mae.MODELS:
-        return make_adamw(param_groups_weight_decay(model, 0.05), 1e-4, adamw_impl, runtime.type, betas=(0.9, 0.95))
-    return make_adamw(param_groups_lrd(model, 0.05, model.no_weight_decay(), 0.75), 1e-4, adamw_impl, runtime.type)
+def build_optimizer(name: str, model: torch.nn.Module, adamw_impl: str, runtime) -> torch.optim.Optimizer:
+    """The optimizer the recipe's script builds (main_pretrain.build_optimizer for an MAE, main_finetune's for a
+    classifier), with that script's default flags and this --adamw_impl."""
+    script = main_pretrain if name in models_mae.MODELS else main_finetune
+    recipe = script.get_args_parser().parse_args(['--adamw_impl', adamw_impl])
+    return script.build_optimizer(recipe, model, 1e-4, runtime.type)

@@ -52,7 +52,7 @@ def run(args):
     prepare_data(args)
     before, _ = held_out_error(initial_model(args), args)
     print0(f'Demo: held-out reconstruction error before training: {before:.4f}')
-    main_pretrain.main(args)
+    main_pretrain.main(args, start_over=not continuing)
     if is_main_process():
         finish(args, before, continuing)
 
@@ -81,8 +81,8 @@ def holds_other_files(folder: str, markers: tuple) -> bool:
 
 
 def decide_continue_or_start_over(args) -> bool:
-    """Continue an interrupted demo with the same settings; otherwise start over (the previous demo's
-    checkpoints, log and TensorBoard files are cleared by main_pretrain's --overwrite). Says which."""
+    """True: continue an interrupted demo with the same settings; False: start over (main_pretrain.main(start_over=
+    True) clears the previous demo's checkpoints, log and TensorBoard files). Says which."""
     last = os.path.join(args.output_dir, LAST)
     reason = 'no earlier demo run'
     if os.path.isfile(last):
@@ -95,12 +95,10 @@ def decide_continue_or_start_over(args) -> bool:
         if not changed and not finished:
             print0(f'Demo: continuing the interrupted demo in {args.output_dir} (pass --epochs or another flag to '
                    'start over instead)')
-            args.auto_resume = True
             return True
         reason = 'the previous demo finished' if finished else f'settings changed ({", ".join(changed)})'
     if holds_a_run(args.output_dir):
         print0(f'Demo: starting over in {args.output_dir} ({reason}); its previous outputs are replaced')
-    args.auto_resume, args.overwrite = False, True
     return False
 
 

@@ -24,8 +24,8 @@ import models_vit
 from util import args as cli
 from util import hf_layout
 from util.checkpoint_io import CheckpointError, load_checkpoint
-from util.checkpoint_weights import model_state_from
-from util.state_dicts import KIND_WORDS, Architecture, architecture_of, attention_heads
+from util.weights import model_state_from
+from util.architecture import KIND_WORDS, Architecture, architecture_of, attention_heads
 
 WEIGHTS_NAME = 'model.safetensors'
 

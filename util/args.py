@@ -2,13 +2,55 @@
 
 Every flag of the official scripts keeps its name and default; the new ones (device, precision, fault tolerance,
 speed) are grouped below. `--help` shows each flag's default and unit; a malformed value is one line, exit 2.
-The checks on the values themselves are in util/checks.py.
+A flag carries its own rules where it is defined: `check=` its range (every value out of range is one line,
+exit 2, before any work) and `recipe=True` when it is part of what a run learns (a resume refuses a change;
+util/plan.py). Checks that relate several flags or look at files are in util/checks.py.
 """
 import argparse
 import sys
+from typing import Any, Callable, Dict, Tuple
 
 from util.device import AMP_CHOICES, DEVICE_CHOICES
 from util.images import DEFAULT_MAX_PIXELS
+
+
+Rule = Tuple[Callable[[Any], bool], str]  # (accepts the parsed value, the requirement in words)
+# the recipe flags of every parser built in this process (each script builds its parser before main() runs)
+RECIPE: Dict[str, None] = {}  # an ordered set
+# k-NN: (similarity - nearest) / T, in util/knn.ranked_classes, stays a finite float64 from here on (|sim| <= 1)
+MIN_TEMPERATURE = 1e-300
+
+
+def number(x: float) -> str:
+    return f'{x:g}' if isinstance(x, float) else str(x)
+
+
+def at_least(low: float, note: str = '') -> Rule:
+    """`low` or more (None, an unset optional flag, passes); NaN fails."""
+    return (lambda v: v is None or v >= low), f'must be >= {number(low)}{note}'
+
+
+def above(low: float, note: str = '') -> Rule:
+    return (lambda v: v is None or v > low), f'must be > {number(low)}{note}'
+
+
+def within(low: float, high: float, closed: str = '[]') -> Rule:
+    """In the interval from low to high; `closed` says which ends belong to it, as in '[)'."""
+    def ok(v):
+        return v is None or ((v >= low if closed[0] == '[' else v > low) and
+                             (v <= high if closed[1] == ']' else v < high))
+    return ok, f'must be in {closed[0]}{number(low)}, {number(high)}{closed[1]}'
+
+
+POSITIVE_INT: Rule = ((lambda v: v is None or v >= 1), 'must be a positive integer')
+SEED: Rule = ((lambda v: 0 <= v < 2 ** 31), 'must be in [0, 2^31) (numpy seeds are 32-bit and each process adds its '
+                                            'rank)')
+TEMPERATURE: Rule = at_least(MIN_TEMPERATURE, ' (a positive float64)')
+
+
+def one_of(*choices: str) -> Rule:
+    """For string flags whose official parser takes any string (argparse `choices` would change its message)."""
+    return (lambda v: v in choices), f'choose from {", ".join(choices)}'
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -32,13 +74,33 @@ class ArgumentParser(argparse.ArgumentParser):
         """prog: how the user runs it ('main_pretrain.py', 'python -m tools.benchmark'), for usage and errors."""
         super().__init__(prog=prog, description=description, formatter_class=HelpFormatter, **kwargs)
 
+        self.rules = []  # (flag, dest, Rule) of every add_argument(check=...)
+
+    def add_argument(self, *names, check: Rule = None, recipe: bool = False, **kwargs):
+        """argparse's, plus the flag's rules: `check` its range, `recipe` whether it is part of the recipe."""
+        action = super().add_argument(*names, **kwargs)
+        if check is not None:
+            self.rules.append((action.option_strings[0], action.dest, check))
+        if recipe:
+            RECIPE[action.dest] = None
+        return action
+
+    def out_of_range(self, args: argparse.Namespace) -> list:
+        """'--flag value: requirement' for every value that breaks its flag's rule."""
+        return [f'{flag} {getattr(args, dest)}: {requirement}' for flag, dest, (ok, requirement) in self.rules
+                if not ok(getattr(args, dest))]
+
     def error(self, message: str):
         self.exit(2, f'error: {message} (see {self.prog} --help)\n')
 
 
-def parse_with(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse argv (default: sys.argv[1:]); --log_dir defaults to --output_dir."""
+def parse_with(parser: ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse argv (default: sys.argv[1:]) and check every flag's range: each value out of range is one line on
+    stderr, exit code 2. --log_dir defaults to --output_dir."""
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    problems = parser.out_of_range(args)
+    if problems:
+        parser.exit(2, ''.join(f'error: {line}\n' for line in problems))
     if getattr(args, 'log_dir', '') is None:  # only scripts with an output folder have --log_dir
         args.log_dir = args.output_dir
     return args
@@ -46,34 +108,36 @@ def parse_with(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
 
 def add_schedule_args(parser, batch_size: int, epochs: int, blr: float, weight_decay: float, min_lr: float,
                       warmup_epochs: int):
-    parser.add_argument('--batch_size', default=batch_size, type=int,
+    parser.add_argument('--batch_size', default=batch_size, type=int, check=POSITIVE_INT,
                         help='images per process and iteration (effective batch: batch_size x accum_iter x '
                              'number of processes)')
-    parser.add_argument('--epochs', default=epochs, type=int, help='epochs to train')
-    parser.add_argument('--accum_iter', default=1, type=int,
+    parser.add_argument('--epochs', default=epochs, type=int, check=POSITIVE_INT, help='epochs to train')
+    parser.add_argument('--accum_iter', default=1, type=int, check=at_least(1),
                         help='iterations whose gradients are accumulated into one optimizer step (raises the '
                              'effective batch under memory constraints)')
-    parser.add_argument('--weight_decay', type=float, default=weight_decay,
+    parser.add_argument('--weight_decay', type=float, default=weight_decay, check=at_least(0), recipe=True,
                         help='AdamW / LARS weight decay (none on biases and norm weights)')
-    parser.add_argument('--lr', type=float, default=None, metavar='LR',
+    parser.add_argument('--lr', type=float, default=None, metavar='LR', check=above(0),
                         help='absolute learning rate (default: blr x effective batch / 256)')
-    parser.add_argument('--blr', type=float, default=blr, metavar='LR',
+    parser.add_argument('--blr', type=float, default=blr, metavar='LR', check=above(0), recipe=True,
                         help='base learning rate: lr = blr x effective batch / 256')
-    parser.add_argument('--min_lr', type=float, default=min_lr, metavar='LR',
+    parser.add_argument('--min_lr', type=float, default=min_lr, metavar='LR', check=at_least(0), recipe=True,
                         help='learning rate at the end of the cosine schedule')
-    parser.add_argument('--warmup_epochs', type=int, default=warmup_epochs, metavar='N',
+    parser.add_argument('--warmup_epochs', type=int, default=warmup_epochs, metavar='N', check=at_least(0),
+                        recipe=True,
                         help='epochs of linear learning-rate warm-up before the cosine decay')
 
 
 def add_model_args(parser, model: str, classifier: bool = False):
     parser.add_argument('--model', default=model, type=str, metavar='MODEL', help='model name (see models_*.py)')
     if classifier:  # None: resolved by util/classification.resolve_sizes
-        parser.add_argument('--input_size', default=None, type=int,
+        parser.add_argument('--input_size', default=None, type=int, check=POSITIVE_INT, recipe=True,
                             help="image side in pixels (default: 224; with --eval, the checkpoint's, and another "
                                  'size interpolates its position embeddings)')
     else:
-        parser.add_argument('--input_size', default=224, type=int, help='image side in pixels')
-    parser.add_argument('--patch_size', default=None, type=int,
+        parser.add_argument('--input_size', default=224, type=int, check=POSITIVE_INT, recipe=True,
+                            help='image side in pixels')
+    parser.add_argument('--patch_size', default=None, type=int, check=POSITIVE_INT, recipe=True,
                         help="patch side in pixels (default: the model's own, 16 or 14)")
     parser.add_argument('--attn', default='sdpa', choices=('sdpa', 'eager'),
                         help='attention kernel: fused scaled_dot_product_attention, or the official eager formula')
@@ -87,24 +151,25 @@ def add_run_args(parser, folders: str):
 
 
 def add_data_args(parser, folders: str):
-    parser.add_argument('--data_path', default=None, type=str,
+    parser.add_argument('--data_path', default=None, type=str, recipe=True,
                         help=f'dataset folder holding {folders}, one sub-folder of images per class (the ImageNet '
                              'layout); required')
-    parser.add_argument('--num_workers', default=10, type=int, help='DataLoader worker processes per process')
+    parser.add_argument('--num_workers', default=10, type=int, check=at_least(0),
+                        help='DataLoader worker processes per process')
     parser.add_argument('--pin_mem', action='store_true',
                         help='pin CPU memory in the DataLoader for faster copies to the accelerator (on by default)')
     parser.add_argument('--no_pin_mem', action='store_false', dest='pin_mem', help='do not pin CPU memory')
     parser.set_defaults(pin_mem=True)
     parser.add_argument('--persistent_workers', action='store_true',
                         help='keep DataLoader workers alive between epochs')
-    parser.add_argument('--max_bad_images', default=0.001, type=float,
+    parser.add_argument('--max_bad_images', default=0.001, type=float, check=at_least(0),
                         help='stop when more images than this could not be read (replaced in training, left out of '
                              'evaluations): a fraction of the dataset if < 1, else a count')
     add_max_image_pixels(parser)
 
 
 def add_max_image_pixels(parser):
-    parser.add_argument('--max_image_pixels', default=DEFAULT_MAX_PIXELS, type=int,
+    parser.add_argument('--max_image_pixels', default=DEFAULT_MAX_PIXELS, type=int, check=at_least(0, ' (0: no limit)'),
                         help="images with more pixels are not decoded (Pillow's decompression-bomb limit, a guard "
                              'against files made to exhaust memory); 0: no limit')
 
@@ -116,7 +181,7 @@ def add_output_args(parser):
     parser.add_argument('--resume', default='',
                         help='checkpoint to continue from, path or https URL: our .pth (training state too), or '
                              'weights only: a .safetensors file or a Hugging Face ViTMAE folder')
-    parser.add_argument('--start_epoch', default=0, type=int, metavar='N',
+    parser.add_argument('--start_epoch', default=0, type=int, metavar='N', check=at_least(0),
                         help='first epoch when not resuming (a resumed run continues where it stopped)')
     parser.add_argument('--no_auto_resume', action='store_false', dest='auto_resume',
                         help='do not continue from the checkpoint in --output_dir')
@@ -126,11 +191,12 @@ def add_output_args(parser):
     parser.add_argument('--allow_recipe_change', action='store_true',
                         help='continue a run whose recipe changed (batch size, learning rate, data, augmentation, '
                              '...); without it such a resume is refused')
-    parser.add_argument('--save_every_iters', default=0, type=int,
+    parser.add_argument('--save_every_iters', default=0, type=int, check=at_least(0, ' (0: off)'),
                         help='also update checkpoint-last.pth every N iterations inside an epoch (0: off)')
-    parser.add_argument('--keep_last', default=0, type=int,
+    parser.add_argument('--keep_last', default=0, type=int, check=at_least(0, ' (0: keep all)'),
                         help='keep only the K newest numbered checkpoints (0: keep all)')
-    parser.add_argument('--print_freq', default=20, type=int, help='print a progress line every N iterations')
+    parser.add_argument('--print_freq', default=20, type=int, check=at_least(1),
+                        help='print a progress line every N iterations')
     parser.add_argument('--verbose', action='store_true',
                         help='also print every setting, the model and the optimizer (always written to '
                              'output_dir/run_details.txt)')
@@ -146,14 +212,14 @@ def add_runtime_args(parser, training: bool = True):
         parser.add_argument('--compile', action='store_true', help='torch.compile the model')
         parser.add_argument('--grad_checkpointing', action='store_true',
                             help='recompute block activations in backward to save memory')
-    parser.add_argument('--seed', default=0, type=int, help='random seed (each process adds its rank)')
+    parser.add_argument('--seed', default=0, type=int, check=SEED, help='random seed (each process adds its rank)')
     parser.add_argument('--world_size', default=1, type=int,
                         help='accepted for the official command lines; the launcher sets the process count')
     parser.add_argument('--local_rank', '--local-rank', default=-1, type=int,
                         help='accepted for torch.distributed.launch; LOCAL_RANK is read from the environment')
     parser.add_argument('--dist_on_itp', action='store_true', help='read ranks from OpenMPI variables')
     parser.add_argument('--dist_url', default='env://', help='process-group rendezvous URL')
-    parser.add_argument('--dist_timeout', default=30, type=float,
+    parser.add_argument('--dist_timeout', default=30, type=float, check=above(0, ' minutes'),
                         help='minutes a collective may wait for a peer before the job fails')
 
 
@@ -179,12 +245,12 @@ def add_classifier_args(parser, global_pool: bool):
     parser.add_argument('--finetune', default='',
                         help='MAE checkpoint whose encoder training starts from: .pth, .safetensors or a Hugging '
                              'Face ViTMAE folder, path or https URL')
-    parser.add_argument('--global_pool', action='store_true', default=None,
+    parser.add_argument('--global_pool', action='store_true', default=None, recipe=True,
                         help=f"classify the mean of the patch tokens (default: {pooling}; with --eval, the "
                              "checkpoint's pooling)")
     parser.add_argument('--cls_token', action='store_false', dest='global_pool',
                         help='classify the class token instead of the mean of the patch tokens')
-    parser.add_argument('--nb_classes', default=None, type=int,
+    parser.add_argument('--nb_classes', default=None, type=int, check=POSITIVE_INT, recipe=True,
                         help="outputs of the classification head (default: 1000; with --eval, the checkpoint's)")
     parser.add_argument('--eval', action='store_true', help='only evaluate the --resume checkpoint on val/')
     parser.add_argument('--dist_eval', action='store_true',

@@ -14,9 +14,15 @@ import safetensors.torch
 import torch
 
 from util import hf_layout
-from util.checkpoint_weights import SHARDED_CAUSE, CheckpointError
 from util.distributed import print0
 
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message is one line for the user."""
+
+
+SHARDED_CAUSE = ("it holds one process's shards of the weights (FSDP's DTensor / ShardedTensor), not the full "
+                 'weights; save the full state dict instead (torch.distributed.checkpoint.state_dict.'
+                 'get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))')
 # The only non-tensor types our checkpoints and the released ones hold. Everything else is refused on load.
 SAFE_GLOBALS = [argparse.Namespace]
 # torch hub's naming convention for published files: name-<first hex digits of the file's sha256>.ext

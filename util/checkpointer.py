@@ -1,8 +1,8 @@
 """A training run's checkpoints and where it resumes from. `checkpoint-last.pth` after every epoch (and every
 --save_every_iters iterations), numbered checkpoints in the official format, `checkpoint-best.pth` for
 classifiers; resuming restores model, optimizer, scaler, epoch, iteration and every rank's RNG streams, and
-returns the position as a ResumeState that the caller passes on. (Over 250 lines because finding, loading and
-writing a run's checkpoints share one file-naming and one state layout; apart, each half would restate them.)"""
+returns the position as a ResumeState that the caller passes on. Finding, loading and writing a run's
+checkpoints share one file naming and one state layout, so they are kept together."""
 import contextlib
 import glob
 import os
@@ -17,11 +17,10 @@ from util import distributed, preemption
 from util import fsdp as util_fsdp
 from util.bad_images import BadImageBudgetError
 from util.checkpoint_io import CheckpointError, load_checkpoint, save_atomic
-from util.checkpoint_weights import model_state_from
 from util.distributed import print0
 from util.logs import DETAILS, truncate_log
 from util.rng import gather_rng_states, restore_rng_states
-from util.state_dicts import check_heads_up_front, fit_pos_embed, load_state_strict
+from util.weights import check_heads_up_front, load_weights
 
 LAST = 'checkpoint-last.pth'
 BEST = 'checkpoint-best.pth'
@@ -90,18 +89,20 @@ def resumable_checkpoint_in(output_dir: str) -> str:
     return max(numbered, key=checkpoint_epoch_name) if numbered else ''
 
 
-def find_resumable(args) -> Optional[Resumable]:
-    """--resume if given; else, with auto-resume, the output dir's checkpoint; loaded now (weights only)."""
+def find_resumable(args, auto_resume: Optional[bool] = None) -> Optional[Resumable]:
+    """--resume if given; else, with auto-resume (`auto_resume`, default --no_auto_resume's opposite), the output
+    dir's checkpoint; loaded now (weights only)."""
+    auto_resume = args.auto_resume if auto_resume is None else auto_resume
     if args.resume:
         resumable = Resumable(args.resume, load_checkpoint(args.resume), auto=False)
         check_heads_up_front(resumable.checkpoint, resumable.path, args.model)
         return resumable
-    path = resumable_checkpoint_in(args.output_dir) if args.auto_resume and args.output_dir else ''
+    path = resumable_checkpoint_in(args.output_dir) if auto_resume and args.output_dir else ''
     if path:
         resumable = Resumable(path, load_checkpoint(path), auto=True)
         check_same_run(resumable, args.model)
         return resumable
-    if args.auto_resume and args.output_dir and holds_a_run(args.output_dir):
+    if auto_resume and args.output_dir and holds_a_run(args.output_dir):
         # killed before its first checkpoint: no weights survive, so starting over loses nothing
         print0(f'{args.output_dir} holds no checkpoint to continue from: starting from scratch (log.txt '
                'entries of epochs to redo are replaced)')
@@ -154,14 +155,12 @@ def resumed_iteration(checkpoint: dict, path: str, args, world_size: int) -> int
     return images // per_iteration
 
 
-def load_weights(resumable: Resumable, model: nn.Module, model_name: str, fit_image_size: bool = False):
-    """The checkpoint's weights into `model` (strict); with fit_image_size the position embeddings are first
-    interpolated to the model's grid (evaluating a 224-px model at 384 px)."""
-    state = model_state_from(resumable.checkpoint, resumable.path)
-    if fit_image_size:
-        fit_pos_embed(model, state, resumable.path)
+def load_resumable(resumable: Resumable, model: nn.Module, model_name: str, fit_grid: bool = False):
+    """The checkpoint's weights into `model` (util/weights.load_weights: strict; with fit_grid the position
+    embeddings are first interpolated to the model's grid, evaluating a 224-px model at 384 px). A misfit found in
+    --output_dir says so."""
     try:
-        load_state_strict(model, state, resumable.path, model_name)
+        load_weights(model, resumable.checkpoint, resumable.path, model_name, fit_grid=fit_grid)
     except CheckpointError as e:
         if not resumable.auto:
             raise
@@ -192,7 +191,7 @@ def resume_training(resumable: Optional[Resumable], model: nn.Module, optimizer,
     if resumable is None:
         return ResumeState(epoch=args.start_epoch)
     checkpoint = resumable.checkpoint
-    load_weights(resumable, model, args.model)
+    load_resumable(resumable, model, args.model)
     extra = {'max_accuracy': checkpoint.get('max_accuracy', 0.0)}
     if not holds_training_state(resumable):
         print0(f'{resumable.path} holds weights only (no optimizer state or epoch; only our .pth checkpoints hold '
@@ -225,13 +224,16 @@ def resume_training(resumable: Optional[Resumable], model: nn.Module, optimizer,
     return start
 
 
-def prepare_output_dir(args, start_epoch: int):
-    """Create output_dir on rank 0 and tidy it: remove temporary files of a save that was killed, drop log
-    entries of epochs the run will redo, and with --no_auto_resume --overwrite clear the previous run."""
+def prepare_output_dir(args, start_epoch: int, start_over: Optional[bool] = None):
+    """Before the first epoch, called from main() on every rank: create output_dir on rank 0 and tidy it: remove
+    temporary files of a save that was killed, drop log entries of epochs the run will redo, and when starting over
+    (--no_auto_resume --overwrite, or `start_over`, the demo's decision) clear the previous run."""
+    if start_over is None:
+        start_over = not args.auto_resume and args.overwrite
     if args.output_dir and distributed.is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
         stale = glob.glob(os.path.join(glob.escape(args.output_dir), '.tmp-*'))
-        if not args.auto_resume and args.overwrite:  # the previous run's files, TensorBoard's included
+        if start_over:  # the previous run's files, TensorBoard's included
             for pattern in ('checkpoint-*.pth', 'events.out.tfevents.*'):
                 stale += glob.glob(os.path.join(glob.escape(args.output_dir), pattern))
             stale += [os.path.join(args.output_dir, n) for n in ('log.txt', 'bad_images.txt', DETAILS)]
@@ -243,14 +245,15 @@ def prepare_output_dir(args, start_epoch: int):
 
 
 class Checkpointer:
-    """Saves training state in the official format plus what exact resuming needs, in --output_dir, which it
-    creates and tidies (prepare_output_dir). Call save() on every rank (it gathers RNG states); rank 0 writes."""
+    """Saves training state in the official format plus what exact resuming needs, in --output_dir (which main()
+    has prepared: prepare_output_dir). `model` is the module whose state is saved: the bare model, not its DDP or
+    torch.compile wrapper (under --fsdp, the sharded module). Call save() on every rank (it gathers RNG states and,
+    under --fsdp, the shards); rank 0 writes."""
 
-    def __init__(self, args, model_without_ddp: nn.Module, optimizer, loss_scaler, runtime, start: ResumeState,
+    def __init__(self, args, model: nn.Module, optimizer, loss_scaler, runtime, start: ResumeState,
                  train_images: int, classes: Optional[List[str]] = None):
-        prepare_output_dir(args, start.epoch)
         self.args = args
-        self.model = model_without_ddp
+        self.model = model
         self.optimizer = optimizer
         self.loss_scaler = loss_scaler
         self.runtime = runtime

@@ -1,8 +1,9 @@
 """Checks run on a command line before any work: each problem is one line naming the flag, the value and what
 to do instead; the run exits with code 2 and writes nothing. Ranges here are what the code supports, not only
-what the types allow (e.g. a mask ratio that hides no patch, an epoch with no optimizer step)."""
+what the types allow (e.g. an image side the patches do not divide, an output folder that holds another run).
+The range of each single flag is declared with the flag (util/args.py)."""
 import os
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import List, Optional
 
 import models_vit
 from util import hf_layout
@@ -10,79 +11,11 @@ from util.checkpoint_io import is_url
 from util.checkpointer import LAST, holds_a_run
 from util import distributed
 
-Rule = Tuple[Callable[[object], bool], str]
-# k-NN: (similarity - nearest) / T, in util/knn.ranked_classes, stays a finite float64 from here on (|sim| <= 1)
-MIN_TEMPERATURE = 1e-300
 DEMO_RUN_MARKER = 'demo_run.json'  # in an --output_dir the demo (tools/demo.py) made: it may replace that run
 
 
 class UsageError(ValueError):
     """A bad command line; the message is one line per problem, naming the flag."""
-
-
-# flag -> (accepted, requirement); a script checks the flags its parser has
-RANGE_RULES: Dict[str, Rule] = {
-    'batch_size': (lambda v: v >= 1, 'must be a positive integer'),
-    'epochs': (lambda v: v >= 1, 'must be a positive integer'),
-    'accum_iter': (lambda v: v >= 1, 'must be >= 1'),
-    'input_size': (lambda v: v is None or v >= 1, 'must be a positive integer'),
-    'patch_size': (lambda v: v is None or v >= 1, 'must be a positive integer'),
-    'mask_ratio': (lambda v: 0 <= v < 1, 'must be in [0, 1)'),
-    'warmup_epochs': (lambda v: v >= 0, 'must be >= 0'),
-    'blr': (lambda v: v > 0, 'must be > 0'),
-    'lr': (lambda v: v is None or v > 0, 'must be > 0'),
-    'min_lr': (lambda v: v >= 0, 'must be >= 0'),
-    'weight_decay': (lambda v: v >= 0, 'must be >= 0'),
-    'layer_decay': (lambda v: 0 < v <= 1, 'must be in (0, 1]'),
-    'drop_path': (lambda v: 0 <= v < 1, 'must be in [0, 1)'),
-    'clip_grad': (lambda v: v is None or v > 0, 'must be > 0'),
-    'color_jitter': (lambda v: v is None or v >= 0, 'must be >= 0'),
-    'smoothing': (lambda v: 0 <= v < 1, 'must be in [0, 1)'),
-    'reprob': (lambda v: 0 <= v <= 1, 'must be in [0, 1]'),
-    'remode': (lambda v: v in ('pixel', 'rand', 'const'), 'choose from pixel, rand, const'),
-    'recount': (lambda v: v >= 1, 'must be >= 1'),
-    'mixup': (lambda v: v >= 0, 'must be >= 0'),
-    'cutmix': (lambda v: v >= 0, 'must be >= 0'),
-    'cutmix_minmax': (lambda v: v is None or (len(v) == 2 and 0 < v[0] < v[1] <= 1),
-                      'must be two fractions, min < max, in (0, 1]'),
-    'mixup_prob': (lambda v: 0 <= v <= 1, 'must be in [0, 1]'),
-    'mixup_switch_prob': (lambda v: 0 <= v <= 1, 'must be in [0, 1]'),
-    'mixup_mode': (lambda v: v in ('batch', 'pair', 'elem'), 'choose from batch, pair, elem'),
-    'nb_classes': (lambda v: v is None or v >= 1, 'must be a positive integer'),
-    'num_workers': (lambda v: v >= 0, 'must be >= 0'),
-    'start_epoch': (lambda v: v >= 0, 'must be >= 0'),
-    'save_freq': (lambda v: v >= 1, 'must be >= 1 (epochs between numbered checkpoints)'),
-    'save_every_iters': (lambda v: v >= 0, 'must be >= 0 (0: off)'),
-    'keep_last': (lambda v: v >= 0, 'must be >= 0 (0: keep all)'),
-    'max_bad_images': (lambda v: v >= 0, 'must be >= 0'),
-    'max_image_pixels': (lambda v: v >= 0, 'must be >= 0 (0: no limit)'),
-    'print_freq': (lambda v: v >= 1, 'must be >= 1'),
-    'dist_timeout': (lambda v: v > 0, 'must be > 0 minutes'),
-    'knn_every': (lambda v: v >= 1, 'must be >= 1 (epochs between k-NN evaluations)'),
-    'knn_k': (lambda v: v >= 1, 'must be >= 1'),
-    'nb_knn': (lambda v: min(v) >= 1, 'every k must be >= 1'),
-    'knn_temperature': (lambda v: v >= MIN_TEMPERATURE, f'must be >= {MIN_TEMPERATURE:g} (a positive float64)'),
-    'temperature': (lambda v: v >= MIN_TEMPERATURE, f'must be >= {MIN_TEMPERATURE:g} (a positive float64)'),
-    'knn_train_per_class': (lambda v: v >= 0, 'must be >= 0 (0: every image)'),
-    'knn_val_per_class': (lambda v: v >= 0, 'must be >= 0 (0: every image)'),
-    'train_per_class': (lambda v: v >= 0, 'must be >= 0 (0: every image)'),
-    'val_per_class': (lambda v: v >= 0, 'must be >= 0 (0: every image)'),
-    'query_chunk': (lambda v: v >= 1, 'must be >= 1'),
-    'seed': (lambda v: 0 <= v < 2 ** 31, 'must be in [0, 2^31) (numpy seeds are 32-bit and each process adds '
-                                          'its rank)'),
-}
-
-
-def check(condition: bool, flag: str, value, requirement: str, errors: List[str]):
-    if not condition:
-        errors.append(f'{flag} {value}: {requirement}')
-
-
-def check_ranges(args, errors: List[str], rules: Optional[Dict[str, Rule]] = None):
-    """Each flag of `rules` (default RANGE_RULES) that this script's parser has must be in range."""
-    for name, (ok, requirement) in (rules or RANGE_RULES).items():
-        if hasattr(args, name):
-            check(ok(getattr(args, name)), f'--{name}', getattr(args, name), requirement, errors)
 
 
 def check_model(model: str, models: dict, kind: str, other_models: dict, other_kind: str, other_script: str,
@@ -98,9 +31,8 @@ def check_model(model: str, models: dict, kind: str, other_models: dict, other_k
 
 def check_model_args(args, models: dict, kind: str, other_models: dict, other_kind: str, other_script: str,
                      errors: List[str]) -> int:
-    """The ranges of every flag, --model, and --input_size against the patch size. Returns the patch size in use
-    (0 when --model is unknown)."""
-    check_ranges(args, errors)
+    """--model, and --input_size against the patch size (each flag's own range is checked as it is parsed,
+    util/args.py). Returns the patch size in use (0 when --model is unknown)."""
     check_model(args.model, models, kind, other_models, other_kind, other_script, errors)
     if args.model not in models:
         return 0
@@ -114,29 +46,6 @@ def check_patch_grid(input_size: int, patch_size: int, errors: List[str], flag: 
     if input_size >= 1 and patch_size >= 1 and input_size % patch_size:
         errors.append(f'{flag} {input_size}: must be divisible by the patch size {patch_size} (or pass '
                       '--patch_size)')
-
-
-def check_mask_ratio(mask_ratio: float, input_size: int, patch_size: int, errors: List[str]):
-    """Pretraining: the ratio must hide at least one patch (the loss is the mean over hidden patches, 0/0
-    otherwise) and leave at least one visible (the encoder's input)."""
-    if not (0 <= mask_ratio < 1) or input_size % patch_size or input_size < 1 or patch_size < 1:
-        return  # reported by the range and grid checks
-    num_patches = (input_size // patch_size) ** 2
-    kept = int(num_patches * (1 - mask_ratio))  # as models_mae.random_masking counts them
-    where = f'of the {num_patches} patches ({input_size} px images, {patch_size} px patches)'
-    if kept == num_patches:
-        errors.append(f'--mask_ratio {mask_ratio}: hides none {where}, and the loss is computed on hidden patches '
-                      f'only; use at least {smallest_ratio_hiding_one(num_patches):.4g}')
-    elif kept == 0:
-        errors.append(f'--mask_ratio {mask_ratio}: leaves none {where} visible to the encoder; use at most '
-                      f'{(num_patches - 1) / num_patches:.4g}')
-
-
-def smallest_ratio_hiding_one(num_patches: int) -> float:
-    ratio = 1 / num_patches
-    while int(num_patches * (1 - ratio)) == num_patches:  # float rounding of L * (1 - 1/L)
-        ratio *= 1.0001
-    return ratio
 
 
 def check_data_path(data_path: Optional[str], folders: List[str], errors: List[str], flag: str = '--data_path'):

@@ -3,7 +3,7 @@ list, the datasets and loaders, the classifier built from the flags (starting fr
 the best-accuracy bookkeeping."""
 import os
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional
 
 import torch
 from timm.layers import trunc_normal_
@@ -11,14 +11,13 @@ from timm.layers import trunc_normal_
 import models_mae
 import models_vit
 from util import checks, plan
+from util.architecture import CLASSIFIER_KINDS, architecture_of
 from util.checkpoint_io import load_checkpoint
-from util.checkpoint_weights import model_state_from
 from util.checkpointer import Resumable, find_resumable, holds_training_state, resumable_checkpoint_in
 from util.classes import ClassListError, folder_classes, run_classes
-from util.datasets import DataError, ImageFolderDataset, build_image_folder, build_loader, describe
+from util.datasets import DataError, ImageFolderDataset, build_dataset, build_loader, describe
 from util.distributed import get_rank, print0
-from util.state_dicts import CLASSIFIER_KINDS, architecture_of, check_heads_up_front, load_pretrained_encoder
-from util.transforms import build_eval_transform
+from util.weights import check_heads_up_front, load_weights, model_state_from
 
 
 def check_classifier_args(args, errors: List[str]):
@@ -35,81 +34,86 @@ def check_classifier_args(args, errors: List[str]):
                       '(--finetune only sets the encoder training starts from)')
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """The classifier's sizes for this run: the flags the user gave, the rest resolved (resolve_sizes)."""
+    input_size: int
+    patch_size: Optional[int]  # None: the model's own
+    nb_classes: int
+    global_pool: bool
+
+    def of_model(self) -> dict:
+        """As models_vit.build_classifier takes them."""
+        return dict(img_size=self.input_size, patch_size=self.patch_size, num_classes=self.nb_classes,
+                    global_pool=self.global_pool)
+
+
 @dataclass
 class ClassifierRun:
     """What a fine-tuning or linear-probing run reads before any work."""
     resumable: Optional[Resumable]  # the checkpoint to continue from or evaluate
+    sizes: Sizes
     classes: List[str]  # the run's class list, names in output order
     dataset_train: Optional[ImageFolderDataset]  # None with --eval
     dataset_val: ImageFolderDataset
-    encoder: Optional[dict]  # the --finetune checkpoint (weights under 'model'), for a fresh start
+    pretrained: Optional[dict]  # the --finetune checkpoint, for a fresh start
 
 
-def read_up_front(args, train_transform_for: Callable, world_size: int,
-                  global_pool_default: bool) -> Optional[ClassifierRun]:
+def read_up_front(args, world_size: int, global_pool_default: bool,
+                  train_transform: Callable[[int], object]) -> Optional[ClassifierRun]:
     """The checkpoint, the sizes (resolve_sizes), class list, datasets and --finetune weights, each refused in one
     line if unusable, and the training plan checked; None when the run being resumed already finished --epochs
-    (said in one line). `train_transform_for(args)` builds the training transform once the sizes are known."""
+    (said in one line). `train_transform(input_size)` is the script's training transform."""
     resumable = find_resumable(args)  # --resume, or this --output_dir's checkpoint
-    resolve_sizes(args, resumable, global_pool_default)
-    if not args.eval and plan.nothing_to_train(resumable, args, world_size):
+    sizes = resolve_sizes(args, resumable, global_pool_default)
+    if not args.eval and plan.nothing_to_train(resumable, args, world_size,
+                                               resolve=lambda run: resolve_sizes(run, None, global_pool_default)):
         return None
-    classes = classes_for_run(args, resumable)
-    dataset_train, dataset_val = build_datasets(args, classes, None if args.eval else train_transform_for(args),
-                                                build_eval_transform(args.input_size))
-    if dataset_train is not None:
+    classes = classes_for_run(args, resumable, sizes.nb_classes)
+    if len(classes) > sizes.nb_classes:  # the head must have room for the run's classes
+        raise DataError(f'--nb_classes {sizes.nb_classes}: {args.data_path} has {len(classes)} classes; pass '
+                        '--nb_classes of at least that')
+    dataset_train = None
+    if not args.eval:
+        dataset_train = build_dataset(True, args, sizes.input_size, classes, train_transform(sizes.input_size))
         plan.check_training_plan(len(dataset_train), dataset_train.root, args, world_size, resumable)
-    return ClassifierRun(resumable, classes, dataset_train, dataset_val, read_encoder(args, resumable))
+    dataset_val = build_dataset(False, args, sizes.input_size, classes)
+    return ClassifierRun(resumable, sizes, classes, dataset_train, dataset_val, read_pretrained(args, resumable))
 
 
-def resolve_sizes(args, resumable: Optional[Resumable], global_pool_default: bool):
-    """Fill --input_size, --patch_size, --nb_classes and the pooling the user left out: with --eval from the
-    checkpoint (so a checkpoint evaluates without its sizes typed again), else 224 px, the model's patch, 1000
-    classes and the script's pooling (the official defaults). Then the patch grid is checked."""
+def resolve_sizes(args, resumable: Optional[Resumable], global_pool_default: bool) -> Sizes:
+    """--input_size, --patch_size, --nb_classes and the pooling, those the user left out filled in: with --eval
+    from the checkpoint (so a checkpoint evaluates without its sizes typed again), else 224 px, the model's patch,
+    1000 classes and the script's pooling (the official defaults). The patch grid is checked (UsageError)."""
     arch = architecture_of(model_state_from(resumable.checkpoint, resumable.path)) if args.eval else None
     from_checkpoint = arch is not None and arch.kind in CLASSIFIER_KINDS
-    if args.patch_size is None and from_checkpoint:
-        args.patch_size = arch.patch_size
-    if args.input_size is None:
-        args.input_size = arch.img_size if from_checkpoint and arch.grid else 224
-    if args.nb_classes is None:
-        args.nb_classes = arch.num_classes if from_checkpoint else 1000
-    if args.global_pool is None:
-        args.global_pool = arch.global_pool if from_checkpoint else global_pool_default
-    patch = args.patch_size or models_vit.default_patch_size(models_vit.MODELS[args.model])
+
+    def given_or(value, from_arch, default):
+        return value if value is not None else (from_arch if from_checkpoint else default)
+    sizes = Sizes(input_size=given_or(args.input_size, arch and arch.grid and arch.img_size or 224, 224),
+                  patch_size=given_or(args.patch_size, arch and arch.patch_size, None),
+                  nb_classes=given_or(args.nb_classes, arch and arch.num_classes, 1000),
+                  global_pool=given_or(args.global_pool, arch and arch.global_pool, global_pool_default))
+    patch = sizes.patch_size or models_vit.default_patch_size(models_vit.MODELS[args.model])
     errors = []
-    checks.check_patch_grid(args.input_size, patch, errors)
+    checks.check_patch_grid(sizes.input_size, patch, errors)
     checks.raise_if_errors(errors)
+    return sizes
 
 
-def classes_for_run(args, resumable: Optional[Resumable]) -> List[str]:
+def classes_for_run(args, resumable: Optional[Resumable], nb_classes: int) -> List[str]:
     """The run's class list (util/classes.py). Training: train/'s folders, which must be those of the run being
     resumed. --eval: the checkpoint's stored list, else train/'s, else ImageNet order or val/'s own."""
     train_root, val_root = (os.path.join(args.data_path, split) for split in ('train', 'val'))
     stored = resumable.classes if resumable is not None else None
     if args.eval:
-        return run_classes(stored, train_root, val_root, args.nb_classes)
+        return run_classes(stored, train_root, val_root, nb_classes)
     classes = folder_classes(train_root)
     if stored is not None and list(stored) != classes:
         raise ClassListError(f'{train_root}: its {len(classes)} class folders are not the {len(stored)} classes of '
                              f'the run in {resumable.path}; a resumed run must see the same classes (choose '
                              'another --output_dir to start a new run)')
     return classes
-
-
-def build_datasets(args, classes: List[str], train_transform, eval_transform
-                   ) -> Tuple[Optional[ImageFolderDataset], ImageFolderDataset]:
-    """train/ (none with --eval) and val/, labelled by the run's class list; the head must have room for it."""
-    if len(classes) > args.nb_classes:
-        raise DataError(f'--nb_classes {args.nb_classes}: {args.data_path} has {len(classes)} classes; pass '
-                        '--nb_classes of at least that')
-    dataset_train = None
-    if not args.eval:
-        dataset_train = build_image_folder(os.path.join(args.data_path, 'train'), train_transform, classes=classes,
-                                           max_pixels=args.max_image_pixels)
-    dataset_val = build_image_folder(os.path.join(args.data_path, 'val'), eval_transform, classes=classes,
-                                     max_pixels=args.max_image_pixels, substitute=False)
-    return dataset_train, dataset_val
 
 
 def build_loaders(run: ClassifierRun, args, runtime, world_size: int):
@@ -119,7 +123,7 @@ def build_loaders(run: ClassifierRun, args, runtime, world_size: int):
     return loader_train, loader_val
 
 
-def read_encoder(args, resumable: Optional[Resumable]) -> Optional[dict]:
+def read_pretrained(args, resumable: Optional[Resumable]) -> Optional[dict]:
     """The --finetune checkpoint, read (and its weights found) before any work; none with --eval or when a training
     run is resumed (its checkpoint replaces them)."""
     if args.eval:
@@ -138,15 +142,15 @@ def read_encoder(args, resumable: Optional[Resumable]) -> Optional[dict]:
     return checkpoint
 
 
-def build_classifier(args, encoder: Optional[dict], head_init_std: float,
-                     drop_path_rate: float = 0.0) -> models_vit.VisionTransformer:
-    """The --model classifier; with an encoder (--finetune) it starts from it and a fresh head drawn from
-    trunc_normal(std=head_init_std): 2e-5 for fine-tuning, 0.01 for linear probing (the official values)."""
-    model = models_vit.build_classifier(args.model, patch_size=args.patch_size, num_classes=args.nb_classes,
-                                        global_pool=args.global_pool, img_size=args.input_size,
-                                        attn_impl=args.attn, drop_path_rate=drop_path_rate)
-    if encoder is not None:
-        load_pretrained_encoder(model, encoder, args.finetune, args.model)
+def build_model(args, run: ClassifierRun, head_init_std: float,
+                drop_path_rate: float = 0.0) -> models_vit.VisionTransformer:
+    """The --model classifier in the run's sizes; with --finetune it starts from that checkpoint's encoder and a
+    fresh head drawn from trunc_normal(std=head_init_std): 2e-5 for fine-tuning, 0.01 for linear probing (the
+    official values)."""
+    model = models_vit.build_classifier(args.model, **run.sizes.of_model(), attn_impl=args.attn,
+                                        drop_path_rate=drop_path_rate)
+    if run.pretrained is not None:
+        load_weights(model, run.pretrained, args.finetune, args.model, pretrained=True)
         trunc_normal_(model.head.weight, std=head_init_std)
     return model
 

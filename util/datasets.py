@@ -5,7 +5,6 @@ rule (hidden and metadata entries are not data). A file that cannot be decoded i
 replaced by the next one instead of ending the run, in evaluation it is left out of every count. Evaluation shards
 the images over the ranks without padding, so each one is counted exactly once.
 """
-import math
 import os
 from typing import Callable, List, Optional, Sequence
 
@@ -20,6 +19,7 @@ from util.folders import IMG_EXTENSIONS, class_folders, describe_skipped, image_
 from util.images import DECODE_ERRORS, DEFAULT_MAX_PIXELS, decode_image
 from util.preemption import ignore_stop_signals_in_workers
 from util.rng import loader_seed
+from util.transforms import build_eval_transform, build_finetune_transform
 
 MAX_CONSECUTIVE_BAD = 20
 
@@ -129,6 +129,26 @@ def build_image_folder(root: str, transform, decode: Callable = decode_image,
         raise DataError(f'{root}: {str(e).splitlines()[0]} (expected {root}/<class>/<image>)') from None
 
 
+def build_transform(is_train: bool, args, input_size: Optional[int] = None):
+    """The official entry point: the fine-tuning training transform (RandAugment --aa, random erasing --reprob,
+    bicubic crops) or the evaluation transform (resize to input_size / 0.875, centre crop), of input_size px
+    (default: args.input_size, as the official code reads it)."""
+    size = input_size if input_size is not None else args.input_size
+    return build_finetune_transform(args, size) if is_train else build_eval_transform(size)
+
+
+def build_dataset(is_train: bool, args, input_size: Optional[int] = None, classes: Optional[Sequence[str]] = None,
+                  transform=None) -> ImageFolderDataset:
+    """The official entry point: args.data_path's train/ or val/ with build_transform(is_train, args), or the
+    `transform` given (linear probing's crops). Labels: the run's `classes` by name, else the sorted folder names
+    (ImageFolder's rule). Training sets replace an unreadable image by the next one, evaluation sets leave it out
+    (ImageFolderDataset); --max_image_pixels applies where the script has it."""
+    root = os.path.join(args.data_path, 'train' if is_train else 'val')
+    transform = transform if transform is not None else build_transform(is_train, args, input_size)
+    return build_image_folder(root, transform, classes=classes,
+                              max_pixels=getattr(args, 'max_image_pixels', DEFAULT_MAX_PIXELS), substitute=is_train)
+
+
 def describe(dataset: ImageFolderDataset) -> str:
     """'2,000 images of 8 classes in demo_output/data/train', for a run's header."""
     return f'{len(dataset):,} images of {len(set(dataset.targets))} classes in {dataset.root}'
@@ -148,14 +168,6 @@ def cap_per_class(dataset: ImageFolderDataset, per_class: int) -> ImageFolderDat
     dataset.targets = [target for _, target in kept]
     return dataset
 
-
-def iterations_per_epoch(num_images: int, batch_size: int, world_size: int) -> int:
-    """Training iterations per epoch on each rank: the sampler gives each rank ceil(N / world) indices (padding
-    with repeats, as DistributedSampler does) and the loader drops the last partial batch."""
-    return math.ceil(num_images / world_size) // batch_size
-
-
-# --- sampling and loading ------------------------------------------------------------------------------------
 
 class ResumableSampler(DistributedSampler):
     """DistributedSampler (shuffled by seed + epoch, sharded over ranks; also used for one process) that can

@@ -16,7 +16,7 @@ N: a block index; D: 'decoder.decoder_layers.' as files on the hub name decoder 
   E layernorm.*                                 norm.*
   decoder.{decoder_embed, mask_token, decoder_pos_embed, decoder_norm, decoder_pred}   the same names without 'decoder.'
 
-(Over 250 lines: the two directions of one key map and one config, kept side by side so that they cannot drift.)
+The two directions of one key map and one config are kept side by side so that they cannot drift.
 """
 import argparse
 import json
@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-StateDict = Dict[str, torch.Tensor]
+from util.architecture import StateDict, architecture_of
 
 CONFIG_NAME = 'config.json'
 WEIGHT_NAMES = ('model.safetensors', 'pytorch_model.bin')  # what save_pretrained writes, newest first
@@ -161,23 +161,16 @@ def check_config(config: dict, has_decoder: bool):
 
 def check_weights_fit_config(state: StateDict, config: dict):
     """The sizes the weights show must be those the config names: a mismatch means the two were not saved together."""
-    kernel = state['patch_embed.proj.weight']
-    grid = round((state['pos_embed'].shape[1] - 1) ** 0.5)
-    shown = {'hidden_size': kernel.shape[0], 'patch_size': kernel.shape[-1], 'image_size': grid * kernel.shape[-1],
-             'num_hidden_layers': count_blocks(state, 'blocks.')}
-    if 'decoder_embed.weight' in state:
-        shown.update(decoder_hidden_size=state['decoder_embed.weight'].shape[0],
-                     decoder_num_hidden_layers=count_blocks(state, 'decoder_blocks.'))
+    arch = architecture_of(state)
+    shown = {'hidden_size': arch.embed_dim, 'patch_size': arch.patch_size, 'image_size': arch.img_size,
+             'num_hidden_layers': arch.depth}
+    if arch.kind == 'mae':
+        shown.update(decoder_hidden_size=arch.decoder_embed_dim, decoder_num_hidden_layers=arch.decoder_depth)
     for field, value in shown.items():
         named = side(setting(config, field), field) if field in ('patch_size', 'image_size') else setting(config, field)
         if named != value:
             raise ConversionError(f'config.json says {field} {named}, the weights have {value}: they do not belong '
                                   'together')
-
-
-def count_blocks(state: StateDict, prefix: str) -> int:
-    """Blocks numbered under prefix ('blocks.', 'vit.encoder.layer.', ...) in a state dict."""
-    return len({k[len(prefix):].split('.')[0] for k in state if k.startswith(prefix)})
 
 
 def eps_note(config: dict) -> Optional[str]:
@@ -257,19 +250,15 @@ def to_hf(state: StateDict) -> StateDict:
 
 def hf_config(state: StateDict, heads: Dict[str, int], norm_pix_loss: bool, mask_ratio: float) -> dict:
     """config.json (ViTMAEConfig's fields) for our MAE or encoder weights; heads: {'encoder': n[, 'decoder': m]}."""
-    kernel = state['patch_embed.proj.weight']
-    grid = round((state['pos_embed'].shape[1] - 1) ** 0.5)
-    has_decoder = 'decoder_embed.weight' in state
+    arch = architecture_of(state)
+    has_decoder = arch.kind == 'mae'
     config = {'architectures': [MAE_ARCHITECTURE if has_decoder else ENCODER_ARCHITECTURE], 'model_type': 'vit_mae',
-              'hidden_size': kernel.shape[0], 'num_hidden_layers': count_blocks(state, 'blocks.'),
-              'num_attention_heads': heads['encoder'], 'intermediate_size': state['blocks.0.mlp.fc1.weight'].shape[0],
-              'hidden_act': 'gelu', 'hidden_dropout_prob': 0.0, 'attention_probs_dropout_prob': 0.0,
-              'initializer_range': 0.02, 'layer_norm_eps': OFFICIAL_EPS, 'image_size': grid * kernel.shape[-1],
-              'patch_size': kernel.shape[-1], 'num_channels': kernel.shape[1], 'qkv_bias': True,
-              'mask_ratio': mask_ratio, 'norm_pix_loss': norm_pix_loss, 'dtype': 'float32'}
+              'hidden_size': arch.embed_dim, 'num_hidden_layers': arch.depth, 'num_attention_heads': heads['encoder'],
+              'intermediate_size': arch.mlp_dim, 'hidden_act': 'gelu', 'hidden_dropout_prob': 0.0,
+              'attention_probs_dropout_prob': 0.0, 'initializer_range': 0.02, 'layer_norm_eps': OFFICIAL_EPS,
+              'image_size': arch.img_size, 'patch_size': arch.patch_size, 'num_channels': arch.in_chans,
+              'qkv_bias': True, 'mask_ratio': mask_ratio, 'norm_pix_loss': norm_pix_loss, 'dtype': 'float32'}
     if has_decoder:
-        config.update(decoder_hidden_size=state['decoder_embed.weight'].shape[0],
-                      decoder_num_hidden_layers=count_blocks(state, 'decoder_blocks.'),
-                      decoder_num_attention_heads=heads['decoder'],
-                      decoder_intermediate_size=state['decoder_blocks.0.mlp.fc1.weight'].shape[0])
+        config.update(decoder_hidden_size=arch.decoder_embed_dim, decoder_num_hidden_layers=arch.decoder_depth,
+                      decoder_num_attention_heads=heads['decoder'], decoder_intermediate_size=arch.decoder_mlp_dim)
     return config

@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import torch
 
+from util import args as cli
 from util import fsdp
 from util.checks import UsageError, check_data_path
 from util.distributed import print0
@@ -21,6 +22,7 @@ MONITOR_VAL_PER_CLASS = 10
 DEFAULTS = {'knn_every': 10, 'knn_train_per_class': MONITOR_TRAIN_PER_CLASS,
             'knn_val_per_class': MONITOR_VAL_PER_CLASS, 'knn_k': DEFAULT_K, 'knn_temperature': DEFAULT_TEMPERATURE,
             'knn_feature': DEFAULT_FEATURE}
+EVERY_IMAGE_AT_0 = cli.at_least(0, ' (0: every image)')
 
 
 def add_args(parser):
@@ -30,14 +32,17 @@ def add_args(parser):
                              'sub-folder per class; k-NN accuracy is logged every --knn_every epochs and after the '
                              'last (off without it)')
     parser.add_argument('--knn_every', default=DEFAULTS['knn_every'], type=int,
+                        check=cli.at_least(1, ' (epochs between k-NN evaluations)'),
                         help='k-NN monitor: run it every N epochs')
     parser.add_argument('--knn_train_per_class', default=DEFAULTS['knn_train_per_class'], type=int,
+                        check=EVERY_IMAGE_AT_0,
                         help='k-NN monitor: bank images per class, the first in sorted file order (0: all); the '
                              'default costs 0.6%% (by time) to 1.4%% (by FLOPs) of a ViT-B ImageNet epoch')
-    parser.add_argument('--knn_val_per_class', default=DEFAULTS['knn_val_per_class'], type=int,
+    parser.add_argument('--knn_val_per_class', default=DEFAULTS['knn_val_per_class'], type=int, check=EVERY_IMAGE_AT_0,
                         help='k-NN monitor: query images per class, the first in sorted file order (0: all)')
-    parser.add_argument('--knn_k', default=DEFAULTS['knn_k'], type=int, help='k-NN monitor: neighbours that vote')
-    parser.add_argument('--knn_temperature', default=DEFAULTS['knn_temperature'], type=float,
+    parser.add_argument('--knn_k', default=DEFAULTS['knn_k'], type=int, check=cli.at_least(1),
+                        help='k-NN monitor: neighbours that vote')
+    parser.add_argument('--knn_temperature', default=DEFAULTS['knn_temperature'], type=float, check=cli.TEMPERATURE,
                         help='k-NN monitor: T in the vote weight exp(similarity / T)')
     parser.add_argument('--knn_feature', default=DEFAULTS['knn_feature'], choices=FEATURES,
                         help='k-NN monitor: the class token or the mean of the patch tokens, after the final norm')

@@ -50,14 +50,14 @@ def place_model(model: torch.nn.Module, runtime: Runtime, args, fsdp: bool):
     model.to(runtime.device)
     if fsdp:
         model = util_fsdp.shard(model, runtime, distributed.get_world_size())
-    model_without_ddp = model
+    model_to_save = model
     if args.compile:
         model = compile_model(model, runtime)
     if distributed.get_world_size() > 1 and not fsdp:
         device_ids = [runtime.index] if runtime.index is not None else None
         # every trainable parameter is used in each step, so no unused-parameter search (it costs every step)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    return model, model_without_ddp
+    return model, model_to_save
 
 
 def compile_model(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:

@@ -11,6 +11,8 @@ import torch
 
 from util import distributed
 from util.distributed import print0
+from util.lr_sched import LrSchedule, effective_batch
+from util.optim import describe_optimizer
 
 DETAILS = 'run_details.txt'
 
@@ -27,13 +29,15 @@ def format_count(n: int) -> str:
     return str(n)
 
 
-def run_header(title: str, args, model: torch.nn.Module, runtime, world_size: int, start, data: str,
-               recipe: str) -> List[str]:
-    """The few lines a run prints before its first progress line: what trains, on what, how fast it learns,
-    where it starts and where its outputs go."""
+def run_header(title: str, args, model: torch.nn.Module, optimizer, lr_schedule: LrSchedule, runtime, world_size: int,
+               start, data: str, recipe: str) -> List[str]:
+    """The few lines a run prints before its first progress line: what trains, on what, with which optimizer and
+    how fast it learns, where it starts and where its outputs go. The sizes, the optimizer and the learning rate
+    are read off what the run built."""
     total = sum(p.numel() for p in model.parameters())
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    eff_batch = args.batch_size * args.accum_iter * world_size
+    eff_batch = effective_batch(args, world_size)
+    lr = lr_schedule.lr
     processes = f'{world_size} process{"es" if world_size > 1 else ""}'
     where = f'epoch {start.epoch}'
     if start.path:
@@ -41,13 +45,13 @@ def run_header(title: str, args, model: torch.nn.Module, runtime, world_size: in
                                                                    if start.iteration else '')
     outputs = (f'{args.output_dir} (checkpoints, log.txt; TensorBoard in {args.log_dir}); settings, model and '
                f'optimizer in {os.path.join(args.output_dir, DETAILS)}' if args.output_dir else 'nothing is saved')
-    return [f'{title}: {args.model}, {args.input_size} px, patch {model.patch_embed.patch_size[0]}, '
+    return [f'{title}: {args.model}, {model.patch_embed.img_size[0]} px, patch {model.patch_embed.patch_size[0]}, '
             f'{format_count(total)} parameters ({format_count(trained)} trained)',
             f'data: {data}',
             f'effective batch size: {eff_batch} ({args.batch_size} per process x {args.accum_iter} accumulated x '
-            f'{processes}); base lr: {args.lr * 256 / eff_batch:.2e}; actual lr: {args.lr:.2e}',
-            f'schedule: {plural(args.epochs, "epoch")}, {args.warmup_epochs} warm-up, cosine to {args.min_lr:g}; '
-            f'{recipe}',
+            f'{processes}); base lr: {lr * 256 / eff_batch:.2e}; actual lr: {lr:.2e}',
+            f'schedule: {plural(lr_schedule.epochs, "epoch")}, {lr_schedule.warmup_epochs} warm-up, cosine to '
+            f'{lr_schedule.min_lr:g}; {describe_optimizer(optimizer)}; {recipe}',
             f'start: {where}',
             f'device: {runtime.describe()}, {processes}',
             f'output: {outputs}']
@@ -69,11 +73,11 @@ class RunLog:
     a line of log.txt (one JSON object per epoch) and TensorBoard scalars in --log_dir (`tensorboard`, the
     SummaryWriter the engines add scalars to; None off rank 0). `constant` values go into every log line."""
 
-    def __init__(self, args, model: torch.nn.Module, optimizer, runtime, world_size: int, start, title: str,
-                 data: str, recipe: str, **constant):
+    def __init__(self, args, model: torch.nn.Module, optimizer, lr_schedule: LrSchedule, runtime, world_size: int,
+                 start, title: str, data: str, recipe: str, **constant):
         self.output_dir = args.output_dir if distributed.is_main_process() else ''
         self.constant = constant
-        for line in run_header(title, args, model, runtime, world_size, start, data, recipe):
+        for line in run_header(title, args, model, optimizer, lr_schedule, runtime, world_size, start, data, recipe):
             print0(line)
         details = run_details(args, model, optimizer)
         if args.verbose:

@@ -3,11 +3,14 @@ takes an optimizer step and the schedule decays; and what rerunning a command on
 say there is nothing left to do, or refuse a run whose recipe changed."""
 import math
 import os
-from typing import List
+from dataclasses import asdict
+from typing import Callable, List, Optional
 
 from util.checkpointer import first_epoch, holds_training_state, resumed_iteration
+from util import args as cli
 from util.checks import UsageError
 from util.distributed import print0
+from util.lr_sched import effective_batch, effective_lr
 
 
 def check_training_plan(num_images: int, root: str, args, world_size: int, resumable=None):
@@ -35,9 +38,9 @@ def check_same_data(resumable, num_images: int, root: str, args):
 
 
 def check_schedule(args, world_size: int):
-    lr = args.lr if args.lr is not None else args.blr * args.batch_size * args.accum_iter * world_size / 256
-    source = '--lr' if args.lr is not None else (f'blr {args.blr:g} x effective batch '
-                                                f'{args.batch_size * args.accum_iter * world_size} / 256')
+    lr = effective_lr(args, world_size)
+    source = ('--lr' if args.lr is not None
+              else f'blr {args.blr:g} x effective batch {effective_batch(args, world_size)} / 256')
     if args.min_lr > lr:
         raise UsageError(f'--min_lr {args.min_lr:g}: above the peak learning rate {lr:.3g} ({source}), so the cosine '
                          f'"decay" would raise it; lower --min_lr or raise the learning rate')
@@ -64,13 +67,14 @@ def check_steps_per_epoch(num_images: int, root: str, args, world_size: int):
                          f'--accum_iter {iterations} or less, or a smaller --batch_size')
 
 
-def nothing_to_train(resumable, args, world_size: int) -> bool:
+def nothing_to_train(resumable, args, world_size: int, resolve: Optional[Callable] = None) -> bool:
     """Before any work, for a training run: refuse (UsageError) to continue a run whose recipe changed (unless
     --allow_recipe_change) and an empty schedule (--start_epoch >= --epochs); True, after one line saying so,
-    when the run being resumed already finished --epochs (rerunning a finished job is not an error)."""
+    when the run being resumed already finished --epochs (rerunning a finished job is not an error). `resolve`
+    (see recipe_changes) fills in the values the flags leave to the script."""
     if holds_training_state(resumable):
         check_resumable_here(resumable, args, world_size)
-        check_same_recipe(resumable, args, world_size)
+        check_same_recipe(resumable, args, world_size, resolve)
     first = first_epoch(resumable, args.start_epoch)
     if first < args.epochs:
         return False
@@ -100,41 +104,41 @@ def check_resumable_here(resumable, args, world_size: int):
         resumed_iteration(checkpoint, resumable.path, args, world_size)
 
 
-# the flags that define what a run learns: continuing a run with any of them changed is refused unless asked
-RECIPE_FLAGS = ('data_path', 'input_size', 'patch_size', 'mask_ratio', 'norm_pix_loss', 'blr', 'min_lr',
-                'warmup_epochs', 'weight_decay', 'layer_decay', 'drop_path', 'smoothing', 'mixup', 'cutmix',
-                'cutmix_minmax', 'mixup_prob', 'mixup_switch_prob', 'mixup_mode', 'reprob', 'remode', 'recount', 'aa',
-                'color_jitter', 'nb_classes', 'global_pool')
-
-
-def recipe_changes(saved, args, saved_world_size: int, world_size: int) -> List[str]:
-    """'--blr 0.001 (now 0.008)', ... for each recipe flag that differs from the run's saved args, and the
-    effective batch and learning rate, which also follow from the process count."""
+def recipe_changes(saved, args, saved_world_size: int, world_size: int, resolve: Optional[Callable] = None
+                   ) -> List[str]:
+    """'--blr 0.001 (now 0.008)', ... for each recipe flag (declared with recipe=True, util/args.py) that differs
+    from the run's saved args, and the effective batch and learning rate, which also follow from the process
+    count. `resolve(args)` (a dataclass) gives the values a flag left unset resolves to (a classifier's sizes: the
+    run's saved args hold them resolved when an older version of this code wrote them, or unset), which are
+    compared instead."""
     changes = []
-    for name in RECIPE_FLAGS:
-        if not hasattr(saved, name) or not hasattr(args, name):
+    saved_values, values = vars(saved), vars(args)
+    if resolve is not None:
+        saved_values, values = ({**vars(run), **asdict(resolve(run))} for run in (saved, args))
+    for name in cli.RECIPE:
+        if name not in saved_values or name not in values:
             continue
-        before, now = getattr(saved, name), getattr(args, name)
+        before, now = saved_values[name], values[name]
         if name == 'data_path' and before and now:
             before, now = os.path.realpath(before), os.path.realpath(now)
         if before != now:
-            changes.append(f'--{name} {getattr(saved, name)} (now {getattr(args, name)})')
-    eff_before = saved.batch_size * saved.accum_iter * saved_world_size
-    eff_now = args.batch_size * args.accum_iter * world_size
+            changes.append(f'--{name} {saved_values[name]} (now {values[name]})')
+    eff_before, eff_now = effective_batch(saved, saved_world_size), effective_batch(args, world_size)
     if eff_before != eff_now:
         changes.append(f'effective batch {eff_before} (now {eff_now}: {args.batch_size} per process x '
                        f'{args.accum_iter} accumulated x {world_size} processes)')
-    lr_now = args.lr if args.lr is not None else args.blr * eff_now / 256
-    if getattr(saved, 'lr', None) is not None and not math.isclose(saved.lr, lr_now, rel_tol=1e-9):
-        changes.append(f'lr {saved.lr:.3g} (now {lr_now:.3g})')
+    # checkpoints of the official code (and ours before) hold the lr they computed in args.lr
+    lr_before, lr_now = effective_lr(saved, saved_world_size), effective_lr(args, world_size)
+    if not math.isclose(lr_before, lr_now, rel_tol=1e-9):
+        changes.append(f'lr {lr_before:.3g} (now {lr_now:.3g})')
     return changes
 
 
-def check_same_recipe(resumable, args, world_size: int):
+def check_same_recipe(resumable, args, world_size: int, resolve: Optional[Callable] = None):
     saved = resumable.checkpoint.get('args')
     if saved is None:
         return
-    changes = recipe_changes(saved, args, resumable.checkpoint.get('world_size', 1), world_size)
+    changes = recipe_changes(saved, args, resumable.checkpoint.get('world_size', 1), world_size, resolve)
     if changes and not args.allow_recipe_change:
         raise UsageError(f'{resumable.path} is a run with other settings: {"; ".join(changes)}; continue it with '
                          'these anyway with --allow_recipe_change, or choose another --output_dir')

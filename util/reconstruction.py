@@ -4,11 +4,11 @@ main_infer.py and the demo."""
 from typing import List, Optional, Tuple
 
 import torch
-from matplotlib.figure import Figure
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
 import models_mae
+from util.checks import UsageError
 from util.transforms import BICUBIC, normalize
 
 MASK_GREY = 0.5  # hidden patches in the "masked" panel, as in the paper's figures
@@ -59,11 +59,22 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
     return x * std + mean
 
 
+def figure_class():
+    """matplotlib's Figure, imported only when a figure is drawn (--help and classification never need it);
+    missing, one line naming what to install (UsageError)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise UsageError('the reconstruction figure needs matplotlib, which is not installed: pip install '
+                         'matplotlib (or pip install -r requirements.txt)') from None
+    return Figure
+
+
 def save_figure(rows: List[torch.Tensor], path: str, row_labels: Optional[List[str]] = None):
     """Rows of 4 panels [4, 3, H, W] (values in [0, 1]) as one PNG that reads like the paper's figures: a titled
     column per panel (COLUMN_TITLES), each panel PANEL_INCHES wide at FIGURE_DPI (240 px, whatever the image size;
     pixels drawn as crisp squares), optional row labels on the left. Drawn off-screen (Agg): works on clusters."""
-    figure = Figure(figsize=(4 * PANEL_INCHES, len(rows) * PANEL_INCHES + TITLE_INCHES), dpi=FIGURE_DPI,
+    figure = figure_class()(figsize=(4 * PANEL_INCHES, len(rows) * PANEL_INCHES + TITLE_INCHES), dpi=FIGURE_DPI,
                     layout='constrained', facecolor='white')
     axes = figure.subplots(len(rows), 4, squeeze=False)
     for row, panels in enumerate(rows):

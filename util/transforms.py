@@ -63,10 +63,11 @@ def auto_augment_policy(aa: Optional[str]) -> Optional[str]:
     return None if aa is None or aa.strip().lower() in ('', 'none') else aa
 
 
-def build_finetune_transform(args) -> transforms.Compose:
-    """The fine-tuning training transform: RandAugment (--aa), random erasing (--reprob), bicubic crops."""
+def build_finetune_transform(args, input_size: int) -> transforms.Compose:
+    """The fine-tuning training transform: RandAugment (--aa), random erasing (--reprob), bicubic crops of
+    input_size px (args.input_size may be left to the checkpoint, util/classification.resolve_sizes)."""
     transform = create_transform(
-        input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
+        input_size=input_size, is_training=True, color_jitter=args.color_jitter,
         auto_augment=auto_augment_policy(args.aa),
         interpolation='bicubic', re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
         mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)

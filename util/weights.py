@@ -1,9 +1,11 @@
-"""Matching a checkpoint's weights to a model: the architecture read off a state dict, strict loading whose error
-leads with the cause ('patch 8 px in the checkpoint, 4 in the model'), an MAE encoder loaded into a classifier
-(--finetune), and position embeddings fitted to another image size (--eval, main_infer). (Over 250 lines: every
-way a state dict can misfit a model is explained from the one Architecture read off it, so they stay together.)"""
+"""Model weights from any checkpoint the project reads, into a model: one function, load_weights, in the role of
+timm's checkpoint filter. It finds the weights (under 'model' or another trainer's key; the key names DDP,
+torch.compile, FSDP, EMA or Lightning wrappers leave removed; Hugging Face and safetensors files arrive here in
+the official key names, util/checkpoint_io.py), fits the position table to the model's patch grid where asked,
+and matches strictly, or says in one line what does not fit and why ('patch 8 px in the checkpoint, 4 in the
+model'). Resume, --finetune, --eval, k-NN, inference and torch.hub all call it."""
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -11,76 +13,108 @@ import torch.nn as nn
 import models_mae
 import models_vit
 from util import fsdp as util_fsdp
-from util.checkpoint_io import CheckpointError
-from util.checkpoint_weights import model_state_from, vit_prefix
+from util.architecture import CLASSIFIER_KINDS, KIND_WORDS, Architecture, StateDict, architecture_of, attention_heads
+from util.checkpoint_io import SHARDED_CAUSE, CheckpointError
 from util.distributed import print0
-from util.hf_layout import StateDict, count_blocks
 from util.pos_embed import interpolate_pos_embed
 
-CLASSIFIER_KINDS = ('classifier', 'linear probe')
-KIND_WORDS = {
-    'mae': 'an MAE checkpoint (encoder and decoder)',
-    'encoder': 'an MAE encoder without its decoder (like mae_pretrain_vit_*.pth)',
-    'classifier': 'a classifier (it has head.weight)',
-    'linear probe': 'a linear-probe classifier (BatchNorm head: head.0.*, head.1.*)',
-}
+# keys a classifier started from pretrained weights (--finetune) may lack: its fresh head, and fc_norm with
+# global pooling
+FRESH_IN_A_CLASSIFIER = ('head.weight', 'head.bias', 'fc_norm.weight', 'fc_norm.bias')
 
 
-@dataclass
-class Architecture:
-    """What a ViT / MAE state dict shows of its model (0 or None where it shows nothing)."""
-    kind: str  # a key of KIND_WORDS, or '' when the weights are not a ViT
-    embed_dim: int = 0
-    depth: int = 0
-    patch_size: int = 0
-    in_chans: int = 0
-    grid: int = 0  # patches per side, from the position table
-    num_classes: int = 0
-    global_pool: Optional[bool] = None  # classifiers: fc_norm and the patch-token mean, or norm and the class token
-    decoder_embed_dim: int = 0
-    decoder_depth: int = 0
-
-    @property
-    def img_size(self) -> int:
-        return self.grid * self.patch_size
-
-    def size_kwargs(self) -> dict:
-        """What a factory of models_vit / models_mae needs to rebuild these weights' model: patch size, image size
-        and, for classifiers, the class count and pooling (the linear probe's BatchNorm head aside)."""
-        kwargs = {'patch_size': self.patch_size}
-        if self.grid:
-            kwargs['img_size'] = self.img_size
-        if self.kind in CLASSIFIER_KINDS:
-            kwargs.update(num_classes=self.num_classes, global_pool=self.global_pool)
-        return kwargs
-
-    def describe(self) -> str:
-        return f'embed dim {self.embed_dim}, {self.depth} blocks, patch {self.patch_size}'
-
-
-def architecture_of(state: StateDict) -> Architecture:
-    """Read the architecture off a ViT classifier or MAE state dict (official key names)."""
-    kernel = state.get('patch_embed.proj.weight')
-    if kernel is None or kernel.ndim != 4:
-        return Architecture('')
-    pos_embed = state.get('pos_embed')
-    grid = int(round((pos_embed.shape[1] - 1) ** 0.5)) if pos_embed is not None and pos_embed.ndim == 3 else 0
-    head = state.get('head.1.weight', state.get('head.weight'))
-    if any(k.startswith('decoder_') for k in state):
-        kind = 'mae'
-    elif 'head.1.weight' in state:
-        kind = 'linear probe'
-    elif head is not None:
-        kind = 'classifier'
+def load_weights(model: nn.Module, checkpoint: dict, path: str, model_name: str, fit_grid: bool = False,
+                 pretrained: bool = False, keep: Optional[Callable[[str], bool]] = None,
+                 say: 'Phrasing' = None) -> List[str]:
+    """Load `checkpoint` (a dict as util/checkpoint_io.load_checkpoint returns it, from any file the project reads)
+    into `model`, named `model_name` in messages:
+    - its weights found and unwrapped (model_state_from); after the match, the attention heads a Hugging Face
+      config names checked;
+    - `keep`: only the keys it accepts are loaded (k-NN keeps an encoder's);
+    - `fit_grid`: the position tables interpolated to the model's patch grid (--eval, main_infer, main_knn and
+      torch.hub at another image size); resuming a training run stays exact;
+    - `pretrained` (--finetune): a classifier starts from an MAE encoder, a full MAE or another classifier: a head
+      of another shape is dropped, the head and fc_norm may be missing, the position tables are fitted;
+    - else the match is strict.
+    Raises CheckpointError, one line leading with the cause; `say` phrases the fixes (CLI flags, or HUB keyword
+    arguments). Returns the checkpoint's keys the model did not take (pretrained: the decoder's, ...)."""
+    say = say or CLI
+    state = model_state_from(checkpoint, path)
+    if keep is not None:
+        state = {k: v for k, v in state.items() if keep(k)}
+    if pretrained:
+        left_out = load_pretrained_encoder(model, state, path, model_name)
     else:
-        kind = 'encoder'
-    decoder_kernel = state.get('decoder_embed.weight')
-    return Architecture(
-        kind, embed_dim=kernel.shape[0], depth=count_blocks(state, 'blocks.'), patch_size=kernel.shape[-1],
-        in_chans=kernel.shape[1], grid=grid, num_classes=head.shape[0] if head is not None else 0,
-        global_pool=('fc_norm.weight' in state) if kind in CLASSIFIER_KINDS else None,
-        decoder_embed_dim=decoder_kernel.shape[0] if decoder_kernel is not None else 0,
-        decoder_depth=count_blocks(state, 'decoder_blocks.'))
+        if fit_grid:
+            fit_pos_embed(model, state, path)
+        load_state_strict(model, state, path, model_name, say)
+        left_out = []
+    # after the sizes, which are the more basic cause: weights do not show the heads, only a config names them
+    check_attention_heads(model, checkpoint, path, model_name, say)
+    return left_out
+
+
+# where checkpoints keep their weights, first match wins: the official format and ours, other trainers (timm,
+# Lightning), EMA copies saved alone (DeiT-style 'model_ema', timm's 'state_dict_ema'), DeepSpeed
+WEIGHT_KEYS = ('model', 'state_dict', 'model_ema', 'state_dict_ema', 'ema', 'module')
+# wrappers that put the whole model under one attribute: DDP, DataParallel, timm's ModelEma, torch's AveragedModel
+WRAPPER_PREFIX = 'module.'
+# module names a wrapper inserts into the keys below it, wherever it wraps (the whole model or each block):
+# torch.compile, FSDP (1), activation checkpointing
+WRAPPER_SEGMENTS = ('_orig_mod', '_fsdp_wrapped_module', '_checkpoint_wrapped_module')
+# what torch.optim.swa_utils.AveragedModel keeps beside the averaged model's weights
+AVERAGED_MODEL_EXTRAS = ('n_averaged',)
+VIT_MARKER = 'patch_embed.proj.weight'
+SHARDED_TYPES = ('DTensor', 'ShardedTensor')
+
+
+def model_state_from(checkpoint: dict, path: str) -> Dict[str, torch.Tensor]:
+    """The weights of a checkpoint: under one of WEIGHT_KEYS ('model' for the official files and ours) or the dict
+    itself (a bare state dict), with what wrappers leave in the keys removed (unwrap_keys). Raises
+    CheckpointError when there are no weights."""
+    state = next((checkpoint[k] for k in WEIGHT_KEYS if isinstance(checkpoint.get(k), dict)), checkpoint)
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f'{path}: {no_weights_cause(checkpoint)}')
+    if any(type(v).__name__ in SHARDED_TYPES for v in state.values()):
+        raise CheckpointError(f'{path}: {SHARDED_CAUSE}')
+    return unwrap_keys(dict(state))
+
+
+def no_weights_cause(checkpoint: dict) -> str:
+    """Why no weights were found: none anywhere, or weights under keys this code does not read (a DINO
+    checkpoint's 'student' and 'teacher'), named."""
+    elsewhere = [k for k, v in checkpoint.items() if isinstance(v, dict) and v
+                 and all(isinstance(t, torch.Tensor) for t in v.values())]
+    if not elsewhere:
+        return "no model weights found (expected a state dict under 'model')"
+    return (f"no model weights under {', '.join(repr(k) for k in WEIGHT_KEYS)}; it holds weights under "
+            f"{', '.join(repr(k) for k in elsewhere)} (another trainer's layout): save the ViT's state_dict() under "
+            "'model'")
+
+
+def unwrap_keys(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Keys as the bare model names them: the segments torch.compile ('_orig_mod'), FSDP and activation
+    checkpointing insert are dropped wherever they are; a 'module.' in front of every key (DDP, an EMA copy) is
+    dropped, AveragedModel's counter with it; and a prefix in front of every key of a ViT (a Lightning module's
+    'model.', a wrapper's attribute) is dropped when nothing else is in the dict."""
+    state = {'.'.join(part for part in k.split('.') if part not in WRAPPER_SEGMENTS): v for k, v in state.items()}
+    weights = [k for k in state if k not in AVERAGED_MODEL_EXTRAS]
+    while weights and all(k.startswith(WRAPPER_PREFIX) for k in weights):
+        state = {k[len(WRAPPER_PREFIX):]: state[k] for k in weights}
+        weights = list(state)
+    prefix = vit_prefix(state)
+    if prefix and all(k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def vit_prefix(state: Dict[str, torch.Tensor]) -> str:
+    """'' when the ViT's patch embedding is at the top level (or absent), else what precedes it in its key
+    ('backbone.' of 'backbone.patch_embed.proj.weight'), for saying where a checkpoint's ViT is."""
+    if VIT_MARKER in state:
+        return ''
+    found = sorted(k[:-len(VIT_MARKER)] for k in state if k.endswith('.' + VIT_MARKER))
+    return found[0] if found else ''
 
 
 @dataclass(frozen=True)
@@ -182,14 +216,6 @@ def misfit_message(model: nn.Module, state: StateDict, path: str, model_name: st
     return f'{path} does not fit {say.model} {model_name}: ' + '; '.join(part for part in (cause, keys) if part)
 
 
-def attention_heads(model: nn.Module) -> Dict[str, int]:
-    """{'encoder': heads of the first block[, 'decoder': heads of the first decoder block]}."""
-    heads = {'encoder': model.blocks[0].attn.num_heads}
-    if hasattr(model, 'decoder_blocks') and len(model.decoder_blocks):
-        heads['decoder'] = model.decoder_blocks[0].attn.num_heads
-    return heads
-
-
 def check_attention_heads(model: nn.Module, checkpoint: dict, path: str, model_name: str, say: Phrasing = CLI):
     """Weights do not show how many heads split the attention; a Hugging Face config names them
     (checkpoint['attention_heads'], util/hf_layout.py), and another number would compute other outputs."""
@@ -233,13 +259,11 @@ def fit_pos_embed(model: nn.Module, state: StateDict, path: str):
                 raise CheckpointError(f'{path}: position embeddings cannot be resized ({e})') from None
 
 
-def load_pretrained_encoder(model: nn.Module, checkpoint: dict, path: str, model_name: str) -> List[str]:
-    """Load an encoder-only or full MAE checkpoint (released, ours or converted from Hugging Face), or another
-    classifier, into a ViT classifier for --finetune: a head of another shape is dropped, the position embeddings are
-    interpolated to the model's grid, and only the head and (with global pooling) fc_norm may be missing. Returns
-    the ignored keys."""
-    check_attention_heads(model, checkpoint, path, model_name)
-    state = model_state_from(checkpoint, path)
+def load_pretrained_encoder(model: nn.Module, state: StateDict, path: str, model_name: str) -> List[str]:
+    """An encoder-only or full MAE's weights (released, ours or converted from Hugging Face), or another
+    classifier's, into a ViT classifier (load_weights(pretrained=True)): a head of another shape is dropped, the
+    position embeddings are interpolated to the model's grid, and only the head and (with global pooling) fc_norm
+    may be missing. Returns the ignored keys."""
     own = model.state_dict()
     for k in ('head.weight', 'head.bias'):
         if k in state and state[k].shape != own[k].shape:
@@ -247,7 +271,7 @@ def load_pretrained_encoder(model: nn.Module, checkpoint: dict, path: str, model
                    f'{tuple(own[k].shape)})')
             del state[k]
     fit_pos_embed(model, state, path)
-    allowed = {'head.weight', 'head.bias', 'fc_norm.weight', 'fc_norm.bias'}
+    allowed = set(FRESH_IN_A_CLASSIFIER)
     misfit = [k for k in own if k in state and state[k].shape != own[k].shape]
     missing = sorted(k for k in own if k not in state and k not in allowed)
     if misfit or missing:
