@@ -1,5 +1,5 @@
 """One epoch of fine-tuning or linear probing, and evaluation (top-1 / top-5 accuracy and loss)."""
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -66,24 +66,25 @@ def evaluate(data_loader, model: torch.nn.Module, runtime, sharded: bool, max_ba
     model.eval()
     dataset = data_loader.dataset
     budget = BadImageBudget(dataset.bad_images, len(dataset), max_bad_images, output_dir)
-    # [sum of per-image losses, top-1 hits, top-5 hits, images]
-    totals = torch.zeros(4, dtype=runtime.sum_dtype, device=runtime.device)
+    sums = None  # {name: a running sum on the device}: SUMMED per image, and 'images'
     num_batches = len(data_loader)
     for i, (images, target) in evaluation_batches(data_loader, budget, print_freq):
         readable = target != LEFT_OUT
         images, target = images[readable], target[readable]
         if target.numel():
-            totals += batch_totals(model, images, target, criterion, runtime, totals.dtype)
-        if (i + 1) % print_freq == 0:
-            print0(f'Test:  [{i + 1}/{num_batches}]  acc1 {100 * totals[1].item() / max(totals[3].item(), 1):.3f} '
+            batch = batch_sums(model, images, target, criterion, runtime)
+            sums = batch if sums is None else {name: sums[name] + value for name, value in batch.items()}
+        if (i + 1) % print_freq == 0 and sums is not None:
+            print0(f'Test:  [{i + 1}/{num_batches}]  acc1 {100 * sums["acc1"].item() / sums["images"].item():.3f} '
                    '(so far)')
-    if sharded:
-        totals = distributed.all_reduce_sum(totals)
-    loss_sum, hits1, hits5, num_images = totals.tolist()
+    if sums is None:  # this rank read no image: zeros under the same names, so that every rank takes part alike
+        sums = batch_sums(model, *empty_batch(model), criterion, runtime)
+    totals = reduce_sums(sums, sharded)
+    num_images = totals.pop('images')
     if not num_images:
         raise BadImageBudgetError(f'{dataset.root}: none of its {len(dataset)} images could be read')
-    stats = {'loss': loss_sum / num_images, 'acc1': 100 * hits1 / num_images, 'acc5': 100 * hits5 / num_images,
-             'num_images': int(num_images), 'left_out': len(dataset.bad_images)}
+    stats = {name: SCALE.get(name, 1) * total / num_images for name, total in totals.items()}
+    stats.update(num_images=int(num_images), left_out=len(dataset.bad_images))
     print0('* Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.3f}'.format(**stats))
     count = stats['left_out']
     left_out = f' ({count} unreadable image{"s" if count > 1 else ""} left out)' if count else ''
@@ -91,14 +92,35 @@ def evaluate(data_loader, model: torch.nn.Module, runtime, sharded: bool, max_ba
     return stats
 
 
-def batch_totals(model: torch.nn.Module, images: torch.Tensor, target: torch.Tensor, criterion, runtime,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """[summed loss, top-1 hits, top-5 hits, images] of one batch, on the device (no host sync)."""
+# evaluation metrics are sums over images, divided by the image count at the end; these are then percentages
+SCALE = {'acc1': 100, 'acc5': 100}
+
+
+def batch_sums(model: torch.nn.Module, images: torch.Tensor, target: torch.Tensor, criterion,
+               runtime) -> Dict[str, torch.Tensor]:
+    """One batch's sums, on the device (no host sync): the summed loss, top-1 and top-5 hits, and the images.
+    A new metric is one more entry here (a per-image sum; SCALE if it is a percentage)."""
     images = normalize_batch(images, runtime.device)
     target = target.to(runtime.device, non_blocking=True)
     with runtime.autocast():
         output = model(images)
         loss_sum = criterion(output, target)
     hits1, hits5 = topk_hits(output, target, (1, 5))
-    return torch.stack([loss_sum.to(dtype), hits1.to(dtype), hits5.to(dtype),
-                        torch.tensor(images.shape[0], dtype=dtype, device=output.device)])
+    return {'loss': loss_sum.to(runtime.sum_dtype), 'acc1': hits1.to(runtime.sum_dtype),
+            'acc5': hits5.to(runtime.sum_dtype),
+            'images': torch.tensor(images.shape[0], dtype=runtime.sum_dtype, device=output.device)}
+
+
+def empty_batch(model: torch.nn.Module):
+    """No images and no targets, in the model's input shape."""
+    kernel = model.patch_embed.proj
+    return torch.zeros(0, kernel.in_channels, *model.patch_embed.img_size), torch.zeros(0, dtype=torch.long)
+
+
+def reduce_sums(sums: Dict[str, torch.Tensor], sharded: bool) -> Dict[str, float]:
+    """The sums as floats, added over the ranks with `sharded` (one all-reduce of them stacked)."""
+    names = list(sums)
+    stacked = torch.stack([sums[name] for name in names])
+    if sharded:
+        stacked = distributed.all_reduce_sum(stacked)
+    return dict(zip(names, stacked.tolist()))

@@ -8,10 +8,11 @@ from typing import Dict
 import torch
 from torch.utils.data import DataLoader
 
-from util.datasets import DataError, build_image_folder
-from util.images import decode_image_tensor
-from util.transforms import (build_fast_pretrain_transform, build_finetune_transform, build_pretrain_transform,
-                             normalize_batch)
+import main_finetune
+import main_pretrain
+from util.datasets import DataError, build_image_folder, build_transform
+from util.images import DEFAULT_MAX_PIXELS, decode_image_tensor
+from util.transforms import build_fast_pretrain_transform, build_pretrain_transform, normalize_batch
 
 BATCH = 64
 
@@ -20,8 +21,7 @@ def variants(args) -> Dict[str, tuple]:
     """name -> (dataset, ...) for each input pipeline worth comparing, on the same files."""
     from torchvision import datasets
     root = f'{args.data_path}/train'
-    finetune_args = SimpleNamespace(input_size=args.input_size, color_jitter=None, aa='rand-m9-mstd0.5-inc1',
-                                    reprob=0.25, remode='pixel', recount=1)
+    finetune_args = main_finetune.get_args_parser().parse_args([])  # the fine-tuning recipe's defaults
     baseline = build_image_folder(root, None)
     if len(baseline) < BATCH:  # the timed loop would wait forever for a first full batch
         raise DataError(f'--data_path {args.data_path}: {len(baseline)} images in train/, fewer than one batch of '
@@ -34,7 +34,7 @@ def variants(args) -> Dict[str, tuple]:
         'pretrain, --fast_decode':
             build_image_folder(root, build_fast_pretrain_transform(args.input_size), decode=decode_image_tensor),
         'fine-tune transform (RandAugment, random erasing)':
-            build_image_folder(root, build_finetune_transform(finetune_args)),
+            build_image_folder(root, build_transform(True, finetune_args, args.input_size)),
     }
 
 
@@ -67,11 +67,9 @@ def measure_end_to_end(args, runtime, fast_decode: bool) -> Dict[str, float]:
     import models_mae
     from tools.benchmark_step import build, build_optimizer
     from util.amp import LossScaler
-    root = f'{args.data_path}/train'
-    if fast_decode:
-        dataset = build_image_folder(root, build_fast_pretrain_transform(args.input_size), decode=decode_image_tensor)
-    else:
-        dataset = build_image_folder(root, build_pretrain_transform(args.input_size, uint8_output=True))
+    dataset = main_pretrain.build_pretraining_dataset(
+        SimpleNamespace(data_path=args.data_path, input_size=args.input_size, fast_decode=fast_decode,
+                        max_image_pixels=DEFAULT_MAX_PIXELS))
     if len(dataset) < args.batch_size:
         raise DataError(f'--data_path {args.data_path}: {len(dataset)} images in train/, fewer than one batch of '
                         f'{args.batch_size}')

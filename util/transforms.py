@@ -25,15 +25,18 @@ def normalize() -> transforms.Normalize:
     return transforms.Normalize(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
 
 
+def pretrain_augmentation(input_size: int, crop=transforms.RandomResizedCrop) -> list:
+    """The pretraining augmentation, written once for both decoders: RandomResizedCrop(scale 0.2-1, bicubic) +
+    flip. `crop` is torchvision's for PIL images, or TensorRandomResizedCrop for the uint8 tensors of
+    --fast_decode (the same parameters and random draws); every other step must take either input."""
+    return [crop(input_size, scale=(0.2, 1.0), interpolation=BICUBIC), transforms.RandomHorizontalFlip()]
+
+
 def build_pretrain_transform(input_size: int, uint8_output: bool = False) -> transforms.Compose:
-    """RandomResizedCrop(scale 0.2-1, bicubic) + flip. With uint8_output the workers stop before ToTensor and
-    Normalize and `normalize_batch` finishes on the device: the same numbers, 4x fewer bytes to move."""
+    """pretrain_augmentation on PIL images. With uint8_output the workers stop before ToTensor and Normalize and
+    `normalize_batch` finishes on the device: the same numbers, 4x fewer bytes to move."""
     to_tensor = [transforms.PILToTensor()] if uint8_output else [transforms.ToTensor(), normalize()]
-    return transforms.Compose([
-        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        *to_tensor,
-    ])
+    return transforms.Compose([*pretrain_augmentation(input_size), *to_tensor])
 
 
 def normalize_batch(samples: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -87,21 +90,21 @@ def build_linprobe_transform(input_size: int) -> transforms.Compose:
 # --- --fast_decode: the pretraining crop on uint8 tensors ----------------------------------------------------
 
 class TensorRandomResizedCrop(transforms.RandomResizedCrop):
-    """torchvision's RandomResizedCrop (same parameters, same draws) on uint8 tensors, bicubic + antialias
-    (within a few grey levels of PIL's resize, ~3x faster)."""
+    """torchvision's RandomResizedCrop (same parameters, same draws) on uint8 tensors, with antialias (bicubic:
+    within a few grey levels of PIL's resize, ~3x faster)."""
+
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation=BICUBIC):
+        super().__init__(size, scale=scale, ratio=ratio, interpolation=interpolation)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         i, j, h, w = self.get_params(img, self.scale, self.ratio)
-        return F2.resized_crop(img, i, j, h, w, list(self.size), interpolation=InterpolationMode.BICUBIC,
-                               antialias=True)
+        return F2.resized_crop(img, i, j, h, w, list(self.size), interpolation=self.interpolation, antialias=True)
 
 
 def build_fast_pretrain_transform(input_size: int) -> transforms.Compose:
-    """Takes the uint8 tensors of images.decode_image_tensor; returns uint8 crops (normalised on the device)."""
-    return transforms.Compose([
-        TensorRandomResizedCrop(input_size, scale=(0.2, 1.0)),
-        transforms.RandomHorizontalFlip(),
-    ])
+    """pretrain_augmentation on the uint8 tensors of images.decode_image_tensor; returns uint8 crops (normalised
+    on the device)."""
+    return transforms.Compose(pretrain_augmentation(input_size, crop=TensorRandomResizedCrop))
 
 
 # --- crops of tiny images -------------------------------------------------------------------------------------
