@@ -11,14 +11,14 @@ from util.metrics import topk_hits
 from util.datasets import LEFT_OUT
 from util.lr_sched import LrSchedule
 from util.progress import begin_epoch, end_epoch, evaluation_batches
-from util.transforms import normalize_batch
+from util.transforms import to_device_normalized
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader,
                     optimizer: torch.optim.Optimizer,
                     lr_schedule: LrSchedule, runtime, epoch: int, loss_scaler, args, tensorboard,
                     checkpointer: Checkpointer, start: ResumeState, mixup_fn: Optional[Callable] = None,
-                    max_norm: Optional[float] = None) -> dict:
+                    clip_grad: Optional[float] = None) -> dict:
     trained = start.training_done(epoch)
     if trained is not None:  # stopped during this epoch's evaluation: train no further
         return trained
@@ -27,14 +27,14 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     for it, is_update, (samples, targets) in progress.iterate(data_loader, args.accum_iter):
         if it % args.accum_iter == 0:  # per-iteration (not per-epoch) LR schedule
             lr_schedule.apply(optimizer, progress.epoch_fraction(it) + epoch)
-        samples, targets = normalize_batch(samples, runtime.device), targets.to(runtime.device, non_blocking=True)
+        samples, targets = to_device_normalized(samples, runtime.device), targets.to(runtime.device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
 
         with grad_sync(model, is_update):  # accumulation micro-steps skip the gradient all-reduce
             with runtime.autocast():
                 loss = criterion(model(samples), targets)
-            loss_scaler(loss / args.accum_iter, optimizer, clip_grad=max_norm, parameters=model.parameters(),
+            loss_scaler(loss / args.accum_iter, optimizer, clip_grad=clip_grad, parameters=model.parameters(),
                         update_grad=is_update)
         if is_update:
             optimizer.zero_grad()
@@ -74,9 +74,9 @@ def evaluate(data_loader, model: torch.nn.Module, runtime, sharded: bool, max_ba
         if target.numel():
             batch = batch_sums(model, images, target, criterion, runtime)
             sums = batch if sums is None else {name: sums[name] + value for name, value in batch.items()}
-        if (i + 1) % print_freq == 0 and sums is not None:
-            print0(f'Test:  [{i + 1}/{num_batches}]  acc1 {100 * sums["acc1"].item() / sums["images"].item():.3f} '
-                   '(so far)')
+        if (i + 1) % print_freq == 0:
+            so_far = 100 * sums['acc1'].item() / sums['images'].item() if sums is not None else 0.0
+            print0(f'Test:  [{i + 1}/{num_batches}]  acc1 {so_far:.3f} (so far)')
     if sums is None:  # this rank read no image: zeros under the same names, so that every rank takes part alike
         sums = batch_sums(model, *empty_batch(model), criterion, runtime)
     totals = reduce_sums(sums, sharded)
@@ -100,7 +100,7 @@ def batch_sums(model: torch.nn.Module, images: torch.Tensor, target: torch.Tenso
                runtime) -> Dict[str, torch.Tensor]:
     """One batch's sums, on the device (no host sync): the summed loss, top-1 and top-5 hits, and the images.
     A new metric is one more entry here (a per-image sum; SCALE if it is a percentage)."""
-    images = normalize_batch(images, runtime.device)
+    images = to_device_normalized(images, runtime.device)
     target = target.to(runtime.device, non_blocking=True)
     with runtime.autocast():
         output = model(images)

@@ -5,7 +5,7 @@ from util.checkpointer import Checkpointer, ResumeState
 from util.distributed import grad_sync
 from util.lr_sched import LrSchedule
 from util.progress import begin_epoch, end_epoch
-from util.transforms import normalize_batch
+from util.transforms import to_device_normalized
 
 
 def train_one_epoch(model: torch.nn.Module, data_loader, optimizer: torch.optim.Optimizer,
@@ -19,7 +19,7 @@ def train_one_epoch(model: torch.nn.Module, data_loader, optimizer: torch.optim.
     for it, is_update, (samples, _) in progress.iterate(data_loader, args.accum_iter):
         if it % args.accum_iter == 0:  # per-iteration (not per-epoch) LR schedule
             lr_schedule.apply(optimizer, progress.epoch_fraction(it) + epoch)
-        samples = normalize_batch(samples, runtime.device)
+        samples = to_device_normalized(samples, runtime.device)
 
         with grad_sync(model, is_update):  # accumulation micro-steps skip the gradient all-reduce
             with runtime.autocast():

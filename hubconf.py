@@ -14,7 +14,7 @@ weights only, never code.
 import util  # noqa: F401  first, before torch: device plugins load on demand (see util/__init__.py)
 import models_mae as _models_mae
 import models_vit as _models_vit
-from util import checkpoint_io as _checkpoint_io
+from util import checkpoint_files as _checkpoint_files
 from util import weights as _weights
 from util.architecture import architecture_of as _architecture_of
 
@@ -23,7 +23,7 @@ dependencies = ['torch', 'timm', 'numpy', 'safetensors']
 
 def _read(checkpoint):
     """(the checkpoint dict, its weights): a .pth, .safetensors or Hugging Face ViTMAE folder, path or URL."""
-    loaded = _checkpoint_io.load_checkpoint(checkpoint)
+    loaded = _checkpoint_files.load_checkpoint(checkpoint)
     return loaded, _weights.model_state_from(loaded, checkpoint)
 
 
@@ -63,7 +63,7 @@ def _vit_entry(name: str):
                 model = _models_vit.add_batchnorm_head(model)
             _load(model, loaded, checkpoint, name)
         if finetune:
-            _weights.load_weights(model, _checkpoint_io.load_checkpoint(finetune), finetune, name, pretrained=True)
+            _weights.load_weights(model, _checkpoint_files.load_checkpoint(finetune), finetune, name, pretrained=True)
         return model
     entry.__name__ = name
     entry.__doc__ = f'{name} (models_vit.py). checkpoint: a fine-tuned classifier; finetune: MAE encoder weights; ' \

@@ -13,9 +13,9 @@ from timm.data.mixup import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from engine_finetune import evaluate, train_one_epoch
-from util import args as cli
+from util import flags as cli
 from util import checks, classification, launch
-from util.amp import LossScaler
+from util.loss_scaler import LossScaler
 from util.checkpointer import Checkpointer, load_resumable, prepare_output_dir, resume_training
 from util.datasets import build_transform
 from util.logs import RunLog

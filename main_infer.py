@@ -18,9 +18,9 @@ from PIL import Image
 
 import models_mae
 import models_vit
-from util import args as cli
+from util import flags as cli
 from util import checks
-from util.checkpoint_io import CheckpointError, load_checkpoint
+from util.checkpoint_files import CheckpointError, load_checkpoint
 from util.classes import display_names, read_lines
 from util.device import AMP_CHOICES, DEVICE_CHOICES, DeviceError, setup_runtime
 from util.folders import collect_images, describe_skipped

@@ -10,9 +10,9 @@ import os
 
 import models_mae
 import models_vit
-from util import args as cli
+from util import flags as cli
 from util import checks, knn, knn_monitor, launch
-from util.checkpoint_io import load_checkpoint
+from util.checkpoint_files import load_checkpoint
 from util.distributed import print0
 from util.architecture import Architecture, StateDict, architecture_of
 from util.weights import load_weights, model_state_from, no_vit_cause

@@ -15,9 +15,9 @@ import torch
 import models_mae
 import models_vit
 from engine_pretrain import train_one_epoch
-from util import args as cli
-from util import checks, knn_monitor, launch, plan
-from util.amp import LossScaler
+from util import flags as cli
+from util import checks, knn_monitor, launch, training_plan
+from util.loss_scaler import LossScaler
 from util.checkpointer import Checkpointer, find_resumable, prepare_output_dir, resume_training
 from util.datasets import ImageFolderDataset, build_image_folder, build_loader, describe
 from util.distributed import get_rank
@@ -119,10 +119,11 @@ def main(args, start_over: Optional[bool] = None):
     world_size = launch.world_size_of_launch(args)
     # --resume, or this --output_dir's checkpoint (not when starting over): read before any work
     resumable = find_resumable(args, auto_resume=False if start_over else None)
-    if plan.nothing_to_train(resumable, args, world_size):
+    training_plan.check_resume(resumable, args, world_size)
+    if training_plan.already_finished(resumable, args):
         return
     dataset_train = build_pretraining_dataset(args)
-    plan.check_training_plan(len(dataset_train), dataset_train.root, args, world_size, resumable)
+    training_plan.check_training_plan(len(dataset_train), dataset_train.root, args, world_size, resumable)
     knn_data = knn_monitor.read_data(args)  # None without --knn_data_path
 
     runtime = launch.start(args, training=True)

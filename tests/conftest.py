@@ -29,7 +29,7 @@ if ROOT not in sys.path:
 
 import models_mae  # noqa: E402
 import models_vit  # noqa: E402
-from util.synthetic import CLASSES, make_image_folder  # noqa: E402
+from tools.synthetic import CLASSES, make_image_folder  # noqa: E402
 
 PHOTO = os.path.join(ROOT, 'tests', 'data', 'circuit_board.jpg')
 
@@ -192,7 +192,7 @@ def kill_tree(proc: subprocess.Popen):
 def run_in_process(module, argv, capsys):
     """Run a training script's main() in this process as its command line would: (exit code, stdout, stderr
     lines). For failures that happen before any work (a successful run would train here)."""
-    from util import args as cli
+    from util import flags as cli
     from util.launch import run_main
     with pytest.raises(SystemExit) as exit_info:
         run_main(module.main, cli.parse_with(module.get_args_parser(), [str(a) for a in argv]))

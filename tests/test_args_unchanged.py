@@ -10,7 +10,7 @@ import copy, importlib, sys
 import util
 name, entry = sys.argv[1], sys.argv[2]
 module = importlib.import_module(name)
-from util import args as cli
+from util import flags as cli
 args = cli.parse_with(module.get_args_parser(), sys.argv[3:])
 typed = copy.deepcopy(vars(args))
 getattr(module, entry)(args)
@@ -64,7 +64,7 @@ def test_a_checkpoint_saves_the_args_as_typed_and_the_lr_it_trained_with_is_reco
     """A resumed run's recipe check reads the peak lr from the saved args (blr x effective batch / 256) whether
     or not they hold it: ours leave --lr unset, the official code wrote its lr there."""
     import argparse
-    from util.plan import recipe_changes
+    from util.training_plan import recipe_changes
     ours = argparse.Namespace(lr=None, blr=1e-3, batch_size=16, accum_iter=1)
     official = argparse.Namespace(lr=1e-3 * 16 / 256, blr=1e-3, batch_size=16, accum_iter=1)
     assert recipe_changes(ours, official, 1, 1) == recipe_changes(official, ours, 1, 1) == []

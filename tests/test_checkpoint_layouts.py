@@ -11,7 +11,7 @@ from torch.optim.swa_utils import AveragedModel
 
 import models_vit
 from conftest import TINY_VIT, free_port, run_script
-from util.checkpoint_io import CheckpointError, load_checkpoint
+from util.checkpoint_files import CheckpointError, load_checkpoint
 from util.weights import load_state_strict, model_state_from
 
 
@@ -80,7 +80,7 @@ def test_weights_saved_from_a_wrapped_model_load_strictly_as_the_bare_model(wrap
 
 def test_the_issues_compiled_checkpoint_is_evaluated_by_main_knn(tmp_path):
     """The issue's instance: `_orig_mod.` keys were refused ('holds no ViT weights ... missing 148 keys')."""
-    from util.synthetic import CLASSES, make_image_folder
+    from tools.synthetic import CLASSES, make_image_folder
     data = make_image_folder(str(tmp_path / 'data'), {'train': 2, 'val': 1}, size=32, classes=CLASSES[:2])
     torch.manual_seed(0)
     model = models_vit.vit_tiny_patch16(img_size=32, patch_size=4, num_classes=2)  # --model vit_tiny_patch16

@@ -58,7 +58,7 @@ def test_a_demo_rerun_with_another_seed_starts_over_instead_of_a_refused_resume(
     import torch
     import main_pretrain
     from tools.demo import decide_continue_or_start_over
-    from util import args as cli
+    from util import flags as cli
     parser = main_pretrain.get_args_parser()
     parser.set_defaults(**{**DEMO_DEFAULTS, 'output_dir': str(tmp_path / 'demo_output')})
     args = cli.parse_with(parser, ['--seed', '1'])

@@ -14,8 +14,8 @@ from PIL import Image
 
 from conftest import (ROOT, TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, kill_tree, read_json_log, run_script,
                       start_process, subprocess_env, torchrun_command, wait_for_line)
-from util.checkpoint_io import CheckpointError, load_checkpoint, save_atomic
-from util.synthetic import CLASSES, make_image_folder
+from util.checkpoint_files import CheckpointError, load_checkpoint, save_atomic
+from tools.synthetic import CLASSES, make_image_folder
 
 # 3 epochs of 8 iterations, a checkpoint every 2 iterations: kills land mid-epoch or at epoch ends
 RESUMABLE_RUN = ['--epochs', '3', '--save_every_iters', '2', '--blr', '1.6e-2', '--warmup_epochs', '1',
@@ -174,7 +174,7 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path):
 SAVE_LOOP = '''
 import sys, torch
 sys.path.insert(0, {root!r})
-from util.checkpoint_io import save_atomic
+from util.checkpoint_files import save_atomic
 big = torch.randn(8_000_000)
 i = 0
 print('saving', flush=True)
@@ -443,7 +443,7 @@ def test_a_file_already_in_the_hub_cache_is_used_offline(tmp_path, monkeypatch):
 
 
 def test_dates_and_epoch_numbers_in_file_names_are_not_read_as_hashes():
-    from util.checkpoint_io import named_hash_prefix
+    from util.checkpoint_files import named_hash_prefix
     assert named_hash_prefix('mae_vit_tiny-0123abcd.pth') == '0123abcd'
     assert named_hash_prefix('model-20231105.pth') is None and named_hash_prefix('checkpoint-79.pth') is None
 

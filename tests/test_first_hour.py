@@ -52,7 +52,7 @@ def test_reruns_say_what_happens_nothing_left_changed_recipe_refused_unless_aske
 
 
 def test_a_resume_with_the_same_effective_batch_on_other_processes_is_not_a_recipe_change():
-    from util.plan import recipe_changes
+    from util.training_plan import recipe_changes
     saved = argparse.Namespace(batch_size=32, accum_iter=2, blr=1e-3, lr=1e-3 * 128 / 256, seed=0)
     now = argparse.Namespace(batch_size=32, accum_iter=1, blr=1e-3, lr=None, seed=0)
     assert recipe_changes(saved, now, saved_world_size=2, world_size=4) == []
@@ -107,7 +107,7 @@ def test_inference_writes_its_figures_into_a_folder_named_for_them(tmp_path, mon
 
 
 def test_a_global_pool_classifier_given_to_a_class_token_probe_names_the_pooling():
-    from util.checkpoint_io import CheckpointError
+    from util.checkpoint_files import CheckpointError
     from util.weights import load_weights
     source = models_vit.vit_tiny_patch16(img_size=32, patch_size=4, num_classes=10, global_pool=True)
     target = models_vit.vit_tiny_patch16(img_size=32, patch_size=4, num_classes=4, global_pool=False)

@@ -12,7 +12,7 @@ from conftest import TINY_PRETRAIN_ARGS, run_script
 from util.classes import check_subset, folder_classes, run_classes
 from util.datasets import build_image_folder
 from util.folders import collect_images
-from util.synthetic import CLASSES, make_image_folder
+from tools.synthetic import CLASSES, make_image_folder
 
 
 def image(path, colour=(200, 30, 30)):

@@ -19,7 +19,7 @@ import models_vit
 from conftest import PHOTO, ROOT, TINY, TINY_CLASSIFIER_ARGS, TINY_MAE, TINY_PRETRAIN_ARGS, run_script
 from tools import export
 from util import hf_layout
-from util.checkpoint_io import CheckpointError, load_checkpoint
+from util.checkpoint_files import CheckpointError, load_checkpoint
 
 transformers = pytest.importorskip('transformers', reason='pip install -r requirements-dev.txt')
 transformers.utils.logging.disable_progress_bar()

@@ -20,9 +20,9 @@ import models_mae
 import models_vit
 from conftest import (ROOT, TINY, TINY_MAE, TINY_PRETRAIN_ARGS, read_json_log, run_in_process, run_script,
                       run_torchrun, start_process, subprocess_env, wait_for_line)
-from util import args as cli
+from util import flags as cli
 from util import knn
-from util.checkpoint_io import load_checkpoint
+from util.checkpoint_files import load_checkpoint
 from util.device import Runtime
 from util.weights import load_weights
 
@@ -332,7 +332,7 @@ def test_main_knn_prints_feature_progress_every_print_freq_batches(texture_data,
 def test_main_knn_with_one_neighbour_reports_top_5_equal_to_top_1(tmp_path):
     """The issue's instance: --nb_knn 1 on 10 classes gave top-1 6.667 and top-5 53.333 (the four classes with
     no vote filled in by class index)."""
-    from util.synthetic import CLASSES, make_image_folder
+    from tools.synthetic import CLASSES, make_image_folder
     data = make_image_folder(str(tmp_path / 'data'), {'train': 3, 'val': 3}, size=32, classes=CLASSES[:10])
     torch.manual_seed(0)
     torch.save({'model': models_mae.mae_vit_tiny_patch16(img_size=32, patch_size=4).state_dict()},
@@ -358,7 +358,7 @@ def main_knn_numbers(checkpoint, data_path) -> str:
 
 @pytest.mark.slow
 def test_torchrun_two_processes_give_the_one_process_numbers_counting_each_image_once(tmp_path):
-    from util.synthetic import CLASSES, make_image_folder
+    from tools.synthetic import CLASSES, make_image_folder
     # 6 classes x (30 train, 13 val): shares of 90 and 39 images, an odd count per rank
     data = make_image_folder(str(tmp_path / 'data'), {'train': 30, 'val': 13}, size=32, classes=CLASSES[:6])
     torch.manual_seed(0)

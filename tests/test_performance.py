@@ -16,9 +16,9 @@ from util.datasets import build_image_folder
 from util.device import Runtime
 from util.images import decode_image_tensor as decode_rgb_tensor
 from util.optim import make_adamw
-from util.synthetic import CLASSES, make_image_folder
+from tools.synthetic import CLASSES, make_image_folder
 from util.transforms import (BICUBIC, TensorRandomResizedCrop, build_fast_pretrain_transform, build_pretrain_transform,
-                             normalize_batch)
+                             to_device_normalized)
 
 
 def grads_and_loss(model, images, noise):
@@ -70,8 +70,8 @@ def test_device_normalisation_of_uint8_batches_is_bit_identical_to_totensor_norm
                                                                                (0.229, 0.224, 0.225))])
     reference = torch.stack([official(p) for p in pictures])
     uint8 = torch.stack([transforms.PILToTensor()(p) for p in pictures])
-    assert torch.equal(normalize_batch(uint8, torch.device('cpu')), reference)
-    assert normalize_batch(reference, torch.device('cpu')) is reference  # float batches pass through
+    assert torch.equal(to_device_normalized(uint8, torch.device('cpu')), reference)
+    assert to_device_normalized(reference, torch.device('cpu')) is reference  # float batches pass through
 
 
 def test_uint8_pretrain_transform_gives_the_official_crops():
@@ -81,7 +81,7 @@ def test_uint8_pretrain_transform_gives_the_official_crops():
     torch.manual_seed(5)
     ours = torch.stack([build_pretrain_transform(64, uint8_output=True)(img) for _ in range(10)])
     assert ours.dtype == torch.uint8
-    assert torch.equal(normalize_batch(ours, torch.device('cpu')), official)
+    assert torch.equal(to_device_normalized(ours, torch.device('cpu')), official)
 
 
 def test_fast_decode_reads_the_same_pixels_as_pil_and_falls_back_for_png(tmp_path):

@@ -14,7 +14,7 @@ import main_pretrain
 import models_vit
 from conftest import (TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, descendants, read_json_log, run_in_process,
                       run_script, start_process, torchrun_command, wait_for_line)
-from util.checkpoint_io import CheckpointError, load_checkpoint
+from util.checkpoint_files import CheckpointError, load_checkpoint
 from util.checkpointer import resumed_iteration
 from util.datasets import ResumableSampler
 from util.lr_decay import param_groups_lrd
@@ -163,7 +163,7 @@ def test_what_a_resume_cannot_take_on_is_refused_before_any_work(finished_epoch,
 @pytest.mark.slow
 def test_a_training_set_that_grew_is_a_recipe_change(tmp_path):
     """New images reshuffle every epoch: the rest of a stopped epoch would see some images twice, others never."""
-    from util.synthetic import CLASSES, make_image_folder
+    from tools.synthetic import CLASSES, make_image_folder
     data = make_image_folder(str(tmp_path / 'data'), {'train': 8}, size=32, classes=CLASSES[:2])
     command = ['--data_path', data, '--output_dir', tmp_path / 'run', *TINY_PRETRAIN_ARGS, '--batch_size', '4']
     assert run_script('main_pretrain.py', *command, '--epochs', '1').returncode == 0

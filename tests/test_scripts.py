@@ -13,7 +13,7 @@ OFFICIAL_CHECKPOINT_KEYS = {'model', 'optimizer', 'epoch', 'scaler', 'args'}
 
 
 def load(path):
-    from util.checkpoint_io import load_checkpoint
+    from util.checkpoint_files import load_checkpoint
     return load_checkpoint(str(path))
 
 

@@ -141,7 +141,7 @@ def test_torch_hub_load_with_a_checkpoint_and_kwargs(tmp_path):
 
 
 def test_torch_hub_with_a_mismatched_checkpoint_raises_the_clear_error(tmp_path):
-    from util.checkpoint_io import CheckpointError
+    from util.checkpoint_files import CheckpointError
     torch.save({'model': models_vit.vit_tiny_patch16(num_classes=10).state_dict()}, tmp_path / 'vit.pth')
     with pytest.raises(CheckpointError, match='does not fit entry point vit_small_patch16: embed dim 192 and 12 '
                                               'blocks in the checkpoint, 384 and 12 in the model'):

@@ -16,13 +16,13 @@ import models_vit
 from conftest import TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, run_script
 from engine_finetune import evaluate
 from util import knn
-from util.args import parse_with
+from util.flags import parse_with
 from util.bad_images import BadImageBudgetError
-from util.checkpoint_io import load_checkpoint
+from util.checkpoint_files import load_checkpoint
 from util.datasets import LEFT_OUT, build_image_folder, build_loader
 from util.device import Runtime
 from util.images import DEFAULT_MAX_PIXELS, ImageTooLarge, decode_image, decode_image_tensor
-from util.synthetic import CLASSES, make_image_folder
+from tools.synthetic import CLASSES, make_image_folder
 from util.transforms import build_eval_transform
 
 

@@ -21,7 +21,7 @@ import torch
 import main_pretrain
 import models_mae
 import models_vit
-from util import args as cli
+from util import flags as cli
 from util import checks
 from tools import benchmark_memory as memory
 from tools import benchmark_pipeline as pipeline

@@ -23,8 +23,8 @@ def worker(argv: List[str]):
     import argparse
 
     from tools.benchmark_step import build, build_optimizer, make_forward
-    from util import distributed, fsdp, launch
-    from util.amp import LossScaler
+    from util import distributed, launch
+    from util.loss_scaler import LossScaler
     from util.device import setup_runtime
     parser = argparse.ArgumentParser()
     for flag in ('--model', '--device'):
@@ -45,7 +45,7 @@ def worker(argv: List[str]):
     images = torch.randn(2, 3, args.input_size, args.input_size, device=runtime.device)
     LossScaler(None)(make_forward(args.model, step_args, runtime)(model, images), optimizer,
                      parameters=model.parameters())
-    own = fsdp.local_bytes(module, optimizer)
+    own = local_bytes(module, optimizer)
     gathered = [json.loads(blob) for blob in distributed.all_gather_bytes(json.dumps(own).encode())]
     if distributed.is_main_process():
         total = sum(p.numel() for p in module.parameters())  # a DTensor counts its full size
@@ -80,3 +80,15 @@ def launch_one(model: str, device: str, input_size: int, patch_size, processes: 
 
 if __name__ == '__main__':
     worker(sys.argv[1:])
+
+
+def local_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, int]:
+    """Bytes this rank holds of parameters, gradients and optimizer state (its shards under FSDP)."""
+    def nbytes(t: torch.Tensor) -> int:
+        local = t.to_local() if hasattr(t, 'to_local') else t
+        return local.numel() * local.element_size()
+    params = list(model.parameters())
+    state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return {'parameters': sum(nbytes(p) for p in params),
+            'gradients': sum(nbytes(p.grad) for p in params if p.grad is not None),
+            'optimizer_state': sum(nbytes(t) for t in state)}

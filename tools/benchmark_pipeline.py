@@ -12,7 +12,7 @@ import main_finetune
 import main_pretrain
 from util.datasets import DataError, build_image_folder, build_transform
 from util.images import DEFAULT_MAX_PIXELS, decode_image_tensor
-from util.transforms import build_fast_pretrain_transform, build_pretrain_transform, normalize_batch
+from util.transforms import build_fast_pretrain_transform, build_pretrain_transform, to_device_normalized
 
 BATCH = 64
 
@@ -53,7 +53,7 @@ def measure(dataset, args, runtime) -> Dict[str, float]:
     for _ in range(args.pipeline_batches):
         samples, _ = next(stream)
         if runtime.type != 'cpu':  # on an accelerator, finishing uint8 batches there is part of the pipeline
-            normalize_batch(samples, runtime.device)
+            to_device_normalized(samples, runtime.device)
         images += samples.shape[0]
     runtime.synchronize()
     rate = images / (time.perf_counter() - start)
@@ -66,7 +66,7 @@ def measure_end_to_end(args, runtime, fast_decode: bool) -> Dict[str, float]:
     on the device): what a run gets, data loading included."""
     import models_mae
     from tools.benchmark_step import build, build_optimizer
-    from util.amp import LossScaler
+    from util.loss_scaler import LossScaler
     dataset = main_pretrain.build_pretraining_dataset(
         SimpleNamespace(data_path=args.data_path, input_size=args.input_size, fast_decode=fast_decode,
                         max_image_pixels=DEFAULT_MAX_PIXELS))
@@ -89,7 +89,7 @@ def measure_end_to_end(args, runtime, fast_decode: bool) -> Dict[str, float]:
     stream = batches()
 
     def step():
-        samples = normalize_batch(next(stream)[0], runtime.device)
+        samples = to_device_normalized(next(stream)[0], runtime.device)
         with runtime.autocast():
             loss = model(samples, mask_ratio=args.mask_ratio)[0]
         loss_scaler(loss, optimizer, parameters=model.parameters())

@@ -13,7 +13,7 @@ import main_finetune
 import main_pretrain
 import models_mae
 import models_vit
-from util.amp import LossScaler
+from util.loss_scaler import LossScaler
 
 
 def matmul_peak_flops(runtime, dtype: torch.dtype) -> float:

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Tuple
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from util import args as cli
+from util import flags as cli
 
 MARKED_EPOCHS = 60  # longer curves are drawn as lines only
 

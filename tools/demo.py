@@ -1,5 +1,5 @@
 """The built-in demo behind `python main_pretrain.py --demo`: a tiny MAE pretrained for a few minutes on a
-laptop CPU, on procedurally generated textures (util/synthetic.py), by main_pretrain.main itself; before and
+laptop CPU, on procedurally generated textures (tools/synthetic.py), by main_pretrain.main itself; before and
 after it, the held-out reconstruction error, a reconstruction figure, and the commands to run next.
 
 A rerun continues an interrupted demo (Ctrl-C, SIGTERM) of the same settings, and otherwise starts over, clearing
@@ -14,12 +14,12 @@ from typing import List
 import torch
 
 import main_pretrain
-from util import args as cli
+from util import flags as cli
 from util import launch
-from util.checkpoint_io import load_checkpoint
+from util.checkpoint_files import load_checkpoint
 from util.checkpointer import LAST, holds_a_run
 from util.checks import DEMO_RUN_MARKER, raise_if_errors
-from util.plan import recipe_changes
+from util.training_plan import recipe_changes
 from util.device import Runtime
 from util.distributed import is_main_process, print0
 from util.folders import image_files
@@ -27,7 +27,7 @@ from util.images import decode_image
 from util.launch import world_size_of_launch
 from util.reconstruction import reconstruct, reconstruction_transform, save_figure
 from util.rng import seed_everything
-from util.synthetic import CLASSES, CYCLES, make_image_folder
+from tools.synthetic import CLASSES, CYCLES, make_image_folder
 
 # flags the demo sets unless given on the command line
 DEMO_DEFAULTS = dict(model='mae_vit_tiny_patch16', input_size=64, patch_size=8, batch_size=32, epochs=8,

@@ -1,4 +1,4 @@
-"""Write a checkpoint (ours, an official one, or anything util/checkpoint_io.py reads) in another library's layout,
+"""Write a checkpoint (ours, an official one, or anything util/checkpoint_files.py reads) in another library's layout,
 as config.json + model.safetensors in OUT_DIR:
 --to hf    an MAE (encoder and decoder) for transformers' ViTMAEForPreTraining.from_pretrained(OUT_DIR); an encoder
            alone for ViTMAEModel (key map: util/hf_layout.py).
@@ -21,9 +21,9 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import models_mae
 import models_vit
-from util import args as cli
+from util import flags as cli
 from util import hf_layout
-from util.checkpoint_io import CheckpointError, load_checkpoint
+from util.checkpoint_files import CheckpointError, load_checkpoint
 from util.weights import model_state_from
 from util.architecture import KIND_WORDS, Architecture, architecture_of, attention_heads
 

@@ -20,7 +20,7 @@ from typing import Dict, List
 
 from PIL import Image
 
-from util import args as cli
+from util import flags as cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHOTO = os.path.join(ROOT, 'tests', 'data', 'circuit_board.jpg')

@@ -24,7 +24,7 @@ from PIL import Image
 
 import main_pretrain
 from tools.demo import initial_model
-from util import args as cli
+from util import flags as cli
 from util import knn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

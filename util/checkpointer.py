@@ -16,7 +16,7 @@ import torch.nn as nn
 from util import distributed, preemption
 from util import fsdp as util_fsdp
 from util.bad_images import BadImageBudgetError
-from util.checkpoint_io import CheckpointError, load_checkpoint, save_atomic
+from util.checkpoint_files import CheckpointError, load_checkpoint, save_atomic
 from util.distributed import print0
 from util.logs import DETAILS, truncate_log
 from util.rng import gather_rng_states, restore_rng_states
@@ -257,8 +257,8 @@ class Checkpointer:
         self.optimizer = optimizer
         self.loss_scaler = loss_scaler
         self.runtime = runtime
-        # the size of the training set, which a resumed run must see unchanged (util/plan.check_same_data); classifier
-        # runs also keep their class list and best top-1 in every checkpoint
+        # the size of the training set, which a resumed run must see unchanged (training_plan.check_same_data);
+        # classifier runs also keep their class list and best top-1 in every checkpoint
         self.extra_state = {'train_images': train_images}
         if classes is not None:
             self.extra_state.update(classes=list(classes), max_accuracy=start.extra.get('max_accuracy', 0.0))

@@ -1,13 +1,13 @@
 """Checks run on a command line before any work: each problem is one line naming the flag, the value and what
 to do instead; the run exits with code 2 and writes nothing. Ranges here are what the code supports, not only
 what the types allow (e.g. an image side the patches do not divide, an output folder that holds another run).
-The range of each single flag is declared with the flag (util/args.py)."""
+The range of each single flag is declared with the flag (util/flags.py)."""
 import os
 from typing import List, Optional
 
 import models_vit
 from util import hf_layout
-from util.checkpoint_io import is_url
+from util.checkpoint_files import is_url
 from util.checkpointer import LAST, holds_a_run
 from util import distributed
 
@@ -32,7 +32,7 @@ def check_model(model: str, models: dict, kind: str, other_models: dict, other_k
 def check_model_args(args, models: dict, kind: str, other_models: dict, other_kind: str, other_script: str,
                      errors: List[str]) -> int:
     """--model, and --input_size against the patch size (each flag's own range is checked as it is parsed,
-    util/args.py). Returns the patch size in use (0 when --model is unknown)."""
+    util/flags.py). Returns the patch size in use (0 when --model is unknown)."""
     check_model(args.model, models, kind, other_models, other_kind, other_script, errors)
     if args.model not in models:
         return 0

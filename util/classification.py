@@ -10,9 +10,9 @@ from timm.layers import trunc_normal_
 
 import models_mae
 import models_vit
-from util import checks, plan
+from util import checks, training_plan
 from util.architecture import CLASSIFIER_KINDS, architecture_of
-from util.checkpoint_io import load_checkpoint
+from util.checkpoint_files import load_checkpoint
 from util.checkpointer import Resumable, find_resumable, holds_training_state, resumable_checkpoint_in
 from util.classes import ClassListError, folder_classes, run_classes
 from util.datasets import DataError, ImageFolderDataset, build_dataset, build_loader, describe
@@ -66,9 +66,11 @@ def read_up_front(args, world_size: int, global_pool_default: bool,
     (said in one line). `train_transform(input_size)` is the script's training transform."""
     resumable = find_resumable(args)  # --resume, or this --output_dir's checkpoint
     sizes = resolve_sizes(args, resumable, global_pool_default)
-    if not args.eval and plan.nothing_to_train(resumable, args, world_size,
-                                               resolve=lambda run: resolve_sizes(run, None, global_pool_default)):
-        return None
+    if not args.eval:
+        training_plan.check_resume(resumable, args, world_size,
+                                   resolve=lambda run: resolve_sizes(run, None, global_pool_default))
+        if training_plan.already_finished(resumable, args):
+            return None
     classes = classes_for_run(args, resumable, sizes.nb_classes)
     if len(classes) > sizes.nb_classes:  # the head must have room for the run's classes
         raise DataError(f'--nb_classes {sizes.nb_classes}: {args.data_path} has {len(classes)} classes; pass '
@@ -76,7 +78,7 @@ def read_up_front(args, world_size: int, global_pool_default: bool,
     dataset_train = None
     if not args.eval:
         dataset_train = build_dataset(True, args, sizes.input_size, classes, train_transform(sizes.input_size))
-        plan.check_training_plan(len(dataset_train), dataset_train.root, args, world_size, resumable)
+        training_plan.check_training_plan(len(dataset_train), dataset_train.root, args, world_size, resumable)
     dataset_val = build_dataset(False, args, sizes.input_size, classes)
     return ClassifierRun(resumable, sizes, classes, dataset_train, dataset_val, read_pretrained(args, resumable))
 

@@ -93,15 +93,3 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     groups = [{**group, 'params': [names[i] for i in group['params']]} for group in saved_groups]
     by_name = {'state': {names[i]: value for i, value in state['state'].items()}, 'param_groups': groups}
     set_optimizer_state_dict(model, optimizer, by_name, options=FULL_EVERYWHERE)
-
-
-def local_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, int]:
-    """Bytes this rank holds of parameters, gradients and optimizer state (its shards under FSDP)."""
-    def nbytes(t: torch.Tensor) -> int:
-        local = t.to_local() if hasattr(t, 'to_local') else t
-        return local.numel() * local.element_size()
-    params = list(model.parameters())
-    state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-    return {'parameters': sum(nbytes(p) for p in params),
-            'gradients': sum(nbytes(p.grad) for p in params if p.grad is not None),
-            'optimizer_state': sum(nbytes(t) for t in state)}

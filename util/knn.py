@@ -30,7 +30,7 @@ from util.classes import check_subset
 from util.images import DEFAULT_MAX_PIXELS
 from util.datasets import LEFT_OUT, DataError, ImageFolderDataset, build_image_folder, build_loader, cap_per_class
 from util.progress import evaluation_batches
-from util.transforms import build_eval_transform, normalize_batch
+from util.transforms import build_eval_transform, to_device_normalized
 
 FEATURES = ('cls', 'mean')
 DEFAULT_FEATURE = 'mean'  # on real images: far ahead of the class token early in a run, close at its end (README)
@@ -77,7 +77,7 @@ def extract_features(encoder: torch.nn.Module, loader, runtime, feature: str, bu
     for i, (images, targets) in evaluation_batches(loader, budget, every):
         if (i + 1) % every == 0:
             print0(f'k-NN features of {loader.dataset.root}: [{i + 1}/{len(loader)}]')
-        images = normalize_batch(images, runtime.device)
+        images = to_device_normalized(images, runtime.device)
         with runtime.autocast():
             features.append(encoder_features(encoder, images, feature).float())
         labels.append(targets.to(runtime.device))

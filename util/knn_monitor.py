@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import torch
 
-from util import args as cli
+from util import flags as cli
 from util import fsdp
 from util.checks import UsageError, check_data_path
 from util.distributed import print0

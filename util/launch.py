@@ -11,7 +11,7 @@ import torch
 from util import distributed, preemption
 from util import fsdp as util_fsdp
 from util.bad_images import BadImageBudgetError
-from util.checkpoint_io import CheckpointError
+from util.checkpoint_files import CheckpointError
 from util.checks import UsageError
 from util.classes import ClassListError
 from util.datasets import DataError

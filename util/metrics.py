@@ -71,12 +71,6 @@ class MetricLogger:
                 value = value.item()
             self.meters[name].update(float(value), n=n)
 
-    def __getattr__(self, name):
-        meters = self.__dict__.get('meters', {})
-        if name in meters:
-            return meters[name]
-        raise AttributeError(f'{type(self).__name__} has no meter {name!r}')
-
     def __str__(self):
         return self.delimiter.join(f'{name}: {meter}' for name, meter in self.meters.items())
 

@@ -38,7 +38,7 @@ class EpochProgress:
     also syncs the window first, so no non-finite weights are ever saved."""
 
     def __init__(self, runtime, epoch: int, iters_per_epoch: int, print_freq: int = 20, start_iter: int = 0,
-                 log_writer=None, tb_loss_name: str = 'train_loss', header: Optional[str] = None,
+                 log_writer=None, tb_loss_name: str = 'train_loss',
                  describe_last_good=lambda: '', budget: Optional[BadImageBudget] = None,
                  images_per_iteration: int = 1, images_per_epoch: Optional[int] = None):
         self.runtime = runtime
@@ -53,7 +53,7 @@ class EpochProgress:
         self.start_iter = start_iter
         self.log_writer = log_writer
         self.tb_loss_name = tb_loss_name
-        self.header = header or f'Epoch: [{epoch}]'
+        self.header = f'Epoch: [{epoch}]'
         self.meters = MetricLogger()
         self.meters.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
         self.window = []  # (iteration, loss on device, lr, write to TensorBoard)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from util import distributed
-from util.checkpoint_io import SAFE_GLOBALS
+from util.checkpoint_files import SAFE_GLOBALS
 from util.distributed import print0
 
 

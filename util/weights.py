@@ -1,7 +1,7 @@
 """Model weights from any checkpoint the project reads, into a model: one function, load_weights, in the role of
 timm's checkpoint filter. It finds the weights (under 'model' or another trainer's key; the key names DDP,
 torch.compile, FSDP, EMA or Lightning wrappers leave removed; Hugging Face and safetensors files arrive here in
-the official key names, util/checkpoint_io.py), fits the position table to the model's patch grid where asked,
+the official key names, util/checkpoint_files.py), fits the position table to the model's patch grid where asked,
 and matches strictly, or says in one line what does not fit and why ('patch 8 px in the checkpoint, 4 in the
 model'). Resume, --finetune, --eval, k-NN, inference and torch.hub all call it."""
 from dataclasses import dataclass
@@ -14,7 +14,7 @@ import models_mae
 import models_vit
 from util import fsdp as util_fsdp
 from util.architecture import CLASSIFIER_KINDS, KIND_WORDS, Architecture, StateDict, architecture_of, attention_heads
-from util.checkpoint_io import SHARDED_CAUSE, CheckpointError
+from util.checkpoint_files import SHARDED_CAUSE, CheckpointError
 from util.distributed import print0
 from util.pos_embed import interpolate_pos_embed
 
@@ -26,7 +26,7 @@ FRESH_IN_A_CLASSIFIER = ('head.weight', 'head.bias', 'fc_norm.weight', 'fc_norm.
 def load_weights(model: nn.Module, checkpoint: dict, path: str, model_name: str, fit_grid: bool = False,
                  pretrained: bool = False, keep: Optional[Callable[[str], bool]] = None,
                  say: 'Phrasing' = None) -> List[str]:
-    """Load `checkpoint` (a dict as util/checkpoint_io.load_checkpoint returns it, from any file the project reads)
+    """Load `checkpoint` (a dict as util/checkpoint_files.load_checkpoint returns it, from any file the project reads)
     into `model`, named `model_name` in messages:
     - its weights found and unwrapped (model_state_from); after the match, the attention heads a Hugging Face
       config names checked;

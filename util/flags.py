@@ -4,7 +4,7 @@ Every flag of the official scripts keeps its name and default; the new ones (dev
 speed) are grouped below. `--help` shows each flag's default and unit; a malformed value is one line, exit 2.
 A flag carries its own rules where it is defined: `check=` its range (every value out of range is one line,
 exit 2, before any work) and `recipe=True` when it is part of what a run learns (a resume refuses a change;
-util/plan.py). Checks that relate several flags or look at files are in util/checks.py.
+util/training_plan.py). Checks that relate several flags or look at files are in util/checks.py.
 """
 import argparse
 import sys

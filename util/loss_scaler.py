@@ -1,4 +1,5 @@
-"""Backward, gradient clipping and the optimizer step, with an fp16 GradScaler or without one (bf16, fp32)."""
+"""The loss scaler: backward, gradient clipping and the optimizer step, with an fp16 GradScaler or without one
+(bf16, fp32). Autocast itself is the device layer's (util/device.py, Runtime.autocast)."""
 from typing import Iterable, Optional
 
 import torch
@@ -6,7 +7,8 @@ import torch
 
 class LossScaler:
     """The official NativeScalerWithGradNormCount, backend-neutral: `grad_scaler` comes from the device layer
-    (None when no loss scaling is needed). The gradient norm is computed only when clipping needs it."""
+    (None when no loss scaling is needed). The gradient norm is computed only when clipping needs it (`clip_grad`,
+the --clip_grad norm); it returns the norm before clipping, else None."""
 
     state_dict_key = 'amp_scaler'
 
@@ -14,12 +16,12 @@ class LossScaler:
         self._scaler = grad_scaler
 
     def __call__(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, clip_grad: Optional[float] = None,
-                 parameters: Optional[Iterable[torch.nn.Parameter]] = None, create_graph: bool = False,
+                 parameters: Optional[Iterable[torch.nn.Parameter]] = None,
                  update_grad: bool = True) -> Optional[torch.Tensor]:
         if self._scaler is not None:
-            self._scaler.scale(loss).backward(create_graph=create_graph)
+            self._scaler.scale(loss).backward()
         else:
-            loss.backward(create_graph=create_graph)
+            loss.backward()
         if not update_grad:
             return None
         norm = None

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from typing import Callable, List, Optional
 
 from util.checkpointer import first_epoch, holds_training_state, resumed_iteration
-from util import args as cli
+from util import flags as cli
 from util.checks import UsageError
 from util.distributed import print0
 from util.lr_sched import effective_batch, effective_lr
@@ -67,14 +67,18 @@ def check_steps_per_epoch(num_images: int, root: str, args, world_size: int):
                          f'--accum_iter {iterations} or less, or a smaller --batch_size')
 
 
-def nothing_to_train(resumable, args, world_size: int, resolve: Optional[Callable] = None) -> bool:
-    """Before any work, for a training run: refuse (UsageError) to continue a run whose recipe changed (unless
-    --allow_recipe_change) and an empty schedule (--start_epoch >= --epochs); True, after one line saying so,
-    when the run being resumed already finished --epochs (rerunning a finished job is not an error). `resolve`
-    (see recipe_changes) fills in the values the flags leave to the script."""
+def check_resume(resumable, args, world_size: int, resolve: Optional[Callable] = None):
+    """Before any work, for a training run that continues a checkpoint: refuse (UsageError) what a resume cannot take
+    on (check_resumable_here) and a changed recipe (unless --allow_recipe_change). `resolve` (see recipe_changes)
+    fills in the values the flags leave to the script."""
     if holds_training_state(resumable):
         check_resumable_here(resumable, args, world_size)
         check_same_recipe(resumable, args, world_size, resolve)
+
+
+def already_finished(resumable, args) -> bool:
+    """True, after one line saying so, when the run being resumed already finished --epochs (rerunning a finished
+    job is not an error); an empty schedule (--start_epoch >= --epochs) is refused (UsageError)."""
     first = first_epoch(resumable, args.start_epoch)
     if first < args.epochs:
         return False
@@ -106,7 +110,7 @@ def check_resumable_here(resumable, args, world_size: int):
 
 def recipe_changes(saved, args, saved_world_size: int, world_size: int, resolve: Optional[Callable] = None
                    ) -> List[str]:
-    """'--blr 0.001 (now 0.008)', ... for each recipe flag (declared with recipe=True, util/args.py) that differs
+    """'--blr 0.001 (now 0.008)', ... for each recipe flag (declared with recipe=True, util/flags.py) that differs
     from the run's saved args, and the effective batch and learning rate, which also follow from the process
     count. `resolve(args)` (a dataclass) gives the values a flag left unset resolves to (a classifier's sizes: the
     run's saved args hold them resolved when an older version of this code wrote them, or unset), which are
