@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from PIL import Image
 
 # as the user's shell has it: importing util below sets it for this process, and subprocesses must show that
 # every script sets it itself
@@ -44,6 +45,9 @@ TINY_PRETRAIN_ARGS = ['--model', 'mae_vit_tiny_patch16', '--input_size', '32', '
                       '--num_workers', '0', '--batch_size', '16', '--print_freq', '4']
 TINY_CLASSIFIER_ARGS = ['--model', 'vit_tiny_patch16', '--input_size', '32', '--patch_size', '4',
                         '--num_workers', '0', '--batch_size', '16', '--print_freq', '4', '--nb_classes', '4']
+# the flags of an --eval of a tiny 4-class classifier
+EVAL_FLAGS = ['--model', 'vit_tiny_patch16', '--input_size', '32', '--patch_size', '4', '--num_workers', '0',
+              '--batch_size', '16', '--nb_classes', '4']
 # variables of a launcher that a test's own subprocess must not inherit
 LAUNCHER_VARIABLES = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT',
                       'SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_LOCALID', 'OMPI_COMM_WORLD_RANK')
@@ -203,3 +207,44 @@ def run_in_process(module, argv, capsys):
 def read_json_log(output_dir):
     with open(os.path.join(output_dir, 'log.txt')) as f:
         return [json.loads(line) for line in f]
+
+
+COLOURS = {'a': (0, 200, 0), 'b': (230, 20, 20), 'c': (200, 200, 0), 'd': (20, 20, 230)}
+
+
+def colour_folder(root, split_counts: dict):
+    """root/<split>/<class>/<i>.png, each class one flat colour (COLOURS)."""
+    for split, classes in split_counts.items():
+        for name, count in classes.items():
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.new('RGB', (32, 32), COLOURS[name]).save(folder / f'{i}.png')
+    return root
+
+
+def colour_classifier(outputs=('a', 'b', 'c', 'd')) -> models_vit.VisionTransformer:
+    """A tiny global-pool ViT that is right on the 'b' (red) and 'd' (blue) images by construction: each token
+    carries the patch's mean colour, the blocks are identities, the head reads red for b and blue for d."""
+    torch.manual_seed(0)
+    model = models_vit.vit_tiny_patch16(num_classes=len(outputs), img_size=32, patch_size=4)
+    state = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}  # zero blocks: identities
+    for channel in range(3):
+        state['patch_embed.proj.weight'][channel, channel] = 1 / 16  # token dim c = mean of channel c
+    state['fc_norm.weight'] = torch.ones_like(state['fc_norm.weight'])
+    state['head.weight'][outputs.index('b'), 0] = 1.0  # red
+    state['head.weight'][outputs.index('d'), 2] = 1.0  # blue
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def save_classifier(path, model, classes=None, **extra):
+    checkpoint = {'model': model.state_dict(), **extra}
+    if classes is not None:
+        checkpoint['classes'] = list(classes)
+    torch.save(checkpoint, path)
+    return path
+
+
+def accuracy_line(stdout: str) -> str:
+    return next(line for line in stdout.splitlines() if '* Acc@1' in line)

@@ -6,8 +6,12 @@ import signal
 import pytest
 from PIL import Image
 
-from conftest import read_json_log, run_script, run_torchrun, script_command, start_process, wait_for_line
+from conftest import ROOT, read_json_log, run_script, run_torchrun, script_command, start_process, wait_for_line
 from tools.demo import DEMO_DEFAULTS
+import argparse
+import torch
+import main_pretrain
+from conftest import TINY_PRETRAIN_ARGS, run_in_process
 
 
 @pytest.mark.slow
@@ -47,15 +51,31 @@ def test_the_next_step_printed_by_the_demo_runs(tmp_path):
     assert '* Acc@1' in proc.stdout
 
 
-def test_demo_defaults_fit_a_laptop():
-    assert DEMO_DEFAULTS['model'] == 'mae_vit_tiny_patch16' and DEMO_DEFAULTS['input_size'] == 64
-    assert DEMO_DEFAULTS['data_path'].startswith('demo_output') and DEMO_DEFAULTS['epochs'] == 8
+def test_the_demo_settings_give_the_images_and_the_few_hundred_optimizer_steps_the_readme_promises():
+    """The demo's defaults against what they are for: the README's image counts, an MAE that learns within a few
+    hundred optimizer steps (one process), a warm-up that ends, a training plan the checks accept."""
+    import main_pretrain
+    from tools.demo import DEMO_VAL_IMAGES
+    from tools.synthetic import CLASSES
+    from util import flags as cli
+    from util.training_plan import check_training_plan
+    parser = main_pretrain.get_args_parser()
+    parser.set_defaults(**DEMO_DEFAULTS)
+    args = cli.parse_with(parser, [])
+    train_images, held_out = len(CLASSES) * args.demo_images, len(CLASSES) * DEMO_VAL_IMAGES
+    steps = args.epochs * (train_images // (args.batch_size * args.accum_iter))
+    grid = args.input_size // args.patch_size
+    readme = ' '.join(open(os.path.join(ROOT, 'README.md')).read().split())
+    assert (f'pretrained for {args.epochs} epochs on {train_images:,} procedurally generated images, {held_out} '
+            'held out') in readme
+    assert f'across the {grid}x{grid} patch grid' in readme and 'within a few hundred steps' in readme
+    assert 200 <= steps < 1000 and args.warmup_epochs < args.epochs
+    check_training_plan(train_images, args.data_path, args, world_size=1)  # no refusal
+    assert args.output_dir == 'demo_output' and args.data_path.startswith(args.output_dir)
 
 
 def test_a_demo_rerun_with_another_seed_starts_over_instead_of_a_refused_resume(tmp_path):
     """A resumed run cannot take another --seed (refused); the demo must start over rather than try."""
-    import argparse
-    import torch
     import main_pretrain
     from tools.demo import decide_continue_or_start_over
     from util import flags as cli
@@ -127,3 +147,14 @@ def test_demo_under_torchrun_generates_its_images_once_and_runs(tmp_path):
                       '--data_path', out / 'data', '--num_workers', '0', '--batch_size', '8')
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count('Demo images: generating') == 1 and 'Demo finished' in proc.stdout
+
+
+def test_a_plain_pretraining_run_does_not_take_over_the_demos_folder(texture_data, tmp_path, capsys):
+    demo_out = tmp_path / 'demo_output'
+    demo_out.mkdir()
+    (demo_out / 'demo_run.json').write_text('{"demo": true}')
+    (demo_out / 'log.txt').write_text('{"epoch": 0}\n')
+    code, _, err = run_in_process(main_pretrain, ['--data_path', texture_data, '--output_dir', demo_out,
+                                                  *TINY_PRETRAIN_ARGS], capsys)
+    assert code == 2 and err == [f"error: --output_dir {demo_out}: holds the built-in demo's run; choose another "
+                                 '--output_dir (or rerun the demo with --demo)']

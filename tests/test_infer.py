@@ -11,8 +11,9 @@ import main_infer
 from util import reconstruction
 import models_mae
 import models_vit
-from conftest import PHOTO, run_script
+from conftest import (COLOURS, PHOTO, colour_classifier, run_script, save_classifier)
 from util.classes import IMAGENET_NAMES
+import os
 
 
 @pytest.fixture(scope='module')
@@ -260,7 +261,10 @@ def test_another_patch_size_is_named_first_and_nothing_is_interpolated_before(ch
 
 def test_missing_inputs_and_unknown_models_are_reported(checkpoints, tmp_path, capsys):
     code, _, err = infer(capsys, '--model', 'vit_gigantic', '--resume', checkpoints / 'vit4.pth', '--img_path', 'x')
-    assert code == 2 and 'error: --model vit_gigantic: unknown model; choose from vit_tiny_patch16' in err
+    models = ('vit_tiny_patch16, vit_small_patch16, vit_base_patch16, vit_large_patch16, vit_huge_patch14, '
+              'vit_giant_patch14, vit_2b_patch14')
+    every = f'{models}, {models.replace("vit_", "mae_vit_")}'
+    assert code == 2 and f'error: --model vit_gigantic: unknown model; choose from {every}\n' in err
     code, _, err = infer(capsys, '--model', 'vit_tiny_patch16', '--resume', checkpoints / 'vit4.pth',
                          '--img_path', tmp_path / 'nothing.jpg')
     assert code == 1 and f'error: {tmp_path / "nothing.jpg"}: no such file or folder' in err
@@ -293,3 +297,42 @@ def test_an_unwritable_output_is_refused_before_any_work(flag, checkpoints, pict
                            '--img_path', pictures['rgb'], flag, target)
     assert code == 2 and err.strip().splitlines() == [err.strip().splitlines()[0]]
     assert err.startswith(f'error: {flag} {target}: cannot') and 'reconstruction loss' not in out
+
+
+def test_inference_at_another_input_size_interpolates_like_eval(tmp_path, capsys):
+    weights = save_classifier(tmp_path / 'w.pth', colour_classifier(), classes='abcd')
+    red = tmp_path / 'red.png'
+    Image.new('RGB', (50, 40), COLOURS['b']).save(red)
+    code = main_infer.main(['--model', 'vit_tiny_patch16', '--resume', str(weights), '--img_path', str(red),
+                            '--input_size', '64', '--topk', '1'])
+    out = capsys.readouterr()
+    assert code == 0 and 'Position interpolate from 8x8 to 16x16' in out.out and '  b ' in out.out
+    code = main_infer.main(['--model', 'vit_tiny_patch16', '--resume', str(weights), '--img_path', str(red),
+                            '--input_size', '30'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ['error: --input_size 30: the image side 30 px is not a multiple of the patch size '
+                                 '4 px']
+
+
+def test_a_classifier_given_for_reconstruction_is_called_a_classifier(tmp_path, capsys):
+    weights = save_classifier(tmp_path / 'w.pth', colour_classifier())
+    picture = tmp_path / 'p.png'
+    Image.new('RGB', (32, 32)).save(picture)
+    code = main_infer.main(['--model', 'mae_vit_tiny_patch16', '--resume', str(weights), '--img_path',
+                            str(picture), '--output_dir', str(tmp_path / 'out')])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert 'does not fit --model mae_vit_tiny_patch16: it is a classifier (it has head.weight)' in err[0]
+    assert 'unexpected 4: fc_norm.weight, fc_norm.bias, head.weight, head.bias' in err[0]
+
+
+def test_inference_writes_its_figures_into_a_folder_named_for_them(tmp_path, monkeypatch, capsys):
+    import main_infer
+    import models_mae
+    from conftest import PHOTO
+    torch.save({'model': models_mae.mae_vit_tiny_patch16(img_size=32, patch_size=4).state_dict()}, tmp_path / 'm.pth')
+    monkeypatch.chdir(tmp_path)
+    code = main_infer.main(['--model', 'mae_vit_tiny_patch16', '--resume', str(tmp_path / 'm.pth'), '--img_path',
+                            PHOTO])
+    assert code == 0 and os.listdir(tmp_path / 'reconstructions') == ['circuit_board_mae.png']
+    assert 'reconstructions/circuit_board_mae.png' in capsys.readouterr().out

@@ -120,3 +120,26 @@ def test_the_pil_and_the_fast_decode_pretraining_pipelines_give_the_same_crops()
         torch.manual_seed(seed)
         ours = fast_pipeline(tensor).float()
         assert ours.shape == expected.shape and (ours - expected).abs().mean() < 1.0, seed
+
+
+@pytest.mark.parametrize('size', [(1, 1), (2, 3), (3, 2)])
+def test_no_crop_of_a_tiny_image_is_empty(size):
+    from types import SimpleNamespace
+
+    from util.crop import RandomResizedCrop as TFCrop
+    from util.transforms import (build_fast_pretrain_transform, build_finetune_transform, build_linprobe_transform,
+                                 build_pretrain_transform)
+    red = Image.new('RGB', size, (200, 10, 10))
+    torch.manual_seed(0)
+    for _ in range(200):
+        _, _, h, w = TFCrop.get_params(red, (0.08, 1.0), (3 / 4, 4 / 3))
+        assert h >= 1 and w >= 1
+    finetune = build_finetune_transform(SimpleNamespace(color_jitter=None, aa='none', reprob=0, remode='pixel',
+                                                        recount=1), 8)
+    for transform in (build_linprobe_transform(8), build_pretrain_transform(8), finetune):
+        for _ in range(50):
+            out = transform(red)
+            assert out[0].min() > 0.5, transform  # red everywhere, never the black of an empty box
+    tensor = torch.tensor([200, 10, 10], dtype=torch.uint8).view(3, 1, 1).expand(3, size[1], size[0]).contiguous()
+    for _ in range(50):
+        assert build_fast_pretrain_transform(8)(tensor)[0].min() > 150

@@ -207,3 +207,32 @@ def test_learning_works_pretraining_lowers_loss_and_fine_tuning_beats_chance(tex
                check=True)
     best = max(e['test_acc1'] for e in read_json_log(ft))
     assert best >= 60, f'top-1 {best} with 4 classes (chance: 25)'
+
+
+@pytest.mark.slow
+def test_a_run_prints_a_short_header_and_writes_the_full_details_to_a_file(texture_data, tmp_path):
+    out = tmp_path / 'run'
+    proc = run_script('main_pretrain.py', '--data_path', texture_data, '--output_dir', out, '--epochs', '1',
+                      *TINY_PRETRAIN_ARGS, check=True)
+    before_training = proc.stdout.split('Epoch: [0]')[0].strip().splitlines()
+    assert len(before_training) <= 9, before_training  # was 140-340 lines of Namespace, model and optimizer
+    header = '\n'.join(before_training)
+    for text in ('MAE pretraining: mae_vit_tiny_patch16, 32 px, patch 4', 'data: 128 images of 4 classes',
+                 'effective batch size: 16', 'actual lr: 6.25e-05', 'device: cpu', f'output: {out}'):
+        assert text in header
+    details = (out / 'run_details.txt').read_text()
+    assert 'MaskedAutoencoderViT(' in details and 'AdamW (' in details and 'mask_ratio: 0.75' in details
+    verbose = run_script('main_pretrain.py', '--data_path', texture_data, '--output_dir', tmp_path / 'v', '--epochs',
+                         '1', '--verbose', *TINY_PRETRAIN_ARGS, check=True)
+    assert 'MaskedAutoencoderViT(' in verbose.stdout
+
+
+@pytest.mark.slow
+def test_the_linear_probe_header_counts_its_head_in_thousands(texture_data, tmp_path):
+    import models_mae
+    pre = tmp_path / 'pre.pth'
+    torch.save({'model': models_mae.mae_vit_tiny_patch16(img_size=32, patch_size=4).state_dict()}, pre)
+    proc = run_script('main_linprobe.py', '--data_path', texture_data, '--output_dir', tmp_path / 'lp', '--epochs',
+                      '1', '--finetune', pre, *TINY_CLASSIFIER_ARGS, check=True)
+    assert 'parameters (772 trained)' in proc.stdout  # BatchNorm 192 + linear 192 x 4 + 4; not "0.00M"
+    assert os.path.isfile(tmp_path / 'lp' / 'run_details.txt')

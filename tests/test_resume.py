@@ -204,3 +204,34 @@ def test_sigterm_to_every_process_of_torchrun_with_workers_saves_and_one_process
         lrs = [lr_at(entry['epoch'] + (it // 2 * 2) / 16, 1e-3 * 16 / 256, 0., 1, 2) for it in range(16)]
         assert entry['train_lr'] == pytest.approx(sum(lrs) / len(lrs), rel=1e-9)
     assert torch.isfinite(load_checkpoint(str(out / 'checkpoint-last.pth'))['model']['cls_token']).all()
+
+
+@pytest.mark.slow
+def test_reruns_say_what_happens_nothing_left_changed_recipe_refused_unless_asked(texture_data, tmp_path):
+    out = tmp_path / 'run'
+    first = run_script('main_finetune.py', '--data_path', texture_data, '--output_dir', out, '--epochs', '1',
+                       *TINY_CLASSIFIER_ARGS, check=True)
+    assert 'Note: no --finetune: the encoder starts from random weights' in first.stdout
+    again = run_script('main_finetune.py', '--data_path', texture_data, '--output_dir', out, '--epochs', '1',
+                       *TINY_CLASSIFIER_ARGS, check=True)
+    assert 'Nothing to do:' in again.stdout and 'Epoch:' not in again.stdout and 'raise --epochs' in again.stdout
+    changed = run_script('main_finetune.py', '--data_path', texture_data, '--output_dir', out, '--epochs', '2',
+                         '--blr', '2e-3', *TINY_CLASSIFIER_ARGS)
+    lines = changed.stderr.strip().splitlines()
+    assert changed.returncode == 2 and len(lines) == 1
+    assert '--blr 0.001 (now 0.002)' in lines[0] and 'lr 6.25e-05 (now 0.000125)' in lines[0]
+    assert '--allow_recipe_change' in lines[0]
+    allowed = run_script('main_finetune.py', '--data_path', texture_data, '--output_dir', out, '--epochs', '2',
+                         '--blr', '2e-3', '--allow_recipe_change', *TINY_CLASSIFIER_ARGS, check=True)
+    assert 'Note: continuing' in allowed.stdout and 'the cosine schedule is stretched' in allowed.stdout
+    assert [e['epoch'] for e in read_json_log(out)] == [0, 1]
+
+
+def test_a_resume_with_the_same_effective_batch_on_other_processes_is_not_a_recipe_change():
+    from util.training_plan import recipe_changes
+    saved = argparse.Namespace(batch_size=32, accum_iter=2, blr=1e-3, lr=1e-3 * 128 / 256, seed=0)
+    now = argparse.Namespace(batch_size=32, accum_iter=1, blr=1e-3, lr=None, seed=0)
+    assert recipe_changes(saved, now, saved_world_size=2, world_size=4) == []
+    now.batch_size = 16
+    assert recipe_changes(saved, now, 2, 4) == ['effective batch 128 (now 64: 16 per process x 1 accumulated x 4 '
+                                                'processes)', 'lr 0.0005 (now 0.00025)']

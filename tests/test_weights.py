@@ -10,9 +10,13 @@ import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel
 
 import models_vit
-from conftest import TINY_VIT, free_port, run_script
+from conftest import (EVAL_FLAGS, TINY_VIT, colour_classifier, colour_folder, free_port, run_script, save_classifier)
 from util.checkpoint_files import CheckpointError, load_checkpoint
 from util.weights import load_state_strict, model_state_from
+import argparse
+import main_finetune
+import models_mae
+from conftest import (TINY_CLASSIFIER_ARGS, run_in_process)
 
 
 def tiny_classifier() -> torch.nn.Module:
@@ -113,3 +117,35 @@ def test_one_processs_shards_of_an_fsdp_model_are_refused_as_shards(gloo, tmp_pa
     torch.save({'model': model.state_dict()}, tmp_path / 'sharded.pth')
     with pytest.raises(CheckpointError, match=r"one process's shards of the weights \(FSDP's DTensor"):
         model_state_from(load_checkpoint(str(tmp_path / 'sharded.pth')), 'sharded.pth')
+
+
+def test_a_patch_size_mismatch_in_eval_resizes_nothing_and_names_the_patch(tmp_path, capsys):
+    data = colour_folder(tmp_path / 'data', {'val': {'a': 1, 'b': 1, 'c': 1, 'd': 1}})
+    weights = save_classifier(tmp_path / 'w.pth', colour_classifier(), classes='abcd')  # 32 px, 4-px patches
+    flags = [*EVAL_FLAGS, '--patch_size', '8', '--input_size', '64']
+    code, out, err = run_in_process(main_finetune, ['--eval', '--resume', weights, '--data_path', data, *flags],
+                                    capsys)
+    assert code == 2 and len(err) == 1 and 'Position interpolate' not in out
+    assert 'patch 4 px in the checkpoint, 8 px in the model (pass --patch_size 4)' in err[0]
+
+
+def test_a_patch_size_mismatch_in_finetune_leads_with_the_cause_and_names_the_model(texture_data, tmp_path, capsys):
+    mae = models_mae.mae_vit_tiny_patch16(img_size=32, patch_size=8)
+    torch.save({'model': mae.state_dict(), 'args': argparse.Namespace(model='mae_vit_tiny_patch16')},
+               tmp_path / 'mae8.pth')
+    code, out, err = run_in_process(main_finetune, ['--data_path', texture_data, '--output_dir', tmp_path / 'out',
+                                                    *TINY_CLASSIFIER_ARGS, '--finetune', tmp_path / 'mae8.pth'], capsys)
+    assert code == 2 and len(err) == 1 and 'Position interpolate' not in out  # no table resized for another patch
+    assert err[0].startswith(f"error: {tmp_path / 'mae8.pth'} is not an encoder of --model vit_tiny_patch16: patch 8 "
+                             'px in the checkpoint, 4 px in the model (pass --patch_size 8)')
+
+
+def test_a_global_pool_classifier_given_to_a_class_token_probe_names_the_pooling():
+    from util.checkpoint_files import CheckpointError
+    from util.weights import load_weights
+    source = models_vit.vit_tiny_patch16(img_size=32, patch_size=4, num_classes=10, global_pool=True)
+    target = models_vit.vit_tiny_patch16(img_size=32, patch_size=4, num_classes=4, global_pool=False)
+    with pytest.raises(CheckpointError, match=r'w\.pth is not an encoder of --model vit_tiny_patch16: it was '
+                                              r'fine-tuned with global pooling \(fc_norm\.\*, no norm\.\*\): pass '
+                                              r'--global_pool; missing 2 encoder keys: norm\.bias, norm\.weight'):
+        load_weights(target, {'model': source.state_dict()}, 'w.pth', 'vit_tiny_patch16', pretrained=True)
