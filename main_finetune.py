@@ -14,9 +14,10 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 from engine_finetune import evaluate, train_one_epoch
 from util import flags as cli
-from util import checks, classification, launch
+from util import checks, classification, distributed, launch
 from util.loss_scaler import LossScaler
-from util.checkpointer import Checkpointer, load_resumable, prepare_output_dir, resume_training
+from util.checkpointer import Checkpointer, load_resumable, resume_training
+from util.output_dir import prepare_output_dir
 from util.datasets import build_transform
 from util.logs import RunLog
 from util.lr_decay import param_groups_lrd
@@ -75,7 +76,7 @@ def get_args_parser() -> cli.ArgumentParser:
 
 def main(args):
     check_args(args)
-    world_size = launch.world_size_of_launch(args)
+    world_size = distributed.world_size_of_launch(args)
     run = classification.read_up_front(args, world_size, global_pool_default=True,
                                        train_transform=lambda size: build_transform(True, args, size))
     if run is None:
@@ -140,7 +141,7 @@ def build_mixup(args, num_classes: int):
 
 def check_args(args):
     errors = []
-    classification.check_classifier_args(args, errors)
+    checks.check_classifier_args(args, errors)
     if mixup_active(args) and args.batch_size % 2:
         errors.append(f'--batch_size {args.batch_size}: mixup/cutmix needs an even batch size')
     if not errors:

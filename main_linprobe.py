@@ -10,9 +10,10 @@ import torch
 import models_vit
 from engine_finetune import evaluate, train_one_epoch
 from util import flags as cli
-from util import checks, classification, launch
+from util import checks, classification, distributed, launch
 from util.loss_scaler import LossScaler
-from util.checkpointer import Checkpointer, load_resumable, prepare_output_dir, resume_training
+from util.checkpointer import Checkpointer, load_resumable, resume_training
+from util.output_dir import prepare_output_dir
 from util.lars import LARS
 from util.logs import RunLog
 from util.lr_sched import LrSchedule
@@ -31,7 +32,7 @@ def get_args_parser() -> cli.ArgumentParser:
 
 def main(args):
     check_args(args)
-    world_size = launch.world_size_of_launch(args)
+    world_size = distributed.world_size_of_launch(args)
     run = classification.read_up_front(args, world_size, global_pool_default=False,
                                        train_transform=build_linprobe_transform)
     if run is None:
@@ -82,7 +83,7 @@ def linear_probe(model: models_vit.VisionTransformer) -> models_vit.VisionTransf
 
 def check_args(args):
     errors = []
-    classification.check_classifier_args(args, errors)
+    checks.check_classifier_args(args, errors)
     if not args.eval and args.batch_size == 1:
         errors.append('--batch_size 1: the BatchNorm before the linear head normalises over the batch, which needs '
                       'at least 2 images per process')

@@ -16,9 +16,10 @@ import models_mae
 import models_vit
 from engine_pretrain import train_one_epoch
 from util import flags as cli
-from util import checks, knn_monitor, launch, training_plan
+from util import checks, distributed, knn_monitor, launch, training_plan
 from util.loss_scaler import LossScaler
-from util.checkpointer import Checkpointer, find_resumable, prepare_output_dir, resume_training
+from util.checkpointer import Checkpointer, find_resumable, resume_training
+from util.output_dir import prepare_output_dir
 from util.datasets import ImageFolderDataset, build_image_folder, build_loader, describe
 from util.distributed import get_rank
 from util.images import decode_image_tensor
@@ -116,12 +117,11 @@ def build_pretraining_dataset(args) -> ImageFolderDataset:
 def main(args, start_over: Optional[bool] = None):
     """start_over: the demo's decision to replace its previous run (tools/demo.py), else --overwrite's."""
     check_args(args)
-    world_size = launch.world_size_of_launch(args)
+    world_size = distributed.world_size_of_launch(args)
     # --resume, or this --output_dir's checkpoint (not when starting over): read before any work
     resumable = find_resumable(args, auto_resume=False if start_over else None)
-    training_plan.check_resume(resumable, args, world_size)
-    if training_plan.already_finished(resumable, args):
-        return
+    if training_plan.check_rerun(resumable, args, world_size):
+        return  # the run in --output_dir already finished --epochs
     dataset_train = build_pretraining_dataset(args)
     training_plan.check_training_plan(len(dataset_train), dataset_train.root, args, world_size, resumable)
     knn_data = knn_monitor.read_data(args)  # None without --knn_data_path

@@ -17,14 +17,14 @@ import main_pretrain
 from util import flags as cli
 from util import launch
 from util.checkpoint_files import load_checkpoint
-from util.checkpointer import LAST, holds_a_run
+from util.output_dir import LAST, holds_a_run
 from util.checks import DEMO_RUN_MARKER, raise_if_errors
 from util.training_plan import recipe_changes
 from util.device import Runtime
 from util.distributed import is_main_process, print0
 from util.folders import image_files
 from util.images import decode_image
-from util.launch import world_size_of_launch
+from util.distributed import world_size_of_launch
 from util.reconstruction import reconstruct, reconstruction_transform, save_figure
 from util.rng import seed_everything
 from tools.synthetic import CLASSES, CYCLES, make_image_folder

@@ -6,7 +6,6 @@ checkpoints share one file naming and one state layout, so they are kept togethe
 import contextlib
 import glob
 import os
-import re
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -18,12 +17,9 @@ from util import fsdp as util_fsdp
 from util.bad_images import BadImageBudgetError
 from util.checkpoint_files import CheckpointError, load_checkpoint, save_atomic
 from util.distributed import print0
-from util.logs import DETAILS, truncate_log
+from util.output_dir import BEST, LAST, checkpoint_epoch_name, holds_a_run, resumable_checkpoint_in
 from util.rng import gather_rng_states, restore_rng_states
 from util.weights import check_heads_up_front, load_weights
-
-LAST = 'checkpoint-last.pth'
-BEST = 'checkpoint-best.pth'
 
 
 @dataclass
@@ -65,28 +61,6 @@ class ResumeState:
 
     def meters_in(self, epoch: int) -> Optional[list]:
         return self.meters if epoch == self.epoch and self.iteration else None
-
-
-def checkpoint_epoch_name(path: str) -> Optional[int]:
-    match = re.search(r'checkpoint-(\d+)\.pth$', path)
-    return int(match.group(1)) if match else None
-
-
-def holds_a_run(output_dir: str) -> bool:
-    if not os.path.isdir(output_dir):
-        return False
-    names = os.listdir(output_dir)
-    return any(n == 'log.txt' or (n.startswith('checkpoint-') and n.endswith('.pth')) for n in names)
-
-
-def resumable_checkpoint_in(output_dir: str) -> str:
-    """checkpoint-last.pth; failing that (the official layout, or a deleted last), the highest checkpoint-N.pth."""
-    last = os.path.join(output_dir, LAST)
-    if os.path.isfile(last):
-        return last
-    numbered = [p for p in glob.glob(os.path.join(glob.escape(output_dir), 'checkpoint-*.pth'))
-                if checkpoint_epoch_name(p) is not None]
-    return max(numbered, key=checkpoint_epoch_name) if numbered else ''
 
 
 def find_resumable(args, auto_resume: Optional[bool] = None) -> Optional[Resumable]:
@@ -222,26 +196,6 @@ def resume_training(resumable: Optional[Resumable], model: nn.Module, optimizer,
               if in_progress and start.iteration != in_progress['iteration'] else '')
            + (' with its evaluation (its training was done)' if pending else ''))
     return start
-
-
-def prepare_output_dir(args, start_epoch: int, start_over: Optional[bool] = None):
-    """Before the first epoch, called from main() on every rank: create output_dir on rank 0 and tidy it: remove
-    temporary files of a save that was killed, drop log entries of epochs the run will redo, and when starting over
-    (--no_auto_resume --overwrite, or `start_over`, the demo's decision) clear the previous run."""
-    if start_over is None:
-        start_over = not args.auto_resume and args.overwrite
-    if args.output_dir and distributed.is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
-        stale = glob.glob(os.path.join(glob.escape(args.output_dir), '.tmp-*'))
-        if start_over:  # the previous run's files, TensorBoard's included
-            for pattern in ('checkpoint-*.pth', 'events.out.tfevents.*'):
-                stale += glob.glob(os.path.join(glob.escape(args.output_dir), pattern))
-            stale += [os.path.join(args.output_dir, n) for n in ('log.txt', 'bad_images.txt', DETAILS)]
-        for path in stale:
-            if os.path.isfile(path):
-                os.remove(path)
-        truncate_log(args.output_dir, start_epoch)
-    distributed.barrier()
 
 
 class Checkpointer:

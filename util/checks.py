@@ -5,10 +5,11 @@ The range of each single flag is declared with the flag (util/flags.py)."""
 import os
 from typing import List, Optional
 
+import models_mae
 import models_vit
 from util import hf_layout
 from util.checkpoint_files import is_url
-from util.checkpointer import LAST, holds_a_run
+from util.output_dir import LAST, holds_a_run, resumable_checkpoint_in
 from util import distributed
 
 DEMO_RUN_MARKER = 'demo_run.json'  # in an --output_dir the demo (tools/demo.py) made: it may replace that run
@@ -113,3 +114,17 @@ def check_output(args, errors: List[str], training: bool = True):
 def raise_if_errors(errors: List[str]):
     if errors:
         raise UsageError('\n'.join(dict.fromkeys(errors)))
+
+
+def check_classifier_args(args, errors: List[str]):
+    """The checks fine-tuning and linear probing share."""
+    check_model_args(args, models_vit.MODELS, 'classifier', models_mae.MODELS, 'an MAE (pretraining) model',
+                            'main_pretrain.py', errors)
+    check_data_path(args.data_path, ['val'] if args.eval else ['train', 'val'], errors)
+    check_checkpoint_path('--finetune', args.finetune, errors)
+    check_checkpoint_path('--resume', args.resume, errors)
+    check_output(args, errors, training=not args.eval)
+    if args.eval and not args.resume and not (args.auto_resume and args.output_dir
+                                              and resumable_checkpoint_in(args.output_dir)):
+        errors.append('--eval: no weights to evaluate; pass the fine-tuned or linear-probe checkpoint as --resume '
+                      '(--finetune only sets the encoder training starts from)')

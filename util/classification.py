@@ -1,6 +1,6 @@
-"""What fine-tuning and linear probing share around their epoch loops: the checks of their flags, the run's class
-list, the datasets and loaders, the classifier built from the flags (starting from its --finetune encoder), and
-the best-accuracy bookkeeping."""
+"""What fine-tuning and linear probing share around their epoch loops: what they read before any work (the
+checkpoint, the sizes, the run's class list, the datasets, the --finetune weights), the loaders, and the classifier
+built from the flags (starting from its --finetune encoder)."""
 import os
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -8,30 +8,15 @@ from typing import Callable, List, Optional
 import torch
 from timm.layers import trunc_normal_
 
-import models_mae
 import models_vit
 from util import checks, training_plan
 from util.architecture import CLASSIFIER_KINDS, architecture_of
 from util.checkpoint_files import load_checkpoint
-from util.checkpointer import Resumable, find_resumable, holds_training_state, resumable_checkpoint_in
+from util.checkpointer import Resumable, find_resumable, holds_training_state
 from util.classes import ClassListError, folder_classes, run_classes
 from util.datasets import DataError, ImageFolderDataset, build_dataset, build_loader, describe
 from util.distributed import get_rank, print0
 from util.weights import check_heads_up_front, load_weights, model_state_from
-
-
-def check_classifier_args(args, errors: List[str]):
-    """The checks fine-tuning and linear probing share."""
-    checks.check_model_args(args, models_vit.MODELS, 'classifier', models_mae.MODELS, 'an MAE (pretraining) model',
-                            'main_pretrain.py', errors)
-    checks.check_data_path(args.data_path, ['val'] if args.eval else ['train', 'val'], errors)
-    checks.check_checkpoint_path('--finetune', args.finetune, errors)
-    checks.check_checkpoint_path('--resume', args.resume, errors)
-    checks.check_output(args, errors, training=not args.eval)
-    if args.eval and not args.resume and not (args.auto_resume and args.output_dir
-                                              and resumable_checkpoint_in(args.output_dir)):
-        errors.append('--eval: no weights to evaluate; pass the fine-tuned or linear-probe checkpoint as --resume '
-                      '(--finetune only sets the encoder training starts from)')
 
 
 @dataclass(frozen=True)
@@ -66,11 +51,9 @@ def read_up_front(args, world_size: int, global_pool_default: bool,
     (said in one line). `train_transform(input_size)` is the script's training transform."""
     resumable = find_resumable(args)  # --resume, or this --output_dir's checkpoint
     sizes = resolve_sizes(args, resumable, global_pool_default)
-    if not args.eval:
-        training_plan.check_resume(resumable, args, world_size,
-                                   resolve=lambda run: resolve_sizes(run, None, global_pool_default))
-        if training_plan.already_finished(resumable, args):
-            return None
+    if not args.eval and training_plan.check_rerun(resumable, args, world_size,
+                                                   resolve=lambda run: resolve_sizes(run, None, global_pool_default)):
+        return None
     classes = classes_for_run(args, resumable, sizes.nb_classes)
     if len(classes) > sizes.nb_classes:  # the head must have room for the run's classes
         raise DataError(f'--nb_classes {sizes.nb_classes}: {args.data_path} has {len(classes)} classes; pass '

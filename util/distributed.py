@@ -194,3 +194,9 @@ def cleanup():
     if is_dist_avail_and_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def world_size_of_launch(args) -> int:
+    """The number of processes the launcher (torchrun, SLURM, OpenMPI) started, known before the process group
+    is up, so that the checks that depend on it run before any work."""
+    return detect_launch(dist_on_itp=args.dist_on_itp).world_size

@@ -24,12 +24,6 @@ from util.rng import seed_everything
 USER_ERRORS = (UsageError, DeviceError, CheckpointError, DataError, ClassListError, BadImageBudgetError)
 
 
-def world_size_of_launch(args) -> int:
-    """The number of processes the launcher (torchrun, SLURM, OpenMPI) started, known before the process group
-    is up, so that the checks that depend on it run before any work."""
-    return distributed.detect_launch(dist_on_itp=args.dist_on_itp).world_size
-
-
 def start(args, training: bool) -> Runtime:
     """Resolve the device, join the process group, seed (seed + rank), install the stop-signal handlers (with
     `training`, a first Ctrl-C stops at the next optimizer step and saves)."""

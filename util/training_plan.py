@@ -67,18 +67,15 @@ def check_steps_per_epoch(num_images: int, root: str, args, world_size: int):
                          f'--accum_iter {iterations} or less, or a smaller --batch_size')
 
 
-def check_resume(resumable, args, world_size: int, resolve: Optional[Callable] = None):
-    """Before any work, for a training run that continues a checkpoint: refuse (UsageError) what a resume cannot take
-    on (check_resumable_here) and a changed recipe (unless --allow_recipe_change). `resolve` (see recipe_changes)
-    fills in the values the flags leave to the script."""
+def check_rerun(resumable, args, world_size: int, resolve: Optional[Callable] = None) -> bool:
+    """What rerunning a training command does with the checkpoint it found (before any work): a run that continues
+    is refused (UsageError) when the resume cannot take this command on (check_resumable_here) or its recipe
+    changed (unless --allow_recipe_change; `resolve`, see recipe_changes, fills in values the flags leave to the
+    script); an empty schedule (--start_epoch >= --epochs) is refused. Returns True, after one line saying so, when
+    the run being resumed already finished --epochs (rerunning a finished job is not an error)."""
     if holds_training_state(resumable):
         check_resumable_here(resumable, args, world_size)
         check_same_recipe(resumable, args, world_size, resolve)
-
-
-def already_finished(resumable, args) -> bool:
-    """True, after one line saying so, when the run being resumed already finished --epochs (rerunning a finished
-    job is not an error); an empty schedule (--start_epoch >= --epochs) is refused (UsageError)."""
     first = first_epoch(resumable, args.start_epoch)
     if first < args.epochs:
         return False
