@@ -50,9 +50,10 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
 
 
 @torch.no_grad()
-def evaluate(data_loader, model: torch.nn.Module, runtime, sharded: bool, max_bad_images: float = 0.001,
-             output_dir: str = '', print_freq: int = 50) -> dict:
-    """Top-1 / top-5 accuracy and the mean cross-entropy over the images. With `sharded` (--dist_eval) each rank
+def evaluate(data_loader, model: torch.nn.Module, runtime, args, output_dir: Optional[str] = None) -> dict:
+    """Top-1 / top-5 accuracy and the mean cross-entropy over the images, as named values (a new metric is one entry
+    in batch_sums). From args: --dist_eval, --max_bad_images, --print_freq; the list of unreadable images is written
+    to `output_dir` (default --output_dir; '' for none, as --eval does). With --dist_eval each rank
     holds a disjoint share and the sums are added over ranks, so every image counts exactly once and the figures
     equal one process's (up to float rounding of the sums); else each rank evaluates every image itself.
 
@@ -65,7 +66,9 @@ def evaluate(data_loader, model: torch.nn.Module, runtime, sharded: bool, max_ba
     criterion = torch.nn.CrossEntropyLoss(reduction='sum')
     model.eval()
     dataset = data_loader.dataset
-    budget = BadImageBudget(dataset.bad_images, len(dataset), max_bad_images, output_dir)
+    sharded, print_freq = args.dist_eval, args.print_freq
+    output_dir = args.output_dir if output_dir is None else output_dir
+    budget = BadImageBudget(dataset.bad_images, len(dataset), args.max_bad_images, output_dir)
     sums = None  # {name: a running sum on the device}: SUMMED per image, and 'images'
     num_batches = len(data_loader)
     for i, (images, target) in evaluation_batches(data_loader, budget, print_freq):

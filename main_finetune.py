@@ -87,8 +87,7 @@ def main(args):
     model = classification.build_model(args, run, head_init_std=2e-5, drop_path_rate=args.drop_path)
     if args.eval:
         load_resumable(run.resumable, model, args.model, fit_grid=True)
-        return evaluate(loader_val, model.to(runtime.device), runtime, args.dist_eval, args.max_bad_images,
-                        print_freq=args.print_freq)
+        return evaluate(loader_val, model.to(runtime.device), runtime, args, output_dir='')
 
     model, model_to_save = launch.place_model(model, runtime, args, fsdp=args.fsdp)
     lr_schedule = LrSchedule.of(args, world_size)
@@ -109,8 +108,7 @@ def main(args):
                                       loss_scaler, args, run_log.tensorboard, checkpointer, start, mixup_fn,
                                       args.clip_grad)
         with checkpointer.saving_if_stopped(epoch, train_stats):  # a stop signal during it saves, then exits
-            test_stats = evaluate(loader_val, model, runtime, args.dist_eval, args.max_bad_images, args.output_dir,
-                                  args.print_freq)
+            test_stats = evaluate(loader_val, model, runtime, args)
         run_log.write(epoch, train_stats, test_stats, max_accuracy=checkpointer.keep_best(epoch, test_stats))
         checkpointer.save(epoch)
         stop_if_signalled(epoch, args.epochs, checkpointer.last_path)

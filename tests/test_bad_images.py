@@ -57,14 +57,14 @@ def tiny_classifier():
 
 def eval_args(*argv):
     import main_finetune
-    return parse_with(main_finetune.get_args_parser(), ['--num_workers', '0', '--batch_size', '3', *argv])
+    return parse_with(main_finetune.get_args_parser(), ['--num_workers', '0', '--batch_size', '3', *map(str, argv)])
 
 
 def evaluate_folder(root, max_bad_images=0.5, print_freq=50):
     dataset = build_image_folder(os.path.join(root, 'val'), build_eval_transform(32), substitute=False)
     loader = build_loader(dataset, eval_args(), Runtime('cpu'), False, 0, 1)
-    return evaluate(loader, tiny_classifier(), Runtime('cpu'), sharded=False, max_bad_images=max_bad_images,
-                    print_freq=print_freq)
+    flags = eval_args('--max_bad_images', max_bad_images, '--print_freq', print_freq, '--output_dir', '')
+    return evaluate(loader, tiny_classifier(), Runtime('cpu'), flags)
 
 
 def test_an_unreadable_validation_image_is_left_out_of_numerator_and_denominator(val_with_one_bad, capsys):

@@ -1,7 +1,7 @@
-"""Every number a researcher reads is right, or the run refuses before any work (issue 12): labels by class name,
-each evaluation image counted once at any world size, no run without an optimizer step, values that the code
-cannot honour refused up front, one decoding for every path, inference fitting image sizes as evaluation does,
-errors that name the real cause, and no empty crops."""
+"""Evaluation: labels by class name (a val split holding some classes scores against the run's list), each image
+counted once at any process count and batch size, and --eval reading its sizes off the checkpoint."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -109,7 +109,8 @@ def test_evaluate_sums_per_image_and_shards_without_padding(tmp_path):
     dataset = torch.utils.data.TensorDataset(images, targets)
     dataset.bad_images = BadImageLog()
     loader = torch.utils.data.DataLoader(dataset, batch_size=2)  # batches of 2, 2 and 1
-    stats = evaluate(loader, model, Runtime('cpu'), sharded=False)
+    stats = evaluate(loader, model, Runtime('cpu'), SimpleNamespace(dist_eval=False, max_bad_images=0, print_freq=50,
+                                                                    output_dir=''))
     logits = model(images)
     assert stats['num_images'] == 5
     assert stats['loss'] == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item(), rel=1e-6)
