@@ -109,3 +109,19 @@ def test_lars_adds_weight_decay_before_the_trust_ratio():
     opt.step()
     # update = g + wd * w = w; trust = 0.5 * |w| / |w| = 0.5 -> w - 0.5 w
     assert torch.allclose(w, torch.full((1, 4), 0.5))
+
+
+def test_the_scripts_schedule_equals_the_official_adjust_learning_rate_bit_for_bit():
+    """LrSchedule.of(args, world_size) (args left as typed: --lr unset) sets the lrs the official
+    adjust_learning_rate sets from the args.lr its caller computed: blr x effective batch / 256."""
+    from util.lr_sched import LrSchedule
+    typed = SimpleNamespace(lr=None, blr=1.5e-4, batch_size=64, accum_iter=2, min_lr=0.0, warmup_epochs=40,
+                            epochs=800)
+    official = SimpleNamespace(**{**vars(typed), 'lr': 1.5e-4 * 64 * 2 * 8 / 256})
+    schedule = LrSchedule.of(typed, world_size=8)
+    assert schedule.lr == official.lr and typed.lr is None
+    for epoch in (0.0, 0.37, 39.99, 40.0, 123.456, 799.9):
+        ours, theirs = (torch.optim.SGD([{'params': [torch.zeros(1)], 'lr_scale': 0.65}], lr=0.0) for _ in range(2))
+        schedule.apply(ours, epoch)
+        adjust_learning_rate(theirs, epoch, official)
+        assert ours.param_groups[0]['lr'] == theirs.param_groups[0]['lr']
