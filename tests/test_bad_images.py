@@ -9,20 +9,20 @@ import zlib
 
 import pytest
 import torch
+from conftest import TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, run_script
 from PIL import Image
 
 import models_mae
 import models_vit
-from conftest import TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, run_script
 from engine_finetune import evaluate
+from tools.synthetic import CLASSES, make_image_folder
 from util import knn
-from util.flags import parse_with
 from util.bad_images import BadImageBudgetError
 from util.checkpoint_files import load_checkpoint
 from util.datasets import LEFT_OUT, build_image_folder, build_loader
 from util.device import Runtime
+from util.flags import parse_with
 from util.images import DEFAULT_MAX_PIXELS, ImageTooLarge, decode_image, decode_image_tensor
-from tools.synthetic import CLASSES, make_image_folder
 from util.transforms import build_eval_transform
 
 
@@ -231,6 +231,7 @@ def png_with_metadata_after_the_pixels(path, text: bytes):
 @pytest.mark.parametrize('where', ['before the pixels', 'after the pixels'])
 def test_png_metadata_over_pillows_limit_is_named_as_such_not_as_damage(where, tmp_path):
     from PIL import PngImagePlugin
+
     from util.bad_images import BadImageBudget, BadImageLog
     from util.images import MetadataTooLarge
     path = tmp_path / 'annotated.png'

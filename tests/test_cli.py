@@ -1,18 +1,17 @@
 """Bad input is caught before any work: one line naming the flag, exit code 2, nothing written."""
 
+import argparse
+import importlib
 import re
 
 import pytest
 import torch
+from conftest import PHOTO, TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, colour_folder, run_in_process, run_script
 
 import main_finetune
 import main_linprobe
 import main_pretrain
-from conftest import (TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, colour_folder, run_in_process, run_script)
-import argparse
 import models_vit
-import importlib
-from conftest import PHOTO
 
 SCRIPTS = {'main_pretrain.py': main_pretrain, 'main_finetune.py': main_finetune, 'main_linprobe.py': main_linprobe}
 

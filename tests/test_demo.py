@@ -1,17 +1,26 @@
 """The first README command: `python main_pretrain.py --demo`, here with a reduced budget."""
+import argparse
 import json
 import os
 import signal
 
 import pytest
+import torch
+from conftest import (
+    ROOT,
+    TINY_PRETRAIN_ARGS,
+    read_json_log,
+    run_in_process,
+    run_script,
+    run_torchrun,
+    script_command,
+    start_process,
+    wait_for_line,
+)
 from PIL import Image
 
-from conftest import ROOT, read_json_log, run_script, run_torchrun, script_command, start_process, wait_for_line
-from tools.demo import DEMO_DEFAULTS
-import argparse
-import torch
 import main_pretrain
-from conftest import TINY_PRETRAIN_ARGS, run_in_process
+from tools.demo import DEMO_DEFAULTS
 
 
 @pytest.mark.slow

@@ -7,11 +7,10 @@ import types
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from util import device
 from util.device import DeviceError, Runtime, resolve_device_type, setup_runtime
-
 
 
 class FakeScaler:
@@ -160,7 +159,9 @@ def test_bf16_autocast_runs_on_cpu():
 
 def test_seed_everything_makes_torch_numpy_and_random_repeat():
     import random
+
     import numpy as np
+
     from util.rng import seed_everything
     seed_everything(7)
     first = (torch.rand(1).item(), np.random.rand(), random.random())

@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, free_port, run_torchrun, subprocess_env
+
 from util.distributed import LaunchInfo, detect_launch, first_slurm_host
 
 WORKER = os.path.join(ROOT, 'tests', 'dist_worker.py')

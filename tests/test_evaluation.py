@@ -5,13 +5,24 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import (
+    COLOURS,
+    EVAL_FLAGS,
+    TINY_CLASSIFIER_ARGS,
+    accuracy_line,
+    colour_classifier,
+    colour_folder,
+    read_json_log,
+    run_in_process,
+    run_script,
+    run_torchrun,
+    save_classifier,
+)
 
 import main_finetune
 import main_linprobe
 import main_pretrain
 import models_vit
-from conftest import (COLOURS, EVAL_FLAGS, TINY_CLASSIFIER_ARGS, accuracy_line, colour_classifier,
-                      colour_folder, read_json_log, run_in_process, run_script, run_torchrun, save_classifier)
 
 SCRIPTS = {'main_pretrain.py': main_pretrain, 'main_finetune.py': main_finetune, 'main_linprobe.py': main_linprobe}
 

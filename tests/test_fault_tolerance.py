@@ -10,12 +10,22 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    ROOT,
+    TINY_CLASSIFIER_ARGS,
+    TINY_PRETRAIN_ARGS,
+    kill_tree,
+    read_json_log,
+    run_script,
+    start_process,
+    subprocess_env,
+    torchrun_command,
+    wait_for_line,
+)
 from PIL import Image
 
-from conftest import (ROOT, TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, kill_tree, read_json_log, run_script,
-                      start_process, subprocess_env, torchrun_command, wait_for_line)
-from util.checkpoint_files import CheckpointError, load_checkpoint, save_atomic
 from tools.synthetic import CLASSES, make_image_folder
+from util.checkpoint_files import CheckpointError, load_checkpoint, save_atomic
 
 # 3 epochs of 8 iterations, a checkpoint every 2 iterations: kills land mid-epoch or at epoch ends
 RESUMABLE_RUN = ['--epochs', '3', '--save_every_iters', '2', '--blr', '1.6e-2', '--warmup_epochs', '1',
@@ -384,8 +394,9 @@ def test_scripts_refuse_a_malicious_checkpoint_with_one_line(texture_data, tmp_p
 
 def test_our_checkpoints_with_args_namespace_and_rng_states_load_weights_only(tmp_path):
     import argparse
-    from util.rng import rng_state, set_rng_state
+
     from util.device import Runtime
+    from util.rng import rng_state, set_rng_state
     runtime = Runtime('cpu')
     state = rng_state(runtime)
     save_atomic({'model': {'w': torch.ones(2)}, 'args': argparse.Namespace(model='m', lr=0.1), 'rng': state},

@@ -4,11 +4,21 @@ import json
 
 import pytest
 import torch
+from conftest import (
+    TINY_CLASSIFIER_ARGS,
+    TINY_PRETRAIN_ARGS,
+    kill_tree,
+    read_json_log,
+    run_in_process,
+    run_script,
+    run_torchrun,
+    start_process,
+    torchrun_command,
+    wait_for_line,
+)
 
 import models_mae
 import models_vit
-from conftest import (TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, kill_tree, read_json_log, run_in_process, run_script,
-                      run_torchrun, start_process, torchrun_command, wait_for_line)
 
 MODEL = ['--model', 'mae_vit_tiny_patch16', '--input_size', '32', '--patch_size', '4', '--num_workers', '0']
 

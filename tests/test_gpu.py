@@ -8,11 +8,20 @@ import subprocess
 
 import pytest
 import torch
+from conftest import (
+    ROOT,
+    TINY_CLASSIFIER_ARGS,
+    TINY_PRETRAIN_ARGS,
+    kill_tree,
+    read_json_log,
+    run_script,
+    start_process,
+    torchrun_command,
+    wait_for_line,
+)
 
 import models_mae
 import models_vit
-from conftest import (ROOT, TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, kill_tree, read_json_log, run_script,
-                      start_process, torchrun_command, wait_for_line)
 from util.device import Runtime
 
 DEVICE = os.environ.get('MAE_GPU_TESTS_DEVICE', 'cuda')

@@ -6,13 +6,13 @@ import shutil
 
 import pytest
 import torchvision
+from conftest import TINY_PRETRAIN_ARGS, run_script
 from PIL import Image
 
-from conftest import TINY_PRETRAIN_ARGS, run_script
+from tools.synthetic import CLASSES, make_image_folder
 from util.classes import check_subset, folder_classes, run_classes
 from util.datasets import build_image_folder
 from util.folders import collect_images
-from tools.synthetic import CLASSES, make_image_folder
 
 
 def image(path, colour=(200, 30, 30)):

@@ -2,6 +2,7 @@
 import numpy as np
 import torch
 from PIL import Image
+
 import main_infer
 
 

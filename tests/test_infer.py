@@ -1,19 +1,19 @@
 """main_infer.py: top-k classification and the 4-panel MAE reconstruction on user pictures of any kind."""
 import argparse
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
+from conftest import COLOURS, PHOTO, colour_classifier, run_script, save_classifier
 from PIL import Image
 
 import main_infer
-from util import reconstruction
 import models_mae
 import models_vit
-from conftest import (COLOURS, PHOTO, colour_classifier, run_script, save_classifier)
+from util import reconstruction
 from util.classes import IMAGENET_NAMES
-import os
 
 
 @pytest.fixture(scope='module')
@@ -327,12 +327,45 @@ def test_a_classifier_given_for_reconstruction_is_called_a_classifier(tmp_path, 
 
 
 def test_inference_writes_its_figures_into_a_folder_named_for_them(tmp_path, monkeypatch, capsys):
+    from conftest import PHOTO
+
     import main_infer
     import models_mae
-    from conftest import PHOTO
     torch.save({'model': models_mae.mae_vit_tiny_patch16(img_size=32, patch_size=4).state_dict()}, tmp_path / 'm.pth')
     monkeypatch.chdir(tmp_path)
     code = main_infer.main(['--model', 'mae_vit_tiny_patch16', '--resume', str(tmp_path / 'm.pth'), '--img_path',
                             PHOTO])
     assert code == 0 and os.listdir(tmp_path / 'reconstructions') == ['circuit_board_mae.png']
     assert 'reconstructions/circuit_board_mae.png' in capsys.readouterr().out
+
+
+# imports main_infer (and the training scripts) as a user's command would, with matplotlib absent when asked
+OPTIONAL_IMPORTS = '''
+import runpy, sys
+if sys.argv[1] == 'without-matplotlib':
+    sys.modules['matplotlib'] = None  # import matplotlib now fails, as where it is not installed
+script, sys.argv = sys.argv[2], sys.argv[2:]
+try:
+    runpy.run_path(script, run_name='__main__')
+except SystemExit as e:
+    print('matplotlib imported:', 'matplotlib.figure' in sys.modules, 'exit', e.code)
+    raise
+'''
+
+
+@pytest.mark.parametrize('script', ['main_infer.py', 'main_pretrain.py', 'main_finetune.py', 'main_knn.py'])
+def test_help_does_not_import_matplotlib(script):
+    proc = run_script('-c', OPTIONAL_IMPORTS, 'with', script, '--help')
+    assert proc.returncode == 0 and 'matplotlib imported: False exit 0' in proc.stdout
+
+
+def test_classification_runs_without_matplotlib_and_a_reconstruction_asks_for_it_in_one_line(checkpoints, tmp_path):
+    proc = run_script('-c', OPTIONAL_IMPORTS, 'without-matplotlib', 'main_infer.py', '--model', 'vit_tiny_patch16',
+                      '--resume', checkpoints / 'vit4.pth', '--img_path', PHOTO)
+    assert proc.returncode == 0 and f'{PHOTO}\n' in proc.stdout, proc.stderr
+    out = tmp_path / 'figures'
+    proc = run_script('-c', OPTIONAL_IMPORTS, 'without-matplotlib', 'main_infer.py', '--model', 'mae_vit_tiny_patch16',
+                      '--resume', checkpoints / 'mae.pth', '--img_path', PHOTO, '--output_dir', out)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        'error: the reconstruction figure needs matplotlib, which is not installed: pip install matplotlib (or pip '
+        'install -r requirements.txt)'] and not out.exists()

@@ -10,13 +10,13 @@ import sys
 import pytest
 import timm
 import torch
+from conftest import PHOTO, ROOT, TINY, TINY_CLASSIFIER_ARGS, TINY_MAE, TINY_PRETRAIN_ARGS, run_script
 from safetensors.torch import load_file, save_file
 
 import hubconf
 import main_infer
 import models_mae
 import models_vit
-from conftest import PHOTO, ROOT, TINY, TINY_CLASSIFIER_ARGS, TINY_MAE, TINY_PRETRAIN_ARGS, run_script
 from tools import export
 from util import hf_layout
 from util.checkpoint_files import CheckpointError, load_checkpoint
@@ -369,8 +369,9 @@ def test_the_exporter_refuses_in_one_line(to, kind, message, tmp_path, capsys):
 
 
 def test_a_head_count_other_than_the_model_s_is_refused_before_any_work(texture_data, tmp_path, capsys):
-    import main_pretrain
     from conftest import run_in_process
+
+    import main_pretrain
     # mae_vit_tiny_patch16's sizes at 32 px with patch 4, but 4 encoder heads where the tiny model has 3
     config = transformers.ViTMAEConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=4,
                                        intermediate_size=768, image_size=32, patch_size=4, decoder_hidden_size=128,

@@ -13,13 +13,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    ROOT,
+    TINY,
+    TINY_MAE,
+    TINY_PRETRAIN_ARGS,
+    read_json_log,
+    run_in_process,
+    run_script,
+    run_torchrun,
+    start_process,
+    subprocess_env,
+    wait_for_line,
+)
 
 import main_knn
 import main_pretrain
 import models_mae
 import models_vit
-from conftest import (ROOT, TINY, TINY_MAE, TINY_PRETRAIN_ARGS, read_json_log, run_in_process, run_script,
-                      run_torchrun, start_process, subprocess_env, wait_for_line)
 from util import flags as cli
 from util import knn
 from util.checkpoint_files import load_checkpoint
@@ -450,6 +461,7 @@ def test_torchrun_monitor_runs_on_every_rank_and_logs_once_with_the_one_process_
 
 def test_the_evidence_tool_writes_scikit_learns_digits_as_an_image_folder_with_a_fixed_split(tmp_path):
     from PIL import Image
+
     from tools import knn_evidence
     assert knn_evidence.write_digits(str(tmp_path)) == {'train': 1000, 'val': 797}
     assert sorted(os.listdir(tmp_path / 'train')) == sorted(os.listdir(tmp_path / 'val')) == [str(d) for d in range(10)]

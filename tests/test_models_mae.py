@@ -3,10 +3,10 @@ import math
 
 import pytest
 import torch
+from conftest import TINY_MAE
 
 import models_mae
 from util.pos_embed import get_2d_sincos_pos_embed
-from conftest import TINY_MAE
 
 BLOCK_KEYS = ['norm1.weight', 'norm1.bias', 'attn.qkv.weight', 'attn.qkv.bias', 'attn.proj.weight',
               'attn.proj.bias', 'norm2.weight', 'norm2.bias', 'mlp.fc1.weight', 'mlp.fc1.bias', 'mlp.fc2.weight',

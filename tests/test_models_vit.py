@@ -2,10 +2,10 @@
 import pytest
 import timm
 import torch
-
-import models_vit
 from conftest import TINY_VIT
 from test_models_mae import BLOCK_KEYS
+
+import models_vit
 
 
 def official_finetuned_vit_base_keys():

@@ -6,19 +6,24 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import PHOTO, TINY_MAE, TINY_PRETRAIN_ARGS, read_json_log, run_script
 from PIL import Image
 from torchvision import transforms
 
 import models_mae
 import models_vit
-from conftest import PHOTO, TINY_MAE, TINY_PRETRAIN_ARGS, read_json_log, run_script
+from tools.synthetic import CLASSES, make_image_folder
 from util.datasets import build_image_folder
 from util.device import Runtime
 from util.images import decode_image_tensor as decode_rgb_tensor
 from util.optim import make_adamw
-from tools.synthetic import CLASSES, make_image_folder
-from util.transforms import (BICUBIC, TensorRandomResizedCrop, build_fast_pretrain_transform, build_pretrain_transform,
-                             to_device_normalized)
+from util.transforms import (
+    BICUBIC,
+    TensorRandomResizedCrop,
+    build_fast_pretrain_transform,
+    build_pretrain_transform,
+    to_device_normalized,
+)
 
 
 def grads_and_loss(model, images, noise):

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import PHOTO, ROOT, TINY_PRETRAIN_ARGS, run_script
 
 TARGET = os.path.join(ROOT, '.ci', 'torch-npu')

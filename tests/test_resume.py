@@ -9,17 +9,26 @@ import signal
 
 import pytest
 import torch
+from conftest import (
+    TINY_CLASSIFIER_ARGS,
+    TINY_PRETRAIN_ARGS,
+    descendants,
+    read_json_log,
+    run_in_process,
+    run_script,
+    start_process,
+    torchrun_command,
+    wait_for_line,
+)
 
 import main_pretrain
 import models_vit
-from conftest import (TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, descendants, read_json_log, run_in_process,
-                      run_script, start_process, torchrun_command, wait_for_line)
+from util import preemption
 from util.checkpoint_files import CheckpointError, load_checkpoint
 from util.checkpointer import resumed_iteration
 from util.datasets import ResumableSampler
-from util.lr_decay import param_groups_lrd
-from util import preemption
 from util.device import Runtime
+from util.lr_decay import param_groups_lrd
 from util.lr_sched import lr_at
 from util.progress import EpochProgress
 

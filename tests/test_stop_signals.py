@@ -5,12 +5,11 @@ import os
 import signal
 
 import pytest
+from conftest import TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, read_json_log, run_script, start_process, wait_for_line
 
-from conftest import (TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, read_json_log, run_script, start_process,
-                      wait_for_line)
+from tools.synthetic import CLASSES, make_image_folder
 from util import preemption
 from util.checkpoint_files import load_checkpoint
-from tools.synthetic import CLASSES, make_image_folder
 
 
 @pytest.fixture(scope='module')

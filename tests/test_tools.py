@@ -3,11 +3,11 @@ import json
 
 import pytest
 import torch
+from conftest import ROOT, run_script
 from PIL import Image
 
 import models_mae
 import models_vit
-from conftest import ROOT, run_script
 from tools import compare_logs
 
 

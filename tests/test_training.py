@@ -4,10 +4,10 @@ import os
 
 import pytest
 import torch
+from conftest import TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, read_json_log, run_script, run_torchrun
 
 import models_mae
 import models_vit
-from conftest import TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, read_json_log, run_script, run_torchrun
 
 OFFICIAL_CHECKPOINT_KEYS = {'model', 'optimizer', 'epoch', 'scaler', 'args'}
 

@@ -5,14 +5,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import PHOTO
 from PIL import Image
 from timm.data.auto_augment import RandAugment
 
-from conftest import PHOTO
 from util.crop import RandomResizedCrop
 from util.datasets import build_transform
-from util.transforms import (build_eval_transform, build_linprobe_transform,
-                             build_pretrain_transform, posterize_any_bits)
+from util.transforms import build_eval_transform, build_linprobe_transform, build_pretrain_transform, posterize_any_bits
 
 FINETUNE_ARGS = SimpleNamespace(input_size=32, color_jitter=None, aa='rand-m9-mstd0.5-inc1', reprob=0.25,
                                 remode='pixel', recount=1)
@@ -110,6 +109,7 @@ def test_the_pil_and_the_fast_decode_pretraining_pipelines_give_the_same_crops()
     """--fast_decode trains the same recipe: with the same seed both pipelines cut the same box, flip alike and
     agree to a fraction of a grey level (a step added to one pipeline only, or another crop scale, fails here)."""
     from torchvision.transforms import PILToTensor
+
     from util.transforms import build_fast_pretrain_transform
     pil = Image.open(PHOTO).convert('RGB')
     tensor = PILToTensor()(pil)
@@ -127,8 +127,12 @@ def test_no_crop_of_a_tiny_image_is_empty(size):
     from types import SimpleNamespace
 
     from util.crop import RandomResizedCrop as TFCrop
-    from util.transforms import (build_fast_pretrain_transform, build_finetune_transform, build_linprobe_transform,
-                                 build_pretrain_transform)
+    from util.transforms import (
+        build_fast_pretrain_transform,
+        build_finetune_transform,
+        build_linprobe_transform,
+        build_pretrain_transform,
+    )
     red = Image.new('RGB', size, (200, 10, 10))
     torch.manual_seed(0)
     for _ in range(200):

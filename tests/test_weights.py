@@ -1,22 +1,31 @@
 """Weights saved by other people's training code: every wrapper their model may have had when it was saved (DDP,
 torch.compile, FSDP, activation checkpointing, EMA copies, a Lightning module) leaves the same weights here, made
 with the real wrappers where this machine can run them; what cannot be read is refused naming the real cause."""
+import argparse
 import os
 
 import pytest
 import timm.utils
 import torch
 import torch.distributed as dist
+from conftest import (
+    EVAL_FLAGS,
+    TINY_CLASSIFIER_ARGS,
+    TINY_VIT,
+    colour_classifier,
+    colour_folder,
+    free_port,
+    run_in_process,
+    run_script,
+    save_classifier,
+)
 from torch.optim.swa_utils import AveragedModel
 
-import models_vit
-from conftest import (EVAL_FLAGS, TINY_VIT, colour_classifier, colour_folder, free_port, run_script, save_classifier)
-from util.checkpoint_files import CheckpointError, load_checkpoint
-from util.weights import load_state_strict, model_state_from
-import argparse
 import main_finetune
 import models_mae
-from conftest import (TINY_CLASSIFIER_ARGS, run_in_process)
+import models_vit
+from util.checkpoint_files import CheckpointError, load_checkpoint
+from util.weights import load_state_strict, model_state_from
 
 
 def tiny_classifier() -> torch.nn.Module:
