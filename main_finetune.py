@@ -18,12 +18,13 @@ from util import checks, classification, distributed, launch
 from util.loss_scaler import LossScaler
 from util.checkpointer import Checkpointer, load_resumable, resume_training
 from util.output_dir import prepare_output_dir
-from util.datasets import build_transform
+from util.datasets import build_loaders, build_transform
 from util.logs import RunLog
 from util.lr_decay import param_groups_lrd
 from util.lr_sched import LrSchedule
 from util.optim import make_adamw
 from util.preemption import stop_if_signalled
+from util.transforms import build_finetune_transform
 
 CUTMIX_BOX: cli.Rule = ((lambda v: v is None or (len(v) == 2 and 0 < v[0] < v[1] <= 1)),
                         'must be two fractions, min < max, in (0, 1]')
@@ -83,7 +84,7 @@ def main(args):
         return  # the run in --output_dir already finished --epochs
 
     runtime = launch.start(args, training=not args.eval)
-    loader_train, loader_val = classification.build_loaders(run, args, runtime, world_size)
+    loader_train, loader_val = build_loaders(run.dataset_train, run.dataset_val, args, runtime, world_size)
     model = classification.build_model(args, run, head_init_std=2e-5, drop_path_rate=args.drop_path)
     if args.eval:
         load_resumable(run.resumable, model, args.model, fit_grid=True)
@@ -144,7 +145,7 @@ def check_args(args):
         errors.append(f'--batch_size {args.batch_size}: mixup/cutmix needs an even batch size')
     if not errors:
         try:
-            build_transform(True, args, args.input_size or 224)
+            build_finetune_transform(args, args.input_size or 224)
         except (AssertionError, ValueError, KeyError) as e:
             errors.append(f'--aa {args.aa}: not an augmentation policy timm knows ({e}); e.g. '
                           'rand-m9-mstd0.5-inc1, original, v0, or none')

@@ -13,6 +13,7 @@ from util import flags as cli
 from util import checks, classification, distributed, launch
 from util.loss_scaler import LossScaler
 from util.checkpointer import Checkpointer, load_resumable, resume_training
+from util.datasets import build_loaders
 from util.output_dir import prepare_output_dir
 from util.lars import LARS
 from util.logs import RunLog
@@ -39,7 +40,7 @@ def main(args):
         return  # the run in --output_dir already finished --epochs
 
     runtime = launch.start(args, training=not args.eval)
-    loader_train, loader_val = classification.build_loaders(run, args, runtime, world_size)
+    loader_train, loader_val = build_loaders(run.dataset_train, run.dataset_val, args, runtime, world_size)
     model = linear_probe(classification.build_model(args, run, head_init_std=0.01))
     if args.eval:
         load_resumable(run.resumable, model, args.model, fit_grid=True)

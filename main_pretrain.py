@@ -18,8 +18,8 @@ from engine_pretrain import train_one_epoch
 from util import flags as cli
 from util import checks, distributed, knn_monitor, launch, training_plan
 from util.loss_scaler import LossScaler
-from util.checkpointer import Checkpointer, find_resumable, resume_training
-from util.output_dir import prepare_output_dir
+from util.checkpointer import Checkpointer, resume_training
+from util.output_dir import find_resumable, prepare_output_dir
 from util.datasets import ImageFolderDataset, build_image_folder, build_loader, describe
 from util.distributed import get_rank
 from util.images import decode_image_tensor

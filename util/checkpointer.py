@@ -15,23 +15,11 @@ import torch.nn as nn
 from util import distributed, preemption
 from util import fsdp as util_fsdp
 from util.bad_images import BadImageBudgetError
-from util.checkpoint_files import CheckpointError, load_checkpoint, save_atomic
+from util.checkpoint_files import CheckpointError, save_atomic
 from util.distributed import print0
-from util.output_dir import BEST, LAST, checkpoint_epoch_name, holds_a_run, resumable_checkpoint_in
+from util.output_dir import BEST, LAST, Resumable, checkpoint_epoch_name, holds_training_state
 from util.rng import gather_rng_states, restore_rng_states
-from util.weights import check_heads_up_front, load_weights
-
-
-@dataclass
-class Resumable:
-    """A checkpoint to continue from (or evaluate), read before any work so that a bad file stops the run first."""
-    path: str
-    checkpoint: dict
-    auto: bool  # found in --output_dir (auto-resume), not given as --resume
-
-    @property
-    def classes(self) -> Optional[List[str]]:
-        return self.checkpoint.get('classes')
+from util.weights import load_weights
 
 
 @dataclass
@@ -61,39 +49,6 @@ class ResumeState:
 
     def meters_in(self, epoch: int) -> Optional[list]:
         return self.meters if epoch == self.epoch and self.iteration else None
-
-
-def find_resumable(args, auto_resume: Optional[bool] = None) -> Optional[Resumable]:
-    """--resume if given; else, with auto-resume (`auto_resume`, default --no_auto_resume's opposite), the output
-    dir's checkpoint; loaded now (weights only)."""
-    auto_resume = args.auto_resume if auto_resume is None else auto_resume
-    if args.resume:
-        resumable = Resumable(args.resume, load_checkpoint(args.resume), auto=False)
-        check_heads_up_front(resumable.checkpoint, resumable.path, args.model)
-        return resumable
-    path = resumable_checkpoint_in(args.output_dir) if auto_resume and args.output_dir else ''
-    if path:
-        resumable = Resumable(path, load_checkpoint(path), auto=True)
-        check_same_run(resumable, args.model)
-        return resumable
-    if auto_resume and args.output_dir and holds_a_run(args.output_dir):
-        # killed before its first checkpoint: no weights survive, so starting over loses nothing
-        print0(f'{args.output_dir} holds no checkpoint to continue from: starting from scratch (log.txt '
-               'entries of epochs to redo are replaced)')
-    return None
-
-
-def check_same_run(resumable: Resumable, model_name: str):
-    """Refuse to continue another model's run that happens to sit in the same output dir."""
-    saved_model = getattr(resumable.checkpoint.get('args'), 'model', None)
-    if saved_model and saved_model != model_name:
-        raise CheckpointError(f'{resumable.path} is a run of --model {saved_model}, not {model_name}: choose '
-                              'another --output_dir, or pass --no_auto_resume --overwrite to start over there')
-
-
-def holds_training_state(resumable: Optional[Resumable]) -> bool:
-    """A checkpoint to continue training from (ours, the official *_full.pth ones), not weights alone."""
-    return resumable is not None and 'optimizer' in resumable.checkpoint and 'epoch' in resumable.checkpoint
 
 
 def first_epoch(resumable: Optional[Resumable], start_epoch: int) -> int:

@@ -1,6 +1,6 @@
 """What fine-tuning and linear probing share around their epoch loops: what they read before any work (the
-checkpoint, the sizes, the run's class list, the datasets, the --finetune weights), the loaders, and the classifier
-built from the flags (starting from its --finetune encoder)."""
+checkpoint, the sizes, the run's class list, the datasets, the --finetune weights), and the classifier built from
+the flags (starting from its --finetune encoder)."""
 import os
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -12,10 +12,10 @@ import models_vit
 from util import checks, training_plan
 from util.architecture import CLASSIFIER_KINDS, architecture_of
 from util.checkpoint_files import load_checkpoint
-from util.checkpointer import Resumable, find_resumable, holds_training_state
+from util.output_dir import Resumable, find_resumable, holds_training_state
 from util.classes import ClassListError, folder_classes, run_classes
-from util.datasets import DataError, ImageFolderDataset, build_dataset, build_loader, describe
-from util.distributed import get_rank, print0
+from util.datasets import DataError, ImageFolderDataset, build_dataset, describe
+from util.distributed import print0
 from util.weights import check_heads_up_front, load_weights, model_state_from
 
 
@@ -99,13 +99,6 @@ def classes_for_run(args, resumable: Optional[Resumable], nb_classes: int) -> Li
                              f'the run in {resumable.path}; a resumed run must see the same classes (choose '
                              'another --output_dir to start a new run)')
     return classes
-
-
-def build_loaders(run: ClassifierRun, args, runtime, world_size: int):
-    loader_train = None if run.dataset_train is None else build_loader(run.dataset_train, args, runtime, True,
-                                                                       get_rank(), world_size)
-    loader_val = build_loader(run.dataset_val, args, runtime, False, get_rank(), world_size, dist_eval=args.dist_eval)
-    return loader_train, loader_val
 
 
 def read_pretrained(args, resumable: Optional[Resumable]) -> Optional[dict]:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from torchvision import datasets
 
 from util.bad_images import BadImageLog
-from util.distributed import print0
+from util.distributed import get_rank, print0
 from util.folders import IMG_EXTENSIONS, class_folders, describe_skipped, image_files
 from util.images import DECODE_ERRORS, DEFAULT_MAX_PIXELS, decode_image
 from util.preemption import ignore_stop_signals_in_workers
@@ -233,6 +233,15 @@ def build_loader(dataset, args, runtime, train: bool, rank: int, world_size: int
                       pin_memory=args.pin_mem and runtime.pin_memory_supported, drop_last=train,
                       generator=generator, persistent_workers=args.persistent_workers and args.num_workers > 0,
                       worker_init_fn=ignore_stop_signals_in_workers)
+
+
+def build_loaders(dataset_train, dataset_val, args, runtime, world_size: int) -> tuple:
+    """(the training loader, None without a training set; the evaluation loader, sharded with --dist_eval) on this
+    process's rank."""
+    rank = get_rank()
+    loader_train = None if dataset_train is None else build_loader(dataset_train, args, runtime, True, rank, world_size)
+    loader_val = build_loader(dataset_val, args, runtime, False, rank, world_size, dist_eval=args.dist_eval)
+    return loader_train, loader_val
 
 
 def start_epoch_of(loader: DataLoader, epoch: int, rank: int, seed: int, skip_batches: int = 0):

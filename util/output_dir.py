@@ -1,13 +1,18 @@
-"""A run's --output_dir: which files make it a run, which checkpoint a rerun continues from, and the tidying before
-the first epoch (called from each script's main(): stale temporary files, log entries of epochs to redo, and the
-previous run when starting over)."""
+"""A run's --output_dir and the checkpoint a run continues from: which files make a folder a run, the checkpoint
+read up front (--resume, or the folder's own: auto-resume), and the tidying before the first epoch (called from
+each script's main(): stale temporary files, log entries of epochs to redo, and the previous run when starting
+over)."""
 import glob
 import os
 import re
-from typing import Optional
+from dataclasses import dataclass
+from typing import List, Optional
 
 from util import distributed
+from util.checkpoint_files import CheckpointError, load_checkpoint
+from util.distributed import print0
 from util.logs import DETAILS, truncate_log
+from util.weights import check_heads_up_front
 
 LAST = 'checkpoint-last.pth'
 BEST = 'checkpoint-best.pth'
@@ -53,3 +58,48 @@ def prepare_output_dir(args, start_epoch: int, start_over: Optional[bool] = None
                 os.remove(path)
         truncate_log(args.output_dir, start_epoch)
     distributed.barrier()
+
+
+@dataclass
+class Resumable:
+    """A checkpoint to continue from (or evaluate), read before any work so that a bad file stops the run first."""
+    path: str
+    checkpoint: dict
+    auto: bool  # found in --output_dir (auto-resume), not given as --resume
+
+    @property
+    def classes(self) -> Optional[List[str]]:
+        return self.checkpoint.get('classes')
+
+
+def find_resumable(args, auto_resume: Optional[bool] = None) -> Optional[Resumable]:
+    """--resume if given; else, with auto-resume (`auto_resume`, default --no_auto_resume's opposite), the output
+    dir's checkpoint; loaded now (weights only)."""
+    auto_resume = args.auto_resume if auto_resume is None else auto_resume
+    if args.resume:
+        resumable = Resumable(args.resume, load_checkpoint(args.resume), auto=False)
+        check_heads_up_front(resumable.checkpoint, resumable.path, args.model)
+        return resumable
+    path = resumable_checkpoint_in(args.output_dir) if auto_resume and args.output_dir else ''
+    if path:
+        resumable = Resumable(path, load_checkpoint(path), auto=True)
+        check_same_run(resumable, args.model)
+        return resumable
+    if auto_resume and args.output_dir and holds_a_run(args.output_dir):
+        # killed before its first checkpoint: no weights survive, so starting over loses nothing
+        print0(f'{args.output_dir} holds no checkpoint to continue from: starting from scratch (log.txt '
+               'entries of epochs to redo are replaced)')
+    return None
+
+
+def check_same_run(resumable: Resumable, model_name: str):
+    """Refuse to continue another model's run that happens to sit in the same output dir."""
+    saved_model = getattr(resumable.checkpoint.get('args'), 'model', None)
+    if saved_model and saved_model != model_name:
+        raise CheckpointError(f'{resumable.path} is a run of --model {saved_model}, not {model_name}: choose '
+                              'another --output_dir, or pass --no_auto_resume --overwrite to start over there')
+
+
+def holds_training_state(resumable: Optional[Resumable]) -> bool:
+    """A checkpoint to continue training from (ours, the official *_full.pth ones), not weights alone."""
+    return resumable is not None and 'optimizer' in resumable.checkpoint and 'epoch' in resumable.checkpoint

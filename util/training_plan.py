@@ -6,7 +6,8 @@ import os
 from dataclasses import asdict
 from typing import Callable, List, Optional
 
-from util.checkpointer import first_epoch, holds_training_state, resumed_iteration
+from util.checkpointer import first_epoch, resumed_iteration
+from util.output_dir import holds_training_state
 from util import flags as cli
 from util.checks import UsageError
 from util.distributed import print0
