@@ -1,9 +1,14 @@
 """Decoding an image file: one function for every path (training, evaluation, inference, --fast_decode)."""
 import numpy as np
+import pytest
 import torch
+from conftest import PHOTO
 from PIL import Image
+from torchvision import transforms
 
 import main_infer
+from util.datasets import build_image_folder
+from util.images import decode_image_tensor as decode_rgb_tensor
 
 
 def awkward_images(folder) -> dict:
@@ -30,7 +35,6 @@ def awkward_images(folder) -> dict:
 
 
 def test_one_file_gives_the_same_tensor_through_inference_and_the_eval_loader_in_every_mode(tmp_path):
-    from util.datasets import build_image_folder
     from util.transforms import build_eval_transform
     (tmp_path / 'val' / 'one_class').mkdir(parents=True)
     paths = awkward_images(tmp_path / 'val' / 'one_class')
@@ -55,3 +59,21 @@ def test_the_decoding_applies_rotation_transparency_and_bit_depth(tmp_path):
         assert torch.equal(fast, torch.from_numpy(np.array(decode_image(paths[mode]))).permute(2, 0, 1)), mode
     with open(paths['RGBA'], 'rb') as f:
         assert torch.equal(decode_image_tensor(f), torch.from_numpy(rgba.copy()).permute(2, 0, 1))
+
+
+def test_fast_decode_reads_the_same_pixels_as_pil_and_falls_back_for_png(tmp_path):
+    with open(PHOTO, 'rb') as f:
+        tensor = decode_rgb_tensor(f)
+    assert torch.equal(tensor, transforms.PILToTensor()(Image.open(PHOTO).convert('RGB')))
+    png = tmp_path / 'x.png'
+    Image.open(PHOTO).convert('L').save(png)
+    with open(png, 'rb') as f:
+        gray = decode_rgb_tensor(f)
+    assert gray.shape == (3, 170, 256) and torch.equal(gray[0], gray[1])
+
+
+def test_fast_decode_reports_a_truncated_jpeg_as_a_bad_image(tmp_path):
+    bad = tmp_path / 'truncated.jpg'
+    bad.write_bytes(open(PHOTO, 'rb').read()[:2000])
+    with pytest.raises(OSError, match='JPEG decoding failed'), open(bad, 'rb') as f:
+        decode_rgb_tensor(f)

@@ -1,29 +1,18 @@
-"""The speed features keep the numbers: grad checkpointing, bf16, compile, device-side normalisation, the fast
-JPEG pipeline (same crops as the reference transform), fused AdamW selection, and the benchmark itself."""
+"""The speed features keep the numbers: grad checkpointing, bf16, compile, fused AdamW selection, and the
+benchmarks themselves (the fast JPEG pipeline's decoding and crops are tested with the others, in test_images.py and
+test_transforms.py)."""
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
-from conftest import PHOTO, TINY_MAE, TINY_PRETRAIN_ARGS, read_json_log, run_script
-from PIL import Image
-from torchvision import transforms
+from conftest import TINY_MAE, TINY_PRETRAIN_ARGS, read_json_log, run_script
 
 import models_mae
 import models_vit
 from tools.synthetic import CLASSES, make_image_folder
-from util.datasets import build_image_folder
 from util.device import Runtime
-from util.images import decode_image_tensor as decode_rgb_tensor
 from util.optim import make_adamw
-from util.transforms import (
-    BICUBIC,
-    TensorRandomResizedCrop,
-    build_fast_pretrain_transform,
-    build_pretrain_transform,
-    to_device_normalized,
-)
 
 
 def grads_and_loss(model, images, noise):
@@ -66,88 +55,6 @@ def test_bf16_autocast_step_stays_close_to_fp32(images):
         bf16, pred, _ = model(images, noise=noise)
     assert pred.dtype == torch.bfloat16
     assert abs(bf16.item() - fp32.item()) < 0.02 * fp32.item()
-
-
-def test_device_normalisation_of_uint8_batches_is_bit_identical_to_totensor_normalize():
-    rng = np.random.default_rng(0)
-    pictures = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
-    official = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406),
-                                                                               (0.229, 0.224, 0.225))])
-    reference = torch.stack([official(p) for p in pictures])
-    uint8 = torch.stack([transforms.PILToTensor()(p) for p in pictures])
-    assert torch.equal(to_device_normalized(uint8, torch.device('cpu')), reference)
-    assert to_device_normalized(reference, torch.device('cpu')) is reference  # float batches pass through
-
-
-def test_uint8_pretrain_transform_gives_the_official_crops():
-    img = Image.open(PHOTO).convert('RGB')
-    torch.manual_seed(5)
-    official = torch.stack([build_pretrain_transform(64)(img) for _ in range(10)])
-    torch.manual_seed(5)
-    ours = torch.stack([build_pretrain_transform(64, uint8_output=True)(img) for _ in range(10)])
-    assert ours.dtype == torch.uint8
-    assert torch.equal(to_device_normalized(ours, torch.device('cpu')), official)
-
-
-def test_fast_decode_reads_the_same_pixels_as_pil_and_falls_back_for_png(tmp_path):
-    with open(PHOTO, 'rb') as f:
-        tensor = decode_rgb_tensor(f)
-    assert torch.equal(tensor, transforms.PILToTensor()(Image.open(PHOTO).convert('RGB')))
-    png = tmp_path / 'x.png'
-    Image.open(PHOTO).convert('L').save(png)
-    with open(png, 'rb') as f:
-        gray = decode_rgb_tensor(f)
-    assert gray.shape == (3, 170, 256) and torch.equal(gray[0], gray[1])
-
-
-def test_fast_decode_reports_a_truncated_jpeg_as_a_bad_image(tmp_path):
-    bad = tmp_path / 'truncated.jpg'
-    bad.write_bytes(open(PHOTO, 'rb').read()[:2000])
-    with pytest.raises(OSError, match='JPEG decoding failed'), open(bad, 'rb') as f:
-        decode_rgb_tensor(f)
-
-
-def test_fast_crops_draw_the_same_boxes_as_the_reference_transform_and_match_its_pixels():
-    """Crop statistics: with the same seed every crop box (and flip) is the reference transform's, and the
-    resized pixels agree with PIL's bicubic to a fraction of a grey level on average."""
-    pil = Image.open(PHOTO).convert('RGB')
-    tensor = transforms.PILToTensor()(pil)
-    reference = transforms.RandomResizedCrop(64, scale=(0.2, 1.0), interpolation=BICUBIC)
-    ours = TensorRandomResizedCrop(64, scale=(0.2, 1.0))
-    boxes_ref, boxes_ours, diffs = [], [], []
-    for seed in range(100):
-        torch.manual_seed(seed)
-        boxes_ref.append(reference.get_params(pil, reference.scale, reference.ratio))
-        torch.manual_seed(seed)
-        expected = transforms.PILToTensor()(reference(pil)).float()
-        torch.manual_seed(seed)
-        boxes_ours.append(ours.get_params(tensor, ours.scale, ours.ratio))
-        torch.manual_seed(seed)
-        diffs.append((ours(tensor).float() - expected).abs().mean().item())
-    assert boxes_ours == boxes_ref
-    areas = np.array([h * w for _, _, h, w in boxes_ours]) / (256 * 170)
-    assert 0.2 <= areas.min() and areas.max() <= 1.0 and 0.3 < areas.mean() < 0.7  # scale (0.2, 1) spread
-    assert np.mean(diffs) < 0.25 and np.max(diffs) < 1.0
-
-
-def test_fast_pretrain_transform_flips_like_the_reference():
-    tensor = transforms.PILToTensor()(Image.open(PHOTO).convert('RGB'))
-    flips = []
-    for seed in range(20):
-        torch.manual_seed(seed)
-        out = build_fast_pretrain_transform(64)(tensor)
-        torch.manual_seed(seed)
-        ours = TensorRandomResizedCrop(64, scale=(0.2, 1.0))(tensor)
-        flips.append(not torch.equal(out, ours))
-    assert 3 < sum(flips) < 17 and out.dtype == torch.uint8 and out.shape == (3, 64, 64)
-
-
-def test_fast_decode_dataset_yields_uint8_crops(tmp_path):
-    root = make_image_folder(str(tmp_path), {'train': 2}, size=48, classes=CLASSES[:2])
-    dataset = build_image_folder(os.path.join(root, 'train'), build_fast_pretrain_transform(32),
-                                 decode=decode_rgb_tensor)
-    img, target = dataset[3]
-    assert img.dtype == torch.uint8 and img.shape == (3, 32, 32) and target == 1
 
 
 def test_adamw_auto_is_the_torch_default_and_fused_or_foreach_on_request():

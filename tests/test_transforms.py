@@ -1,4 +1,6 @@
-"""Recipe transforms: pretrain / eval / linear-probe crops, and RandAugment surviving Pillow 13."""
+"""Recipe transforms: pretrain / eval / linear-probe / fine-tune crops, the --fast_decode pipeline against the PIL
+one, the device-side normalisation, and RandAugment surviving Pillow 13."""
+import os
 import random
 from types import SimpleNamespace
 
@@ -8,10 +10,22 @@ import torch
 from conftest import PHOTO
 from PIL import Image
 from timm.data.auto_augment import RandAugment
+from torchvision import transforms
 
+from tools.synthetic import CLASSES, make_image_folder
 from util.crop import RandomResizedCrop
-from util.datasets import build_transform
-from util.transforms import build_eval_transform, build_linprobe_transform, build_pretrain_transform, posterize_any_bits
+from util.datasets import build_image_folder, build_transform
+from util.images import decode_image_tensor as decode_rgb_tensor
+from util.transforms import (
+    BICUBIC,
+    TensorRandomResizedCrop,
+    build_eval_transform,
+    build_fast_pretrain_transform,
+    build_linprobe_transform,
+    build_pretrain_transform,
+    posterize_any_bits,
+    to_device_normalized,
+)
 
 FINETUNE_ARGS = SimpleNamespace(input_size=32, color_jitter=None, aa='rand-m9-mstd0.5-inc1', reprob=0.25,
                                 remode='pixel', recount=1)
@@ -147,3 +161,67 @@ def test_no_crop_of_a_tiny_image_is_empty(size):
     tensor = torch.tensor([200, 10, 10], dtype=torch.uint8).view(3, 1, 1).expand(3, size[1], size[0]).contiguous()
     for _ in range(50):
         assert build_fast_pretrain_transform(8)(tensor)[0].min() > 150
+
+
+def test_device_normalisation_of_uint8_batches_is_bit_identical_to_totensor_normalize():
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
+    official = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406),
+                                                                               (0.229, 0.224, 0.225))])
+    reference = torch.stack([official(p) for p in pictures])
+    uint8 = torch.stack([transforms.PILToTensor()(p) for p in pictures])
+    assert torch.equal(to_device_normalized(uint8, torch.device('cpu')), reference)
+    assert to_device_normalized(reference, torch.device('cpu')) is reference  # float batches pass through
+
+
+def test_uint8_pretrain_transform_gives_the_official_crops():
+    img = Image.open(PHOTO).convert('RGB')
+    torch.manual_seed(5)
+    official = torch.stack([build_pretrain_transform(64)(img) for _ in range(10)])
+    torch.manual_seed(5)
+    ours = torch.stack([build_pretrain_transform(64, uint8_output=True)(img) for _ in range(10)])
+    assert ours.dtype == torch.uint8
+    assert torch.equal(to_device_normalized(ours, torch.device('cpu')), official)
+
+
+def test_fast_crops_draw_the_same_boxes_as_the_reference_transform_and_match_its_pixels():
+    """Crop statistics: with the same seed every crop box (and flip) is the reference transform's, and the
+    resized pixels agree with PIL's bicubic to a fraction of a grey level on average."""
+    pil = Image.open(PHOTO).convert('RGB')
+    tensor = transforms.PILToTensor()(pil)
+    reference = transforms.RandomResizedCrop(64, scale=(0.2, 1.0), interpolation=BICUBIC)
+    ours = TensorRandomResizedCrop(64, scale=(0.2, 1.0))
+    boxes_ref, boxes_ours, diffs = [], [], []
+    for seed in range(100):
+        torch.manual_seed(seed)
+        boxes_ref.append(reference.get_params(pil, reference.scale, reference.ratio))
+        torch.manual_seed(seed)
+        expected = transforms.PILToTensor()(reference(pil)).float()
+        torch.manual_seed(seed)
+        boxes_ours.append(ours.get_params(tensor, ours.scale, ours.ratio))
+        torch.manual_seed(seed)
+        diffs.append((ours(tensor).float() - expected).abs().mean().item())
+    assert boxes_ours == boxes_ref
+    areas = np.array([h * w for _, _, h, w in boxes_ours]) / (256 * 170)
+    assert 0.2 <= areas.min() and areas.max() <= 1.0 and 0.3 < areas.mean() < 0.7  # scale (0.2, 1) spread
+    assert np.mean(diffs) < 0.25 and np.max(diffs) < 1.0
+
+
+def test_fast_pretrain_transform_flips_like_the_reference():
+    tensor = transforms.PILToTensor()(Image.open(PHOTO).convert('RGB'))
+    flips = []
+    for seed in range(20):
+        torch.manual_seed(seed)
+        out = build_fast_pretrain_transform(64)(tensor)
+        torch.manual_seed(seed)
+        ours = TensorRandomResizedCrop(64, scale=(0.2, 1.0))(tensor)
+        flips.append(not torch.equal(out, ours))
+    assert 3 < sum(flips) < 17 and out.dtype == torch.uint8 and out.shape == (3, 64, 64)
+
+
+def test_fast_decode_dataset_yields_uint8_crops(tmp_path):
+    root = make_image_folder(str(tmp_path), {'train': 2}, size=48, classes=CLASSES[:2])
+    dataset = build_image_folder(os.path.join(root, 'train'), build_fast_pretrain_transform(32),
+                                 decode=decode_rgb_tensor)
+    img, target = dataset[3]
+    assert img.dtype == torch.uint8 and img.shape == (3, 32, 32) and target == 1
