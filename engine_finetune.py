@@ -52,7 +52,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
 @torch.no_grad()
 def evaluate(data_loader, model: torch.nn.Module, runtime, args, output_dir: Optional[str] = None) -> dict:
     """Top-1 / top-5 accuracy and the mean cross-entropy over the images, as named values (a new metric is one entry
-    in batch_sums). From args: --dist_eval, --max_bad_images, --print_freq; the list of unreadable images is written
+    in metric_sums). From args: --dist_eval, --max_bad_images, --print_freq; the list of unreadable images is written
     to `output_dir` (default --output_dir; '' for none, as --eval does). With --dist_eval each rank
     holds a disjoint share and the sums are added over ranks, so every image counts exactly once and the figures
     equal one process's (up to float rounding of the sums); else each rank evaluates every image itself.
@@ -69,7 +69,7 @@ def evaluate(data_loader, model: torch.nn.Module, runtime, args, output_dir: Opt
     sharded, print_freq = args.dist_eval, args.print_freq
     output_dir = args.output_dir if output_dir is None else output_dir
     budget = BadImageBudget(dataset.bad_images, len(dataset), args.max_bad_images, output_dir)
-    sums = None  # {name: a running sum on the device}: SUMMED per image, and 'images'
+    sums = None  # {metric name: its sum over this rank's images so far, on the device}
     num_batches = len(data_loader)
     for i, (images, target) in evaluation_batches(data_loader, budget, print_freq):
         readable = target != LEFT_OUT
@@ -81,7 +81,8 @@ def evaluate(data_loader, model: torch.nn.Module, runtime, args, output_dir: Opt
             so_far = 100 * sums['acc1'].item() / sums['images'].item() if sums is not None else 0.0
             print0(f'Test:  [{i + 1}/{num_batches}]  acc1 {so_far:.3f} (so far)')
     if sums is None:  # this rank read no image: zeros under the same names, so that every rank takes part alike
-        sums = batch_sums(model, *empty_batch(model), criterion, runtime)
+        nothing = torch.zeros(0, 1, device=runtime.device)
+        sums = metric_sums(nothing, torch.zeros(0, dtype=torch.long, device=runtime.device), criterion, runtime)
     totals = reduce_sums(sums, sharded)
     num_images = totals.pop('images')
     if not num_images:
@@ -101,23 +102,23 @@ SCALE = {'acc1': 100, 'acc5': 100}
 
 def batch_sums(model: torch.nn.Module, images: torch.Tensor, target: torch.Tensor, criterion,
                runtime) -> Dict[str, torch.Tensor]:
-    """One batch's sums, on the device (no host sync): the summed loss, top-1 and top-5 hits, and the images.
-    A new metric is one more entry here (a per-image sum; SCALE if it is a percentage)."""
+    """One batch's sums, on the device (no host sync): metric_sums of the model's output. A new metric is one more
+    entry there (a per-image sum; SCALE if it is a percentage)."""
     images = to_device_normalized(images, runtime.device)
     target = target.to(runtime.device, non_blocking=True)
     with runtime.autocast():
         output = model(images)
+    return metric_sums(output, target, criterion, runtime)
+
+
+def metric_sums(output: torch.Tensor, target: torch.Tensor, criterion, runtime) -> Dict[str, torch.Tensor]:
+    """The sums of `output` [N, classes] against `target` [N]: the summed loss, top-1 and top-5 hits, the images."""
+    with runtime.autocast():
         loss_sum = criterion(output, target)
     hits1, hits5 = topk_hits(output, target, (1, 5))
     return {'loss': loss_sum.to(runtime.sum_dtype), 'acc1': hits1.to(runtime.sum_dtype),
             'acc5': hits5.to(runtime.sum_dtype),
-            'images': torch.tensor(images.shape[0], dtype=runtime.sum_dtype, device=output.device)}
-
-
-def empty_batch(model: torch.nn.Module):
-    """No images and no targets, in the model's input shape."""
-    kernel = model.patch_embed.proj
-    return torch.zeros(0, kernel.in_channels, *model.patch_embed.img_size), torch.zeros(0, dtype=torch.long)
+            'images': torch.tensor(output.shape[0], dtype=runtime.sum_dtype, device=output.device)}
 
 
 def reduce_sums(sums: Dict[str, torch.Tensor], sharded: bool) -> Dict[str, float]:

@@ -8,6 +8,7 @@ python main_finetune.py --eval --resume mae_finetuned_vit_base.pth --model vit_b
     --data_path $IMAGENET          # -> * Acc@1 83.664 Acc@5 96.530 loss 0.731
 """
 import util  # noqa: F401  first, before torch: device plugins load on demand (see util/__init__.py)
+from dataclasses import asdict
 import torch
 from timm.data.mixup import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -100,7 +101,7 @@ def main(args):
     start = resume_training(run.resumable, model_to_save, optimizer, loss_scaler, runtime, args)
     prepare_output_dir(args, start.epoch)
     checkpointer = Checkpointer(args, model_to_save, optimizer, loss_scaler, runtime, start, len(run.dataset_train),
-                                run.classes)
+                                run_values={'lr': lr_schedule.lr, **asdict(run.sizes)}, classes=run.classes)
     run_log = RunLog(args, model_to_save, optimizer, lr_schedule, runtime, world_size, start, 'MAE fine-tuning',
                      classification.describe_data(run), describe_recipe(args, run.sizes, mixup_fn),
                      n_parameters=classification.trainable_parameters(model))

@@ -70,7 +70,7 @@ def check_encoder(arch: Architecture, state: StateDict, path: str, feature: str)
     final norm for it."""
     if not arch.kind:
         raise checks.UsageError(f'--resume {path}: {no_vit_cause(state)}')
-    if arch.global_pool and feature == 'cls':
+    if arch.fc_norm and feature == 'cls':
         raise checks.UsageError(f'--feature cls: {path} is a global-pool classifier; its class token has no final '
                                 'norm (fc_norm normalises the mean of the patch tokens): use --feature mean')
 
@@ -87,7 +87,7 @@ def build_encoder(args, checkpoint: dict) -> models_vit.VisionTransformer:
     check_encoder(arch, state, args.resume, args.feature)
     name = args.model.removeprefix('mae_')  # mae_vit_base_patch16's encoder is vit_base_patch16
     model = models_vit.build_classifier(name, patch_size=args.patch_size, img_size=args.input_size, num_classes=0,
-                                        global_pool=bool(arch.global_pool), attn_impl=args.attn)
+                                        global_pool=arch.fc_norm, attn_impl=args.attn)
     load_weights(model, checkpoint, args.resume, args.model, fit_grid=True, keep=is_encoder_key)
     return model
 

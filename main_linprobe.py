@@ -5,6 +5,7 @@ torchrun --nproc_per_node=8 main_linprobe.py --batch_size 512 --accum_iter 4 --m
     --data_path $IMAGENET
 """
 import util  # noqa: F401  first, before torch: device plugins load on demand (see util/__init__.py)
+from dataclasses import asdict
 import torch
 
 import models_vit
@@ -55,7 +56,7 @@ def main(args):
     start = resume_training(run.resumable, model_to_save, optimizer, loss_scaler, runtime, args)
     prepare_output_dir(args, start.epoch)
     checkpointer = Checkpointer(args, model_to_save, optimizer, loss_scaler, runtime, start, len(run.dataset_train),
-                                run.classes)
+                                run_values={'lr': lr_schedule.lr, **asdict(run.sizes)}, classes=run.classes)
     run_log = RunLog(args, model_to_save, optimizer, lr_schedule, runtime, world_size, start, 'MAE linear probing',
                      classification.describe_data(run), f'weight decay {args.weight_decay}, frozen encoder, '
                      f'{"global pool" if run.sizes.global_pool else "class token"}',

@@ -115,11 +115,12 @@ def build_pretraining_dataset(args) -> ImageFolderDataset:
 
 
 def main(args, start_over: Optional[bool] = None):
-    """start_over: the demo's decision to replace its previous run (tools/demo.py), else --overwrite's."""
+    """start_over: the demo's decision (tools/demo.py): True replaces its previous run, False continues it; None
+    (a plain run): --no_auto_resume and --overwrite decide."""
     check_args(args)
     world_size = distributed.world_size_of_launch(args)
     # --resume, or this --output_dir's checkpoint (not when starting over): read before any work
-    resumable = find_resumable(args, auto_resume=False if start_over else None)
+    resumable = find_resumable(args, auto_resume=None if start_over is None else not start_over)
     if training_plan.check_rerun(resumable, args, world_size):
         return  # the run in --output_dir already finished --epochs
     dataset_train = build_pretraining_dataset(args)
@@ -136,7 +137,8 @@ def main(args, start_over: Optional[bool] = None):
 
     start = resume_training(resumable, model_to_save, optimizer, loss_scaler, runtime, args)
     prepare_output_dir(args, start.epoch, start_over)
-    checkpointer = Checkpointer(args, model_to_save, optimizer, loss_scaler, runtime, start, len(dataset_train))
+    checkpointer = Checkpointer(args, model_to_save, optimizer, loss_scaler, runtime, start, len(dataset_train),
+                                run_values={'lr': lr_schedule.lr})
     run_log = RunLog(args, model_to_save, optimizer, lr_schedule, runtime, world_size, start, 'MAE pretraining',
                      describe(dataset_train), describe_recipe(args))
     for epoch in range(start.epoch, args.epochs):
@@ -153,6 +155,7 @@ def build_optimizer(args, model: torch.nn.Module, lr: float, device_type: str) -
     """AdamW, betas (0.9, 0.95); no weight decay on biases and norm weights."""
     param_groups = param_groups_weight_decay(model, args.weight_decay)
     return make_adamw(param_groups, lr, args.adamw_impl, device_type, betas=(0.9, 0.95))
+
 
 if __name__ == '__main__':
     parsed = cli.parse_with(get_args_parser())

@@ -206,6 +206,7 @@ def mae_vit_large_patch16(**kwargs) -> MaskedAutoencoderViT:
 def mae_vit_huge_patch14(**kwargs) -> MaskedAutoencoderViT:
     return _mae(1280, 32, 16, 14, kwargs)
 
+
 # Not official MAE configs: larger encoders to train with --fsdp, with the official 512-d x 8 decoder (MLP ratio 4).
 # ViT-g/14 (Zhai et al.: width 1408, depth 40, MLP 6144, 16 heads); ViT-2B/14 (Singh et al. 2023: width 2560,
 # depth 24, MLP 10240, 32 heads).

@@ -25,8 +25,8 @@ def main(out_dir):
     result = dict(launcher=launch.launcher, rank=rank, world_size=distributed.get_world_size(),
                   local_rank=launch.local_rank, backend=runtime.dist_backend,
                   sum=distributed.all_reduce_sum(torch.tensor([float(rank + 1)])).item(),
-                  loss_global_avg=logger.loss.global_avg,
-                  loss_count=logger.loss.count, main=distributed.is_main_process())
+                  loss_global_avg=logger.meters['loss'].global_avg,
+                  loss_count=logger.meters['loss'].count, main=distributed.is_main_process())
     result.update(resumed_epoch_stats(runtime, rank))
     distributed.barrier()
     with open(os.path.join(out_dir, f'rank{rank}.json'), 'w') as f:

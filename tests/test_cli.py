@@ -350,3 +350,11 @@ def test_an_unknown_model_name_lists_every_model_there_is(script, flags, expecte
     code, _, err_lines = run_in_process(SCRIPTS[script], [str(a) for a in base_flags(script, places)] + flags, capsys)
     assert code == 2 and err_lines == ['error: ' + expected]
 
+
+def test_the_official_parse_args_pattern_checks_the_ranges_too(capsys):
+    """Code written like the official scripts (main(get_args_parser().parse_args())) gets the same refusal."""
+    with pytest.raises(SystemExit) as exit_info:
+        main_pretrain.get_args_parser().parse_args(['--batch_size', '0', '--mask_ratio', 'nan'])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == ['error: --batch_size 0: must be a positive integer',
+                                                    'error: --mask_ratio nan: must be in [0, 1)']

@@ -167,3 +167,23 @@ def test_a_plain_pretraining_run_does_not_take_over_the_demos_folder(texture_dat
                                                   *TINY_PRETRAIN_ARGS], capsys)
     assert code == 2 and err == [f"error: --output_dir {demo_out}: holds the built-in demo's run; choose another "
                                  '--output_dir (or rerun the demo with --demo)']
+
+
+def test_a_demo_rerun_with_no_auto_resume_is_not_refused_for_the_folder_it_owns(tmp_path):
+    """The demo decides itself whether it continues or replaces its own run; --no_auto_resume must not make the
+    output-folder check refuse it (as it refuses a plain run)."""
+    from util import flags as cli
+    from util.checks import check_output
+    from util.checks import DEMO_RUN_MARKER
+    out = tmp_path / 'demo_output'
+    out.mkdir()
+    (out / 'log.txt').write_text('{"epoch": 0}\n')
+    (out / DEMO_RUN_MARKER).write_text('{}')
+    parser = main_pretrain.get_args_parser()
+    parser.set_defaults(**{**DEMO_DEFAULTS, 'output_dir': str(out)})
+    errors = []
+    check_output(cli.parse_with(parser, ['--demo', '--no_auto_resume']), errors)
+    assert errors == []
+    check_output(cli.parse_with(main_pretrain.get_args_parser(), ['--output_dir', str(out), '--no_auto_resume']),
+                 errors)
+    assert len(errors) == 2  # a plain run: the demo's folder, and a folder holding a run

@@ -152,3 +152,14 @@ def test_eval_reads_image_size_patch_classes_and_pooling_off_the_checkpoint(text
                       texture_data, '--model', 'vit_tiny_patch16', '--num_workers', '0', check=True)
     assert 'Accuracy of the network on the 64 test images' in proc.stdout
     assert 'Position interpolate' not in proc.stdout  # evaluated at its own 32 px
+
+
+@pytest.mark.slow
+def test_a_process_without_an_evaluation_image_takes_part_in_training_with_dist_eval(tmp_path):
+    """Two processes, one val image: under DDP the second process reads none and still adds its (zero) sums."""
+    data = colour_folder(tmp_path / 'data', {'train': dict.fromkeys('abcd', 4), 'val': {'b': 1}})
+    out = tmp_path / 'run'
+    proc = run_torchrun('main_finetune.py', *TINY_CLASSIFIER_ARGS[:-4], '--batch_size', '4', '--nb_classes', '4',
+                        '--data_path', data, '--output_dir', out, '--epochs', '1', '--dist_eval', check=True)
+    assert 'Accuracy of the network on the 1 test images' in proc.stdout
+    assert read_json_log(out)[0]['test_num_images'] == 1

@@ -244,3 +244,22 @@ def test_a_resume_with_the_same_effective_batch_on_other_processes_is_not_a_reci
     now.batch_size = 16
     assert recipe_changes(saved, now, 2, 4) == ['effective batch 128 (now 64: 16 per process x 1 accumulated x 4 '
                                                 'processes)', 'lr 0.0005 (now 0.00025)']
+
+
+@pytest.mark.slow
+def test_a_checkpoint_records_the_runs_values_and_an_official_format_one_resumes(texture_data, tmp_path):
+    """The checkpoint's args are the official format's: the flags with the lr and the classifier's sizes the run
+    worked out (args itself stays as typed). A checkpoint whose args lack our flags (the official scripts have no
+    --patch_size or --attn) continues."""
+    out = tmp_path / 'run'
+    assert TINY_CLASSIFIER_ARGS[-2:] == ['--nb_classes', '4']  # left out: 1000 classes, and global pooling, by default
+    flags = [*TINY_CLASSIFIER_ARGS[:-2], '--data_path', texture_data, '--output_dir', out, '--warmup_epochs', '0']
+    run_script('main_finetune.py', *flags, '--epochs', '1', check=True)
+    checkpoint = torch.load(out / 'checkpoint-0.pth', weights_only=False)
+    saved = checkpoint['args']
+    assert (saved.lr, saved.input_size, saved.nb_classes, saved.global_pool) == (1e-3 * 16 / 256, 32, 1000, True)
+    del saved.patch_size, saved.attn  # as the official main_finetune.py saves its args
+    torch.save(checkpoint, out / 'checkpoint-0.pth')
+    (out / 'checkpoint-last.pth').unlink()
+    proc = run_script('main_finetune.py', *flags, '--epochs', '2', check=True)
+    assert 'With optim & sched! Continuing at epoch 1' in proc.stdout

@@ -1,6 +1,6 @@
 """Every stop signal a scheduler sends reaches a save: sent to the whole process group (DataLoader workers
 included), during training, during an epoch's evaluation and during the k-NN monitor; the rerun continues as if
-uninterrupted. Evaluation-only runs stop in one line. (torchrun: tests/test_resume_changes.py.)"""
+uninterrupted. Evaluation-only runs stop in one line. (torchrun: tests/test_resume.py.)"""
 import os
 import signal
 

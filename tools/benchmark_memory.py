@@ -78,10 +78,6 @@ def launch_one(model: str, device: str, input_size: int, patch_size, processes: 
             'total_bytes': total, 'bytes_per_parameter': total / result['parameters_total']}
 
 
-if __name__ == '__main__':
-    worker(sys.argv[1:])
-
-
 def local_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, int]:
     """Bytes this rank holds of parameters, gradients and optimizer state (its shards under FSDP)."""
     def nbytes(t: torch.Tensor) -> int:
@@ -92,3 +88,7 @@ def local_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Dic
     return {'parameters': sum(nbytes(p) for p in params),
             'gradients': sum(nbytes(p.grad) for p in params if p.grad is not None),
             'optimizer_state': sum(nbytes(t) for t in state)}
+
+
+if __name__ == '__main__':
+    worker(sys.argv[1:])

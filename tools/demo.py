@@ -24,6 +24,7 @@ from util.device import Runtime
 from util.distributed import is_main_process, print0
 from util.folders import image_files
 from util.images import decode_image
+from util.weights import load_weights
 from util.distributed import world_size_of_launch
 from util.reconstruction import reconstruct, reconstruction_transform, save_figure
 from util.rng import seed_everything
@@ -157,7 +158,8 @@ def held_out_error(model, args):
 def finish(args, before: float, continued: bool):
     """Rank 0, after training: the held-out error of the trained model, the figures, what to run next."""
     model = main_pretrain.build_model(args)
-    model.load_state_dict(load_checkpoint(os.path.join(args.output_dir, LAST))['model'])
+    last = os.path.join(args.output_dir, LAST)
+    load_weights(model, load_checkpoint(last), last, args.model)
     after, rows = held_out_error(model, args)
     out = args.output_dir
     _, rows_before = held_out_error(initial_model(args), args)

@@ -128,7 +128,7 @@ def timm_config(checkpoint: dict, state: dict, arch: Architecture, heads: Dict[s
     preprocessing of our --eval (bicubic, crop 224/256, ImageNet mean and std) and the class names."""
     pool = 'avg' if arch.global_pool else 'token'
     model_args = dict(img_size=arch.img_size, patch_size=arch.patch_size, embed_dim=arch.embed_dim, depth=arch.depth,
-                      num_heads=heads['encoder'], mlp_ratio=state['blocks.0.mlp.fc1.weight'].shape[0] / arch.embed_dim,
+                      num_heads=heads['encoder'], mlp_ratio=arch.mlp_dim / arch.embed_dim,
                       qkv_bias=True, class_token=True, global_pool=pool, fc_norm=bool(arch.global_pool))
     pretrained_cfg = dict(input_size=[arch.in_chans, arch.img_size, arch.img_size], interpolation='bicubic',
                           crop_pct=224 / 256 if arch.img_size <= 224 else 1.0, crop_mode='center',

@@ -28,6 +28,7 @@ class Architecture:
     grid: int = 0  # patches per side, from the position table
     num_classes: int = 0
     global_pool: Optional[bool] = None  # classifiers: fc_norm and the patch-token mean, or norm and the class token
+    fc_norm: bool = False  # the final norm of global pooling, with or without a head (a headless classifier)
     decoder_embed_dim: int = 0
     decoder_depth: int = 0
     mlp_dim: int = 0  # the hidden width of the blocks' MLP
@@ -81,6 +82,7 @@ def architecture_of(state: StateDict) -> Architecture:
         kind, embed_dim=kernel.shape[0], depth=count_blocks(state, 'blocks.'), patch_size=kernel.shape[-1],
         in_chans=kernel.shape[1], grid=grid, num_classes=head.shape[0] if head is not None else 0,
         global_pool=('fc_norm.weight' in state) if kind in CLASSIFIER_KINDS else None,
+        fc_norm='fc_norm.weight' in state,
         decoder_embed_dim=width(state, 'decoder_embed.weight'), decoder_depth=count_blocks(state, 'decoder_blocks.'),
         mlp_dim=width(state, 'blocks.0.mlp.fc1.weight'),
         decoder_mlp_dim=width(state, 'decoder_blocks.0.mlp.fc1.weight'))

@@ -16,6 +16,7 @@ import torch
 from util import hf_layout
 from util.distributed import print0
 
+
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message is one line for the user."""
 

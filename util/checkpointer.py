@@ -3,6 +3,7 @@
 classifiers; resuming restores model, optimizer, scaler, epoch, iteration and every rank's RNG streams, and
 returns the position as a ResumeState that the caller passes on. Finding, loading and writing a run's
 checkpoints share one file naming and one state layout, so they are kept together."""
+import argparse
 import contextlib
 import glob
 import os
@@ -160,8 +161,11 @@ class Checkpointer:
     under --fsdp, the shards); rank 0 writes."""
 
     def __init__(self, args, model: nn.Module, optimizer, loss_scaler, runtime, start: ResumeState,
-                 train_images: int, classes: Optional[List[str]] = None):
+                 train_images: int, run_values: dict, classes: Optional[List[str]] = None):
         self.args = args
+        # the checkpoint's 'args' are the run's settings as the official format has them: the flags as typed with
+        # the values the run worked out (`run_values`: the lr, a classifier's sizes) filled in; `args` stays as typed
+        self.saved_args = argparse.Namespace(**{**vars(args), **run_values})
         self.model = model
         self.optimizer = optimizer
         self.loss_scaler = loss_scaler
@@ -195,7 +199,7 @@ class Checkpointer:
         # save during the evaluation keeps the epoch's training stats for the evaluation still to be done
         state = {'model': model_state, 'optimizer': optimizer_state,
                  'epoch': epoch if next_iteration == 0 else epoch - 1,
-                 'scaler': self.loss_scaler.state_dict(), 'args': self.args, 'rng_states': rng_states,
+                 'scaler': self.loss_scaler.state_dict(), 'args': self.saved_args, 'rng_states': rng_states,
                  'world_size': distributed.get_world_size()}
         if next_iteration:
             state['epoch_in_progress'] = {'epoch': epoch, 'iteration': next_iteration, **partial}
@@ -268,7 +272,7 @@ class Checkpointer:
             model_state = (util_fsdp.full_model_state(self.model) if util_fsdp.is_sharded(self.model)
                            else self.model.state_dict())
             if self.args.output_dir and distributed.is_main_process():
-                save_atomic({'model': model_state, 'epoch': epoch, 'args': self.args,
+                save_atomic({'model': model_state, 'epoch': epoch, 'args': self.saved_args,
                              'acc1': test_stats['acc1'], 'acc5': test_stats['acc5'], **self.extra_state},
                             os.path.join(self.args.output_dir, BEST))
         print0(f"Max accuracy: {self.extra_state['max_accuracy']:.2f}%")

@@ -100,7 +100,8 @@ def check_output(args, errors: List[str], training: bool = True):
             args, 'demo', False):  # only main_pretrain.py has --demo
         errors.append(f'--output_dir {args.output_dir}: holds the built-in demo\'s run; choose another --output_dir '
                       '(or rerun the demo with --demo)')
-    if args.output_dir and not args.auto_resume and not args.overwrite and holds_a_run(args.output_dir):
+    if (args.output_dir and not args.auto_resume and not args.overwrite and holds_a_run(args.output_dir)
+            and not getattr(args, 'demo', False)):  # the demo decides itself whether it continues its own run
         errors.append(f'--output_dir {args.output_dir}: already holds a run ({LAST}, log.txt); rerun without '
                       '--no_auto_resume to continue it, or add --overwrite to start over')
     if getattr(args, 'fsdp', False) and distributed.detect_launch(dist_on_itp=args.dist_on_itp).launcher == 'single':

@@ -10,7 +10,7 @@ from timm.layers import trunc_normal_
 
 import models_vit
 from util import checks, training_plan
-from util.architecture import CLASSIFIER_KINDS, architecture_of
+from util.architecture import CLASSIFIER_KINDS, Architecture, architecture_of
 from util.checkpoint_files import load_checkpoint
 from util.output_dir import Resumable, find_resumable, holds_training_state
 from util.classes import ClassListError, folder_classes, run_classes
@@ -52,7 +52,7 @@ def read_up_front(args, world_size: int, global_pool_default: bool,
     resumable = find_resumable(args)  # --resume, or this --output_dir's checkpoint
     sizes = resolve_sizes(args, resumable, global_pool_default)
     if not args.eval and training_plan.check_rerun(resumable, args, world_size,
-                                                   resolve=lambda run: resolve_sizes(run, None, global_pool_default)):
+                                                   resolve=lambda run: sizes_of(run, None, global_pool_default)):
         return None
     classes = classes_for_run(args, resumable, sizes.nb_classes)
     if len(classes) > sizes.nb_classes:  # the head must have room for the run's classes
@@ -71,19 +71,27 @@ def resolve_sizes(args, resumable: Optional[Resumable], global_pool_default: boo
     from the checkpoint (so a checkpoint evaluates without its sizes typed again), else 224 px, the model's patch,
     1000 classes and the script's pooling (the official defaults). The patch grid is checked (UsageError)."""
     arch = architecture_of(model_state_from(resumable.checkpoint, resumable.path)) if args.eval else None
-    from_checkpoint = arch is not None and arch.kind in CLASSIFIER_KINDS
-
-    def given_or(value, from_arch, default):
-        return value if value is not None else (from_arch if from_checkpoint else default)
-    sizes = Sizes(input_size=given_or(args.input_size, arch and arch.grid and arch.img_size or 224, 224),
-                  patch_size=given_or(args.patch_size, arch and arch.patch_size, None),
-                  nb_classes=given_or(args.nb_classes, arch and arch.num_classes, 1000),
-                  global_pool=given_or(args.global_pool, arch and arch.global_pool, global_pool_default))
+    sizes = sizes_of(args, arch, global_pool_default)
     patch = sizes.patch_size or models_vit.default_patch_size(models_vit.MODELS[args.model])
     errors = []
     checks.check_patch_grid(sizes.input_size, patch, errors)
     checks.raise_if_errors(errors)
     return sizes
+
+
+def sizes_of(args, arch: Optional[Architecture], global_pool_default: bool) -> Sizes:
+    """The sizes args give, those left unset taken from `arch` (a classifier's checkpoint), else the defaults. Also
+    reads the saved args of a run being resumed, which may lack a flag (the official scripts have no
+    --patch_size) or hold the values resolved (ours before, the official code)."""
+    from_checkpoint = arch is not None and arch.kind in CLASSIFIER_KINDS
+
+    def given_or(name, from_arch, default):
+        value = getattr(args, name, None)
+        return value if value is not None else (from_arch if from_checkpoint else default)
+    return Sizes(input_size=given_or('input_size', arch and arch.grid and arch.img_size or 224, 224),
+                 patch_size=given_or('patch_size', arch and arch.patch_size, None),
+                 nb_classes=given_or('nb_classes', arch and arch.num_classes, 1000),
+                 global_pool=given_or('global_pool', arch and arch.global_pool, global_pool_default))
 
 
 def classes_for_run(args, resumable: Optional[Resumable], nb_classes: int) -> List[str]:

@@ -18,7 +18,6 @@ AMP_CHOICES = ('fp16', 'bf16', 'off')
 AUTO_ORDER = ('npu', 'sdaa', 'cuda', 'mps')  # plugins first: their CUDA shims can make torch.cuda answer for them
 
 
-
 @dataclass(frozen=True)
 class Plugin:
     """A vendor's torch extension: the module, how to install it, and what fixes an installed one that cannot

@@ -35,7 +35,6 @@ class LaunchInfo:
         return self.launcher != 'single'
 
 
-
 def first_slurm_host(nodelist: str) -> str:
     """First host of a SLURM node list: 'gpu[003-005,009],cpu1' -> 'gpu003', 'n[1-2]-ib' -> 'n1-ib'."""
     match = re.match(r'([^,\[]*)(?:\[([^\]]*)\])?([^,]*)', nodelist.strip())

@@ -80,10 +80,20 @@ class ArgumentParser(argparse.ArgumentParser):
         """argparse's, plus the flag's rules: `check` its range, `recipe` whether it is part of the recipe."""
         action = super().add_argument(*names, **kwargs)
         if check is not None:
-            self.rules.append((action.option_strings[0], action.dest, check))
+            flag = action.option_strings[0] if action.option_strings else action.dest
+            self.rules.append((flag, action.dest, check))
         if recipe:
             RECIPE[action.dest] = None
         return action
+
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's, then every flag's range: each value out of range is one line on stderr, exit code 2 (also for
+        code that calls parse_args itself, as the official scripts do)."""
+        parsed, extras = super().parse_known_args(args, namespace)
+        problems = self.out_of_range(parsed)
+        if problems:
+            self.exit(2, ''.join(f'error: {line}\n' for line in problems))
+        return parsed, extras
 
     def out_of_range(self, args: argparse.Namespace) -> list:
         """'--flag value: requirement' for every value that breaks its flag's rule."""
@@ -95,12 +105,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_with(parser: ArgumentParser, argv=None) -> argparse.Namespace:
-    """Parse argv (default: sys.argv[1:]) and check every flag's range: each value out of range is one line on
-    stderr, exit code 2. --log_dir defaults to --output_dir."""
+    """Parse argv (default: sys.argv[1:]); the parser checks every flag's range. --log_dir defaults to
+    --output_dir."""
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    problems = parser.out_of_range(args)
-    if problems:
-        parser.exit(2, ''.join(f'error: {line}\n' for line in problems))
     if getattr(args, 'log_dir', '') is None:  # only scripts with an output folder have --log_dir
         args.log_dir = args.output_dir
     return args

@@ -140,7 +140,7 @@ def ranked_classes(similarities: torch.Tensor, neighbour_labels: torch.Tensor, n
 
     Each class is ranked by the log of its summed votes, relative to the nearest neighbour: log sum exp((sim -
     nearest) / T), its largest term taken out of the sum. That is the order of the summed exp(sim / T), but it
-    stays finite for every T the flags accept (util/args.MIN_TEMPERATURE): exp(sim / T) itself overflows to inf
+    stays finite for every T the flags accept (util/flags.MIN_TEMPERATURE): exp(sim / T) itself overflows to inf
     below T ~ 1/709 and underflows to 0 for far neighbours, and either ties the classes, then ranked by index.
     Sums run nearest first in `votes_dtype` (float64; MPS has none), a fixed order, so equal sets of votes tie."""
     dtype = votes_dtype

@@ -96,8 +96,10 @@ class RunLog:
         """Append one epoch's line: train_* and test_* stats, the epoch and `values`. TensorBoard gets the test
         figures and is flushed first. Written before the epoch's checkpoint (see truncate_log)."""
         if self.tensorboard is not None:
-            for name, value in (test or {}).items():  # every evaluation metric, under its own name
-                self.tensorboard.add_scalar(f'perf/test_{name}', value, epoch)
+            # every evaluation metric (a float) under its own name; the image counts (ints) are in log.txt
+            for name, value in (test or {}).items():
+                if isinstance(value, float):
+                    self.tensorboard.add_scalar(f'perf/test_{name}', value, epoch)
             self.tensorboard.flush()
         if not self.output_dir:
             return

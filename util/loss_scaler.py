@@ -8,7 +8,7 @@ import torch
 class LossScaler:
     """The official NativeScalerWithGradNormCount, backend-neutral: `grad_scaler` comes from the device layer
     (None when no loss scaling is needed). The gradient norm is computed only when clipping needs it (`clip_grad`,
-the --clip_grad norm); it returns the norm before clipping, else None."""
+    the --clip_grad norm); it returns the norm before clipping, else None."""
 
     state_dict_key = 'amp_scaler'
 

@@ -34,4 +34,4 @@ def describe_optimizer(optimizer: torch.optim.Optimizer) -> str:
         if value is not None:
             shown = ', '.join(f'{v:g}' for v in value) if isinstance(value, tuple) else f'{value:g}'
             settings.append(f'{name.replace("_", " ")} {shown}')
-    return f'{type(optimizer).__name__} ({"; ".join(settings)})'
+    return type(optimizer).__name__ + (f' ({"; ".join(settings)})' if settings else '')

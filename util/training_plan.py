@@ -118,7 +118,7 @@ def recipe_changes(saved, args, saved_world_size: int, world_size: int, resolve:
     if resolve is not None:
         saved_values, values = ({**vars(run), **asdict(resolve(run))} for run in (saved, args))
     for name in cli.RECIPE:
-        if name not in saved_values or name not in values:
+        if not hasattr(saved, name) or not hasattr(args, name):  # a flag the run's code did not have: unknown
             continue
         before, now = saved_values[name], values[name]
         if name == 'data_path' and before and now:

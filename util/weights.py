@@ -28,8 +28,8 @@ def load_weights(model: nn.Module, checkpoint: dict, path: str, model_name: str,
                  say: 'Phrasing' = None) -> List[str]:
     """Load `checkpoint` (a dict as util/checkpoint_files.load_checkpoint returns it, from any file the project reads)
     into `model`, named `model_name` in messages:
-    - its weights found and unwrapped (model_state_from); after the match, the attention heads a Hugging Face
-      config names checked;
+    - its weights found and unwrapped (model_state_from); the attention heads a Hugging Face config names checked
+      (after the sizes, which name the more basic cause);
     - `keep`: only the keys it accepts are loaded (k-NN keeps an encoder's);
     - `fit_grid`: the position tables interpolated to the model's patch grid (--eval, main_infer, main_knn and
       torch.hub at another image size); resuming a training run stays exact;
@@ -42,16 +42,16 @@ def load_weights(model: nn.Module, checkpoint: dict, path: str, model_name: str,
     state = model_state_from(checkpoint, path)
     if keep is not None:
         state = {k: v for k, v in state.items() if keep(k)}
-    if pretrained:
-        left_out = load_pretrained_encoder(model, state, path, model_name)
-    else:
-        if fit_grid:
-            fit_pos_embed(model, state, path)
-        load_state_strict(model, state, path, model_name, say)
-        left_out = []
-    # after the sizes, which are the more basic cause: weights do not show the heads, only a config names them
+    if pretrained:  # nothing is loaded (or said to be) before every check has passed
+        check_attention_heads(model, checkpoint, path, model_name, say)
+        return load_pretrained_encoder(model, state, path, model_name)
+    if fit_grid:
+        fit_pos_embed(model, state, path)
+    load_state_strict(model, state, path, model_name, say)
+    # after the sizes, the more basic cause (an error here stops the run; the loaded model is not used): weights do
+    # not show the heads, only a config names them
     check_attention_heads(model, checkpoint, path, model_name, say)
-    return left_out
+    return []
 
 
 # where checkpoints keep their weights, first match wins: the official format and ours, other trainers (timm,
@@ -248,8 +248,8 @@ def fit_pos_embed(model: nn.Module, state: StateDict, path: str):
     """Interpolate state's position tables (in place) to the model's patch grid, or say in one line why not.
     For --finetune, --eval, main_infer and main_knn at another --input_size; resuming a training run stays strict.
     Nothing is resized when the patch sizes differ: the strict load then names the patch size, the real cause."""
-    kernel = state.get('patch_embed.proj.weight')
-    if kernel is not None and kernel.shape[-1] != model.patch_embed.patch_size[0]:
+    theirs = architecture_of(state)
+    if theirs.kind and theirs.patch_size != model.patch_embed.patch_size[0]:
         return
     for key in ('pos_embed', 'decoder_pos_embed'):
         if hasattr(model, key):
@@ -297,7 +297,7 @@ def encoder_cause(state: StateDict, own: StateDict, missing: List[str]) -> str:
     for arch in (theirs, ours):
         arch.num_classes, arch.global_pool, arch.decoder_embed_dim, arch.decoder_depth = 0, None, 0, 0
     cause = size_cause(theirs, ours, CLI)
-    if not cause and {'norm.weight', 'norm.bias'} & set(missing) and 'fc_norm.weight' in state:
+    if not cause and {'norm.weight', 'norm.bias'} & set(missing) and theirs.fc_norm:
         cause = 'it was fine-tuned with global pooling (fc_norm.*, no norm.*): pass --global_pool'
     return cause
 
