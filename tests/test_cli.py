@@ -11,7 +11,9 @@ from conftest import PHOTO, TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, colour_fol
 import main_finetune
 import main_linprobe
 import main_pretrain
+import models_mae
 import models_vit
+from tools.synthetic import CLASSES, make_image_folder
 
 SCRIPTS = {'main_pretrain.py': main_pretrain, 'main_finetune.py': main_finetune, 'main_linprobe.py': main_linprobe}
 
@@ -283,18 +285,19 @@ ONE_EPOCH = ['--epochs', '1', '--warmup_epochs', '0']
 
 
 @pytest.fixture(scope='module')
-def runs(texture_data, tmp_path_factory):
-    """A tiny MAE checkpoint and a fine-tuned classifier, both made by the scripts."""
+def runs(tmp_path_factory):
+    """A few images, a tiny MAE checkpoint and a 4-class classifier of 32-px images in 4-px patches."""
     tmp = tmp_path_factory.mktemp('runs')
-    run_script('main_pretrain.py', *TINY_PRETRAIN_ARGS, *ONE_EPOCH, '--data_path', texture_data, '--output_dir',
-               tmp / 'pretrain', check=True)
-    run_script('main_finetune.py', *TINY_CLASSIFIER_ARGS, *ONE_EPOCH, '--data_path', texture_data, '--finetune',
-               tmp / 'pretrain' / 'checkpoint-last.pth', '--output_dir', tmp / 'finetune', check=True)
+    make_image_folder(str(tmp / 'data'), {'train': 4, 'val': 2}, size=32, classes=CLASSES[:4])
+    torch.manual_seed(0)
+    torch.save({'model': models_mae.mae_vit_tiny_patch16(img_size=32, patch_size=4).state_dict()}, tmp / 'mae.pth')
+    classifier = models_vit.vit_tiny_patch16(img_size=32, patch_size=4, num_classes=4, global_pool=True)
+    torch.save({'model': classifier.state_dict()}, tmp / 'classifier.pth')
     return tmp
 
 
 def script_commands(data, runs, out):
-    mae, classifier = runs / 'pretrain' / 'checkpoint-last.pth', runs / 'finetune' / 'checkpoint-best.pth'
+    mae, classifier = runs / 'mae.pth', runs / 'classifier.pth'
     tiny_sizes = TINY_CLASSIFIER_ARGS[:6]  # --model, --input_size, --patch_size
     return {
         'pretrain': ('main_pretrain', 'main', *TINY_PRETRAIN_ARGS, *ONE_EPOCH, '--data_path', data,
@@ -315,8 +318,8 @@ def script_commands(data, runs, out):
 @pytest.mark.slow
 @pytest.mark.parametrize('case', ['pretrain', 'finetune', 'finetune --eval, sizes from the checkpoint', 'linprobe',
                                   'knn', 'infer'])
-def test_args_after_main_are_exactly_what_the_user_typed(case, runs, texture_data, tmp_path):
-    command = script_commands(texture_data, runs, tmp_path / 'out')[case]
+def test_args_after_main_are_exactly_what_the_user_typed(case, runs, tmp_path):
+    command = script_commands(runs / 'data', runs, tmp_path / 'out')[case]
     proc = run_script('-c', CHECK, *command, check=True)
     assert 'args changed: nothing' in proc.stdout, proc.stdout[-2000:]
 

@@ -12,6 +12,7 @@ import torch
 from conftest import (
     TINY_CLASSIFIER_ARGS,
     TINY_PRETRAIN_ARGS,
+    colour_folder,
     descendants,
     read_json_log,
     run_in_process,
@@ -247,13 +248,13 @@ def test_a_resume_with_the_same_effective_batch_on_other_processes_is_not_a_reci
 
 
 @pytest.mark.slow
-def test_a_checkpoint_records_the_runs_values_and_an_official_format_one_resumes(texture_data, tmp_path):
+def test_a_checkpoint_records_the_runs_values_and_an_official_format_one_resumes(tmp_path):
     """The checkpoint's args are the official format's: the flags with the lr and the classifier's sizes the run
     worked out (args itself stays as typed). A checkpoint whose args lack our flags (the official scripts have no
     --patch_size or --attn) continues."""
-    out = tmp_path / 'run'
+    out, data = tmp_path / 'run', colour_folder(tmp_path / 'data', {'train': dict.fromkeys('abcd', 4), 'val': {'a': 1}})
     assert TINY_CLASSIFIER_ARGS[-2:] == ['--nb_classes', '4']  # left out: 1000 classes, and global pooling, by default
-    flags = [*TINY_CLASSIFIER_ARGS[:-2], '--data_path', texture_data, '--output_dir', out, '--warmup_epochs', '0']
+    flags = [*TINY_CLASSIFIER_ARGS[:-2], '--data_path', data, '--output_dir', out, '--warmup_epochs', '0']
     run_script('main_finetune.py', *flags, '--epochs', '1', check=True)
     checkpoint = torch.load(out / 'checkpoint-0.pth', weights_only=False)
     saved = checkpoint['args']
