@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import models_mae
 import models_vit
-from util import hf_layout
+from util import hf_layout, shards
 from util.checkpoint_files import is_url
 from util.output_dir import LAST, holds_a_run, resumable_checkpoint_in
 from util import distributed
@@ -57,10 +57,13 @@ def check_data_path(data_path: Optional[str], folders: List[str], errors: List[s
     if not os.path.isdir(data_path):
         errors.append(f'{flag} {data_path}: no such folder')
         return
-    missing = [f'{folder}/' for folder in folders if not os.path.isdir(os.path.join(data_path, folder))]
+    missing = [split for split in folders if not shards.layout_of_split(os.path.join(data_path, split))[0]]
     if missing:
-        errors.append(f'{flag} {data_path}: has no {" or ".join(missing)} folder (expected '
-                      f'{os.path.join(data_path, missing[0])}<class>/<image>)')
+        split = missing[0]
+        names = '|'.join(shards.SPLIT_NAMES[split])
+        errors.append(f'{flag} {data_path}: has no {" or ".join(f"{m}/" for m in missing)} folder (expected '
+                      f'{os.path.join(data_path, split)}/<class>/<image>), nor {split} WebDataset shards '
+                      f'(NAME-{names}-NNNN.tar) or Parquet files (data/{names}-*.parquet)')
 
 
 def check_checkpoint_path(flag: str, path: str, errors: List[str]):

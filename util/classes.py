@@ -11,6 +11,7 @@ Anything else (a val/ subset, no list anywhere) cannot be mapped, and is refused
 import os
 from typing import List, Optional, Sequence
 
+from util import shards
 from util.folders import class_folders
 
 UTIL = os.path.dirname(os.path.abspath(__file__))
@@ -36,8 +37,12 @@ def imagenet_names() -> List[str]:
 
 
 def folder_classes(root: str) -> List[str]:
-    """The class folders of an ImageFolder root, sorted as torchvision sorts them, hidden and metadata folders left
-    out (util/folders.py); [] if root is missing."""
+    """The classes of a split (DATA_PATH/train or DATA_PATH/val): the class folders, sorted as torchvision sorts
+    them, hidden and metadata folders left out (util/folders.py); of a split in WebDataset shards or Parquet files,
+    the class names its samples carry, in the same order (util/shards.py); [] if there is no such split."""
+    kind, files = shards.layout_of_split(root)
+    if kind in ('wds', 'parquet'):
+        return shards.class_names(shards.read_split(kind, files))
     return class_folders(root)[0]
 
 

@@ -5,6 +5,8 @@ rule (hidden and metadata entries are not data). A file that cannot be decoded i
 replaced by the next one instead of ending the run, in evaluation it is left out of every count. Evaluation shards
 the images over the ranks without padding, so each one is counted exactly once.
 """
+import io
+import math
 import os
 from typing import Callable, List, Optional, Sequence
 
@@ -13,6 +15,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from torchvision import datasets
 
+from util import shards
 from util.bad_images import BadImageLog
 from util.distributed import get_rank, print0
 from util.folders import IMG_EXTENSIONS, class_folders, describe_skipped, image_files
@@ -112,11 +115,72 @@ class ImageFolderDataset(datasets.ImageFolder):
         return self.transform(img) if self.transform is not None else img
 
 
+class IndexedImageDataset(ImageFolderDataset):
+    """A split stored as WebDataset tar shards or Parquet files (util/shards.py), with everything of
+    ImageFolderDataset: labels by class name against the run's list, unreadable samples reported (by shard and key)
+    and replaced or left out, --max_image_pixels, --fast_decode's decoder. `samples` holds ('SOURCE:KEY', target);
+    `groups` the index ranges a reader takes front to back (a shard, a row group), for ShardAwareSampling."""
+
+    def __init__(self, root: str, kind: str, files: List[str], transform=None, decode: Callable = decode_image,
+                 classes: Optional[Sequence[str]] = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 substitute: bool = True):
+        try:
+            records = shards.read_split(kind, files)
+        except shards.LayoutError as e:
+            raise DataError(str(e)) from None
+        if not records:
+            raise DataError(f'{root}: its {shards.describe_layout(kind, files)} hold no sample')
+        found = shards.class_names(records)
+        self.run_classes = list(classes) if classes is not None else None
+        self.classes = self.run_classes or found
+        index = {name: i for i, name in enumerate(self.classes)}
+        unknown = [name for name in found if name not in index]
+        if unknown:
+            several = len(unknown) > 1
+            raise DataError(f'{root}: class{"es" if several else ""} {", ".join(unknown[:5])} not among the run\'s '
+                            f'{len(index)} classes; the model has no output for {"them" if several else "it"}')
+        self.class_to_idx = index
+        self.root, self.kind, self.files = root, kind, files
+        self.locations = {f'{r.source}:{r.key}': r for r in records}
+        self.samples = self.imgs = [(f'{r.source}:{r.key}', index[r.label]) for r in records]
+        self.targets = [target for _, target in self.samples]
+        self.transform, self.target_transform, self.loader = transform, None, None
+        self.decode, self.max_pixels, self.substitute = decode, max_pixels, substitute
+        self.skipped: List[str] = []
+        self.bad_images = BadImageLog('replaced by another sample' if substitute else 'left out of the evaluation')
+        self.groups = group_ranges([(r.source, r.offset if kind == 'parquet' else 0) for r in records])
+        self.reader = None  # opened in the process that reads (each DataLoader worker its own)
+
+    def read(self, path: str):
+        if self.reader is None:
+            self.reader = shards.TarReader() if self.kind == 'wds' else shards.RowGroupReader()
+        return self.decode(io.BytesIO(self.reader.read(self.locations[path])), self.max_pixels)
+
+    def __getstate__(self):
+        return {**self.__dict__, 'reader': None}  # a worker opens its own files
+
+
+def group_ranges(keys: list) -> List[tuple]:
+    """[(start, end)] of the runs of equal consecutive keys."""
+    ranges, start = [], 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i] != keys[start]:
+            ranges.append((start, i))
+            start = i
+    return ranges
+
+
 def build_image_folder(root: str, transform, decode: Callable = decode_image,
                        classes: Optional[Sequence[str]] = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                        substitute: bool = True) -> ImageFolderDataset:
-    """ImageFolderDataset over `root` with a one-line DataError when the folder is missing, empty or has no
-    images. substitute: True for training sets, False for evaluation sets (see ImageFolderDataset)."""
+    """The split at `root` (DATA_PATH/train or DATA_PATH/val): a folder of class folders (ImageFolderDataset), or
+    the same split stored in DATA_PATH as WebDataset shards or Parquet files (IndexedImageDataset). A one-line
+    DataError when there is none, or it is empty or unreadable. substitute: True for training sets, False for
+    evaluation sets (see ImageFolderDataset)."""
+    kind, files = shards.layout_of_split(root)
+    if kind in ('wds', 'parquet'):
+        return IndexedImageDataset(root, kind, files, transform=transform, decode=decode, classes=classes,
+                                   max_pixels=max_pixels, substitute=substitute)
     if not os.path.isdir(root):
         raise DataError(f'{root}: no such folder; --data_path must hold train/ and val/ with one sub-folder '
                         'per class (the ImageNet layout)')
@@ -150,8 +214,13 @@ def build_dataset(is_train: bool, args, input_size: Optional[int] = None, classe
 
 
 def describe(dataset: ImageFolderDataset) -> str:
-    """'2,000 images of 8 classes in demo_output/data/train', for a run's header."""
-    return f'{len(dataset):,} images of {len(set(dataset.targets))} classes in {dataset.root}'
+    """'2,000 images of 8 classes in demo_output/data/train' (a folder), or '... in 4 shards of data/ (WebDataset)',
+    for a run's header."""
+    where = dataset.root
+    if isinstance(dataset, IndexedImageDataset):
+        layout = 'WebDataset' if dataset.kind == 'wds' else 'Parquet'
+        where = f'{shards.describe_layout(dataset.kind, dataset.files)} in {os.path.dirname(dataset.root)} ({layout})'
+    return f'{len(dataset):,} images of {len(set(dataset.targets))} classes in {where}'
 
 
 def cap_per_class(dataset: ImageFolderDataset, per_class: int) -> ImageFolderDataset:
@@ -186,10 +255,40 @@ class ResumableSampler(DistributedSampler):
         self.start_index = min(num_samples, self.num_samples)
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.start_index:])
+        groups = getattr(self.dataset, 'groups', None)
+        if not self.shuffle or groups is None:  # image folders: DistributedSampler's own order
+            return iter(list(super().__iter__())[self.start_index:])
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        order = shard_aware_order(groups, generator)
+        padding = self.total_size - len(order)  # as DistributedSampler pads
+        order += (order * math.ceil(padding / len(order)))[:padding] if padding > len(order) else order[:padding]
+        return iter(order[self.rank:self.total_size:self.num_replicas][self.start_index:])
 
     def __len__(self):
         return self.num_samples - self.start_index
+
+
+SHARDS_MIXED = 16  # groups (shards, row groups) whose samples one stretch of an epoch interleaves
+
+
+def shard_aware_order(groups: List[tuple], generator: torch.Generator) -> List[int]:
+    """An epoch's order over a split read from shards or Parquet row groups (`groups`: their index ranges): the
+    groups in a random order, taken SHARDS_MIXED at a time, their samples interleaved at random, each group's own
+    samples in their stored order. A reader thus goes through every shard front to back (no seeking back), while a
+    batch mixes samples of up to 16 shards, which are themselves shuffled when written (tools/make_shards.py, and
+    the public ImageNet shards). A function of the generator's seed (seed + epoch) only: a resumed run, and every
+    rank, computes the same order."""
+    shuffled = torch.randperm(len(groups), generator=generator).tolist()
+    order = []
+    for first in range(0, len(shuffled), SHARDS_MIXED):
+        chosen = [groups[i] for i in shuffled[first:first + SHARDS_MIXED]]
+        draws = torch.cat([torch.full((end - start,), j) for j, (start, end) in enumerate(chosen)])
+        cursors = [start for start, _ in chosen]
+        for j in draws[torch.randperm(len(draws), generator=generator)].tolist():
+            order.append(cursors[j])
+            cursors[j] += 1
+    return order
 
 
 class ShardedEvalSampler(Sampler):

@@ -1,0 +1,212 @@
+"""--data_path in three layouts, recognised from what is there: image folders, WebDataset tar shards and Parquet
+files (util/shards.py), written here by tools/make_shards.py from the same images; the same numbers on each."""
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+from conftest import (
+    ROOT,
+    TINY_CLASSIFIER_ARGS,
+    TINY_PRETRAIN_ARGS,
+    read_json_log,
+    run_in_process,
+    run_script,
+    run_torchrun,
+    start_process,
+    subprocess_env,
+    wait_for_line,
+)
+
+import main_finetune
+import main_pretrain
+import models_vit
+from engine_finetune import evaluate
+from tools import make_shards
+from util.checkpoint_files import load_checkpoint
+from util.datasets import ResumableSampler, build_image_folder, build_loader, shard_aware_order
+from util.device import Runtime
+from util.transforms import build_eval_transform
+
+@pytest.fixture(scope='module')
+def layouts(texture_data, tmp_path_factory):
+    """texture_data (4 classes, 32 train and 16 val images each) as folders, tar shards of 20 samples and Parquet
+    files of 20 rows in row groups of 8."""
+    root = tmp_path_factory.mktemp('layouts')
+    assert make_shards.main([texture_data, str(root / 'wds'), '--shard_size', '20']) == 0
+    assert make_shards.main([texture_data, str(root / 'parquet'), '--parquet', '--shard_size', '20',
+                             '--row_group_size', '8']) == 0
+    return {'folders': texture_data, 'wds': str(root / 'wds'), 'parquet': str(root / 'parquet')}
+
+
+def evaluation(data_path: str, model, classes, **flags) -> dict:
+    dataset = build_image_folder(os.path.join(data_path, 'val'), build_eval_transform(32), classes=classes,
+                                 substitute=False)
+    args = main_finetune.get_args_parser().parse_args(['--num_workers', '0', '--batch_size', '7', '--output_dir', '',
+                                                       *[str(f) for f in flags.get('argv', [])]])
+    return evaluate(build_loader(dataset, args, Runtime('cpu'), False, 0, 1), model, Runtime('cpu'), args)
+
+
+def test_the_three_layouts_give_the_same_samples_labels_and_evaluation(layouts):
+    folders = build_image_folder(os.path.join(layouts['folders'], 'val'), None)
+    torch.manual_seed(0)
+    model = models_vit.vit_tiny_patch16(img_size=32, patch_size=4, num_classes=4).eval()
+    reference = evaluation(layouts['folders'], model, folders.classes)
+    for layout in ('wds', 'parquet'):
+        dataset = build_image_folder(os.path.join(layouts[layout], 'val'), None)
+        assert dataset.classes == folders.classes and len(dataset) == len(folders) == 64
+        assert sorted(dataset.targets) == sorted(folders.targets)
+        stats = evaluation(layouts[layout], model, folders.classes)  # other batches (the shards are shuffled): the
+        assert {k: v for k, v in stats.items() if k != 'loss'} == {k: v for k, v in reference.items() if k != 'loss'}
+        assert stats['loss'] == pytest.approx(reference['loss'], rel=1e-6)  # loss sums in another order
+        assert f"{stats['loss']:.3f}" == f"{reference['loss']:.3f}"  # as printed
+
+
+def test_a_sample_is_labelled_by_its_class_name_not_its_index(tmp_path):
+    """A split holding some classes only (here the second and fourth of the run's list) scores against the run's
+    list: labels come from the names in the files (KEY.json, the ClassLabel), as folder names label folders."""
+    from tools.synthetic import CLASSES, make_image_folder
+    classes = sorted(CLASSES[:4])
+    folder = make_image_folder(str(tmp_path / 'some'), {'val': 3}, size=32, classes=[classes[1], classes[3]])
+    for layout, extra in (('wds', []), ('parquet', ['--parquet'])):
+        assert make_shards.main([folder, str(tmp_path / layout), *extra]) == 0
+        dataset = build_image_folder(str(tmp_path / layout / 'val'), None, classes=classes)
+        assert sorted(set(dataset.targets)) == [1, 3]
+
+
+@pytest.mark.parametrize('world_size', [1, 2, 3])
+def test_the_shard_aware_order_reads_every_shard_front_to_back_on_every_rank(layouts, world_size):
+    dataset = build_image_folder(os.path.join(layouts['wds'], 'train'), None)
+    assert [end - start for start, end in dataset.groups] == [20] * 6 + [8]
+    epoch_order = shard_aware_order(dataset.groups, torch.Generator().manual_seed(3 + 5))  # seed 3, epoch 5
+    assert sorted(epoch_order) == list(range(len(dataset)))
+    for start, end in dataset.groups:  # within a shard, increasing positions: no seek backwards
+        positions = [i for i in epoch_order if start <= i < end]
+        assert positions == sorted(positions)
+    padded = epoch_order + epoch_order[:-len(dataset) % world_size or 0]  # as DistributedSampler pads
+    for rank in range(world_size):  # each rank takes every world_size-th: a subsequence, still front to back
+        sampler = ResumableSampler(dataset, world_size, rank, shuffle=True, seed=3)
+        sampler.set_epoch(5)
+        assert list(sampler) == padded[rank::world_size]
+    first16 = shard_aware_order(dataset.groups, torch.Generator().manual_seed(8))[:16]
+    assert len({dataset.samples[i][1] for i in first16}) > 1  # a batch mixes classes (the shards are shuffled)
+
+
+@pytest.mark.slow
+def test_pretraining_takes_the_same_images_on_each_layout_with_and_without_fast_decode(layouts, tmp_path):
+    for layout, fast in (('folders', []), ('wds', []), ('wds', ['--fast_decode']), ('parquet', ['--fast_decode'])):
+        out = tmp_path / f'{layout}{len(fast)}'
+        proc = run_script('main_pretrain.py', *TINY_PRETRAIN_ARGS, '--epochs', '1', '--data_path', layouts[layout],
+                          '--output_dir', out, '--num_workers', '2', *fast, check=True)
+        assert '128 images of 4 classes in ' in proc.stdout
+        assert ('(WebDataset)' in proc.stdout) == (layout == 'wds')
+        assert read_json_log(out)[0]['epoch'] == 0
+
+
+@pytest.mark.slow
+def test_dist_eval_on_shards_over_two_processes_equals_one(layouts, tmp_path):
+    torch.manual_seed(1)
+    weights = tmp_path / 'c.pth'
+    torch.save({'model': models_vit.vit_tiny_patch16(img_size=32, patch_size=4, num_classes=4).state_dict()},
+               weights)
+    flags = ['--eval', '--resume', weights, '--data_path', layouts['wds'], *TINY_CLASSIFIER_ARGS, '--batch_size', '5']
+    one = run_script('main_finetune.py', *flags, check=True)
+    two = run_torchrun('main_finetune.py', *flags, '--dist_eval', check=True)
+    line = [entry for entry in one.stdout.splitlines() if '* Acc@1' in entry][0].split('* ')[1]
+    assert f'* {line}' in two.stdout and 'on the 64 test images' in two.stdout
+
+
+@pytest.mark.slow
+def test_a_run_on_shards_killed_mid_epoch_resumes_to_the_uninterrupted_weights(layouts, tmp_path):
+    flags = [sys.executable, 'main_pretrain.py', '--data_path', layouts['wds'], *TINY_PRETRAIN_ARGS, '--epochs', '2',
+             '--save_every_iters', '2', '--seed', '3']  # --num_workers 0: exact (README, Fault tolerance)
+    whole = tmp_path / 'whole'
+    subprocess.run([*flags, '--output_dir', whole], cwd=ROOT, env=subprocess_env(), check=True, capture_output=True)
+    out = tmp_path / 'killed'
+    proc = start_process([*flags, '--output_dir', out], tmp_path / 'first.log')
+    wait_for_line(tmp_path / 'first.log', 'Epoch: [0]  [4/8]', proc)
+    proc.kill()
+    proc.wait()
+    relaunch = subprocess.run([*flags, '--output_dir', out], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                              text=True)
+    assert relaunch.returncode == 0 and 'Continuing at epoch' in relaunch.stdout, relaunch.stderr[-2000:]
+    ours, theirs = (load_checkpoint(str(d / 'checkpoint-last.pth'))['model'] for d in (out, whole))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+# --- bad input: one line naming the file, exit code 2, before any training step, nothing written -----------------
+
+def add(tar: tarfile.TarFile, name: str, data: bytes):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def refusal(data_path, tmp_path, capsys) -> str:
+    out = tmp_path / 'out'
+    code, stdout, err = run_in_process(main_pretrain, ['--data_path', data_path, '--output_dir', out,
+                                                       *TINY_PRETRAIN_ARGS], capsys)
+    assert code == 2 and len(err) == 1 and not out.exists(), err
+    return err[0]
+
+
+def test_a_folder_with_none_of_the_layouts_is_one_line_listing_what_was_looked_for(tmp_path, capsys):
+    (tmp_path / 'data').mkdir()
+    line = refusal(tmp_path / 'data', tmp_path, capsys)
+    assert 'has no train/ folder' in line and 'NAME-train-NNNN.tar' in line and 'data/train-*.parquet' in line
+
+
+def test_a_shard_sample_without_a_class_and_a_truncated_shard_are_named(layouts, tmp_path, capsys):
+    data = tmp_path / 'data'
+    data.mkdir()
+    with tarfile.open(data / 'x-train-0000.tar', 'w') as tar:
+        add(tar, 'a.jpg', open(os.path.join(ROOT, 'tests', 'data', 'circuit_board.jpg'), 'rb').read())
+    assert refusal(data, tmp_path, capsys).endswith(f'{data / "x-train-0000.tar"}: sample a has no class: no a.cls, '
+                                                    'and no class_name or synset in a.json')
+    shard = sorted(p for p in os.listdir(layouts['wds']) if '-train-' in p)[0]
+    whole = open(os.path.join(layouts['wds'], shard), 'rb').read()
+    (data / 'x-train-0000.tar').write_bytes(whole[:len(whole) // 2])
+    assert f'{data / "x-train-0000.tar"}: truncated' in refusal(data, tmp_path, capsys)
+
+
+def test_parquet_without_a_label_column_and_a_label_outside_its_classes_are_named(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (tmp_path / 'data' / 'data').mkdir(parents=True)
+    path = tmp_path / 'data' / 'data' / 'train-00000-of-00001.parquet'
+    image = {'bytes': open(os.path.join(ROOT, 'tests', 'data', 'circuit_board.jpg'), 'rb').read(), 'path': 'a.jpg'}
+    pq.write_table(pa.table({'image': [image]}), path)
+    assert refusal(tmp_path / 'data', tmp_path, capsys).endswith(f"{path}: no 'label' column (it has image); "
+                                                                 'expected the layout the `datasets` library writes: '
+                                                                 'image {bytes, path}, label')
+    metadata = {b'huggingface': json.dumps({'info': {'features': {'label': {'names': ['a', 'b'],
+                                                                            '_type': 'ClassLabel'}}}}).encode()}
+    pq.write_table(pa.table({'image': [image], 'label': [7]}).replace_schema_metadata(metadata), path)
+    assert refusal(tmp_path / 'data', tmp_path, capsys).endswith(f'{path}: row 0 has label 7, outside its 2 class '
+                                                                 'names')
+
+
+def test_an_undecodable_sample_is_reported_by_shard_and_key_and_left_out_of_the_evaluation(layouts, tmp_path):
+    data = tmp_path / 'data'
+    data.mkdir()
+    with tarfile.open(data / 'x-validation-0000.tar', 'w') as tar:
+        good = open(os.path.join(ROOT, 'tests', 'data', 'circuit_board.jpg'), 'rb').read()
+        for key, image in (('k0', good), ('k1', good[:300]), ('k2', good)):
+            add(tar, f'{key}.jpg', image)
+            add(tar, f'{key}.cls', b'0')
+    model = models_vit.vit_tiny_patch16(img_size=32, patch_size=4, num_classes=1).eval()
+    stats = evaluation(str(data), model, ['0'], argv=['--max_bad_images', '1'])
+    assert stats['num_images'] == 2 and stats['left_out'] == 1
+
+
+def test_parquet_without_pyarrow_is_one_line_naming_what_to_install(layouts):
+    code = ('import sys; sys.modules["pyarrow"] = None; sys.modules["pyarrow.parquet"] = None\n'
+            'from util.shards import LayoutError, parquet_samples\n'
+            'try:\n    parquet_samples(sys.argv[1])\nexcept LayoutError as e:\n    print(e)\n')
+    path = os.path.join(layouts['parquet'], 'data', sorted(os.listdir(os.path.join(layouts['parquet'], 'data')))[0])
+    proc = subprocess.run([sys.executable, '-c', code, path], cwd=ROOT, capture_output=True, text=True)
+    assert proc.stdout.strip() == 'reading Parquet needs pyarrow, which is not installed: pip install pyarrow'

@@ -1,0 +1,239 @@
+"""ImageNet where it lives today, beside image folders: WebDataset tar shards (`NAME-train-NNNN.tar`, samples
+`KEY.jpg` + `KEY.cls` [+ `KEY.json`], the layout of timm/imagenet-1k-wds) and Parquet files (`data/train-*.parquet`,
+an `image` column of {bytes, path}, a `label` column and the class names as a ClassLabel, the layout the `datasets`
+library writes, as ILSVRC/imagenet-1k). Each split is read through an index of where every sample's bytes are (a
+tar member's offset, a Parquet row group and row), so the datasets are map-style: the samplers of image folders
+(exact resume, each evaluation image counted once, every worker its own samples) apply unchanged, and a worker reads
+each shard or row group front to back (ShardAwareOrder).
+
+The tar index is built once per shard (its headers only) and kept in the user's cache ($XDG_CACHE_HOME or
+~/.cache, mae-pytorch/shard-index/), keyed by the shard's path, size and modification time.
+"""
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+IMAGE_SUFFIXES = ('jpg', 'jpeg', 'png', 'webp')
+SPLIT_NAMES = {'train': ('train',), 'val': ('validation', 'val')}  # our split -> the names files use for it
+SHARD_NAME = re.compile(r'^(?P<name>.+)-(?P<split>train|validation|val)-(?P<number>\d+)\.tar$')
+PARQUET_NAME = re.compile(r'^(?P<split>train|validation|val)-.*\.parquet$')
+INDEX_VERSION = 1
+
+
+class LayoutError(ValueError):
+    """A dataset in shards or Parquet cannot be read; the message is one line naming the file."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Where one sample's image bytes are, and its class: by name where the files name it, else by index."""
+    source: str  # the shard or Parquet file
+    key: str  # the tar key, or 'row N' of a Parquet file
+    offset: int  # the tar member's data offset, or the Parquet row group
+    size: int  # the tar member's size, or the row within its group
+    label: str
+
+
+def cache_folder() -> str:
+    return os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache'), 'mae-pytorch',
+                        'shard-index')
+
+
+def split_files(folder: str, split: str) -> Tuple[str, List[str]]:
+    """('wds' or 'parquet', the split's files in order) for `split` ('train' or 'val'), or ('', []) when the
+    folder holds neither for it."""
+    names = SPLIT_NAMES[split]
+    shards = [p for p in glob.glob(os.path.join(glob.escape(folder), '*.tar'))
+              if (m := SHARD_NAME.match(os.path.basename(p))) and m.group('split') in names]
+    if shards:
+        return 'wds', sorted(shards, key=lambda p: (SHARD_NAME.match(os.path.basename(p)).group('name'),
+                                                    int(SHARD_NAME.match(os.path.basename(p)).group('number'))))
+    parquet = [p for p in glob.glob(os.path.join(glob.escape(folder), 'data', '*.parquet'))
+               if (m := PARQUET_NAME.match(os.path.basename(p))) and m.group('split') in names]
+    return ('parquet', sorted(parquet)) if parquet else ('', [])
+
+
+def layout_of_split(root: str) -> Tuple[str, List[str]]:
+    """How `root` (DATA_PATH/train or DATA_PATH/val) is stored: ('folder', []) for a folder of class folders, ('wds',
+    shards) or ('parquet', files) read from DATA_PATH, or ('', []) when there is none of them."""
+    if os.path.isdir(root):
+        return 'folder', []
+    folder, split = os.path.split(os.path.normpath(root))
+    if split not in SPLIT_NAMES or not os.path.isdir(folder):
+        return '', []
+    return split_files(folder, split)
+
+
+def read_split(kind: str, files: List[str]) -> List[Sample]:
+    read = shard_samples if kind == 'wds' else parquet_samples
+    return [sample for path in files for sample in read(path)]
+
+
+def class_names(samples: List[Sample]) -> List[str]:
+    """The split's classes in the order image folders give theirs: sorted names (class indices standing in for
+    names sort as numbers)."""
+    names = {s.label for s in samples}
+    return sorted(names, key=lambda n: (0, int(n), '') if n.isdigit() else (1, 0, n))
+
+
+def describe_layout(kind: str, files: List[str]) -> str:
+    unit = 'shard' if kind == 'wds' else 'Parquet file'
+    return f'{len(files)} {unit}{"s" if len(files) != 1 else ""}'
+
+
+# --- WebDataset tar shards -------------------------------------------------------------------------------------
+
+def shard_samples(path: str) -> List[Sample]:
+    """The samples of one tar shard, from the cached index or by reading its headers (and its small .cls / .json
+    members) once. Raises LayoutError naming the shard and the key for a sample without an image or a class, and
+    for a truncated shard."""
+    stat = os.stat(path)
+    digest = hashlib.sha1(f'{INDEX_VERSION}:{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}'.encode())
+    cached = os.path.join(cache_folder(), digest.hexdigest() + '.json')
+    if os.path.isfile(cached):
+        with open(cached, encoding='utf-8') as f:
+            return [Sample(path, *entry) for entry in json.load(f)]
+    samples = index_shard(path, stat.st_size)
+    os.makedirs(cache_folder(), exist_ok=True)
+    tmp = f'{cached}.{os.getpid()}.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        json.dump([[s.key, s.offset, s.size, s.label] for s in samples], f)
+    os.replace(tmp, cached)
+    return samples
+
+
+def index_shard(path: str, file_size: int) -> List[Sample]:
+    members: Dict[str, dict] = {}
+    try:
+        with tarfile.open(path, 'r:') as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, base = os.path.split(member.name)
+                stem, _, suffix = base.partition('.')
+                entry = members.setdefault(os.path.join(folder, stem), {})
+                suffix = suffix.lower()
+                if member.offset_data + member.size > file_size:
+                    raise LayoutError(f'{path}: truncated (member {member.name} ends past the end of the file)')
+                if suffix in IMAGE_SUFFIXES:
+                    entry['image'] = (member.offset_data, member.size)
+                elif suffix == 'cls':
+                    entry['cls'] = tar.extractfile(member).read().decode().strip()
+                elif suffix == 'json':
+                    meta = json.loads(tar.extractfile(member).read())
+                    name = meta.get('synset') or meta.get('class_name') if isinstance(meta, dict) else None
+                    if name:
+                        entry['name'] = str(name)
+            end = tar.offset
+    except (tarfile.TarError, EOFError, OSError, ValueError, UnicodeDecodeError) as e:
+        if isinstance(e, LayoutError):
+            raise
+        raise LayoutError(f'{path}: not a readable tar shard ({type(e).__name__}: {e})') from None
+    with open(path, 'rb') as f:  # a whole archive ends with two zero blocks; tarfile stops quietly at a cut
+        f.seek(end)
+        tail = f.read(2 * tarfile.BLOCKSIZE)
+    if len(tail) < 2 * tarfile.BLOCKSIZE or tail.strip(b'\0'):
+        raise LayoutError(f'{path}: truncated (it ends without the end-of-archive blocks, after {len(members)} '
+                          'samples): copy or download it again')
+    samples = []
+    for key, entry in members.items():
+        if 'image' not in entry:
+            raise LayoutError(f'{path}: sample {key} has no image member (.{", .".join(IMAGE_SUFFIXES)})')
+        label = entry.get('name') or entry.get('cls')
+        if label is None:
+            raise LayoutError(f'{path}: sample {key} has no class: no {key}.cls, and no class_name or synset in '
+                              f'{key}.json')
+        samples.append(Sample(path, key, *entry['image'], label))
+    return samples
+
+
+# --- Parquet ------------------------------------------------------------------------------------------------------
+
+def import_pyarrow():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise LayoutError('reading Parquet needs pyarrow, which is not installed: pip install pyarrow') from None
+    return pq
+
+
+def parquet_class_names(pq_file) -> Optional[List[str]]:
+    """The ClassLabel names the `datasets` library keeps in the file's 'huggingface' schema metadata."""
+    metadata = pq_file.schema_arrow.metadata or {}
+    raw = metadata.get(b'huggingface')
+    if not raw:
+        return None
+    features = json.loads(raw).get('info', {}).get('features', {})
+    label = features.get('label', {})
+    return list(label['names']) if isinstance(label, dict) and 'names' in label else None
+
+
+def parquet_samples(path: str) -> List[Sample]:
+    """One Sample per row: its row group and row, and its class name (the ClassLabel's, else the label index)."""
+    pq = import_pyarrow()
+    try:
+        pq_file = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow's errors are its own types
+        raise LayoutError(f'{path}: not a readable Parquet file ({type(e).__name__}: {e})') from None
+    columns = pq_file.schema_arrow.names
+    for needed in ('image', 'label'):
+        if needed not in columns:
+            raise LayoutError(f'{path}: no {needed!r} column (it has {", ".join(columns)}); expected the layout the '
+                              '`datasets` library writes: image {bytes, path}, label')
+    names = parquet_class_names(pq_file)
+    samples, row_number = [], 0
+    for group in range(pq_file.num_row_groups):
+        labels = pq_file.read_row_group(group, columns=['label']).column('label').to_pylist()
+        for row, index in enumerate(labels):
+            if index is None or (names is not None and not 0 <= index < len(names)):
+                raise LayoutError(f'{path}: row {row_number} has label {index}, outside its {len(names or [])} '
+                                  'class names')
+            samples.append(Sample(path, f'row {row_number}', group, row, names[index] if names else str(index)))
+            row_number += 1
+    return samples
+
+
+class RowGroupReader:
+    """The image bytes of a Parquet row, reading (and keeping) one row group at a time: a worker that reads rows
+    in order reads each row group once."""
+
+    def __init__(self):
+        self.current: Tuple[str, int] = ('', -1)
+        self.images: list = []
+
+    def read(self, sample: Sample) -> bytes:
+        if self.current != (sample.source, sample.offset):
+            pq = import_pyarrow()
+            table = pq.ParquetFile(sample.source).read_row_group(sample.offset, columns=['image'])
+            self.images = table.column('image').to_pylist()
+            self.current = (sample.source, sample.offset)
+        image = self.images[sample.size]
+        return image['bytes'] if isinstance(image, dict) else image
+
+
+class TarReader:
+    """The bytes of a tar member, the shard kept open (one handle per process: workers open their own)."""
+
+    def __init__(self):
+        self.path, self.handle = '', None
+
+    def read(self, sample: Sample) -> bytes:
+        if self.path != sample.source:
+            if self.handle is not None:
+                self.handle.close()
+            self.path, self.handle = sample.source, open(sample.source, 'rb')
+        self.handle.seek(sample.offset)
+        data = self.handle.read(sample.size)
+        if len(data) != sample.size:
+            raise OSError(f'{sample.source}: member {sample.key} is truncated')
+        return data
+
+
+def open_bytes(data: bytes) -> io.BytesIO:
+    return io.BytesIO(data)
