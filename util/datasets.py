@@ -148,8 +148,13 @@ class IndexedImageDataset(ImageFolderDataset):
         self.decode, self.max_pixels, self.substitute = decode, max_pixels, substitute
         self.skipped: List[str] = []
         self.bad_images = BadImageLog('replaced by another sample' if substitute else 'left out of the evaluation')
-        self.groups = group_ranges([(r.source, r.offset if kind == 'parquet' else 0) for r in records])
+        self.regroup()
         self.reader = None  # opened in the process that reads (each DataLoader worker its own)
+
+    def regroup(self):
+        """`groups` from the samples as they are now (after cap_per_class keeps some)."""
+        records = [self.locations[path] for path, _ in self.samples]
+        self.groups = group_ranges([(r.source, r.offset if self.kind == 'parquet' else 0) for r in records])
 
     def read(self, path: str):
         if self.reader is None:
@@ -235,6 +240,8 @@ def cap_per_class(dataset: ImageFolderDataset, per_class: int) -> ImageFolderDat
             seen[target] = seen.get(target, 0) + 1
     dataset.samples = dataset.imgs = kept
     dataset.targets = [target for _, target in kept]
+    if isinstance(dataset, IndexedImageDataset):
+        dataset.regroup()
     return dataset
 
 
