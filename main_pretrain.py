@@ -71,7 +71,8 @@ def check_args(args):
     checks.raise_if_errors(errors)
 
 
-def check_mask_ratio(mask_ratio: float, input_size: int, patch_size: int, errors: List[str]):
+def check_mask_ratio(mask_ratio: float, input_size: int, patch_size: int, errors: List[str],
+                     flag: str = '--mask_ratio'):
     """Pretraining: the ratio must hide at least one patch (the loss is the mean over hidden patches, 0/0
     otherwise) and leave at least one visible (the encoder's input)."""
     if not (0 <= mask_ratio < 1) or input_size % patch_size or input_size < 1 or patch_size < 1:
@@ -80,10 +81,10 @@ def check_mask_ratio(mask_ratio: float, input_size: int, patch_size: int, errors
     kept = int(num_patches * (1 - mask_ratio))  # as models_mae.random_masking counts them
     where = f'of the {num_patches} patches ({input_size} px images, {patch_size} px patches)'
     if kept == num_patches:
-        errors.append(f'--mask_ratio {mask_ratio}: hides none {where}, and the loss is computed on hidden patches '
+        errors.append(f'{flag} {mask_ratio}: hides none {where}, and the loss is computed on hidden patches '
                       f'only; use at least {smallest_ratio_hiding_one(num_patches):.4g}')
     elif kept == 0:
-        errors.append(f'--mask_ratio {mask_ratio}: leaves none {where} visible to the encoder; use at most '
+        errors.append(f'{flag} {mask_ratio}: leaves none {where} visible to the encoder; use at most '
                       f'{(num_patches - 1) / num_patches:.4g}')
 
 

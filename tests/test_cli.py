@@ -361,3 +361,9 @@ def test_the_official_parse_args_pattern_checks_the_ranges_too(capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines() == ['error: --batch_size 0: must be a positive integer',
                                                     'error: --mask_ratio nan: must be in [0, 1)']
+
+
+def test_the_mask_ratio_check_names_the_flag_it_checks():
+    errors = []
+    main_pretrain.check_mask_ratio(0.99, 32, 4, errors, flag='--mask_ratio_end')
+    assert errors[0].startswith('--mask_ratio_end 0.99: leaves none of the 64 patches')

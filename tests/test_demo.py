@@ -187,3 +187,17 @@ def test_a_demo_rerun_with_no_auto_resume_is_not_refused_for_the_folder_it_owns(
     check_output(cli.parse_with(main_pretrain.get_args_parser(), ['--output_dir', str(out), '--no_auto_resume']),
                  errors)
     assert len(errors) == 2  # a plain run: the demo's folder, and a folder holding a run
+
+
+def test_an_interrupted_demo_rerun_with_no_auto_resume_starts_over_and_says_why(tmp_path, capsys):
+    from tools.demo import decide_continue_or_start_over
+    from util import flags as cli
+    parser = main_pretrain.get_args_parser()
+    parser.set_defaults(**{**DEMO_DEFAULTS, 'output_dir': str(tmp_path / 'demo_output')})
+    args = cli.parse_with(parser, ['--demo', '--no_auto_resume'])
+    os.makedirs(args.output_dir)
+    saved = argparse.Namespace(**vars(args))
+    torch.save({'model': {}, 'optimizer': {}, 'epoch': 0, 'epoch_in_progress': {'epoch': 1, 'iteration': 3},
+                'args': saved}, os.path.join(args.output_dir, 'checkpoint-last.pth'))
+    assert decide_continue_or_start_over(args) is False
+    assert f'Demo: starting over in {args.output_dir} (--no_auto_resume)' in capsys.readouterr().out

@@ -86,7 +86,9 @@ def decide_continue_or_start_over(args) -> bool:
     True) clears the previous demo's checkpoints, log and TensorBoard files). Says which."""
     last = os.path.join(args.output_dir, LAST)
     reason = 'no earlier demo run'
-    if os.path.isfile(last):
+    if not args.auto_resume:
+        reason = '--no_auto_resume'
+    elif os.path.isfile(last):
         checkpoint = load_checkpoint(last)
         saved = checkpoint.get('args')
         changed = recipe_changes(saved, args, checkpoint.get('world_size', 1), world_size_of_launch(args))
