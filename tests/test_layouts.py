@@ -78,6 +78,15 @@ def test_a_sample_is_labelled_by_its_class_name_not_its_index(tmp_path):
         assert sorted(set(dataset.targets)) == [1, 3]
 
 
+def test_a_class_in_the_shards_the_run_does_not_know_is_refused_in_one_line_naming_it(layouts):
+    from util.datasets import DataError
+    classes = build_image_folder(os.path.join(layouts['folders'], 'val'), None).classes
+    root = os.path.join(layouts['wds'], 'val')
+    with pytest.raises(DataError, match=rf"^{root}: class {classes[3]} not among the run's 3 classes "
+                                        rf"\({', '.join(classes[:3])}\); the model has no output for it$"):
+        build_image_folder(root, None, classes=classes[:3])
+
+
 @pytest.mark.parametrize('world_size', [1, 2, 3])
 def test_the_shard_aware_order_reads_every_shard_front_to_back_on_every_rank(layouts, world_size):
     dataset = build_image_folder(os.path.join(layouts['wds'], 'train'), None)

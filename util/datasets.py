@@ -8,7 +8,7 @@ the images over the ranks without padding, so each one is counted exactly once.
 import io
 import math
 import os
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -64,17 +64,7 @@ class ImageFolderDataset(datasets.ImageFolder):
         self.skipped += [os.path.join(directory, name) for name in skipped]
         if not found:
             raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
-        if self.run_classes is None:
-            return found, {name: i for i, name in enumerate(found)}
-        index = {name: i for i, name in enumerate(self.run_classes)}
-        unknown = [name for name in found if name not in index]
-        if unknown:
-            shown = ', '.join(unknown[:5]) + (f' (+{len(unknown) - 5} more)' if len(unknown) > 5 else '')
-            raise DataError(f'{directory}: class folder{"s" if len(unknown) > 1 else ""} {shown} not among the '
-                            f"run's {len(index)} classes ({', '.join(self.run_classes[:4])}"
-                            f'{" ..." if len(index) > 4 else ""}); the model has no output for '
-                            f'{"them" if len(unknown) > 1 else "it"}')
-        return list(self.run_classes), {name: index[name] for name in found}
+        return run_class_index(directory, found, self.run_classes, ('class folder', 'class folders'))
 
     def make_dataset(self, directory: str, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         """torchvision's samples and order (its make_dataset), by util/folders.py's walk."""
@@ -130,19 +120,12 @@ class IndexedImageDataset(ImageFolderDataset):
             raise DataError(str(e)) from None
         if not records:
             raise DataError(f'{root}: its {shards.describe_layout(kind, files)} hold no sample')
-        found = shards.class_names(records)
         self.run_classes = list(classes) if classes is not None else None
-        self.classes = self.run_classes or found
-        index = {name: i for i, name in enumerate(self.classes)}
-        unknown = [name for name in found if name not in index]
-        if unknown:
-            several = len(unknown) > 1
-            raise DataError(f'{root}: class{"es" if several else ""} {", ".join(unknown[:5])} not among the run\'s '
-                            f'{len(index)} classes; the model has no output for {"them" if several else "it"}')
-        self.class_to_idx = index
+        self.classes, self.class_to_idx = run_class_index(root, shards.class_names(records), self.run_classes,
+                                                          ('class', 'classes'))
         self.root, self.kind, self.files = root, kind, files
         self.locations = {f'{r.source}:{r.key}': r for r in records}
-        self.samples = self.imgs = [(f'{r.source}:{r.key}', index[r.label]) for r in records]
+        self.samples = self.imgs = [(f'{r.source}:{r.key}', self.class_to_idx[r.label]) for r in records]
         self.targets = [target for _, target in self.samples]
         self.transform, self.target_transform, self.loader = transform, None, None
         self.decode, self.max_pixels, self.substitute = decode, max_pixels, substitute
@@ -163,6 +146,23 @@ class IndexedImageDataset(ImageFolderDataset):
 
     def __getstate__(self):
         return {**self.__dict__, 'reader': None}  # a worker opens its own files
+
+
+def run_class_index(where: str, found: List[str], run_classes: Optional[List[str]], nouns: Tuple[str, str]):
+    """(the class list, {found name: its output index}) of a split: without the run's list, the found names' own
+    (sorted) list; with it, each found name's index in it, and a name not in it refused in one line (DataError,
+    calling them `nouns`: singular and plural)."""
+    if run_classes is None:
+        return found, {name: i for i, name in enumerate(found)}
+    index = {name: i for i, name in enumerate(run_classes)}
+    unknown = [name for name in found if name not in index]
+    if unknown:
+        shown = ', '.join(unknown[:5]) + (f' (+{len(unknown) - 5} more)' if len(unknown) > 5 else '')
+        raise DataError(f'{where}: {nouns[len(unknown) > 1]} {shown} not among the '
+                        f"run's {len(index)} classes ({', '.join(run_classes[:4])}"
+                        f'{" ..." if len(index) > 4 else ""}); the model has no output for '
+                        f'{"them" if len(unknown) > 1 else "it"}')
+    return list(run_classes), {name: index[name] for name in found}
 
 
 def group_ranges(keys: list) -> List[tuple]:

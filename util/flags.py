@@ -73,7 +73,6 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, prog: str, description: str, **kwargs):
         """prog: how the user runs it ('main_pretrain.py', 'python -m tools.benchmark'), for usage and errors."""
         super().__init__(prog=prog, description=description, formatter_class=HelpFormatter, **kwargs)
-
         self.rules = []  # (flag, dest, Rule) of every add_argument(check=...)
 
     def add_argument(self, *names, check: Rule = None, recipe: bool = False, **kwargs):

@@ -10,8 +10,8 @@ The tar index is built once per shard (its headers only) and kept in the user's 
 ~/.cache, mae-pytorch/shard-index/), keyed by the shard's path, size and modification time.
 """
 import glob
+import functools
 import hashlib
-import io
 import json
 import os
 import re
@@ -49,11 +49,11 @@ def split_files(folder: str, split: str) -> Tuple[str, List[str]]:
     """('wds' or 'parquet', the split's files in order) for `split` ('train' or 'val'), or ('', []) when the
     folder holds neither for it."""
     names = SPLIT_NAMES[split]
-    shards = [p for p in glob.glob(os.path.join(glob.escape(folder), '*.tar'))
-              if (m := SHARD_NAME.match(os.path.basename(p))) and m.group('split') in names]
+    tars = glob.glob(os.path.join(glob.escape(folder), '*.tar'))
+    shards = sorted((m.group('name'), int(m.group('number')), path) for path in tars
+                    if (m := SHARD_NAME.match(os.path.basename(path))) and m.group('split') in names)
     if shards:
-        return 'wds', sorted(shards, key=lambda p: (SHARD_NAME.match(os.path.basename(p)).group('name'),
-                                                    int(SHARD_NAME.match(os.path.basename(p)).group('number'))))
+        return 'wds', [path for _, _, path in shards]
     parquet = [p for p in glob.glob(os.path.join(glob.escape(folder), 'data', '*.parquet'))
                if (m := PARQUET_NAME.match(os.path.basename(p))) and m.group('split') in names]
     return ('parquet', sorted(parquet)) if parquet else ('', [])
@@ -70,9 +70,17 @@ def layout_of_split(root: str) -> Tuple[str, List[str]]:
     return split_files(folder, split)
 
 
-def read_split(kind: str, files: List[str]) -> List[Sample]:
+def read_split(kind: str, files: List[str]) -> Tuple[Sample, ...]:
+    """Every sample of a split, read once per process while its files are unchanged (the class list and each
+    dataset of a run ask again)."""
+    versions = tuple((path, (stat := os.stat(path)).st_size, stat.st_mtime_ns) for path in files)
+    return read_split_once(kind, versions)
+
+
+@functools.lru_cache(maxsize=8)
+def read_split_once(kind: str, versions: Tuple[Tuple[str, int, int], ...]) -> Tuple[Sample, ...]:
     read = shard_samples if kind == 'wds' else parquet_samples
-    return [sample for path in files for sample in read(path)]
+    return tuple(sample for path, _, _ in versions for sample in read(path))
 
 
 def class_names(samples: List[Sample]) -> List[str]:
@@ -234,6 +242,3 @@ class TarReader:
             raise OSError(f'{sample.source}: member {sample.key} is truncated')
         return data
 
-
-def open_bytes(data: bytes) -> io.BytesIO:
-    return io.BytesIO(data)
