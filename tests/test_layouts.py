@@ -88,7 +88,7 @@ def test_a_class_in_the_shards_the_run_does_not_know_is_refused_in_one_line_nami
 
 
 @pytest.mark.parametrize('world_size', [1, 2, 3])
-def test_the_shard_aware_order_reads_every_shard_front_to_back_on_every_rank(layouts, world_size):
+def test_the_shard_aware_order_reads_every_shard_front_to_back_on_one_rank(layouts, world_size):
     dataset = build_image_folder(os.path.join(layouts['wds'], 'train'), None)
     assert [end - start for start, end in dataset.groups] == [20] * 6 + [8]
     epoch_order = shard_aware_order(dataset.groups, torch.Generator().manual_seed(3 + 5))  # seed 3, epoch 5
@@ -97,12 +97,42 @@ def test_the_shard_aware_order_reads_every_shard_front_to_back_on_every_rank(lay
         positions = [i for i in epoch_order if start <= i < end]
         assert positions == sorted(positions)
     padded = epoch_order + epoch_order[:-len(dataset) % world_size or 0]  # as DistributedSampler pads
-    for rank in range(world_size):  # each rank takes every world_size-th: a subsequence, still front to back
+    share = len(padded) // world_size
+    readers = {}
+    for rank in range(world_size):  # a consecutive share of the epoch's order each
         sampler = ResumableSampler(dataset, world_size, rank, shuffle=True, seed=3)
         sampler.set_epoch(5)
-        assert list(sampler) == padded[rank::world_size]
+        assert list(sampler) == padded[rank * share:(rank + 1) * share]
+        for i in sampler:
+            readers.setdefault(dataset.samples[i][0].split(':')[0], set()).add(rank)
+    assert len(readers) == 7  # every shard read, by one rank, or two where a share ends (7 shards: one stretch)
+    assert sum(len(ranks) - 1 for ranks in readers.values()) <= 7 * (world_size - 1)
     first16 = shard_aware_order(dataset.groups, torch.Generator().manual_seed(8))[:16]
     assert len({dataset.samples[i][1] for i in first16}) > 1  # a batch mixes classes (the shards are shuffled)
+
+
+def test_an_epoch_opens_each_shard_and_reads_each_row_group_once(tmp_path):
+    """More shards than one stretch mixes (shards.SHARDS_MIXED), read in an epoch's order by one reader: each
+    tar shard opened once, each Parquet row group read once (a reader keeping one open re-opened it per sample)."""
+    from tools.synthetic import make_image_folder
+    from util import shards
+    folder = make_image_folder(str(tmp_path / 'images'), {'train': 20}, size=8)  # 8 classes: 160 images
+    assert make_shards.main([folder, str(tmp_path / 'wds'), '--shard_size', '4']) == 0  # 40 shards
+    assert make_shards.main([folder, str(tmp_path / 'pq'), '--parquet', '--shard_size', '40',
+                             '--row_group_size', '4']) == 0  # 4 files of 10 row groups
+    for layout, groups in (('wds', 40), ('pq', 40)):
+        dataset = build_image_folder(str(tmp_path / layout / 'train'), None)
+        assert len(dataset.groups) == groups > shards.SHARDS_MIXED
+        sampler = ResumableSampler(dataset, 1, 0, shuffle=True, seed=0)
+        opened = []
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            assert len([dataset[i] for i in sampler]) == 160
+            reader = dataset.reader.files if layout == 'wds' else dataset.reader.groups
+            opened.append(reader.opened - sum(opened))
+        assert opened[0] == groups and opened[1] <= groups  # once per epoch (some shards stay open from the last)
+        if layout == 'pq':
+            assert dataset.reader.files.opened <= 2 * 10 * 4  # a file opened once per stretch it is read in
 
 
 @pytest.mark.slow

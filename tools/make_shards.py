@@ -32,8 +32,9 @@ def get_args_parser() -> cli.ArgumentParser:
     parser.add_argument('--name', default=None, help='the shards\' name prefix (default: the name of SRC)')
     parser.add_argument('--shard_size', default=1000, type=int, check=cli.at_least(1), help='samples per shard')
     parser.add_argument('--parquet', action='store_true', help='write Parquet files instead of tar shards')
-    parser.add_argument('--row_group_size', default=256, type=int, check=cli.at_least(1),
-                        help='Parquet: rows per row group (the unit a reader loads)')
+    parser.add_argument('--row_group_size', default=100, type=int, check=cli.at_least(1),
+                        help='Parquet: rows per row group (the unit a reader loads; 100, as the `datasets` library '
+                        'writes images: a worker keeps 16 in memory)')
     parser.add_argument('--seed', default=0, type=int, check=cli.SEED, help='the order samples are written in')
     return parser
 

@@ -109,7 +109,7 @@ class IndexedImageDataset(ImageFolderDataset):
     """A split stored as WebDataset tar shards or Parquet files (util/shards.py), with everything of
     ImageFolderDataset: labels by class name against the run's list, unreadable samples reported (by shard and key)
     and replaced or left out, --max_image_pixels, --fast_decode's decoder. `samples` holds ('SOURCE:KEY', target);
-    `groups` the index ranges a reader takes front to back (a shard, a row group), for ShardAwareSampling."""
+    `groups` the index ranges a reader takes front to back (a shard, a row group), for shard_aware_order."""
 
     def __init__(self, root: str, kind: str, files: List[str], transform=None, decode: Callable = decode_image,
                  classes: Optional[Sequence[str]] = None, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -270,13 +270,11 @@ class ResumableSampler(DistributedSampler):
         order = shard_aware_order(groups, generator)
         padding = self.total_size - len(order)  # as DistributedSampler pads
         order += (order * math.ceil(padding / len(order)))[:padding] if padding > len(order) else order[:padding]
-        return iter(order[self.rank:self.total_size:self.num_replicas][self.start_index:])
+        share = order[self.rank * self.num_samples:(self.rank + 1) * self.num_samples]  # consecutive stretches:
+        return iter(share[self.start_index:])  # a shard is read by one rank, but where a share ends mid-stretch
 
     def __len__(self):
         return self.num_samples - self.start_index
-
-
-SHARDS_MIXED = 16  # groups (shards, row groups) whose samples one stretch of an epoch interleaves
 
 
 def shard_aware_order(groups: List[tuple], generator: torch.Generator) -> List[int]:
@@ -285,11 +283,13 @@ def shard_aware_order(groups: List[tuple], generator: torch.Generator) -> List[i
     samples in their stored order. A reader thus goes through every shard front to back (no seeking back), while a
     batch mixes samples of up to 16 shards, which are themselves shuffled when written (tools/make_shards.py, and
     the public ImageNet shards). A function of the generator's seed (seed + epoch) only: a resumed run, and every
-    rank, computes the same order."""
+    rank, computes the same order; ResumableSampler gives each rank a consecutive share of it, so that a shard is
+    read by one rank (two where a share ends in its stretch), and each DataLoader worker of the rank opens it once
+    (util/shards.py: OpenedLast)."""
     shuffled = torch.randperm(len(groups), generator=generator).tolist()
     order = []
-    for first in range(0, len(shuffled), SHARDS_MIXED):
-        chosen = [groups[i] for i in shuffled[first:first + SHARDS_MIXED]]
+    for first in range(0, len(shuffled), shards.SHARDS_MIXED):
+        chosen = [groups[i] for i in shuffled[first:first + shards.SHARDS_MIXED]]
         draws = torch.cat([torch.full((end - start,), j) for j, (start, end) in enumerate(chosen)])
         cursors = [start for start, _ in chosen]
         for j in draws[torch.randperm(len(draws), generator=generator)].tolist():

@@ -4,13 +4,14 @@ an `image` column of {bytes, path}, a `label` column and the class names as a Cl
 library writes, as ILSVRC/imagenet-1k). Each split is read through an index of where every sample's bytes are (a
 tar member's offset, a Parquet row group and row), so the datasets are map-style: the samplers of image folders
 (exact resume, each evaluation image counted once, every worker its own samples) apply unchanged, and a worker reads
-each shard or row group front to back (ShardAwareOrder).
+each shard or row group front to back (util/datasets.py: shard_aware_order).
 
 The tar index is built once per shard (its headers only) and kept in the user's cache ($XDG_CACHE_HOME or
 ~/.cache, mae-pytorch/shard-index/), keyed by the shard's path, size and modification time.
 """
-import glob
+import collections
 import functools
+import glob
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ SPLIT_NAMES = {'train': ('train',), 'val': ('validation', 'val')}  # our split -
 SHARD_NAME = re.compile(r'^(?P<name>.+)-(?P<split>train|validation|val)-(?P<number>\d+)\.tar$')
 PARQUET_NAME = re.compile(r'^(?P<split>train|validation|val)-.*\.parquet$')
 INDEX_VERSION = 1
+SHARDS_MIXED = 16  # groups (shards, row groups) whose samples one stretch of an epoch interleaves
 
 
 class LayoutError(ValueError):
@@ -207,38 +209,57 @@ def parquet_samples(path: str) -> List[Sample]:
     return samples
 
 
+class OpenedLast:
+    """The `capacity` most recently used of something opened or read (file handles, row groups), by key: the
+    least recently used one is closed (`close`) when another comes. An epoch's order keeps SHARDS_MIXED groups in
+    play at a time, so a worker holding that many opens each of them once, not once per sample."""
+
+    def __init__(self, capacity: int, close=lambda value: None):
+        self.capacity, self.close = capacity, close
+        self.items: 'collections.OrderedDict' = collections.OrderedDict()
+        self.opened = 0  # how many times something had to be opened or read: the benchmark's files per epoch
+
+    def get(self, key, open_it):
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        if len(self.items) >= self.capacity:
+            self.close(self.items.popitem(last=False)[1])
+        self.items[key] = value = open_it()
+        self.opened += 1
+        return value
+
+
 class RowGroupReader:
-    """The image bytes of a Parquet row, reading (and keeping) one row group at a time: a worker that reads rows
-    in order reads each row group once."""
+    """The image bytes of a Parquet row, reading each row group once while it is in play (OpenedLast): a worker
+    that reads the rows of a group in order reads the group once. Memory: SHARDS_MIXED row groups per worker (100
+    rows each, about 11 MB of ImageNet JPEGs, in the `datasets` library's layout)."""
 
     def __init__(self):
-        self.current: Tuple[str, int] = ('', -1)
-        self.images: list = []
+        self.files = OpenedLast(SHARDS_MIXED)
+        self.groups = OpenedLast(SHARDS_MIXED)
 
     def read(self, sample: Sample) -> bytes:
-        if self.current != (sample.source, sample.offset):
-            pq = import_pyarrow()
-            table = pq.ParquetFile(sample.source).read_row_group(sample.offset, columns=['image'])
-            self.images = table.column('image').to_pylist()
-            self.current = (sample.source, sample.offset)
-        image = self.images[sample.size]
+        images = self.groups.get((sample.source, sample.offset), lambda: self.read_group(sample))
+        image = images[sample.size]
         return image['bytes'] if isinstance(image, dict) else image
+
+    def read_group(self, sample: Sample) -> list:
+        pq_file = self.files.get(sample.source, lambda: import_pyarrow().ParquetFile(sample.source))
+        return pq_file.read_row_group(sample.offset, columns=['image']).column('image').to_pylist()
 
 
 class TarReader:
-    """The bytes of a tar member, the shard kept open (one handle per process: workers open their own)."""
+    """The bytes of a tar member, its shard kept open while it is in play (OpenedLast; one set of handles per
+    process: DataLoader workers open their own)."""
 
     def __init__(self):
-        self.path, self.handle = '', None
+        self.files = OpenedLast(2 * SHARDS_MIXED, close=lambda handle: handle.close())
 
     def read(self, sample: Sample) -> bytes:
-        if self.path != sample.source:
-            if self.handle is not None:
-                self.handle.close()
-            self.path, self.handle = sample.source, open(sample.source, 'rb')
-        self.handle.seek(sample.offset)
-        data = self.handle.read(sample.size)
+        handle = self.files.get(sample.source, lambda: open(sample.source, 'rb'))
+        handle.seek(sample.offset)
+        data = handle.read(sample.size)
         if len(data) != sample.size:
             raise OSError(f'{sample.source}: member {sample.key} is truncated')
         return data
-
