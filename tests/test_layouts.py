@@ -212,6 +212,41 @@ def test_a_shard_sample_without_a_class_and_a_truncated_shard_are_named(layouts,
     assert f'{data / "x-train-0000.tar"}: truncated' in refusal(data, tmp_path, capsys)
 
 
+def test_a_shard_missing_from_or_shorter_than_its_info_json_is_refused_naming_it(layouts, tmp_path, capsys):
+    """make_shards writes _info.json as timm/imagenet-1k-wds has it (each split's shards and lengths): a partial
+    copy stops before any work, instead of training on what happens to be there."""
+    import shutil
+    data = tmp_path / 'data'
+    shutil.copytree(layouts['wds'], data)
+    info = json.loads((data / '_info.json').read_text())['splits']
+    assert info['train']['shard_lengths'] == [20] * 6 + [8] and info['validation']['num_samples'] == 64
+    last = data / info['train']['filenames'][-1]
+    saved = last.read_bytes()
+    last.unlink()
+    assert refusal(data, tmp_path, capsys).endswith(
+        f'{data}: 1 of the 7 train shards that _info.json lists are missing ({last.name}): download them again, '
+        'or remove _info.json to use the shards that are here')
+    with tarfile.open(last, 'w') as tar:  # a shard of that name, but another one
+        add(tar, 'k.jpg', saved[:10])
+        add(tar, 'k.cls', b'0')
+    assert refusal(data, tmp_path, capsys).endswith(f'{last}: 1 samples, 8 by _info.json: download it again')
+
+
+def test_shards_sorted_by_class_are_flagged_in_the_header_and_shuffled_ones_are_not(tmp_path, layouts):
+    """A batch draws on 16 shards at a time (webdataset#71's bunching): shards written class by class would give
+    batches of few classes. The run header says so."""
+    from util.datasets import describe
+    folders = build_image_folder(os.path.join(layouts['folders'], 'train'), None)
+    data = tmp_path / 'sorted'
+    data.mkdir()
+    with tarfile.open(data / 'x-train-0000.tar', 'w') as tar:  # 128 images in class order
+        for i, (path, target) in enumerate(folders.samples):
+            add(tar, f'{i:04d}.jpg', open(path, 'rb').read())
+            add(tar, f'{i:04d}.cls', str(target).encode())
+    assert 'warning: its samples are sorted by class' in describe(build_image_folder(str(data / 'train'), None))
+    assert 'warning' not in describe(build_image_folder(os.path.join(layouts['wds'], 'train'), None))
+
+
 def test_parquet_without_a_label_column_and_a_label_outside_its_classes_are_named(tmp_path, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq

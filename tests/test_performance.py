@@ -116,6 +116,20 @@ def test_benchmark_step_compare_and_pipeline_write_json(tmp_path):
     assert len(rows) == 4 and rows[0]['vs_baseline'] == 1.0 and all(r['images_per_sec'] > 0 for r in rows)
 
 
+def test_benchmark_layouts_reads_the_same_images_in_each_layout_and_counts_what_it_opens(tmp_path, capsys):
+    from tools import benchmark
+    root = make_image_folder(str(tmp_path / 'jpegs'), {'train': 40}, size=96, classes=CLASSES[:2])
+    out = tmp_path / 'layouts.json'
+    assert benchmark.main(['--layouts', '--data_path', root, '--num_workers', '1', '--input_size', '64',
+                           '--device', 'cpu', '--json', str(out)]) == 0
+    rows = {row['layout']: row for row in json.loads(out.read_text())['layouts']}
+    assert all(row['images'] == 80 and row['num_workers'] == 1 and row['images_per_sec'] > 0 for row in rows.values())
+    assert rows['folders']['files_opened'] == 80  # one file per image; one shard, one Parquet file of one row group
+    assert rows['shards']['files_opened'] == rows['parquet']['files_opened'] == rows['parquet']['row_groups_read'] == 1
+    assert rows['shards']['first_run'] > rows['shards']['later_run'] > 0  # the index built, then read from its cache
+    assert ' shards, 1 worker: ' in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_the_gpu_check_tool_runs_its_benchmarks_and_writes_the_report(tmp_path):
     """On the CPU with tiny models: every benchmark the report needs runs and lands in the summary."""

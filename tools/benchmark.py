@@ -1,12 +1,13 @@
 """Benchmarks users can run: the training step on synthetic tensors (images/s, peak memory, FLOP/s against a
 matrix-multiply peak measured in the same run), optionally beside the eager (official) attention; a scaling
-table over mask ratio and model size; the input pipeline on a folder of real JPEGs; and the memory per process
-with DDP and with --fsdp.
+table over mask ratio and model size; the input pipeline on a folder of real JPEGs (and on the same JPEGs as shards
+and Parquet); and the memory per process with DDP and with --fsdp.
 
 python -m tools.benchmark --model mae_vit_base_patch16 --batch_size 8 --device cpu --compare
 python -m tools.benchmark --model vit_base_patch16 --batch_size 64 --amp bf16 --compile --compare
 python -m tools.benchmark --scaling --batch_size 8
 python -m tools.benchmark --pipeline --data_path /datasets/imagenet --num_workers 8
+python -m tools.benchmark --layouts --data_path /tmp/jpegs --num_workers 2   # folders / shards / Parquet
 python -m tools.benchmark --memory --model mae_vit_base_patch16 --device cpu --memory_processes 1 2 4
 python -m tools.benchmark --knn --batch_size 16 --device cpu     # the k-NN monitor's and main_knn.py's costs
 Prints a table; --json FILE also writes every number.
@@ -25,7 +26,7 @@ from util import flags as cli
 from util import checks
 from tools import benchmark_memory as memory
 from tools import benchmark_pipeline as pipeline
-from tools import benchmark_knn
+from tools import benchmark_knn, benchmark_layouts
 from tools import benchmark_step as step
 from util import knn, knn_monitor
 from util.datasets import DataError
@@ -57,6 +58,9 @@ def get_args_parser() -> cli.ArgumentParser:
                              'gradient scaler, a host sync every step')
     parser.add_argument('--scaling', action='store_true', help='step cost over mask ratios and model sizes')
     parser.add_argument('--pipeline', action='store_true', help='input-pipeline throughput on real JPEGs')
+    parser.add_argument('--layouts', action='store_true',
+                        help='the same JPEGs (--data_path) as folders, WebDataset shards and Parquet: images/s per '
+                             'worker over an epoch, files opened, epoch start-up')
     parser.add_argument('--memory', action='store_true',
                         help='bytes per process of parameters, gradients and AdamW state with DDP and with --fsdp, '
                              'one torchrun launch per process count')
@@ -66,9 +70,9 @@ def get_args_parser() -> cli.ArgumentParser:
                         help='also time the pretraining step fed by the real loader on --data_path (default decode '
                              'and --fast_decode), beside the synthetic step')
     parser.add_argument('--data_path', default=None,
-                        help='for --pipeline / --end_to_end: a folder holding train/<class>/*.jpg')
+                        help='for --pipeline / --end_to_end / --layouts: a folder holding train/<class>/*.jpg')
     parser.add_argument('--num_workers', default=2, type=int, check=cli.at_least(0),
-                        help='for --pipeline / --end_to_end: DataLoader workers')
+                        help='for --pipeline / --end_to_end / --layouts: DataLoader workers')
     parser.add_argument('--pipeline_batches', default=60, type=int, check=cli.at_least(1),
                         help=f'for --pipeline: batches of {pipeline.BATCH} timed per variant')
     parser.add_argument('--warmup', default=3, type=int, check=cli.at_least(0), help='untimed steps first')
@@ -103,7 +107,7 @@ def check_args(args):
         checks.check_patch_grid(args.input_size, patch, errors)
         if args.model in models_mae.MODELS and not args.scaling:
             main_pretrain.check_mask_ratio(args.mask_ratio, args.input_size, patch, errors)
-    if args.pipeline or args.end_to_end:
+    if args.pipeline or args.end_to_end or args.layouts:
         checks.check_data_path(args.data_path, ['train'], errors)
     if args.json and not checks.writable_file(args.json):
         errors.append(f'--json {args.json}: cannot write this file (is its folder there and writable?)')
@@ -182,6 +186,8 @@ def run(args):
     elif args.knn:
         results['knn'] = benchmark_knn.report(args, runtime)
         benchmark_knn.print_report(results['knn'], args)
+    elif args.layouts:
+        results['layouts'] = benchmark_layouts.report(args)
     elif args.pipeline:
         rows = []
         variants = pipeline.variants(args)

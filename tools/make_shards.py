@@ -7,7 +7,8 @@ python -m tools.make_shards $IMAGENET /data/imagenet-pq --parquet             # 
 Shards: samples KEY.<ext> (the file's own bytes, never re-encoded) + KEY.cls (the class index in the sorted class
 list) + KEY.json ({"class_name": the folder name}), in a shuffled order (--seed): a reader that goes through a
 shard front to back still sees the classes mixed. Parquet: an `image` column of {bytes, path}, a `label` column and
-the class names as a ClassLabel in the schema metadata, as the `datasets` library writes them.
+the class names as a ClassLabel in the schema metadata, as the `datasets` library writes them. Beside the shards,
+_info.json lists each split's shards and their lengths, as timm/imagenet-1k-wds does: a partial copy is refused.
 """
 import io
 import json
@@ -60,11 +61,14 @@ class Progress:
 
 
 def write_shards(name: str, split: str, classes: List[str], samples: List[Tuple[str, int]], dst: str,
-                 shard_size: int) -> int:
+                 shard_size: int) -> dict:
+    """The split's shards, and its entry of _info.json (timm's description of a WebDataset: its shards and their
+    lengths, which util/shards.py checks a copy against)."""
     progress = Progress(f'{split} shards', len(samples))
-    count = 0
+    count, lengths = 0, {}
     for number, first in enumerate(range(0, len(samples), shard_size)):
         path = os.path.join(dst, f'{name}-{SPLITS[split]}-{number:04d}.tar')
+        lengths[os.path.basename(path)] = len(samples[first:first + shard_size])
         with tarfile.open(path + '.tmp', 'w', format=tarfile.USTAR_FORMAT) as tar:
             for offset, (image, label) in enumerate(samples[first:first + shard_size]):
                 key = f'{split}_{first + offset:08d}'
@@ -76,7 +80,8 @@ def write_shards(name: str, split: str, classes: List[str], samples: List[Tuple[
                 count += 1
                 progress.update(count)
         os.replace(path + '.tmp', path)
-    return count
+    return {'name': SPLITS[split], 'num_samples': count, 'filenames': list(lengths),
+            'shard_lengths': list(lengths.values())}
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes):
@@ -126,13 +131,18 @@ def main(argv=None) -> int:
         print(f'error: {args.dst}: already holds shards or Parquet files; choose an empty folder', file=sys.stderr)
         return 2
     name = args.name or os.path.basename(os.path.normpath(args.src))
+    info = {'name': name, 'splits': {}}
     for split in splits:
         classes, samples = split_samples(args.src, split, args.seed)
         if args.parquet:
             count = write_parquet(split, classes, samples, args.dst, args.shard_size, args.row_group_size)
         else:
-            count = write_shards(name, split, classes, samples, args.dst, args.shard_size)
+            info['splits'][SPLITS[split]] = write_shards(name, split, classes, samples, args.dst, args.shard_size)
+            count = info['splits'][SPLITS[split]]['num_samples']
         print(f'{split}: {count:,} samples of {len(classes)} classes written to {args.dst}', flush=True)
+    if not args.parquet:
+        with open(os.path.join(args.dst, '_info.json'), 'w', encoding='utf-8') as f:
+            json.dump(info, f, indent=1)
     return 0
 
 

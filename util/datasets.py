@@ -5,6 +5,7 @@ rule (hidden and metadata entries are not data). A file that cannot be decoded i
 replaced by the next one instead of ending the run, in evaluation it is left out of every count. Evaluation shards
 the images over the ranks without padding, so each one is counted exactly once.
 """
+import collections
 import io
 import math
 import os
@@ -134,6 +135,18 @@ class IndexedImageDataset(ImageFolderDataset):
         self.regroup()
         self.reader = None  # opened in the process that reads (each DataLoader worker its own)
 
+    def sorted_by_class(self) -> bool:
+        """Whether the shards hold their samples grouped by class (written by walking the class folders) rather
+        than shuffled: neighbours within a shard share their class far more often than shuffled ones would
+        (more than half the time, and twice the chance of two random samples)."""
+        same = pairs = 0
+        for start, end in self.groups:
+            targets = self.targets[start:end]
+            pairs += len(targets) - 1
+            same += sum(a == b for a, b in zip(targets, targets[1:]))
+        chance = sum((count / len(self.targets)) ** 2 for count in collections.Counter(self.targets).values())
+        return pairs > 0 and same / pairs > max(0.5, 2 * chance)
+
     def regroup(self):
         """`groups` from the samples as they are now (after cap_per_class keeps some)."""
         records = [self.locations[path] for path, _ in self.samples]
@@ -225,6 +238,9 @@ def describe(dataset: ImageFolderDataset) -> str:
     if isinstance(dataset, IndexedImageDataset):
         layout = 'WebDataset' if dataset.kind == 'wds' else 'Parquet'
         where = f'{shards.describe_layout(dataset.kind, dataset.files)} in {os.path.dirname(dataset.root)} ({layout})'
+        if dataset.sorted_by_class():
+            where += (f'; warning: its samples are sorted by class, and a batch draws on {shards.SHARDS_MIXED} '
+                      'shards at a time, so it sees few classes: write them shuffled (tools/make_shards.py does)')
     return f'{len(dataset):,} images of {len(set(dataset.targets))} classes in {where}'
 
 
