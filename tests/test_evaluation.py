@@ -61,7 +61,7 @@ def test_a_val_subset_without_any_class_list_is_refused(tmp_path, capsys):
     code, _, err = run_in_process(main_finetune, ['--eval', '--resume', weights, '--data_path', data, *EVAL_FLAGS],
                                   capsys)
     assert code == 2 and len(err) == 1
-    assert 'holds 2 class folders and the model has 4 outputs, but neither the checkpoint nor a train/' in err[0]
+    assert 'holds 2 classes and the model has 4 outputs, but neither the checkpoint nor a train/' in err[0]
 
 
 @pytest.mark.slow

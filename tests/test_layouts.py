@@ -87,6 +87,49 @@ def test_a_class_in_the_shards_the_run_does_not_know_is_refused_in_one_line_nami
         build_image_folder(root, None, classes=classes[:3])
 
 
+def write_parquet(path, labels, names):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    image = {'bytes': open(os.path.join(ROOT, 'tests', 'data', 'circuit_board.jpg'), 'rb').read(), 'path': 'a.jpg'}
+    metadata = {b'huggingface': json.dumps({'info': {'features': {'label': {'names': names,
+                                                                            '_type': 'ClassLabel'}}}}).encode()}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    table = pa.table({'image': [image] * len(labels), 'label': labels}).replace_schema_metadata(metadata)
+    pq.write_table(table, path)
+
+
+def test_imagenet_named_by_lemma_or_index_scores_against_synset_classes_in_the_standard_order(tmp_path):
+    """The hub's ILSVRC/imagenet-1k names its classes 'tench, Tinca tinca' ...; sorted as names they would give
+    another order than the synsets of folders, and a released 1000-class checkpoint (no class list: the standard
+    order) would score at chance. Lemmas that are their index's ImageNet class become synsets; shards with only
+    .cls indices meet a run named by synsets (and the other way round) through the standard order."""
+    from util.classes import run_classes
+    from util.imagenet import IMAGENET_LEMMAS, imagenet_synsets, read_lines
+    synsets, lemmas = imagenet_synsets(), read_lines(IMAGENET_LEMMAS)
+    labels = [999, 0, 517, 134, 7]  # 134 and 517 are both 'crane'
+    write_parquet(str(tmp_path / 'hub' / 'data' / 'validation-00000-of-00001.parquet'), labels, lemmas)
+    val = str(tmp_path / 'hub' / 'val')
+    classes = run_classes(None, str(tmp_path / 'hub' / 'train'), val, 1000)  # a released checkpoint's outputs
+    assert classes == synsets
+    assert build_image_folder(val, None, classes=classes).targets == labels
+    assert build_image_folder(val, None).classes == sorted(synsets[i] for i in labels)
+    data = tmp_path / 'cls'
+    data.mkdir()
+    with tarfile.open(data / 'x-validation-0000.tar', 'w') as tar:
+        for i, label in enumerate(labels):
+            add(tar, f'{i}.jpg', b'jpeg')
+            add(tar, f'{i}.cls', str(label).encode())
+    assert build_image_folder(str(data / 'val'), None, classes=synsets).targets == labels
+    index_named = [str(i) for i in range(1000)]  # a run trained on those shards, evaluated on synset folders
+    for i in labels:
+        (tmp_path / 'folders' / synsets[i]).mkdir(parents=True)
+        (tmp_path / 'folders' / synsets[i] / 'a.jpg').write_bytes(b'jpeg')
+    assert build_image_folder(str(tmp_path / 'folders'), None, classes=index_named).targets == sorted(labels)
+    other = tmp_path / 'other' / 'data' / 'validation-00000-of-00001.parquet'  # not ImageNet: names kept
+    write_parquet(str(other), [0, 1], ['tench, Tinca tinca', 'mug'])
+    assert build_image_folder(str(tmp_path / 'other' / 'val'), None).classes == ['mug', 'tench, Tinca tinca']
+
+
 @pytest.mark.parametrize('world_size', [1, 2, 3])
 def test_the_shard_aware_order_reads_every_shard_front_to_back_on_one_rank(layouts, world_size):
     dataset = build_image_folder(os.path.join(layouts['wds'], 'train'), None)

@@ -8,32 +8,14 @@ Where a run's list comes from, first match wins:
 4. a val/ folder holding as many classes as the model has outputs: its sorted names.
 Anything else (a val/ subset, no list anywhere) cannot be mapped, and is refused.
 """
-import os
 from typing import List, Optional, Sequence
 
 from util import shards
 from util.folders import class_folders
-
-UTIL = os.path.dirname(os.path.abspath(__file__))
-IMAGENET_SYNSETS = os.path.join(UTIL, 'imagenet_synsets.txt')  # n01440764 ... in the standard class order
-IMAGENET_NAMES = os.path.join(UTIL, 'imagenet_classes.txt')  # tench ... readable names in the same order
-
+from util.imagenet import IMAGENET_NAMES, IMAGENET_SYNSETS, imagenet_names, imagenet_synsets, read_lines  # noqa: F401
 
 class ClassListError(ValueError):
     """A class list cannot be formed or does not fit; the message is one line for the user."""
-
-
-def read_lines(path: str) -> List[str]:
-    with open(path, encoding='utf-8') as f:
-        return [line.strip() for line in f if line.strip()]
-
-
-def imagenet_synsets() -> List[str]:
-    return read_lines(IMAGENET_SYNSETS)
-
-
-def imagenet_names() -> List[str]:
-    return read_lines(IMAGENET_NAMES)
 
 
 def folder_classes(root: str) -> List[str]:
@@ -60,7 +42,7 @@ def run_classes(stored: Optional[Sequence[str]], train_root: str, val_root: str,
     if len(val) == num_outputs:
         return val
     raise ClassListError(
-        f'{val_root} holds {len(val)} class folders and the model has {num_outputs} outputs, but neither the '
+        f'{val_root} holds {len(val)} classes and the model has {num_outputs} outputs, but neither the '
         f'checkpoint nor a train/ folder says which output each class is; put the train/ folder of the run '
         f'beside val/, or evaluate a checkpoint saved by this code (it stores its class list)')
 

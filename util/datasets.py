@@ -20,6 +20,7 @@ from util import shards
 from util.bad_images import BadImageLog
 from util.distributed import get_rank, print0
 from util.folders import IMG_EXTENSIONS, class_folders, describe_skipped, image_files
+from util.imagenet import imagenet_aliases
 from util.images import DECODE_ERRORS, DEFAULT_MAX_PIXELS, decode_image
 from util.preemption import ignore_stop_signals_in_workers
 from util.rng import loader_seed
@@ -168,6 +169,7 @@ def run_class_index(where: str, found: List[str], run_classes: Optional[List[str
     if run_classes is None:
         return found, {name: i for i, name in enumerate(found)}
     index = {name: i for i, name in enumerate(run_classes)}
+    index.update({name: index[alias] for name, alias in imagenet_aliases(found, run_classes).items()})
     unknown = [name for name in found if name not in index]
     if unknown:
         shown = ', '.join(unknown[:5]) + (f' (+{len(unknown) - 5} more)' if len(unknown) > 5 else '')
@@ -245,8 +247,10 @@ def describe(dataset: ImageFolderDataset) -> str:
 
 
 def cap_per_class(dataset: ImageFolderDataset, per_class: int) -> ImageFolderDataset:
-    """Keep the first `per_class` images of each class, in the folder's sorted order (0: keep all), in place: a
-    fixed subset, the same on every rank and every run, chosen without drawing a random number."""
+    """Keep the first `per_class` images of each class (0: keep all), in place: a fixed subset, the same on every
+    rank and every run, chosen without drawing a random number. First in the split's stored order: sorted paths in
+    folders, the files' own order in shards and Parquet (written shuffled: a random-like subset, but not the
+    folders' one)."""
     if per_class <= 0:
         return dataset
     kept, seen = [], {}

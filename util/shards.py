@@ -24,7 +24,7 @@ IMAGE_SUFFIXES = ('jpg', 'jpeg', 'png', 'webp')
 SPLIT_NAMES = {'train': ('train',), 'val': ('validation', 'val')}  # our split -> the names files use for it
 SHARD_NAME = re.compile(r'^(?P<name>.+)-(?P<split>train|validation|val)-(?P<number>\d+)\.tar$')
 PARQUET_NAME = re.compile(r'^(?P<split>train|validation|val)-.*\.parquet$')
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: the class index beside the name
 SHARDS_MIXED = 16  # groups (shards, row groups) whose samples one stretch of an epoch interleaves
 
 
@@ -39,7 +39,8 @@ class Sample:
     key: str  # the tar key, or 'row N' of a Parquet file
     offset: int  # the tar member's data offset, or the Parquet row group
     size: int  # the tar member's size, or the row within its group
-    label: str
+    label: str  # the class name, or the index standing in for it
+    index: int = -1  # the class index the files give (.cls, a Parquet label), -1 if none
 
 
 def cache_folder() -> str:
@@ -85,7 +86,19 @@ def read_split_once(kind: str, versions: Tuple[Tuple[str, int, int], ...]) -> Tu
     samples = tuple(sample for path, _, _ in versions for sample in read(path))
     if kind == 'wds':
         check_listed_shards([path for path, _, _ in versions], samples)
-    return samples
+    return by_imagenet_synset(samples)
+
+
+def by_imagenet_synset(samples: Tuple[Sample, ...]) -> Tuple[Sample, ...]:
+    """The samples labelled by synset when every class name is the readable name of the ImageNet-1k class of its
+    index, as in the hub's ILSVRC/imagenet-1k (ClassLabel 'tench, Tinca tinca' for label 0): then the split has the
+    classes, and the class order, of ImageNet in folders, and a checkpoint trained on either scores on the other.
+    Otherwise unchanged."""
+    from util.imagenet import imagenet_synset_of
+    synset = {(s.label, s.index): imagenet_synset_of(s.label, s.index) for s in samples}
+    if not synset or None in synset.values():
+        return samples
+    return tuple(Sample(s.source, s.key, s.offset, s.size, synset[(s.label, s.index)], s.index) for s in samples)
 
 
 INFO_FILES = ('_info.json', 'info.json')  # what timm's WebDataset reader reads beside the shards
@@ -153,7 +166,7 @@ def shard_samples(path: str) -> List[Sample]:
     os.makedirs(cache_folder(), exist_ok=True)
     tmp = f'{cached}.{os.getpid()}.tmp'
     with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump([[s.key, s.offset, s.size, s.label] for s in samples], f)
+        json.dump([[s.key, s.offset, s.size, s.label, s.index] for s in samples], f)
     os.replace(tmp, cached)
     return samples
 
@@ -199,7 +212,8 @@ def index_shard(path: str, file_size: int) -> List[Sample]:
         if label is None:
             raise LayoutError(f'{path}: sample {key} has no class: no {key}.cls, and no class_name or synset in '
                               f'{key}.json')
-        samples.append(Sample(path, key, *entry['image'], label))
+        index = int(entry['cls']) if entry.get('cls', '').isdigit() else -1
+        samples.append(Sample(path, key, *entry['image'], label, index))
     return samples
 
 
@@ -244,7 +258,8 @@ def parquet_samples(path: str) -> List[Sample]:
             if index is None or (names is not None and not 0 <= index < len(names)):
                 raise LayoutError(f'{path}: row {row_number} has label {index}, outside its {len(names or [])} '
                                   'class names')
-            samples.append(Sample(path, f'row {row_number}', group, row, names[index] if names else str(index)))
+            samples.append(Sample(path, f'row {row_number}', group, row, names[index] if names else str(index),
+                                  index))
             row_number += 1
     return samples
 
