@@ -106,8 +106,9 @@ def test_imagenet_named_by_lemma_or_index_scores_against_synset_classes_in_the_s
     from util.classes import run_classes
     from util.imagenet import IMAGENET_LEMMAS, imagenet_synsets, read_lines
     synsets, lemmas = imagenet_synsets(), read_lines(IMAGENET_LEMMAS)
-    labels = [999, 0, 517, 134, 7]  # 134 and 517 are both 'crane'
-    write_parquet(str(tmp_path / 'hub' / 'data' / 'validation-00000-of-00001.parquet'), labels, lemmas)
+    labels = [999, 0, 517, 134, 7]  # 134 and 517 are both 'crane'; ClassLabel names are unique: 'crane2'
+    hub_names = lemmas[:517] + ['crane2'] + lemmas[518:]
+    write_parquet(str(tmp_path / 'hub' / 'data' / 'validation-00000-of-00001.parquet'), labels, hub_names)
     val = str(tmp_path / 'hub' / 'val')
     classes = run_classes(None, str(tmp_path / 'hub' / 'train'), val, 1000)  # a released checkpoint's outputs
     assert classes == synsets
@@ -125,6 +126,12 @@ def test_imagenet_named_by_lemma_or_index_scores_against_synset_classes_in_the_s
         (tmp_path / 'folders' / synsets[i]).mkdir(parents=True)
         (tmp_path / 'folders' / synsets[i] / 'a.jpg').write_bytes(b'jpeg')
     assert build_image_folder(str(tmp_path / 'folders'), None, classes=index_named).targets == sorted(labels)
+    for digit in ('0', '1'):  # folders named by digits are names, not ImageNet indices (CIFAR-10's 0 ... 9)
+        (tmp_path / 'digits' / digit).mkdir(parents=True)
+        (tmp_path / 'digits' / digit / 'a.jpg').write_bytes(b'jpeg')
+    from util.datasets import DataError
+    with pytest.raises(DataError, match="class folders 0, 1 not among the run's 1000 classes"):
+        build_image_folder(str(tmp_path / 'digits'), None, classes=synsets)
     other = tmp_path / 'other' / 'data' / 'validation-00000-of-00001.parquet'  # not ImageNet: names kept
     write_parquet(str(other), [0, 1], ['tench, Tinca tinca', 'mug'])
     assert build_image_folder(str(tmp_path / 'other' / 'val'), None).classes == ['mug', 'tench, Tinca tinca']
@@ -141,17 +148,26 @@ def test_the_shard_aware_order_reads_every_shard_front_to_back_on_one_rank(layou
         assert positions == sorted(positions)
     padded = epoch_order + epoch_order[:-len(dataset) % world_size or 0]  # as DistributedSampler pads
     share = len(padded) // world_size
-    readers = {}
     for rank in range(world_size):  # a consecutive share of the epoch's order each
         sampler = ResumableSampler(dataset, world_size, rank, shuffle=True, seed=3)
         sampler.set_epoch(5)
         assert list(sampler) == padded[rank * share:(rank + 1) * share]
-        for i in sampler:
-            readers.setdefault(dataset.samples[i][0].split(':')[0], set()).add(rank)
-    assert len(readers) == 7  # every shard read, by one rank, or two where a share ends (7 shards: one stretch)
-    assert sum(len(ranks) - 1 for ranks in readers.values()) <= 7 * (world_size - 1)
     first16 = shard_aware_order(dataset.groups, torch.Generator().manual_seed(8))[:16]
     assert len({dataset.samples[i][1] for i in first16}) > 1  # a batch mixes classes (the shards are shuffled)
+
+
+def test_with_more_stretches_than_processes_a_shard_is_read_by_at_most_two(tmp_path):
+    """64 shards are 4 stretches of 16: over 3 processes, each shard is read by one process, or two where a share
+    ends inside its stretch (before, every process read every shard)."""
+    groups = [(i * 10, (i + 1) * 10) for i in range(64)]
+    order = shard_aware_order(groups, torch.Generator().manual_seed(1))
+    share = -(-len(order) // 3)
+    readers = {}
+    for rank in range(3):
+        for i in order[rank * share:(rank + 1) * share]:
+            readers.setdefault(i // 10, set()).add(rank)
+    assert len(readers) == 64 and max(len(ranks) for ranks in readers.values()) <= 2
+    assert sum(len(ranks) == 2 for ranks in readers.values()) <= 2 * 16  # only in the two stretches cut by a share
 
 
 def test_an_epoch_opens_each_shard_and_reads_each_row_group_once(tmp_path):
@@ -175,7 +191,7 @@ def test_an_epoch_opens_each_shard_and_reads_each_row_group_once(tmp_path):
             opened.append(reader.opened - sum(opened))
         assert opened[0] == groups and opened[1] <= groups  # once per epoch (some shards stay open from the last)
         if layout == 'pq':
-            assert dataset.reader.files.opened <= 2 * 10 * 4  # a file opened once per stretch it is read in
+            assert dataset.reader.files.opened == 4  # the 4 files stay open (16 handles kept)
 
 
 @pytest.mark.slow
@@ -305,6 +321,53 @@ def test_parquet_without_a_label_column_and_a_label_outside_its_classes_are_name
     pq.write_table(pa.table({'image': [image], 'label': [7]}).replace_schema_metadata(metadata), path)
     assert refusal(tmp_path / 'data', tmp_path, capsys).endswith(f'{path}: row 0 has label 7, outside its 2 class '
                                                                  'names')
+
+
+def test_odd_metadata_is_one_line_or_left_alone_never_a_traceback(layouts, tmp_path, capsys):
+    import shutil
+    data = tmp_path / 'data'
+    shutil.copytree(layouts['wds'], data)
+    (data / '_info.json').unlink()
+    for other in ([1, 2], {'splits': [1]}, {'splits': {'train': {'filenames': [[1]]}}}):  # someone else's info.json
+        (data / 'info.json').write_text(json.dumps(other))
+        assert len(build_image_folder(str(data / 'train'), None)) == 128
+    names = sorted(p.name for p in data.glob('*-train-*.tar'))
+    (data / 'info.json').write_text(json.dumps({'splits': {'train': {'filenames': names + ['x-train-9999.tar']}}}))
+    assert 'train shards that info.json lists are missing (x-train-9999.tar)' in refusal(data, tmp_path, capsys)
+    (data / 'info.json').write_text('{')
+    assert refusal(data, tmp_path, capsys).startswith(f'error: {data / "info.json"}: not readable as JSON')
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path = tmp_path / 'pq' / 'data' / 'train-00000-of-00001.parquet'
+    path.parent.mkdir(parents=True)
+    image = {'bytes': b'jpeg', 'path': 'a.jpg'}
+    pq.write_table(pa.table({'image': [image], 'label': [0]}).replace_schema_metadata({b'huggingface': b'{'}), path)
+    assert "'huggingface' metadata is not the `datasets` library's" in refusal(tmp_path / 'pq', tmp_path, capsys)
+    pq.write_table(pa.table({'image': [image], 'label': ['cat']}), path)
+    assert refusal(tmp_path / 'pq', tmp_path, capsys).endswith(f"{path}: its 'label' column holds string, not class "
+                                                               'indices (integers)')
+    shard = tmp_path / 'odd' / 'x-train-0000.tar'
+    shard.parent.mkdir()
+    with tarfile.open(shard, 'w') as tar:  # a .cls that is a digit to str.isdigit but not a number
+        add(tar, 'k.jpg', b'jpeg')
+        add(tar, 'k.cls', '²'.encode())
+    assert build_image_folder(str(tmp_path / 'odd' / 'train'), None).classes == ['²']
+
+
+def test_parquet_with_large_row_groups_interleaves_fewer_and_says_so(layouts, monkeypatch):
+    """pandas and pyarrow write one large row group per file by default: 16 of them in memory per loader worker
+    could be gigabytes, and fewer kept would re-read a group per sample. The order then mixes as many as fit."""
+    from util import shards
+    from util.datasets import describe
+    largest = 20 * 1024  # bytes: the fixture's row groups are of 8 tiny images, about this size
+    monkeypatch.setattr(shards, 'ROW_GROUP_BUDGET', 3 * largest)
+    dataset = build_image_folder(os.path.join(layouts['parquet'], 'train'), None)
+    assert 1 <= dataset.mixed < shards.SHARDS_MIXED
+    assert f'a batch draws on {dataset.mixed} at a time' in describe(dataset)
+    monkeypatch.undo()
+    dataset = build_image_folder(os.path.join(layouts['parquet'], 'train'), None)
+    assert dataset.mixed == shards.SHARDS_MIXED and 'warning' not in describe(dataset)
 
 
 def test_an_undecodable_sample_is_reported_by_shard_and_key_and_left_out_of_the_evaluation(layouts, tmp_path):

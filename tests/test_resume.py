@@ -117,6 +117,21 @@ def test_a_division_whose_steps_do_not_meet_the_images_taken_is_refused_naming_t
         resumed_iteration(stopped_after(5, 8, 1, 1), 'last.pth', argparse.Namespace(batch_size=16, accum_iter=1), 2)
 
 
+def test_a_part_done_epoch_on_shards_continues_only_in_its_own_division(tmp_path):
+    """Shards are read in consecutive shares (each process its own shards), so the step-to-images rule above does
+    not hold across divisions: another process count or batch is refused in one line; the same one continues."""
+    from tools.synthetic import make_image_folder
+    from tools import make_shards
+    folder = make_image_folder(str(tmp_path / 'images'), {'train': 4}, size=8)
+    assert make_shards.main([folder, str(tmp_path / 'wds')]) == 0
+    args = argparse.Namespace(batch_size=16, accum_iter=1, data_path=str(tmp_path / 'wds'))
+    with pytest.raises(CheckpointError, match=r'^last.pth stopped epoch 2 part-way through shards read by 2 processes '
+                                              r'x --batch_size 8; .*\(this run: 1 x 16\): finish the epoch with it'):
+        resumed_iteration(stopped_after(5, 8, 2, 1), 'last.pth', args, 1)
+    assert resumed_iteration(stopped_after(5, 8, 2, 1), 'last.pth', argparse.Namespace(**{**vars(args),
+                                                                                          'batch_size': 8}), 2) == 5
+
+
 def test_each_step_of_a_resumed_epoch_gets_the_stopped_runs_learning_rate_at_any_division():
     """The reviewer's instance: 1000 images, stopped at --batch_size 8 --accum_iter 2 (125 iterations), resumed at
     --batch_size 16 --accum_iter 1 (62): step s must sit at 2s / 125 of the epoch, not s / 62."""

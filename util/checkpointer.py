@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from util import distributed, preemption
+from util import distributed, preemption, shards
 from util import fsdp as util_fsdp
 from util.bad_images import BadImageBudgetError
 from util.checkpoint_files import CheckpointError, save_atomic
@@ -67,11 +67,18 @@ def resumed_iteration(checkpoint: dict, path: str, args, world_size: int) -> int
     this run's iterations. Whatever the division, optimizer step s takes the images at positions [s x E, (s + 1) x
     E) of the epoch's order (E the effective batch; ResumableSampler), so with the same E the steps are the same
     images and a changed E starts its steps where the stopped run left off. Raises CheckpointError when those
-    images are not a whole number of this run's optimizer steps."""
+    images are not a whole number of this run's optimizer steps, and for shards and Parquet (each process reads
+    a consecutive share of the order) when the processes or --batch_size changed."""
     in_progress, saved = checkpoint['epoch_in_progress'], checkpoint.get('args')
     if saved is None:
         return in_progress['iteration']
     saved_world_size = checkpoint.get('world_size', 1)
+    if (saved_world_size, saved.batch_size) != (world_size, args.batch_size) and reads_shards(args):
+        raise CheckpointError(
+            f'{path} stopped epoch {in_progress["epoch"]} part-way through shards read by {saved_world_size} '
+            f'process{"es" if saved_world_size > 1 else ""} x --batch_size {saved.batch_size}; each process reads its '
+            f'own consecutive share of the epoch (its own shards), so the epoch continues only in that division '
+            f'(this run: {world_size} x {args.batch_size}): finish the epoch with it, then change')
     images = in_progress['iteration'] * saved.batch_size * saved_world_size
     per_iteration, per_step = args.batch_size * world_size, args.batch_size * world_size * args.accum_iter
     if images % per_step:
@@ -83,6 +90,12 @@ def resumed_iteration(checkpoint: dict, path: str, args, world_size: int) -> int
             f'effective batch that divides {images:,} (the run\'s own was '
             f'{saved.batch_size * saved_world_size * saved.accum_iter})')
     return images // per_iteration
+
+
+def reads_shards(args) -> bool:
+    """Whether the run's training split is WebDataset shards or Parquet (ResumableSampler: consecutive shares)."""
+    data_path = getattr(args, 'data_path', None)
+    return bool(data_path) and shards.layout_of_split(os.path.join(data_path, 'train'))[0] in ('wds', 'parquet')
 
 
 def load_resumable(resumable: Resumable, model: nn.Module, model_name: str, fit_grid: bool = False):

@@ -124,7 +124,9 @@ class IndexedImageDataset(ImageFolderDataset):
             raise DataError(f'{root}: its {shards.describe_layout(kind, files)} hold no sample')
         self.run_classes = list(classes) if classes is not None else None
         self.classes, self.class_to_idx = run_class_index(root, shards.class_names(records), self.run_classes,
-                                                          ('class', 'classes'))
+                                                          ('class', 'classes'),
+                                                          found_are_indices=all(r.label == str(r.index)
+                                                                                for r in records))
         self.root, self.kind, self.files = root, kind, files
         self.locations = {f'{r.source}:{r.key}': r for r in records}
         self.samples = self.imgs = [(f'{r.source}:{r.key}', self.class_to_idx[r.label]) for r in records]
@@ -133,6 +135,7 @@ class IndexedImageDataset(ImageFolderDataset):
         self.decode, self.max_pixels, self.substitute = decode, max_pixels, substitute
         self.skipped: List[str] = []
         self.bad_images = BadImageLog('replaced by another sample' if substitute else 'left out of the evaluation')
+        self.mixed = shards.mixed_row_groups(files) if kind == 'parquet' else shards.SHARDS_MIXED
         self.regroup()
         self.reader = None  # opened in the process that reads (each DataLoader worker its own)
 
@@ -162,14 +165,17 @@ class IndexedImageDataset(ImageFolderDataset):
         return {**self.__dict__, 'reader': None}  # a worker opens its own files
 
 
-def run_class_index(where: str, found: List[str], run_classes: Optional[List[str]], nouns: Tuple[str, str]):
+def run_class_index(where: str, found: List[str], run_classes: Optional[List[str]], nouns: Tuple[str, str],
+                    found_are_indices: bool = False):
     """(the class list, {found name: its output index}) of a split: without the run's list, the found names' own
-    (sorted) list; with it, each found name's index in it, and a name not in it refused in one line (DataError,
-    calling them `nouns`: singular and plural)."""
+    (sorted) list; with it, each found name's index in it (ImageNet's classes under any of their names:
+    util/imagenet.py), and a name not in it refused in one line (DataError, calling them `nouns`: singular and
+    plural). found_are_indices: the names are class indices (shards with only .cls), not names."""
     if run_classes is None:
         return found, {name: i for i, name in enumerate(found)}
     index = {name: i for i, name in enumerate(run_classes)}
-    index.update({name: index[alias] for name, alias in imagenet_aliases(found, run_classes).items()})
+    aliases = imagenet_aliases(found, run_classes, found_are_indices)
+    index.update({name: index[alias] for name, alias in aliases.items()})
     unknown = [name for name in found if name not in index]
     if unknown:
         shown = ', '.join(unknown[:5]) + (f' (+{len(unknown) - 5} more)' if len(unknown) > 5 else '')
@@ -241,8 +247,12 @@ def describe(dataset: ImageFolderDataset) -> str:
         layout = 'WebDataset' if dataset.kind == 'wds' else 'Parquet'
         where = f'{shards.describe_layout(dataset.kind, dataset.files)} in {os.path.dirname(dataset.root)} ({layout})'
         if dataset.sorted_by_class():
-            where += (f'; warning: its samples are sorted by class, and a batch draws on {shards.SHARDS_MIXED} '
+            where += (f'; warning: its samples are sorted by class, and a batch draws on {dataset.mixed} '
                       'shards at a time, so it sees few classes: write them shuffled (tools/make_shards.py does)')
+        if dataset.mixed < shards.SHARDS_MIXED:
+            where += (f'; warning: its row groups are large, so a batch draws on {dataset.mixed} at a time (16 '
+                      f'would not fit {shards.ROW_GROUP_BUDGET // 2 ** 20} MB per loader worker): write row groups '
+                      'of 100 rows (tools/make_shards.py --parquet, or row_group_size= in pyarrow)')
     return f'{len(dataset):,} images of {len(set(dataset.targets))} classes in {where}'
 
 
@@ -267,7 +277,11 @@ def cap_per_class(dataset: ImageFolderDataset, per_class: int) -> ImageFolderDat
 
 class ResumableSampler(DistributedSampler):
     """DistributedSampler (shuffled by seed + epoch, sharded over ranks; also used for one process) that can
-    start part-way through an epoch, so a resumed run sees exactly the samples the interrupted one had left."""
+    start part-way through an epoch, so a resumed run sees exactly the samples the interrupted one had left.
+    Image folders: rank r takes every world_size-th sample (DistributedSampler's), so iteration i of every rank
+    takes from the same stretch of the epoch's order whatever the division. Shards and Parquet: the shard-aware
+    order, each rank a consecutive share of it (its own shards), so a part-done epoch continues only in the
+    division it began with (util/checkpointer.py: resumed_iteration)."""
 
     def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
@@ -287,7 +301,7 @@ class ResumableSampler(DistributedSampler):
             return iter(list(super().__iter__())[self.start_index:])
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
-        order = shard_aware_order(groups, generator)
+        order = shard_aware_order(groups, generator, self.dataset.mixed)
         padding = self.total_size - len(order)  # as DistributedSampler pads
         order += (order * math.ceil(padding / len(order)))[:padding] if padding > len(order) else order[:padding]
         share = order[self.rank * self.num_samples:(self.rank + 1) * self.num_samples]  # consecutive stretches:
@@ -297,9 +311,10 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start_index
 
 
-def shard_aware_order(groups: List[tuple], generator: torch.Generator) -> List[int]:
+def shard_aware_order(groups: List[tuple], generator: torch.Generator, mixed: int = shards.SHARDS_MIXED) -> List[int]:
     """An epoch's order over a split read from shards or Parquet row groups (`groups`: their index ranges): the
-    groups in a random order, taken SHARDS_MIXED at a time, their samples interleaved at random, each group's own
+    groups in a random order, taken `mixed` at a time (16; fewer for large Parquet row groups: util/shards.py:
+    mixed_row_groups), their samples interleaved at random, each group's own
     samples in their stored order. A reader thus goes through every shard front to back (no seeking back), while a
     batch mixes samples of up to 16 shards, which are themselves shuffled when written (tools/make_shards.py, and
     the public ImageNet shards). A function of the generator's seed (seed + epoch) only: a resumed run, and every
@@ -308,8 +323,8 @@ def shard_aware_order(groups: List[tuple], generator: torch.Generator) -> List[i
     (util/shards.py: OpenedLast)."""
     shuffled = torch.randperm(len(groups), generator=generator).tolist()
     order = []
-    for first in range(0, len(shuffled), shards.SHARDS_MIXED):
-        chosen = [groups[i] for i in shuffled[first:first + shards.SHARDS_MIXED]]
+    for first in range(0, len(shuffled), mixed):
+        chosen = [groups[i] for i in shuffled[first:first + mixed]]
         draws = torch.cat([torch.full((end - start,), j) for j, (start, end) in enumerate(chosen)])
         cursors = [start for start, _ in chosen]
         for j in draws[torch.randperm(len(draws), generator=generator)].tolist():

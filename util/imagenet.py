@@ -13,6 +13,7 @@ IMAGENET_NAMES = os.path.join(UTIL, 'imagenet_classes.txt')  # tench ... readabl
 # 'tench, Tinca tinca' ...: WordNet lemmas in the same order, the ClassLabel names of the hub's ILSVRC/imagenet-1k
 # and the descriptions of timm's ImageNetInfo
 IMAGENET_LEMMAS = os.path.join(UTIL, 'imagenet_lemmas.txt')
+DUPLICATE_NAMES = (134, 517)  # both 'crane' (the bird, the machine)
 
 
 def read_lines(path: str) -> List[str]:
@@ -46,15 +47,18 @@ def imagenet_synset_of(name: str, index: Optional[int] = None) -> Optional[str]:
     must be that class's: a dataset that merely shares a name with ImageNet keeps its own names."""
     synsets, names, lemmas, unique = imagenet_tables()
     if index is not None:
-        return synsets[index] if 0 <= index < len(synsets) and name in (names[index], lemmas[index]) else None
+        # 'crane2': the hub's ClassLabel names must be unique, so its second 'crane' (class 517) carries a number
+        bare = name.rstrip('0123456789') if index in DUPLICATE_NAMES else name
+        return synsets[index] if 0 <= index < len(synsets) and bare in (names[index], lemmas[index]) else None
     return synsets[unique[name]] if name in unique else None
 
 
-def imagenet_aliases(found: Sequence[str], run_classes: Sequence[str]) -> Dict[str, str]:
-    """{a found name: the run's name for the same class} where a split names ImageNet-1k classes by their
-    index ('0' ... '999': shards with only .cls) and the run by synset, or the other way round; {} otherwise."""
+def imagenet_aliases(found: Sequence[str], run_classes: Sequence[str], found_are_indices: bool) -> Dict[str, str]:
+    """{a found name: the run's name for the same class} where a split names ImageNet-1k classes by their index
+    ('0' ... '999': shards with only .cls; found_are_indices says the names are such indices, not folder names
+    that happen to be digits) and the run by synset, or the split by synset and the run by index; {} otherwise."""
     synsets = imagenet_synsets()
-    if set(run_classes) == set(synsets) and all(n.isdigit() and int(n) < 1000 for n in found):
+    if found_are_indices and set(run_classes) == set(synsets) and all(int(n) < 1000 for n in found):
         return {name: synsets[int(name)] for name in found}
     if set(run_classes) == {str(i) for i in range(1000)} and set(found) <= set(synsets):
         position = {synset: str(i) for i, synset in enumerate(synsets)}

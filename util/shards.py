@@ -77,11 +77,15 @@ def read_split(kind: str, files: List[str]) -> Tuple[Sample, ...]:
     """Every sample of a split, read once per process while its files are unchanged (the class list and each
     dataset of a run ask again)."""
     versions = tuple((path, (stat := os.stat(path)).st_size, stat.st_mtime_ns) for path in files)
-    return read_split_once(kind, versions)
+    info = info_file(os.path.dirname(files[0])) if kind == 'wds' and files else None
+    info_version = (info, (stat := os.stat(info)).st_size, stat.st_mtime_ns) if info else None
+    return read_split_once(kind, versions, info_version)
 
 
 @functools.lru_cache(maxsize=8)
-def read_split_once(kind: str, versions: Tuple[Tuple[str, int, int], ...]) -> Tuple[Sample, ...]:
+def read_split_once(kind: str, versions: Tuple[Tuple[str, int, int], ...],
+                    info_version: Optional[Tuple[str, int, int]] = None) -> Tuple[Sample, ...]:
+    """read_split's work, for one version of the files and of the shards' _info.json."""
     read = shard_samples if kind == 'wds' else parquet_samples
     samples = tuple(sample for path, _, _ in versions for sample in read(path))
     if kind == 'wds':
@@ -104,45 +108,49 @@ def by_imagenet_synset(samples: Tuple[Sample, ...]) -> Tuple[Sample, ...]:
 INFO_FILES = ('_info.json', 'info.json')  # what timm's WebDataset reader reads beside the shards
 
 
+def info_file(folder: str) -> Optional[str]:
+    return next((p for name in INFO_FILES if os.path.isfile(p := os.path.join(folder, name))), None)
+
+
 def check_listed_shards(files: List[str], samples: Tuple[Sample, ...]):
     """Where the shards' folder has an _info.json (timm/imagenet-1k-wds has one: per split its `filenames` and
     `shard_lengths`), the split it lists must be all here, each shard with its number of samples: a partial
-    download or a shard replaced is refused (LayoutError) rather than trained on short."""
+    download or a shard replaced is refused (LayoutError) rather than trained on short. A description of another
+    shape (a plain info.json of something else) is not ours to judge and is left alone."""
     folder = os.path.dirname(files[0])
-    path = next((p for name in INFO_FILES if os.path.isfile(p := os.path.join(folder, name))), None)
+    path = info_file(folder)
     if path is None:
         return
     try:
         with open(path, encoding='utf-8') as f:
-            splits = json.load(f).get('splits', {})
-    except (OSError, ValueError, AttributeError) as e:
-        raise LayoutError(f'{path}: not a readable dataset description ({type(e).__name__}: {e}); fix or remove '
-                          'it') from None
-    if not isinstance(splits, dict):
-        return
-    here, info = {os.path.basename(f) for f in files}, os.path.basename(path)
+            info = json.load(f)
+    except (OSError, ValueError) as e:
+        raise LayoutError(f'{path}: not readable as JSON ({type(e).__name__}: {e}); fix or remove it') from None
+    splits = info.get('splits') if isinstance(info, dict) else None
+    here, name = {os.path.basename(f) for f in files}, os.path.basename(path)
     counts = collections.Counter(os.path.basename(s.source) for s in samples)
-    for split, entry in splits.items():
-        listed = dict(zip(entry.get('filenames', []), entry.get('shard_lengths', []))) if isinstance(entry, dict) \
-            else {}
-        if not here & set(listed):
+    for split, entry in (splits.items() if isinstance(splits, dict) else ()):
+        listed = entry.get('filenames') if isinstance(entry, dict) else None
+        if not isinstance(listed, list) or not all(isinstance(f, str) for f in listed) or not here & set(listed):
             continue
         missing = sorted(set(listed) - here)
         if missing:
-            raise LayoutError(f'{folder}: {len(missing)} of the {len(listed)} {split} shards that {info} lists are '
+            raise LayoutError(f'{folder}: {len(missing)} of the {len(listed)} {split} shards that {name} lists are '
                               f'missing ({", ".join(missing[:3])}{" ..." if len(missing) > 3 else ""}): download '
-                              f'them again, or remove {info} to use the shards that are here')
-        for name, length in listed.items():
-            if counts[name] != length:
-                raise LayoutError(f'{os.path.join(folder, name)}: {counts[name]} samples, {length} by '
-                                  f'{info}: download it again')
+                              f'them again, or remove {name} to use the shards that are here')
+        lengths = entry.get('shard_lengths')
+        if isinstance(lengths, list) and len(lengths) == len(listed):
+            for shard, length in zip(listed, lengths):
+                if counts[shard] != length:
+                    raise LayoutError(f'{os.path.join(folder, shard)}: {counts[shard]} samples, {length} by '
+                                      f'{name}: download it again')
 
 
 def class_names(samples: List[Sample]) -> List[str]:
     """The split's classes in the order image folders give theirs: sorted names (class indices standing in for
     names sort as numbers)."""
     names = {s.label for s in samples}
-    return sorted(names, key=lambda n: (0, int(n), '') if n.isdigit() else (1, 0, n))
+    return sorted(names, key=lambda n: (0, int(n), '') if n.isdecimal() and n.isascii() else (1, 0, n))
 
 
 def describe_layout(kind: str, files: List[str]) -> str:
@@ -212,7 +220,7 @@ def index_shard(path: str, file_size: int) -> List[Sample]:
         if label is None:
             raise LayoutError(f'{path}: sample {key} has no class: no {key}.cls, and no class_name or synset in '
                               f'{key}.json')
-        index = int(entry['cls']) if entry.get('cls', '').isdigit() else -1
+        index = int(entry['cls']) if entry.get('cls', '').isdecimal() and entry['cls'].isascii() else -1
         samples.append(Sample(path, key, *entry['image'], label, index))
     return samples
 
@@ -227,15 +235,21 @@ def import_pyarrow():
     return pq
 
 
-def parquet_class_names(pq_file) -> Optional[List[str]]:
-    """The ClassLabel names the `datasets` library keeps in the file's 'huggingface' schema metadata."""
-    metadata = pq_file.schema_arrow.metadata or {}
-    raw = metadata.get(b'huggingface')
+def parquet_class_names(path: str, pq_file) -> Optional[List[str]]:
+    """The ClassLabel names the `datasets` library keeps in the file's 'huggingface' schema metadata (None without
+    one). Raises LayoutError when the metadata is there but not readable."""
+    raw = (pq_file.schema_arrow.metadata or {}).get(b'huggingface')
     if not raw:
         return None
-    features = json.loads(raw).get('info', {}).get('features', {})
-    label = features.get('label', {})
-    return list(label['names']) if isinstance(label, dict) and 'names' in label else None
+    try:
+        label = json.loads(raw)['info']['features'].get('label')
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise LayoutError(f"{path}: its 'huggingface' metadata is not the `datasets` library's ({type(e).__name__}: "
+                          f'{e})') from None
+    names = label.get('names') if isinstance(label, dict) else None
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise LayoutError(f"{path}: its ClassLabel names are not a list of strings: {str(names)[:80]}")
+    return names
 
 
 def parquet_samples(path: str) -> List[Sample]:
@@ -250,14 +264,17 @@ def parquet_samples(path: str) -> List[Sample]:
         if needed not in columns:
             raise LayoutError(f'{path}: no {needed!r} column (it has {", ".join(columns)}); expected the layout the '
                               '`datasets` library writes: image {bytes, path}, label')
-    names = parquet_class_names(pq_file)
+    names = parquet_class_names(path, pq_file)
+    label_type = pq_file.schema_arrow.field('label').type
+    if not str(label_type).startswith(('int', 'uint')):
+        raise LayoutError(f"{path}: its 'label' column holds {label_type}, not class indices (integers)")
     samples, row_number = [], 0
     for group in range(pq_file.num_row_groups):
         labels = pq_file.read_row_group(group, columns=['label']).column('label').to_pylist()
         for row, index in enumerate(labels):
-            if index is None or (names is not None and not 0 <= index < len(names)):
-                raise LayoutError(f'{path}: row {row_number} has label {index}, outside its {len(names or [])} '
-                                  'class names')
+            if index is None or index < 0 or (names is not None and index >= len(names)):
+                where = f'outside its {len(names)} class names' if names is not None else 'not a class index'
+                raise LayoutError(f'{path}: row {row_number} has label {index}, {where}')
             samples.append(Sample(path, f'row {row_number}', group, row, names[index] if names else str(index),
                                   index))
             row_number += 1
@@ -265,45 +282,64 @@ def parquet_samples(path: str) -> List[Sample]:
 
 
 class OpenedLast:
-    """The `capacity` most recently used of something opened or read (file handles, row groups), by key: the
-    least recently used one is closed (`close`) when another comes. An epoch's order keeps SHARDS_MIXED groups in
-    play at a time, so a worker holding that many opens each of them once, not once per sample."""
+    """The `capacity` most recently used of something opened or read (file handles, row groups), by key, and no
+    more than `budget` bytes of them when `weigh` tells their size: the least recently used one is closed (`close`)
+    when another comes. An epoch's order keeps SHARDS_MIXED groups in play at a time, so a worker holding that many
+    opens each of them once, not once per sample."""
 
-    def __init__(self, capacity: int, close=lambda value: None):
-        self.capacity, self.close = capacity, close
+    def __init__(self, capacity: int, close=lambda value: None, budget: int = 0, weigh=lambda value: 0):
+        self.capacity, self.close, self.budget, self.weigh = capacity, close, budget, weigh
         self.items: 'collections.OrderedDict' = collections.OrderedDict()
+        self.weight = 0
         self.opened = 0  # how many times something had to be opened or read: the benchmark's files per epoch
 
     def get(self, key, open_it):
         if key in self.items:
             self.items.move_to_end(key)
             return self.items[key]
-        if len(self.items) >= self.capacity:
-            self.close(self.items.popitem(last=False)[1])
         self.items[key] = value = open_it()
         self.opened += 1
+        self.weight += self.weigh(value)
+        while len(self.items) > self.capacity or (self.budget and self.weight > self.budget and len(self.items) > 1):
+            oldest = self.items.popitem(last=False)[1]
+            self.weight -= self.weigh(oldest)
+            self.close(oldest)
         return value
 
 
+ROW_GROUP_BUDGET = 512 * 2 ** 20  # bytes of row groups one reader keeps (see mixed_row_groups)
+
+
+def mixed_row_groups(files: List[str]) -> int:
+    """How many row groups an epoch's order may interleave in these Parquet files: SHARDS_MIXED, or as many of the
+    largest as fit ROW_GROUP_BUDGET (files written with one big row group each, pandas' and pyarrow's default,
+    would otherwise make a worker re-read a group for nearly every sample)."""
+    pq, largest = import_pyarrow(), 1
+    for path in files:
+        metadata = pq.ParquetFile(path).metadata
+        largest = max([largest] + [metadata.row_group(g).total_byte_size for g in range(metadata.num_row_groups)])
+    return max(1, min(SHARDS_MIXED, ROW_GROUP_BUDGET // largest))
+
+
 class RowGroupReader:
-    """The image bytes of a Parquet row, reading each row group once while it is in play (OpenedLast): a worker
-    that reads the rows of a group in order reads the group once. Memory: SHARDS_MIXED row groups per worker (100
-    rows each, about 11 MB of ImageNet JPEGs, in the `datasets` library's layout)."""
+    """The image bytes of a Parquet row, reading each row group once while it is in play (OpenedLast, within
+    ROW_GROUP_BUDGET): a worker that reads the rows of a group in order reads the group once. Memory: SHARDS_MIXED
+    row groups per worker (100 rows each, about 11 MB of ImageNet JPEGs, in the `datasets` library's layout)."""
 
     def __init__(self):
         self.files = OpenedLast(SHARDS_MIXED)
-        self.groups = OpenedLast(SHARDS_MIXED)
+        self.groups = OpenedLast(SHARDS_MIXED, budget=ROW_GROUP_BUDGET, weigh=lambda group: group[1])
 
     def read(self, sample: Sample) -> bytes:
-        images = self.groups.get((sample.source, sample.offset), lambda: self.read_group(sample))
+        images, _ = self.groups.get((sample.source, sample.offset), lambda: self.read_group(sample))
         image = images[sample.size]
         return image['bytes'] if isinstance(image, dict) else image
 
-    def read_group(self, sample: Sample) -> list:
+    def read_group(self, sample: Sample) -> Tuple[list, int]:
         pq_file = self.files.get(sample.source, lambda: import_pyarrow().ParquetFile(sample.source))
         # one thread: a loader worker is already one of many processes (pyarrow's pool made 2 workers 6% slower)
         table = pq_file.read_row_group(sample.offset, columns=['image'], use_threads=False)
-        return table.column('image').to_pylist()
+        return table.column('image').to_pylist(), table.nbytes
 
 
 class TarReader:
