@@ -4,7 +4,7 @@ The encoder sees only the visible patches; a light decoder reconstructs the pixe
 initialisation, masking and loss follow the official implementation, so its released checkpoints load strictly.
 """
 from functools import partial
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -15,9 +15,11 @@ from util.pos_embed import get_2d_sincos_pos_embed
 
 
 class MaskedAutoencoderViT(nn.Module):
-    """Masked Autoencoder with a VisionTransformer backbone."""
+    """Masked Autoencoder with a VisionTransformer backbone. img_size: one side (square) or (height, width), each
+    divisible by patch_size; in_chans: image channels (3 for RGB; the decoder predicts patch_size**2 * in_chans
+    values per patch, and the loss covers every channel)."""
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+    def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 1024, depth: int = 24, num_heads: int = 16,
                  decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
                  mlp_ratio: float = 4., norm_layer=nn.LayerNorm, norm_pix_loss: bool = False,
@@ -52,7 +54,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        grid_size = self.patch_embed.grid_size[0]
+        grid_size = tuple(self.patch_embed.grid_size)  # (rows, columns)
         for param in (self.pos_embed, self.decoder_pos_embed):
             table = get_2d_sincos_pos_embed(param.shape[-1], grid_size, cls_token=True)
             param.data.copy_(torch.from_numpy(table).float().unsqueeze(0))
@@ -74,21 +76,30 @@ class MaskedAutoencoderViT(nn.Module):
         return self.patch_embed.patch_size[0]
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
-        """imgs: [N, C, H, W] -> [N, L, p*p*C]"""
+        """imgs: [N, C, H, W] -> [N, L, p*p*C], L = (H/p) * (W/p) patches in row-major order, each patch's values
+        row by row, pixel by pixel, channels last (the official order). Raises ValueError for another channel
+        count or a side not divisible by p."""
         p, c = self.patch_size, self.in_chans
-        if imgs.shape[2] != imgs.shape[3] or imgs.shape[2] % p:
-            raise ValueError(f'images must be square with a side divisible by {p}, got {tuple(imgs.shape[2:])}')
-        h = w = imgs.shape[2] // p
+        if imgs.shape[1] != c or imgs.shape[2] % p or imgs.shape[3] % p:
+            raise ValueError(f'images must have {c} channels and sides divisible by {p}, got '
+                             f'{tuple(imgs.shape[1:])}')
+        h, w = imgs.shape[2] // p, imgs.shape[3] // p
         x = imgs.reshape(imgs.shape[0], c, h, p, w, p)
         x = torch.einsum('nchpwq->nhwpqc', x)
         return x.reshape(imgs.shape[0], h * w, p ** 2 * c)
 
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, L, p*p*C] -> [N, C, H, W]"""
+    def unpatchify(self, x: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """x: [N, L, p*p*C] -> [N, C, H, W]. grid_size: the (rows, columns) of the L patches; default the model's
+        grid when L fits it, else a square one."""
         p, c = self.patch_size, self.in_chans
-        h = w = int(x.shape[1] ** .5)
-        if h * w != x.shape[1]:
-            raise ValueError(f'{x.shape[1]} patches do not form a square grid')
+        if grid_size is None:
+            own = tuple(self.patch_embed.grid_size)
+            side = int(round(x.shape[1] ** .5))
+            grid_size = own if own[0] * own[1] == x.shape[1] else (side, side)
+        h, w = grid_size
+        if h * w != x.shape[1] or x.shape[2] != p * p * c:
+            raise ValueError(f'{x.shape[1]} patches of {x.shape[2]} values do not form a {h}x{w} grid of {p}x{p} '
+                             f'patches with {c} channels')
         x = x.reshape(x.shape[0], h, w, p, p, c)
         x = torch.einsum('nhwpqc->nchpwq', x)
         return x.reshape(x.shape[0], c, h * p, w * p)

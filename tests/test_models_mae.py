@@ -83,6 +83,33 @@ def test_patchify_puts_one_patch_per_row_in_raster_order(tiny_mae):
     assert torch.equal(patches[0, 9], expected)
 
 
+@pytest.mark.parametrize('in_chans, height, width', [(1, 32, 32), (4, 32, 48), (13, 48, 32)])
+def test_any_channel_count_and_rectangular_grids_round_trip_in_raster_order(in_chans, height, width):
+    model = models_mae.mae_vit_tiny_patch16(in_chans=in_chans, **{**TINY_MAE, 'img_size': (height, width)})
+    rows, columns = height // 4, width // 4
+    assert tuple(model.patch_embed.grid_size) == (rows, columns)
+    imgs = torch.arange(2 * in_chans * height * width, dtype=torch.float32).reshape(2, in_chans, height, width)
+    patches = model.patchify(imgs)
+    assert patches.shape == (2, rows * columns, 16 * in_chans)
+    row, column = rows - 1, 1  # patch (row, column) is number row * columns + column, channels last within it
+    expected = imgs[1, :, 4 * row:4 * row + 4, 4 * column:4 * column + 4].permute(1, 2, 0).reshape(-1)
+    assert torch.equal(patches[1, row * columns + column], expected)
+    assert torch.equal(model.unpatchify(patches), imgs)
+    assert model.decoder_pred.out_features == 16 * in_chans
+    loss, pred, mask = model(torch.randn(2, in_chans, height, width), mask_ratio=0.75)
+    assert pred.shape == (2, rows * columns, 16 * in_chans) and torch.isfinite(loss)
+    loss.backward()
+    assert model.patch_embed.proj.weight.grad.shape[1] == in_chans
+
+
+def test_images_with_another_channel_count_or_size_are_refused_naming_both():
+    model = models_mae.mae_vit_tiny_patch16(in_chans=4, **TINY_MAE)
+    with pytest.raises(ValueError, match=r'must have 4 channels and sides divisible by 4, got \(3, 32, 32\)'):
+        model.patchify(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=r'must have 4 channels and sides divisible by 4, got \(4, 32, 30\)'):
+        model.patchify(torch.zeros(1, 4, 32, 30))
+
+
 @pytest.mark.parametrize('mask_ratio', [0.0, 0.5, 0.75, 0.9])
 def test_masking_keeps_exactly_int_L_times_1_minus_ratio_patches(tiny_mae, mask_ratio):
     x = torch.randn(4, 64, 8)

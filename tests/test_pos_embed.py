@@ -2,10 +2,12 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 import models_vit
+import models_mae
 from util.pos_embed import get_2d_sincos_pos_embed, interpolate_pos_embed
 
 
@@ -60,3 +62,33 @@ def test_interpolation_leaves_a_matching_table_untouched():
     checkpoint = {'pos_embed': pos}
     assert not interpolate_pos_embed(model, checkpoint)
     assert checkpoint['pos_embed'] is pos
+
+
+def test_a_rectangular_table_follows_the_official_axes_and_a_square_one_is_unchanged():
+    """Rows in PatchEmbed's order (row-major over H rows of W columns), first half the column, second the row;
+    (14, 14) gives the official square table bit for bit."""
+    height, width = 3, 5
+    table = get_2d_sincos_pos_embed(16, (height, width), cls_token=True)
+    assert table.shape == (1 + height * width, 16) and not table[0].any()
+    for k in range(height * width):
+        np.testing.assert_allclose(table[1 + k], sincos_reference(16, k // width, k % width), atol=1e-12)
+    assert np.array_equal(get_2d_sincos_pos_embed(768, (14, 14), True), get_2d_sincos_pos_embed(768, 14, True))
+    mae = models_mae.mae_vit_tiny_patch16(img_size=(32, 48), patch_size=8, depth=1, decoder_depth=1)
+    np.testing.assert_array_equal(mae.pos_embed[0].numpy(),
+                                  get_2d_sincos_pos_embed(192, (4, 6), cls_token=True).astype(np.float32))
+
+
+def test_tables_are_interpolated_to_and_between_rectangular_grids():
+    model = models_vit.vit_base_patch16(img_size=(224, 448), num_classes=0, depth=1)  # 14 x 28
+    pos = torch.randn(1, 197, 768)
+    checkpoint = {'pos_embed': pos.clone()}
+    assert interpolate_pos_embed(model, checkpoint)
+    grid = pos[:, 1:].reshape(1, 14, 14, 768).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(14, 28), mode='bicubic', align_corners=False).permute(0, 2, 3, 1)
+    assert torch.allclose(checkpoint['pos_embed'][:, 1:], expected.reshape(1, 14 * 28, 768), atol=1e-6)
+    model.load_state_dict({**model.state_dict(), 'pos_embed': checkpoint['pos_embed']})
+    rectangular = {'pos_embed': torch.randn(1, 1 + 7 * 21, 768)}  # 147 positions: no square; the grid must be said
+    with pytest.raises(ValueError, match=r'147 positions are not a square grid; say which \(rows, columns\)'):
+        interpolate_pos_embed(model, dict(rectangular))
+    assert interpolate_pos_embed(model, rectangular, orig_grid=(7, 21))
+    assert rectangular['pos_embed'].shape == (1, 1 + 14 * 28, 768)

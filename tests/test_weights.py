@@ -158,3 +158,20 @@ def test_a_global_pool_classifier_given_to_a_class_token_probe_names_the_pooling
                                               r'fine-tuned with global pooling \(fc_norm\.\*, no norm\.\*\): pass '
                                               r'--global_pool; missing 2 encoder keys: norm\.bias, norm\.weight'):
         load_weights(target, {'model': source.state_dict()}, 'w.pth', 'vit_tiny_patch16', pretrained=True)
+
+
+@pytest.mark.parametrize('in_chans', [1, 4, 13])
+def test_an_rgb_mae_fine_tunes_on_another_channel_count_adapted_as_timm_adapts_it(in_chans, capsys):
+    """--finetune of an RGB checkpoint into a model reading N channels: the patch embedding summed (N = 1) or
+    repeated and scaled by 3/N, equal to timm's own adapt_input_conv, said in one line; the rest loads strictly."""
+    from timm.models._manipulate import adapt_input_conv
+
+    from util.weights import load_weights
+    torch.manual_seed(0)
+    rgb = models_mae.mae_vit_tiny_patch16(img_size=32, patch_size=4)
+    model = models_vit.vit_tiny_patch16(img_size=32, patch_size=4, in_chans=in_chans, num_classes=2)
+    load_weights(model, {'model': rgb.state_dict()}, 'rgb.pth', 'vit_tiny_patch16', pretrained=True)
+    weight = rgb.patch_embed.proj.weight.detach()
+    assert torch.allclose(model.patch_embed.proj.weight, adapt_input_conv(in_chans, weight.clone()))
+    assert torch.equal(model.blocks[0].attn.qkv.weight, rgb.blocks[0].attn.qkv.weight)
+    assert f'rgb.pth: its patch embedding reads 3 channels; adapted to {in_chans}' in capsys.readouterr().out

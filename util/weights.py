@@ -255,8 +255,36 @@ def fit_pos_embed(model: nn.Module, state: StateDict, path: str):
         if hasattr(model, key):
             try:
                 interpolate_pos_embed(model, state, key)
-            except RuntimeError as e:
+            except (RuntimeError, ValueError) as e:
                 raise CheckpointError(f'{path}: position embeddings cannot be resized ({e})') from None
+
+
+def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """A patch embedding [D, C, p, p] made to read `in_chans` channels, the way timm adapts pretrained weights to
+    another input (its adapt_input_conv): to 1 channel, the sum over the C; from 3 to N, the 3 repeated in turn
+    (R, G, B, R, ...) and scaled by 3 / N, so that an image whose channels are equal embeds as before."""
+    channels = weight.shape[1]
+    if in_chans == channels:
+        return weight
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = -(-in_chans // channels)
+    return weight.repeat(1, repeats, 1, 1)[:, :in_chans] * (channels / in_chans)
+
+
+def fit_input_channels(model: nn.Module, state: StateDict, path: str):
+    """--finetune of a checkpoint pretrained on another channel count (an RGB MAE for 4-band images): the patch
+    embedding adapted (adapt_input_channels) and said in one line; the rest loads strictly as usual."""
+    key = 'patch_embed.proj.weight'
+    ours = model.state_dict().get(key)
+    theirs = state.get(key)
+    if ours is None or theirs is None or theirs.dim() != 4 or theirs.shape[1] == ours.shape[1] \
+            or theirs.shape[2:] != ours.shape[2:]:
+        return
+    how = 'summed' if ours.shape[1] == 1 else f'repeated in turn, scaled by {theirs.shape[1]}/{ours.shape[1]}'
+    print0(f'{path}: its patch embedding reads {theirs.shape[1]} channels; adapted to {ours.shape[1]} as timm adapts '
+           f'pretrained weights ({how})')
+    state[key] = adapt_input_channels(theirs, ours.shape[1])
 
 
 def load_pretrained_encoder(model: nn.Module, state: StateDict, path: str, model_name: str) -> List[str]:
@@ -271,6 +299,7 @@ def load_pretrained_encoder(model: nn.Module, state: StateDict, path: str, model
                    f'{tuple(own[k].shape)})')
             del state[k]
     fit_pos_embed(model, state, path)
+    fit_input_channels(model, state, path)
     allowed = set(FRESH_IN_A_CLASSIFIER)
     misfit = [k for k in own if k in state and state[k].shape != own[k].shape]
     missing = sorted(k for k in own if k not in state and k not in allowed)
