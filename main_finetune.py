@@ -19,7 +19,7 @@ from util import checks, classification, distributed, launch
 from util.loss_scaler import LossScaler
 from util.checkpointer import Checkpointer, load_resumable, resume_training
 from util.output_dir import prepare_output_dir
-from util.datasets import build_loaders, build_transform
+from util.datasets import build_loaders, build_transform, describe
 from util.logs import RunLog
 from util.lr_decay import param_groups_lrd
 from util.lr_sched import LrSchedule
@@ -89,6 +89,7 @@ def main(args):
     model = classification.build_model(args, run, head_init_std=2e-5, drop_path_rate=args.drop_path)
     if args.eval:
         load_resumable(run.resumable, model, args.model, fit_grid=True)
+        distributed.print0(f'data: {describe(run.dataset_val, training=False)}')
         return evaluate(loader_val, model.to(runtime.device), runtime, args, output_dir='')
 
     model, model_to_save = launch.place_model(model, runtime, args, fsdp=args.fsdp)

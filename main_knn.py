@@ -13,6 +13,7 @@ import models_vit
 from util import flags as cli
 from util import checks, knn, knn_monitor, launch
 from util.checkpoint_files import load_checkpoint
+from util.datasets import describe
 from util.distributed import print0
 from util.architecture import Architecture, StateDict, architecture_of
 from util.weights import load_weights, model_state_from, no_vit_cause
@@ -97,6 +98,7 @@ def main(args):
     encoder = build_encoder(args, load_checkpoint(args.resume))  # a checkpoint that does not fit stops the run here
     data = knn.read_knn_data(args.data_path, args.input_size, args.train_per_class, args.val_per_class,
                              args.max_image_pixels)
+    print0(f'data: bank {describe(data.bank, training=False)}; queries {describe(data.queries, training=False)}')
     refusal = knn.k_too_large('--nb_knn', args.nb_knn, data, os.path.join(args.data_path, 'train'))
     if refusal:
         raise checks.UsageError(refusal)

@@ -64,7 +64,7 @@ def write_shards(name: str, split: str, classes: List[str], samples: List[Tuple[
                  shard_size: int) -> dict:
     """The split's shards, and its entry of _info.json (timm's description of a WebDataset: its shards and their
     lengths, which util/shards.py checks a copy against)."""
-    progress = Progress(f'{split} shards', len(samples))
+    progress = Progress(f'{split} samples into shards', len(samples))
     count, lengths = 0, {}
     for number, first in enumerate(range(0, len(samples), shard_size)):
         path = os.path.join(dst, f'{name}-{SPLITS[split]}-{number:04d}.tar')
@@ -102,7 +102,7 @@ def write_parquet(split: str, classes: List[str], samples: List[Tuple[str, int]]
     image_type = pa.struct([('bytes', pa.binary()), ('path', pa.string())])
     os.makedirs(os.path.join(dst, 'data'), exist_ok=True)
     files = -(-len(samples) // shard_size)
-    progress, count = Progress(f'{split} Parquet', len(samples)), 0
+    progress, count = Progress(f'{split} samples into Parquet', len(samples)), 0
     for number, first in enumerate(range(0, len(samples), shard_size)):
         rows = samples[first:first + shard_size]
         images = []

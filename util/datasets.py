@@ -159,10 +159,21 @@ class IndexedImageDataset(ImageFolderDataset):
     def read(self, path: str):
         if self.reader is None:
             self.reader = shards.TarReader() if self.kind == 'wds' else shards.RowGroupReader()
-        return self.decode(io.BytesIO(self.reader.read(self.locations[path])), self.max_pixels)
+        return self.decode(SampleBytes(self.reader.read(self.locations[path]), path), self.max_pixels)
 
     def __getstate__(self):
         return {**self.__dict__, 'reader': None}  # a worker opens its own files
+
+
+class SampleBytes(io.BytesIO):
+    """A sample's bytes, shown as its SHARD:KEY where a decoder's error message shows the file it read."""
+
+    def __init__(self, data: bytes, where: str):
+        super().__init__(data)
+        self.where = where
+
+    def __repr__(self) -> str:
+        return repr(self.where)
 
 
 def run_class_index(where: str, found: List[str], run_classes: Optional[List[str]], nouns: Tuple[str, str],
@@ -239,17 +250,18 @@ def build_dataset(is_train: bool, args, input_size: Optional[int] = None, classe
                               max_pixels=getattr(args, 'max_image_pixels', DEFAULT_MAX_PIXELS), substitute=is_train)
 
 
-def describe(dataset: ImageFolderDataset) -> str:
+def describe(dataset: ImageFolderDataset, training: bool = True) -> str:
     """'2,000 images of 8 classes in demo_output/data/train' (a folder), or '... in 4 shards of data/ (WebDataset)',
     for a run's header."""
     where = dataset.root
     if isinstance(dataset, IndexedImageDataset):
-        layout = 'WebDataset' if dataset.kind == 'wds' else 'Parquet'
-        where = f'{shards.describe_layout(dataset.kind, dataset.files)} in {os.path.dirname(dataset.root)} ({layout})'
-        if dataset.sorted_by_class():
-            where += (f'; warning: its samples are sorted by class, and a batch draws on {dataset.mixed} '
-                      'shards at a time, so it sees few classes: write them shuffled (tools/make_shards.py does)')
-        if dataset.mixed < shards.SHARDS_MIXED:
+        where = f'{shards.describe_layout(dataset.kind, dataset.files)} in {os.path.dirname(dataset.root)}'
+        where += ' (WebDataset)' if dataset.kind == 'wds' else ''
+        if training and dataset.sorted_by_class():
+            where += (f'; warning: its samples are sorted by class, and a batch draws on '
+                      f'{min(dataset.mixed, len(dataset.groups))} shards at a time, so it sees few classes: write '
+                      'them shuffled (tools/make_shards.py does)')
+        if training and dataset.mixed < shards.SHARDS_MIXED:
             where += (f'; warning: its row groups are large, so a batch draws on {dataset.mixed} at a time (16 '
                       f'would not fit {shards.ROW_GROUP_BUDGET // 2 ** 20} MB per loader worker): write row groups '
                       'of 100 rows (tools/make_shards.py --parquet, or row_group_size= in pyarrow)')
