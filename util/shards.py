@@ -20,6 +20,8 @@ import tarfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+from util.imagenet import imagenet_synset_of
+
 IMAGE_SUFFIXES = ('jpg', 'jpeg', 'png', 'webp')
 SPLIT_NAMES = {'train': ('train',), 'val': ('validation', 'val')}  # our split -> the names files use for it
 SHARD_NAME = re.compile(r'^(?P<name>.+)-(?P<split>train|validation|val)-(?P<number>\d+)\.tar$')
@@ -98,7 +100,6 @@ def by_imagenet_synset(samples: Tuple[Sample, ...]) -> Tuple[Sample, ...]:
     index, as in the hub's ILSVRC/imagenet-1k (ClassLabel 'tench, Tinca tinca' for label 0): then the split has the
     classes, and the class order, of ImageNet in folders, and a checkpoint trained on either scores on the other.
     Otherwise unchanged."""
-    from util.imagenet import imagenet_synset_of
     synset = {(s.label, s.index): imagenet_synset_of(s.label, s.index) for s in samples}
     if not synset or None in synset.values():
         return samples
