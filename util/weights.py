@@ -261,8 +261,9 @@ def fit_pos_embed(model: nn.Module, state: StateDict, path: str):
 
 def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     """A patch embedding [D, C, p, p] made to read `in_chans` channels, the way timm adapts pretrained weights to
-    another input (its adapt_input_conv): to 1 channel, the sum over the C; from 3 to N, the 3 repeated in turn
-    (R, G, B, R, ...) and scaled by 3 / N, so that an image whose channels are equal embeds as before."""
+    another input (its adapt_input_conv): to 1 channel, the sum over the C; from C to N, the C repeated in turn
+    (R, G, B, R, ...) and scaled by C / N, so that an image whose channels are equal embeds as before (timm itself
+    only adapts C = 3 that way; fit_input_channels keeps to its cases)."""
     channels = weight.shape[1]
     if in_chans == channels:
         return weight
@@ -279,8 +280,8 @@ def fit_input_channels(model: nn.Module, state: StateDict, path: str):
     ours = model.state_dict().get(key)
     theirs = state.get(key)
     if ours is None or theirs is None or theirs.dim() != 4 or theirs.shape[1] == ours.shape[1] \
-            or theirs.shape[2:] != ours.shape[2:]:
-        return
+            or theirs.shape[2:] != ours.shape[2:] or (theirs.shape[1] != 3 and ours.shape[1] != 1):
+        return  # timm adapts RGB to N and anything to 1; others stay a misfit, named by the strict load
     how = 'summed' if ours.shape[1] == 1 else f'repeated in turn, scaled by {theirs.shape[1]}/{ours.shape[1]}'
     print0(f'{path}: its patch embedding reads {theirs.shape[1]} channels; adapted to {ours.shape[1]} as timm adapts '
            f'pretrained weights ({how})')
