@@ -21,7 +21,8 @@ import models_vit
 from util import flags as cli
 from util import checks
 from util.checkpoint_files import CheckpointError, load_checkpoint
-from util.classes import display_names, read_lines
+from util.classes import display_names
+from util.imagenet import read_lines
 from util.device import AMP_CHOICES, DEVICE_CHOICES, DeviceError, setup_runtime
 from util.folders import collect_images, describe_skipped
 from util.images import DECODE_ERRORS, DEFAULT_MAX_PIXELS, NOT_DAMAGED, decode_image, describe_error

@@ -13,7 +13,7 @@ import main_infer
 import models_mae
 import models_vit
 from util import reconstruction
-from util.classes import IMAGENET_NAMES
+from util.imagenet import IMAGENET_NAMES
 
 
 @pytest.fixture(scope='module')

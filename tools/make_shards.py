@@ -67,10 +67,10 @@ def write_shards(name: str, split: str, classes: List[str], samples: List[Tuple[
     progress = Progress(f'{split} samples into shards', len(samples))
     count, lengths = 0, {}
     for number, first in enumerate(range(0, len(samples), shard_size)):
-        path = os.path.join(dst, f'{name}-{SPLITS[split]}-{number:04d}.tar')
-        lengths[os.path.basename(path)] = len(samples[first:first + shard_size])
+        path, chunk = os.path.join(dst, f'{name}-{SPLITS[split]}-{number:04d}.tar'), samples[first:first + shard_size]
+        lengths[os.path.basename(path)] = len(chunk)
         with tarfile.open(path + '.tmp', 'w', format=tarfile.USTAR_FORMAT) as tar:
-            for offset, (image, label) in enumerate(samples[first:first + shard_size]):
+            for offset, (image, label) in enumerate(chunk):
                 key = f'{split}_{first + offset:08d}'
                 suffix = os.path.splitext(image)[1].lower().lstrip('.') or 'jpg'
                 with open(image, 'rb') as f:

@@ -12,7 +12,8 @@ from typing import List, Optional, Sequence
 
 from util import shards
 from util.folders import class_folders
-from util.imagenet import IMAGENET_NAMES, IMAGENET_SYNSETS, imagenet_names, imagenet_synsets, read_lines  # noqa: F401
+from util.imagenet import imagenet_names, imagenet_synsets
+
 
 class ClassListError(ValueError):
     """A class list cannot be formed or does not fit; the message is one line for the user."""

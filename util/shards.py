@@ -90,8 +90,8 @@ def read_split_once(kind: str, versions: Tuple[Tuple[str, int, int], ...],
     """read_split's work, for one version of the files and of the shards' _info.json."""
     read = shard_samples if kind == 'wds' else parquet_samples
     samples = tuple(sample for path, _, _ in versions for sample in read(path))
-    if kind == 'wds':
-        check_listed_shards([path for path, _, _ in versions], samples)
+    if info_version:
+        check_listed_shards([path for path, _, _ in versions], samples, info_version[0])
     return by_imagenet_synset(samples)
 
 
@@ -113,15 +113,12 @@ def info_file(folder: str) -> Optional[str]:
     return next((p for name in INFO_FILES if os.path.isfile(p := os.path.join(folder, name))), None)
 
 
-def check_listed_shards(files: List[str], samples: Tuple[Sample, ...]):
-    """Where the shards' folder has an _info.json (timm/imagenet-1k-wds has one: per split its `filenames` and
-    `shard_lengths`), the split it lists must be all here, each shard with its number of samples: a partial
-    download or a shard replaced is refused (LayoutError) rather than trained on short. A description of another
-    shape (a plain info.json of something else) is not ours to judge and is left alone."""
+def check_listed_shards(files: List[str], samples: Tuple[Sample, ...], path: str):
+    """With the shards' _info.json at `path` (timm/imagenet-1k-wds has one: per split its `filenames` and
+    `shard_lengths`; read_split finds it), the split it lists must be all here, each shard with its number of
+    samples: a partial download or a shard replaced is refused (LayoutError) rather than trained on short. A
+    description of another shape (a plain info.json of something else) is not ours to judge and is left alone."""
     folder = os.path.dirname(files[0])
-    path = info_file(folder)
-    if path is None:
-        return
     try:
         with open(path, encoding='utf-8') as f:
             info = json.load(f)
