@@ -4,6 +4,7 @@ import torch
 from util.checkpointer import Checkpointer, ResumeState
 from util.distributed import grad_sync
 from util.lr_sched import LrSchedule
+from util.pixels import normalization_of
 from util.progress import begin_epoch, end_epoch
 from util.transforms import to_device_normalized
 
@@ -16,10 +17,11 @@ def train_one_epoch(model: torch.nn.Module, data_loader, optimizer: torch.optim.
         return trained
     progress = begin_epoch(model, optimizer, data_loader, runtime, epoch, args, tensorboard, checkpointer, start,
                            'train_loss')
+    normalization = normalization_of(args)
     for it, is_update, (samples, _) in progress.iterate(data_loader, args.accum_iter):
         if it % args.accum_iter == 0:  # per-iteration (not per-epoch) LR schedule
             lr_schedule.apply(optimizer, progress.epoch_fraction(it) + epoch)
-        samples = to_device_normalized(samples, runtime.device)
+        samples = to_device_normalized(samples, runtime.device, normalization)
 
         with grad_sync(model, is_update):  # accumulation micro-steps skip the gradient all-reduce
             with runtime.autocast():

@@ -25,7 +25,7 @@ from util.lr_decay import param_groups_lrd
 from util.lr_sched import LrSchedule
 from util.optim import make_adamw
 from util.preemption import stop_if_signalled
-from util.transforms import build_finetune_transform
+from util.transforms import auto_augment_policy, build_finetune_transform
 
 CUTMIX_BOX: cli.Rule = ((lambda v: v is None or (len(v) == 2 and 0 < v[0] < v[1] <= 1)),
                         'must be two fractions, min < max, in (0, 1]')
@@ -80,7 +80,7 @@ def main(args):
     check_args(args)
     world_size = distributed.world_size_of_launch(args)
     run = classification.read_up_front(args, world_size, global_pool_default=True,
-                                       train_transform=lambda size: build_transform(True, args, size))
+                                       train_transform=lambda size, arrays: finetune_transform(args, size, arrays))
     if run is None:
         return  # the run in --output_dir already finished --epochs
 
@@ -138,6 +138,20 @@ def build_mixup(args, num_classes: int):
     return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                  prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                  label_smoothing=args.smoothing, num_classes=num_classes)
+
+
+def finetune_transform(args, input_size, arrays: bool):
+    """build_transform's training transform; on arrays (util/arrays.py), RandAugment and colour jitter, which are
+    defined on RGB photos, are refused in one line naming the flag to change."""
+    if arrays:
+        why = (f'--in_chans {args.in_chans}' if args.in_chans != 3 else '.npy/TIFF data') + ' (images read as arrays)'
+        if auto_augment_policy(args.aa) is not None:
+            raise checks.UsageError(f'--aa {args.aa}: RandAugment is defined on RGB photos, not on {why}; pass '
+                                    '--aa none')
+        if args.color_jitter:
+            raise checks.UsageError(f'--color_jitter {args.color_jitter}: colour jitter is defined on RGB photos, '
+                                    f'not on {why}; leave it out')
+    return build_transform(True, args, input_size, arrays)
 
 
 def check_args(args):

@@ -6,11 +6,12 @@ python main_infer.py --model mae_vit_large_patch16 --resume mae_visualize_vit_la
     --mask_ratio 0.75 --output_dir out/
 """
 import util  # noqa: F401  first, before torch: device plugins load on demand (see util/__init__.py)
+import argparse
 import contextlib
 import json
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -19,7 +20,8 @@ from PIL import Image
 import models_mae
 import models_vit
 from util import flags as cli
-from util import checks
+from util import checks, pixels
+from util.arrays import ArrayDecoder, ChannelMismatch, reads_arrays
 from util.checkpoint_files import CheckpointError, load_checkpoint
 from util.classes import display_names
 from util.imagenet import read_lines
@@ -28,7 +30,7 @@ from util.folders import collect_images, describe_skipped
 from util.images import DECODE_ERRORS, DEFAULT_MAX_PIXELS, NOT_DAMAGED, decode_image, describe_error
 from util.architecture import architecture_of
 from util.reconstruction import figure_class, reconstruct, reconstruction_transform, save_figure
-from util.weights import load_weights, model_state_from
+from util.weights import checkpoint_image_size, load_weights, model_state_from
 from util.transforms import build_eval_transform
 
 
@@ -41,9 +43,17 @@ def get_args_parser() -> cli.ArgumentParser:
                              'URL; required')
     parser.add_argument('--img_path', nargs='+', required=True,
                         help='image files and/or folders of images; required')
-    parser.add_argument('--input_size', type=int, default=None, check=cli.POSITIVE_INT,
-                        help="image side in pixels fed to the model (default: the checkpoint's; another size "
-                             'interpolates the position embeddings)')
+    cli.add_input_size(parser, None, "image side in pixels fed to the model, or height and width (default: the "
+                                     "checkpoint's; another size interpolates the position embeddings)",
+                       recipe=False)
+    parser.add_argument('--mean', default=None, type=float, nargs='+', metavar='M',
+                        help="per-channel mean of the normalisation (default: the checkpoint's saved --mean, else "
+                             "ImageNet's for 3 channels)")
+    parser.add_argument('--std', default=None, type=float, nargs='+', metavar='S', help='per-channel std, as --mean')
+    parser.add_argument('--show_channels', default=None, metavar='LIST',
+                        help='MAE figures of images of other than 3 channels: the channels shown as red, green, '
+                             'blue, 1-based (e.g. 3,2,1 for true colour from Sentinel-2 bands B2,B3,B4), or one '
+                             'shown in grey (default: the first three, or the one)')
     parser.add_argument('--patch_size', type=int, default=None, check=cli.POSITIVE_INT,
                         help="patch side in pixels (default: the checkpoint's)")
     parser.add_argument('--topk', type=int, default=5, check=cli.at_least(1), help='classes to print per image')
@@ -68,19 +78,28 @@ def get_args_parser() -> cli.ArgumentParser:
 
 # --- inputs ---------------------------------------------------------------------------------------------------
 
-def open_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode now (util/images.py: the decoding of every path), so a bad file fails here with a clear message."""
+def open_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, in_chans: int = 3) -> Union[Image.Image, torch.Tensor]:
+    """Decode now (util/images.py: the decoding of every path), so a bad file fails here with a clear message.
+    Images of other than 3 channels, and .npy/TIFF files, are read as float tensors [in_chans, H, W]
+    (util/arrays.py); another channel count is a ValueError naming both."""
     try:
+        if reads_arrays(in_chans, path):
+            with open(path, 'rb') as f:
+                return ArrayDecoder(in_chans)(f, max_pixels)
         return decode_image(path, max_pixels)
+    except ChannelMismatch as e:
+        raise ValueError(e.detail) from None
     except NOT_DAMAGED as e:  # a safety limit of Pillow's, not damage: the message says how to read it
         raise ValueError(f'not read: {e}') from None
     except DECODE_ERRORS as e:
         raise ValueError(f'cannot read as an image ({describe_error(e)})') from None
 
 
-def preprocess(img: Image.Image, input_size: int) -> torch.Tensor:
-    """A classifier's input [1, 3, H, W]: the evaluation transform, exactly as --eval's loader applies it."""
-    return build_eval_transform(input_size)(img).unsqueeze(0)
+def preprocess(img, input_size: pixels.Size, normalization: pixels.Normalization = pixels.IMAGENET_RGB) -> torch.Tensor:
+    """A classifier's input [1, C, H, W]: the evaluation transform, exactly as --eval's loader applies it (img: a
+    PIL image, or the float tensor of util/arrays.py)."""
+    arrays = isinstance(img, torch.Tensor)
+    return build_eval_transform(input_size, normalization, arrays)(img).unsqueeze(0)
 
 
 # --- model -----------------------------------------------------------------------------------------------------
@@ -88,20 +107,25 @@ def preprocess(img: Image.Image, input_size: int) -> torch.Tensor:
 def load_model(args, checkpoint: dict, path: str) -> nn.Module:
     """The --model architecture with what the checkpoint shows of it (patch size, image size, classes, pooling,
     a linear probe's BatchNorm head); --input_size / --patch_size override, position embeddings are fitted."""
-    arch = architecture_of(model_state_from(checkpoint, path))
+    state = model_state_from(checkpoint, path)
+    arch = architecture_of(state)
     kwargs = arch.size_kwargs() if arch.kind else {}
+    if arch.kind:
+        kwargs['img_size'] = checkpoint_image_size(checkpoint, state)
     if args.patch_size:
         kwargs['patch_size'] = args.patch_size
     if args.input_size:
         kwargs['img_size'] = args.input_size
     patch = kwargs.get('patch_size') or models_vit.default_patch_size(model_factory(args.model))
-    size = kwargs.setdefault('img_size', 224)
-    if size % patch:
+    size = kwargs['img_size'] = kwargs.get('img_size') or 224
+    if any(side % patch for side in pixels.height_width(size)):
         flag = '--input_size' if args.input_size else '--patch_size'
-        raise checks.UsageError(f'{flag} {args.input_size or args.patch_size}: the image side {size} px is not a '
-                                f'multiple of the patch size {patch} px')
+        given = args.input_size or args.patch_size
+        raise checks.UsageError(f'{flag} {" ".join(map(str, pixels.height_width(given))) if args.input_size else given}'
+                                f': the image size {pixels.size_text(size)} is not a multiple of the patch size '
+                                f'{patch} px')
     if args.model in models_mae.MODELS:
-        kwargs = {k: v for k, v in kwargs.items() if k in ('patch_size', 'img_size')}
+        kwargs = {k: v for k, v in kwargs.items() if k in ('patch_size', 'img_size', 'in_chans')}
         model = models_mae.build_mae(args.model, **kwargs)
     else:
         model = models_vit.build_classifier(args.model, **kwargs)
@@ -111,8 +135,33 @@ def load_model(args, checkpoint: dict, path: str) -> nn.Module:
     return model.eval()
 
 
+def model_size(model: nn.Module) -> pixels.Size:
+    return pixels.as_size(*model.patch_embed.img_size)
+
+
+def model_channels(model: nn.Module) -> int:
+    return model.patch_embed.proj.weight.shape[1]
+
+
 def model_factory(name: str):
     return models_mae.MODELS.get(name) or models_vit.MODELS[name]
+
+
+def normalization_for(args, checkpoint: dict, in_chans: int) -> pixels.Normalization:
+    """--mean/--std, else those the checkpoint's run was trained with (its saved args), else ImageNet's for 3
+    channels; a UsageError when none fits the model's channel count."""
+    saved = checkpoint.get('args')
+    mean = args.mean if args.mean is not None else getattr(saved, 'mean', None)
+    std = args.std if args.std is not None else getattr(saved, 'std', None)
+    if mean is None and std is None and in_chans == 3:
+        return pixels.IMAGENET_RGB
+    given = argparse.Namespace(in_chans=in_chans, mean=mean, std=std, data_path=None)
+    errors = []
+    pixels.check_args(given, errors)
+    if errors:
+        raise checks.UsageError(f'the model reads {in_chans} channels and {args.resume} does not say how its images '
+                                f'were normalised: {errors[0]}')
+    return pixels.normalization_of(given)
 
 
 def uses_norm_pix(args, checkpoint: dict) -> bool:
@@ -135,8 +184,9 @@ def class_names(args, checkpoint: dict, num_classes: int) -> List[str]:
 
 
 @torch.no_grad()
-def classify(model: nn.Module, img: Image.Image, input_size: int, runtime, topk: int, names: List[str]) -> list:
-    x = preprocess(img, input_size).to(runtime.device)
+def classify(model: nn.Module, img, input_size: pixels.Size, runtime, topk: int, names: List[str],
+             normalization: pixels.Normalization = pixels.IMAGENET_RGB) -> list:
+    x = preprocess(img, input_size, normalization).to(runtime.device)
     with runtime.autocast():
         logits = model(x)
     probs = logits.float().softmax(dim=-1)[0]
@@ -182,13 +232,19 @@ def reconstruction_handler(args, model, checkpoint, runtime, report: dict):
     if norm_pix:
         print('Note: this MAE predicts per-patch normalised pixels (norm_pix_loss); the reconstruction is '
               "shown with each hidden patch's own mean and std taken from the original image")
+    size = model_size(model)
+    normalization = normalization_for(args, checkpoint, model_channels(model))
+    try:
+        channels = pixels.channel_list(args.show_channels, model.in_chans) if args.show_channels else None
+    except ValueError as e:
+        raise checks.UsageError(str(e)) from None
     os.makedirs(args.output_dir, exist_ok=True)
-    transform = reconstruction_transform(model.patch_embed.img_size[0])
     taken = set()
 
-    def handle(path: str, img: Image.Image) -> dict:
+    def handle(path: str, img) -> dict:
+        transform = reconstruction_transform(size, normalization, arrays=isinstance(img, torch.Tensor))
         panels, loss, mask = reconstruct(model, transform(img).unsqueeze(0), args.mask_ratio, args.seed, norm_pix,
-                                         runtime)
+                                         runtime, normalization, channels)
         out = output_png_path(args.output_dir, path, taken)
         save_figure([panels], out)
         loss_text = f'{loss:.4f}' if loss is not None else 'n/a (no patch masked)'
@@ -202,9 +258,10 @@ def reconstruction_handler(args, model, checkpoint, runtime, report: dict):
 def classification_handler(args, model, checkpoint, runtime):
     """A function path, image -> result that prints the top-k classes with their probabilities."""
     names = class_names(args, checkpoint, model.num_classes)
+    normalization = normalization_for(args, checkpoint, model_channels(model))
 
-    def handle(path: str, img: Image.Image) -> dict:
-        top = classify(model, img, model.patch_embed.img_size[0], runtime, args.topk, names)
+    def handle(path: str, img) -> dict:
+        top = classify(model, img, model_size(model), runtime, args.topk, names, normalization)
         print(path)
         for entry in top:
             print(f"  {entry['label']} {entry['prob']:.2f}")
@@ -233,7 +290,7 @@ def run(args) -> dict:
         handle = classification_handler(args, model, checkpoint, runtime)
     for path in files:
         try:
-            img = open_image(path, args.max_image_pixels)
+            img = open_image(path, args.max_image_pixels, model_channels(model))
         except ValueError as e:
             errors.append({'image': path, 'error': str(e)})
             print(f'error: {path}: {e}', file=sys.stderr, flush=True)

@@ -11,7 +11,7 @@ import os
 import models_mae
 import models_vit
 from util import flags as cli
-from util import checks, knn, knn_monitor, launch
+from util import checks, knn, knn_monitor, launch, pixels
 from util.checkpoint_files import load_checkpoint
 from util.datasets import describe
 from util.distributed import print0
@@ -88,7 +88,7 @@ def build_encoder(args, checkpoint: dict) -> models_vit.VisionTransformer:
     check_encoder(arch, state, args.resume, args.feature)
     name = args.model.removeprefix('mae_')  # mae_vit_base_patch16's encoder is vit_base_patch16
     model = models_vit.build_classifier(name, patch_size=args.patch_size, img_size=args.input_size, num_classes=0,
-                                        global_pool=arch.fc_norm, attn_impl=args.attn)
+                                        in_chans=args.in_chans, global_pool=arch.fc_norm, attn_impl=args.attn)
     load_weights(model, checkpoint, args.resume, args.model, fit_grid=True, keep=is_encoder_key)
     return model
 
@@ -97,7 +97,7 @@ def main(args):
     check_args(args)
     encoder = build_encoder(args, load_checkpoint(args.resume))  # a checkpoint that does not fit stops the run here
     data = knn.read_knn_data(args.data_path, args.input_size, args.train_per_class, args.val_per_class,
-                             args.max_image_pixels)
+                             args.max_image_pixels, pixels.normalization_of(args))
     print0(f'data: bank {describe(data.bank, training=False)}; queries {describe(data.queries, training=False)}')
     refusal = knn.k_too_large('--nb_knn', args.nb_knn, data, os.path.join(args.data_path, 'train'))
     if refusal:

@@ -11,7 +11,7 @@ import torch
 import models_vit
 from engine_finetune import evaluate, train_one_epoch
 from util import flags as cli
-from util import checks, classification, distributed, launch
+from util import checks, classification, distributed, launch, pixels
 from util.loss_scaler import LossScaler
 from util.checkpointer import Checkpointer, load_resumable, resume_training
 from util.datasets import build_loaders
@@ -36,7 +36,8 @@ def main(args):
     check_args(args)
     world_size = distributed.world_size_of_launch(args)
     run = classification.read_up_front(args, world_size, global_pool_default=False,
-                                       train_transform=build_linprobe_transform)
+                                       train_transform=lambda size, arrays: build_linprobe_transform(
+                                           size, pixels.normalization_of(args), arrays))
     if run is None:
         return  # the run in --output_dir already finished --epochs
 

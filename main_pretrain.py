@@ -16,11 +16,11 @@ import models_mae
 import models_vit
 from engine_pretrain import train_one_epoch
 from util import flags as cli
-from util import checks, distributed, knn_monitor, launch, training_plan
+from util import checks, distributed, knn_monitor, launch, pixels, training_plan
 from util.loss_scaler import LossScaler
 from util.checkpointer import Checkpointer, resume_training
 from util.output_dir import find_resumable, prepare_output_dir
-from util.datasets import ImageFolderDataset, build_image_folder, build_loader, describe
+from util.datasets import ImageFolderDataset, build_image_folder, build_loader, describe, reads_arrays
 from util.distributed import get_rank
 from util.images import decode_image_tensor
 from util.logs import RunLog
@@ -28,7 +28,7 @@ from util.lr_decay import param_groups_weight_decay
 from util.lr_sched import LrSchedule
 from util.optim import make_adamw
 from util.preemption import stop_if_signalled
-from util.transforms import build_fast_pretrain_transform, build_pretrain_transform
+from util.transforms import build_array_pretrain_transform, build_fast_pretrain_transform, build_pretrain_transform
 
 
 def get_args_parser() -> cli.ArgumentParser:
@@ -71,15 +71,17 @@ def check_args(args):
     checks.raise_if_errors(errors)
 
 
-def check_mask_ratio(mask_ratio: float, input_size: int, patch_size: int, errors: List[str],
+def check_mask_ratio(mask_ratio: float, input_size: pixels.Size, patch_size: int, errors: List[str],
                      flag: str = '--mask_ratio'):
     """Pretraining: the ratio must hide at least one patch (the loss is the mean over hidden patches, 0/0
     otherwise) and leave at least one visible (the encoder's input)."""
-    if not (0 <= mask_ratio < 1) or input_size % patch_size or input_size < 1 or patch_size < 1:
+    sides = pixels.height_width(input_size)
+    if not (0 <= mask_ratio < 1) or min(sides) < 1 or patch_size < 1 or any(s % patch_size for s in sides):
         return  # reported by the range and grid checks
-    num_patches = (input_size // patch_size) ** 2
+    rows, columns = pixels.grid_of(input_size, patch_size)
+    num_patches = rows * columns
     kept = int(num_patches * (1 - mask_ratio))  # as models_mae.random_masking counts them
-    where = f'of the {num_patches} patches ({input_size} px images, {patch_size} px patches)'
+    where = f'of the {num_patches} patches ({pixels.size_text(input_size)} images, {patch_size} px patches)'
     if kept == num_patches:
         errors.append(f'{flag} {mask_ratio}: hides none {where}, and the loss is computed on hidden patches '
                       f'only; use at least {smallest_ratio_hiding_one(num_patches):.4g}')
@@ -102,12 +104,16 @@ def describe_recipe(args) -> str:
 
 def build_model(args) -> models_mae.MaskedAutoencoderViT:
     return models_mae.build_mae(args.model, patch_size=args.patch_size, img_size=args.input_size,
-                                norm_pix_loss=args.norm_pix_loss, attn_impl=args.attn)
+                                in_chans=args.in_chans, norm_pix_loss=args.norm_pix_loss, attn_impl=args.attn)
 
 
 def build_pretraining_dataset(args) -> ImageFolderDataset:
-    """The workers emit uint8 crops; the engine normalises them on the device (the official numbers)."""
+    """The workers emit uint8 crops; the engine normalises them on the device (the official numbers). Images of
+    --in_chans other than 3, or .npy/TIFF files, are read as float tensors and normalised in the workers."""
     root = os.path.join(args.data_path, 'train')
+    if reads_arrays(root, args.in_chans):
+        transform = build_array_pretrain_transform(args.input_size, pixels.normalization_of(args))
+        return build_image_folder(root, transform, max_pixels=args.max_image_pixels, in_chans=args.in_chans)
     if args.fast_decode:
         return build_image_folder(root, build_fast_pretrain_transform(args.input_size), decode=decode_image_tensor,
                                   max_pixels=args.max_image_pixels)

@@ -41,7 +41,7 @@ class Architecture:
     def size_kwargs(self) -> dict:
         """What a factory of models_vit / models_mae needs to rebuild these weights' model: patch size, image size
         and, for classifiers, the class count and pooling (the linear probe's BatchNorm head aside)."""
-        kwargs = {'patch_size': self.patch_size}
+        kwargs = {'patch_size': self.patch_size, 'in_chans': self.in_chans}
         if self.grid:
             kwargs['img_size'] = self.img_size
         if self.kind in CLASSIFIER_KINDS:

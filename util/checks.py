@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import models_mae
 import models_vit
-from util import hf_layout, shards
+from util import hf_layout, pixels, shards
 from util.checkpoint_files import is_url
 from util.output_dir import LAST, holds_a_run, resumable_checkpoint_in
 from util import distributed
@@ -40,12 +40,17 @@ def check_model_args(args, models: dict, kind: str, other_models: dict, other_ki
     patch = args.patch_size or models_vit.default_patch_size(models[args.model])
     if args.input_size is not None:  # else resolved later (util/classification.resolve_sizes)
         check_patch_grid(args.input_size, patch, errors)
+    if hasattr(args, 'in_chans'):
+        pixels.check_args(args, errors)
     return patch
 
 
-def check_patch_grid(input_size: int, patch_size: int, errors: List[str], flag: str = '--input_size'):
-    if input_size >= 1 and patch_size >= 1 and input_size % patch_size:
-        errors.append(f'{flag} {input_size}: must be divisible by the patch size {patch_size} (or pass '
+def check_patch_grid(input_size: pixels.Size, patch_size: int, errors: List[str], flag: str = '--input_size'):
+    """Each side of the images (one int, or height and width) divisible by the patch side."""
+    sides = pixels.height_width(input_size)
+    if min(sides) >= 1 and patch_size >= 1 and any(side % patch_size for side in sides):
+        shown = ' '.join(map(str, dict.fromkeys(sides)))
+        errors.append(f'{flag} {shown}: must be divisible by the patch size {patch_size} (or pass '
                       '--patch_size)')
 
 

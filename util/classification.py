@@ -9,7 +9,7 @@ import torch
 from timm.layers import trunc_normal_
 
 import models_vit
-from util import checks, training_plan
+from util import checks, pixels, training_plan
 from util.architecture import CLASSIFIER_KINDS, Architecture, architecture_of
 from util.checkpoint_files import load_checkpoint
 from util.output_dir import Resumable, find_resumable, holds_training_state
@@ -22,7 +22,7 @@ from util.weights import check_heads_up_front, load_weights, model_state_from
 @dataclass(frozen=True)
 class Sizes:
     """The classifier's sizes for this run: the flags the user gave, the rest resolved (resolve_sizes)."""
-    input_size: int
+    input_size: pixels.Size
     patch_size: Optional[int]  # None: the model's own
     nb_classes: int
     global_pool: bool
@@ -45,10 +45,11 @@ class ClassifierRun:
 
 
 def read_up_front(args, world_size: int, global_pool_default: bool,
-                  train_transform: Callable[[int], object]) -> Optional[ClassifierRun]:
+                  train_transform: Callable[[pixels.Size, bool], object]) -> Optional[ClassifierRun]:
     """The checkpoint, the sizes (resolve_sizes), class list, datasets and --finetune weights, each refused in one
     line if unusable, and the training plan checked; None when the run being resumed already finished --epochs
-    (said in one line). `train_transform(input_size)` is the script's training transform."""
+    (said in one line). `train_transform(input_size, arrays)` is the script's training transform (arrays: for the
+    float tensors of util/arrays.py)."""
     resumable = find_resumable(args)  # --resume, or this --output_dir's checkpoint
     sizes = resolve_sizes(args, resumable, global_pool_default)
     if not args.eval and training_plan.check_rerun(resumable, args, world_size,
@@ -60,7 +61,8 @@ def read_up_front(args, world_size: int, global_pool_default: bool,
                         '--nb_classes of at least that')
     dataset_train = None
     if not args.eval:
-        dataset_train = build_dataset(True, args, sizes.input_size, classes, train_transform(sizes.input_size))
+        dataset_train = build_dataset(True, args, sizes.input_size, classes,
+                                      lambda arrays: train_transform(sizes.input_size, arrays))
         training_plan.check_training_plan(len(dataset_train), dataset_train.root, args, world_size, resumable)
     dataset_val = build_dataset(False, args, sizes.input_size, classes)
     return ClassifierRun(resumable, sizes, classes, dataset_train, dataset_val, read_pretrained(args, resumable))
@@ -133,7 +135,7 @@ def build_model(args, run: ClassifierRun, head_init_std: float,
     """The --model classifier in the run's sizes; with --finetune it starts from that checkpoint's encoder and a
     fresh head drawn from trunc_normal(std=head_init_std): 2e-5 for fine-tuning, 0.01 for linear probing (the
     official values)."""
-    model = models_vit.build_classifier(args.model, **run.sizes.of_model(), attn_impl=args.attn,
+    model = models_vit.build_classifier(args.model, **run.sizes.of_model(), in_chans=args.in_chans, attn_impl=args.attn,
                                         drop_path_rate=drop_path_rate)
     if run.pretrained is not None:
         load_weights(model, run.pretrained, args.finetune, args.model, pretrained=True)

@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from torchvision import datasets
 
-from util import shards
+from util import arrays, pixels, shards
 from util.bad_images import BadImageLog
 from util.distributed import get_rank, print0
 from util.folders import IMG_EXTENSIONS, class_folders, describe_skipped, image_files
@@ -103,7 +103,10 @@ class ImageFolderDataset(datasets.ImageFolder):
     def blank(self):
         """What stands in for an unreadable evaluation image in its batch: a black image through the transform
         (the evaluation transforms give every image the same size)."""
-        img = Image.new('RGB', (64, 64))
+        if isinstance(self.decode, arrays.ArrayDecoder):
+            img = torch.zeros(self.decode.in_chans, 64, 64)
+        else:
+            img = Image.new('RGB', (64, 64))
         return self.transform(img) if self.transform is not None else img
 
 
@@ -209,11 +212,17 @@ def group_ranges(keys: list) -> List[tuple]:
 
 def build_image_folder(root: str, transform, decode: Callable = decode_image,
                        classes: Optional[Sequence[str]] = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                       substitute: bool = True) -> ImageFolderDataset:
+                       substitute: bool = True, in_chans: Optional[int] = None) -> ImageFolderDataset:
     """The split at `root` (DATA_PATH/train or DATA_PATH/val): a folder of class folders (ImageFolderDataset), or
     the same split stored in DATA_PATH as WebDataset shards or Parquet files (IndexedImageDataset). A one-line
     DataError when there is none, or it is empty or unreadable. substitute: True for training sets, False for
-    evaluation sets (see ImageFolderDataset)."""
+    evaluation sets (see ImageFolderDataset). in_chans: read the images as float tensors of that many channels
+    (util/arrays.py; `transform` must take them), the first one read now so that another channel count is
+    refused before any work."""
+    if in_chans is not None:
+        dataset = build_image_folder(root, transform, arrays.ArrayDecoder(in_chans), classes, max_pixels, substitute)
+        check_channels(dataset)
+        return dataset
     kind, files = shards.layout_of_split(root)
     if kind in ('wds', 'parquet'):
         return IndexedImageDataset(root, kind, files, transform=transform, decode=decode, classes=classes,
@@ -230,24 +239,51 @@ def build_image_folder(root: str, transform, decode: Callable = decode_image,
         raise DataError(f'{root}: {str(e).splitlines()[0]} (expected {root}/<class>/<image>)') from None
 
 
-def build_transform(is_train: bool, args, input_size: Optional[int] = None):
+def check_channels(dataset: ImageFolderDataset):
+    """Read the first readable image of an arrays dataset: another channel count than the run's is refused now
+    (ChannelMismatch, one line), not after the run has started."""
+    for path, _ in dataset.samples[:MAX_CONSECUTIVE_BAD]:
+        try:
+            dataset.read(path)
+            return
+        except DECODE_ERRORS:
+            continue  # reported when the run reads it
+
+
+def reads_arrays(root: str, in_chans: int) -> bool:
+    """Whether the split at root is read as float tensors (util/arrays.py): not 3 channels, or .npy/TIFF files."""
+    return arrays.reads_arrays(in_chans, arrays.first_image_file(root))
+
+
+def build_transform(is_train: bool, args, input_size: Optional[pixels.Size] = None, arrays: bool = False):
     """The official entry point: the fine-tuning training transform (RandAugment --aa, random erasing --reprob,
     bicubic crops) or the evaluation transform (resize to input_size / 0.875, centre crop), of input_size px
-    (default: args.input_size, as the official code reads it)."""
+    (default: args.input_size, as the official code reads it), normalised with the run's --mean/--std. arrays: for
+    the float tensors of util/arrays.py."""
     size = input_size if input_size is not None else args.input_size
-    return build_finetune_transform(args, size) if is_train else build_eval_transform(size)
+    normalization = pixels.normalization_of(args)
+    if is_train:
+        return build_finetune_transform(args, size, normalization, arrays)
+    return build_eval_transform(size, normalization, arrays)
 
 
-def build_dataset(is_train: bool, args, input_size: Optional[int] = None, classes: Optional[Sequence[str]] = None,
-                  transform=None) -> ImageFolderDataset:
-    """The official entry point: args.data_path's train/ or val/ with build_transform(is_train, args), or the
-    `transform` given (linear probing's crops). Labels: the run's `classes` by name, else the sorted folder names
-    (ImageFolder's rule). Training sets replace an unreadable image by the next one, evaluation sets leave it out
-    (ImageFolderDataset); --max_image_pixels applies where the script has it."""
+def build_dataset(is_train: bool, args, input_size: Optional[pixels.Size] = None,
+                  classes: Optional[Sequence[str]] = None, make_transform=None) -> ImageFolderDataset:
+    """The official entry point: args.data_path's train/ or val/ with build_transform(is_train, args), or
+    `make_transform(arrays)` (linear probing's crops; arrays: whether it takes the float tensors of util/arrays.py).
+    Labels: the run's `classes` by name, else the sorted folder names (ImageFolder's rule). Training sets replace
+    an unreadable image by the next one, evaluation sets leave it out (ImageFolderDataset); --max_image_pixels
+    applies where the script has it. Images of --in_chans other than 3, or .npy/TIFF files, are read as arrays."""
     root = os.path.join(args.data_path, 'train' if is_train else 'val')
-    transform = transform if transform is not None else build_transform(is_train, args, input_size)
+    in_chans = getattr(args, 'in_chans', 3)
+    as_arrays = reads_arrays(root, in_chans)
+    if make_transform is not None:
+        transform = make_transform(as_arrays)
+    else:
+        transform = build_transform(is_train, args, input_size, as_arrays)
     return build_image_folder(root, transform, classes=classes,
-                              max_pixels=getattr(args, 'max_image_pixels', DEFAULT_MAX_PIXELS), substitute=is_train)
+                              max_pixels=getattr(args, 'max_image_pixels', DEFAULT_MAX_PIXELS), substitute=is_train,
+                              in_chans=in_chans if as_arrays else None)
 
 
 def describe(dataset: ImageFolderDataset, training: bool = True) -> str:

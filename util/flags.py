@@ -10,6 +10,7 @@ import argparse
 import sys
 from typing import Any, Callable, Dict, Tuple
 
+from util import pixels
 from util.device import AMP_CHOICES, DEVICE_CHOICES
 from util.images import DEFAULT_MAX_PIXELS
 
@@ -137,16 +138,21 @@ def add_schedule_args(parser, batch_size: int, epochs: int, blr: float, weight_d
 def add_model_args(parser, model: str, classifier: bool = False):
     parser.add_argument('--model', default=model, type=str, metavar='MODEL', help='model name (see models_*.py)')
     if classifier:  # None: resolved by util/classification.resolve_sizes
-        parser.add_argument('--input_size', default=None, type=int, check=POSITIVE_INT, recipe=True,
-                            help="image side in pixels (default: 224; with --eval, the checkpoint's, and another "
-                                 'size interpolates its position embeddings)')
+        add_input_size(parser, None, "image side in pixels, or height and width (default: 224; with --eval, the "
+                                     "checkpoint's, and another size interpolates its position embeddings)")
     else:
-        parser.add_argument('--input_size', default=224, type=int, check=POSITIVE_INT, recipe=True,
-                            help='image side in pixels')
+        add_input_size(parser, 224, 'image side in pixels, or height and width (H W) for rectangular images')
+    pixels.add_args(parser, training=True)
     parser.add_argument('--patch_size', default=None, type=int, check=POSITIVE_INT, recipe=True,
                         help="patch side in pixels (default: the model's own, 16 or 14)")
     parser.add_argument('--attn', default='sdpa', choices=('sdpa', 'eager'),
                         help='attention kernel: fused scaled_dot_product_attention, or the official eager formula')
+
+
+def add_input_size(parser, default, help: str, recipe: bool = True):
+    """--input_size H [W]: an int for squares (the official flag), (H, W) for rectangles (util/pixels.py)."""
+    parser.add_argument('--input_size', default=default, type=int, nargs='+', action=pixels.SizeAction,
+                        metavar='PX', check=(pixels.positive_size, 'must be positive'), recipe=recipe, help=help)
 
 
 def add_run_args(parser, folders: str):

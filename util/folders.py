@@ -16,7 +16,7 @@ from typing import Dict, List, Tuple
 from torchvision.datasets.folder import IMG_EXTENSIONS as TORCHVISION_EXTENSIONS
 
 # torchvision's ImageFolder extensions, and GIF (decoded by its first frame), which torchvision leaves out
-IMG_EXTENSIONS = TORCHVISION_EXTENSIONS + ('.gif',)
+IMG_EXTENSIONS = TORCHVISION_EXTENSIONS + ('.gif', '.npy')  # .npy: arrays of any channel count (util/arrays.py)
 # names (lower case) that file managers, archivers, NAS boxes and file systems leave beside data
 METADATA_NAMES = frozenset({'__macosx', '@eadir', 'thumbs.db', 'ehthumbs.db', 'desktop.ini', '$recycle.bin',
                             'system volume information', 'lost+found', 'icon\r'})

@@ -87,7 +87,10 @@ def decode_rgb(f, max_pixels: int) -> Image.Image:
 
 def check_size(img: Image.Image, max_pixels: int):
     """ImageTooLarge if the image (its header read, its pixels not yet) has more than max_pixels (0: no limit)."""
-    width, height = img.size
+    check_size_of(*img.size, max_pixels)
+
+
+def check_size_of(width: int, height: int, max_pixels: int):
     if max_pixels and width * height > max_pixels:
         raise ImageTooLarge(width, height, max_pixels)
 

@@ -28,7 +28,9 @@ from util.distributed import print0
 from util.bad_images import BadImageBudget
 from util.classes import check_subset
 from util.images import DEFAULT_MAX_PIXELS
-from util.datasets import LEFT_OUT, DataError, ImageFolderDataset, build_image_folder, build_loader, cap_per_class
+from util.datasets import (LEFT_OUT, DataError, ImageFolderDataset, build_image_folder, build_loader, cap_per_class,
+                           reads_arrays)
+from util.pixels import IMAGENET_RGB, Normalization, Size
 from util.progress import evaluation_batches
 from util.transforms import build_eval_transform, to_device_normalized
 
@@ -199,19 +201,22 @@ class KnnData:
         return self.bank.classes
 
 
-def read_knn_data(data_path: str, input_size: int, train_per_class: int, val_per_class: int,
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> KnnData:
+def read_knn_data(data_path: str, input_size: Size, train_per_class: int, val_per_class: int,
+                  max_pixels: int = DEFAULT_MAX_PIXELS, normalization: Normalization = IMAGENET_RGB) -> KnnData:
     """train/ and val/ of data_path with the evaluation transform, each capped at the first N images of each class
     (sorted file order; 0: all). train/'s folders are the classes; a val/ folder not among them is refused in one
     line (ClassListError), as is an empty or missing folder (DataError). Both are evaluation sets: an unreadable
-    image (or one over max_pixels pixels) is left out, never replaced."""
-    transform = build_eval_transform(input_size)
+    image (or one over max_pixels pixels) is left out, never replaced. Images of another channel count than 3, or
+    .npy/TIFF files, are read as arrays (util/arrays.py) of normalization.in_chans channels."""
     train_root, val_root = os.path.join(data_path, 'train'), os.path.join(data_path, 'val')
-    bank = cap_per_class(build_image_folder(train_root, transform, max_pixels=max_pixels, substitute=False),
-                         train_per_class)
+    as_arrays = reads_arrays(train_root, normalization.in_chans)
+    transform = build_eval_transform(input_size, normalization, as_arrays)
+    in_chans = normalization.in_chans if as_arrays else None
+    bank = cap_per_class(build_image_folder(train_root, transform, max_pixels=max_pixels, substitute=False,
+                                            in_chans=in_chans), train_per_class)
     check_subset(val_root, bank.classes, what=f"{train_root}'s")
     queries = cap_per_class(build_image_folder(val_root, transform, classes=bank.classes, max_pixels=max_pixels,
-                                               substitute=False), val_per_class)
+                                               substitute=False, in_chans=in_chans), val_per_class)
     return KnnData(bank, queries)
 
 

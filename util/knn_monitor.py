@@ -13,6 +13,7 @@ from util.checks import UsageError, check_data_path
 from util.distributed import print0
 from util.knn import (DEFAULT_FEATURE, DEFAULT_K, DEFAULT_TEMPERATURE, FEATURES, KnnData, describe_counts, evaluate,
                       k_too_large, read_knn_data)
+from util.pixels import normalization_of
 from util.rng import rng_state, set_rng_state
 
 # the default cap, images per class: 0.6-1.4% of a ViT-B ImageNet epoch (README; python -m tools.benchmark --knn)
@@ -65,7 +66,7 @@ def read_data(args) -> Optional[KnnData]:
     if args.knn_data_path is None:
         return None
     data = read_knn_data(args.knn_data_path, args.input_size, args.knn_train_per_class, args.knn_val_per_class,
-                         args.max_image_pixels)
+                         args.max_image_pixels, normalization_of(args))
     where = os.path.join(args.knn_data_path, 'train')
     if args.knn_train_per_class:
         where += f', at most {args.knn_train_per_class} per class'

@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import torch
 
+from util.pixels import as_size, normalization_of, size_text
 from util import distributed
 from util.distributed import print0
 from util.lr_sched import LrSchedule, effective_batch
@@ -45,8 +46,10 @@ def run_header(title: str, args, model: torch.nn.Module, optimizer, lr_schedule:
                                                                    if start.iteration else '')
     outputs = (f'{args.output_dir} (checkpoints, log.txt; TensorBoard in {args.log_dir}); settings, model and '
                f'optimizer in {os.path.join(args.output_dir, DETAILS)}' if args.output_dir else 'nothing is saved')
-    return [f'{title}: {args.model}, {model.patch_embed.img_size[0]} px, patch {model.patch_embed.patch_size[0]}, '
-            f'{format_count(total)} parameters ({format_count(trained)} trained)',
+    normalization = normalization_of(args)
+    images = '' if normalization.imagenet_rgb else f', {normalization.describe()}'
+    return [f'{title}: {args.model}, {size_text(as_size(*model.patch_embed.img_size))}{images}, patch '
+            f'{model.patch_embed.patch_size[0]}, {format_count(total)} parameters ({format_count(trained)} trained)',
             f'data: {data}',
             f'effective batch size: {eff_batch} ({args.batch_size} per process x {args.accum_iter} accumulated x '
             f'{processes}); base lr: {lr * 256 / eff_batch:.2e}; actual lr: {lr:.2e}',

@@ -1,15 +1,15 @@
 """The MAE reconstruction figure: original | masked (grey where hidden) | reconstruction | reconstruction with
 the visible patches pasted back, titled per column as in the paper's figures (drawn with matplotlib). Used by
 main_infer.py and the demo."""
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms
 
 import models_mae
 from util.checks import UsageError
-from util.transforms import BICUBIC, normalize
+from util.pixels import IMAGENET_RGB, Normalization, Size, default_shown_channels, height_width
+from util.transforms import BICUBIC, ResizeToCover, normalize
 
 MASK_GREY = 0.5  # hidden patches in the "masked" panel, as in the paper's figures
 COLUMN_TITLES = ('original', 'masked', 'reconstruction', 'reconstruction + visible')
@@ -18,10 +18,15 @@ TITLE_INCHES = 0.4
 FIGURE_DPI = 100
 
 
-def reconstruction_transform(input_size: int) -> transforms.Compose:
-    """Resize the short side and centre-crop to the model's size: the whole picture, undistorted."""
-    return transforms.Compose([transforms.Resize(input_size, interpolation=BICUBIC),
-                               transforms.CenterCrop(input_size), transforms.ToTensor(), normalize()])
+def reconstruction_transform(input_size: Size, normalization: Normalization = IMAGENET_RGB,
+                             arrays: bool = False) -> transforms.Compose:
+    """Resize (keeping the aspect) and centre-crop to the model's size: the whole picture, undistorted. arrays: on
+    the float tensors of util/arrays.py."""
+    height, width = height_width(input_size)
+    resize = (transforms.Resize(height, interpolation=BICUBIC) if height == width else
+              ResizeToCover((height, width)))
+    to_tensor = [] if arrays else [transforms.ToTensor()]
+    return transforms.Compose([resize, transforms.CenterCrop(input_size), *to_tensor, normalize(normalization)])
 
 
 def mask_noise(seed: int, num_patches: int) -> torch.Tensor:
@@ -31,9 +36,13 @@ def mask_noise(seed: int, num_patches: int) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruct(model: models_mae.MaskedAutoencoderViT, x: torch.Tensor, mask_ratio: float, seed: int,
-                norm_pix: bool, runtime) -> Tuple[torch.Tensor, Optional[float], torch.Tensor]:
-    """x: one normalised image [1, 3, H, W]. Returns the 4 panels [4, 3, H, W] in [0, 1], the loss on the masked
-    patches (None when nothing is masked) and the mask [L]."""
+                norm_pix: bool, runtime, normalization: Normalization = IMAGENET_RGB,
+                channels: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, Optional[float], torch.Tensor]:
+    """x: one normalised image [1, C, H, W]. Returns the 4 panels [4, 3, H, W] in [0, 1], the loss on the masked
+    patches (None when nothing is masked) and the mask [L]. channels: the 3 channels shown as red, green, blue,
+    or 1 shown in grey (default: RGB's, the first 3, or the one of greyscale images). Images of other than 3
+    channels, or with `channels` chosen, are shown with each channel stretched from its lowest to its highest value
+    in the original."""
     x = x.to(runtime.device)
     noise = mask_noise(seed, model.patch_embed.num_patches).to(runtime.device)
     with runtime.autocast():
@@ -44,8 +53,11 @@ def reconstruct(model: models_mae.MaskedAutoencoderViT, x: torch.Tensor, mask_ra
         pred = pred * std + mean
     mask_pixels = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, pred.shape[-1]))  # 1 where hidden
     recon = model.unpatchify(pred)
-    original = denormalize(x)
-    recon = denormalize(recon)
+    original = denormalize(x, normalization)
+    recon = denormalize(recon, normalization)
+    if normalization.in_chans != 3 or channels is not None:
+        original, recon, mask_pixels = shown_channels((original, recon, mask_pixels), normalization.in_chans,
+                                                      channels)
     masked = original * (1 - mask_pixels) + MASK_GREY * mask_pixels
     pasted = original * (1 - mask_pixels) + recon * mask_pixels
     panels = torch.cat([original, masked, recon, pasted]).clamp(0, 1)
@@ -53,10 +65,23 @@ def reconstruct(model: models_mae.MaskedAutoencoderViT, x: torch.Tensor, mask_ra
     return panels.cpu(), loss_value, mask[0].cpu()
 
 
-def denormalize(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD, device=x.device).view(1, 3, 1, 1)
+def denormalize(x: torch.Tensor, normalization: Normalization = IMAGENET_RGB) -> torch.Tensor:
+    mean = torch.tensor(normalization.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(normalization.std, device=x.device).view(1, -1, 1, 1)
     return x * std + mean
+
+
+def shown_channels(images: Sequence[torch.Tensor], in_chans: int, channels: Optional[Sequence[int]]) -> list:
+    """The chosen channels of the original, the reconstruction and the mask [1, C, H, W] as three display channels
+    in [0, 1]: each stretched by the original's own range (one channel is repeated: grey)."""
+    chosen = list(channels) if channels is not None else list(default_shown_channels(in_chans))
+    original, recon, mask_pixels = (image[:, chosen] for image in images)
+    low = original.amin(dim=(2, 3), keepdim=True)
+    span = (original.amax(dim=(2, 3), keepdim=True) - low).clamp_min(1e-12)
+    original, recon = (original - low) / span, (recon - low) / span
+    if len(chosen) == 1:
+        original, recon, mask_pixels = (t.expand(-1, 3, -1, -1) for t in (original, recon, mask_pixels))
+    return [original, recon, mask_pixels]
 
 
 def figure_class():

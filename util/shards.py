@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 
 from util.imagenet import imagenet_synset_of
 
-IMAGE_SUFFIXES = ('jpg', 'jpeg', 'png', 'webp')
+IMAGE_SUFFIXES = ('jpg', 'jpeg', 'png', 'webp', 'npy', 'tif', 'tiff')  # npy, tif: util/arrays.py
 SPLIT_NAMES = {'train': ('train',), 'val': ('validation', 'val')}  # our split -> the names files use for it
 SHARD_NAME = re.compile(r'^(?P<name>.+)-(?P<split>train|validation|val)-(?P<number>\d+)\.tar$')
 PARQUET_NAME = re.compile(r'^(?P<split>train|validation|val)-.*\.parquet$')

@@ -5,7 +5,7 @@ the official key names, util/checkpoint_files.py), fits the position table to th
 and matches strictly, or says in one line what does not fit and why ('patch 8 px in the checkpoint, 4 in the
 model'). Resume, --finetune, --eval, k-NN, inference and torch.hub all call it."""
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -13,6 +13,7 @@ import torch.nn as nn
 import models_mae
 import models_vit
 from util import fsdp as util_fsdp
+from util import pixels
 from util.architecture import CLASSIFIER_KINDS, KIND_WORDS, Architecture, StateDict, architecture_of, attention_heads
 from util.checkpoint_files import SHARDED_CAUSE, CheckpointError
 from util.distributed import print0
@@ -42,11 +43,12 @@ def load_weights(model: nn.Module, checkpoint: dict, path: str, model_name: str,
     state = model_state_from(checkpoint, path)
     if keep is not None:
         state = {k: v for k, v in state.items() if keep(k)}
+    grid = saved_grid(checkpoint, state)
     if pretrained:  # nothing is loaded (or said to be) before every check has passed
         check_attention_heads(model, checkpoint, path, model_name, say)
-        return load_pretrained_encoder(model, state, path, model_name)
+        return load_pretrained_encoder(model, state, path, model_name, grid)
     if fit_grid:
-        fit_pos_embed(model, state, path)
+        fit_pos_embed(model, state, path, grid)
     load_state_strict(model, state, path, model_name, say)
     # after the sizes, the more basic cause (an error here stops the run; the loaded model is not used): weights do
     # not show the heads, only a config names them
@@ -244,17 +246,44 @@ def load_state_strict(model: nn.Module, state: StateDict, path: str, model_name:
         model.load_state_dict(state, strict=True)
 
 
-def fit_pos_embed(model: nn.Module, state: StateDict, path: str):
+def saved_grid(checkpoint: dict, state: StateDict) -> Optional[Tuple[int, int]]:
+    """The patch grid (rows, columns) the checkpoint's run used, from its saved args (--input_size, the patch
+    side of its weights), when they name one that fits its position table; else None (a square table's grid is
+    read off its length). A rectangular table's length does not tell its shape; the saved args do."""
+    args = checkpoint.get('args') if isinstance(checkpoint, dict) else None
+    size = args.get('input_size') if isinstance(args, dict) else getattr(args, 'input_size', None)
+    kernel, table = state.get('patch_embed.proj.weight'), state.get('pos_embed')
+    if size is None or kernel is None or kernel.ndim != 4 or table is None or table.ndim != 3:
+        return None
+    try:
+        rows, columns = pixels.grid_of(size, kernel.shape[-1])
+    except (TypeError, ValueError, IndexError):
+        return None
+    return (rows, columns) if table.shape[1] - rows * columns in (0, 1) else None
+
+
+def checkpoint_image_size(checkpoint: dict, state: StateDict) -> Optional[pixels.Size]:
+    """The image size the checkpoint's model was built for: its saved args' grid (saved_grid) when they have one,
+    else its position table's square grid; None when its weights show neither."""
+    arch = architecture_of(state)
+    grid = saved_grid(checkpoint, state)
+    if grid is not None:
+        return pixels.as_size(grid[0] * arch.patch_size, grid[1] * arch.patch_size)
+    return arch.img_size or None
+
+
+def fit_pos_embed(model: nn.Module, state: StateDict, path: str, grid: Optional[Tuple[int, int]] = None):
     """Interpolate state's position tables (in place) to the model's patch grid, or say in one line why not.
     For --finetune, --eval, main_infer and main_knn at another --input_size; resuming a training run stays strict.
-    Nothing is resized when the patch sizes differ: the strict load then names the patch size, the real cause."""
+    Nothing is resized when the patch sizes differ: the strict load then names the patch size, the real cause.
+    grid: the checkpoint's (rows, columns) (saved_grid), which a rectangular table needs."""
     theirs = architecture_of(state)
     if theirs.kind and theirs.patch_size != model.patch_embed.patch_size[0]:
         return
     for key in ('pos_embed', 'decoder_pos_embed'):
         if hasattr(model, key):
             try:
-                interpolate_pos_embed(model, state, key)
+                interpolate_pos_embed(model, state, key, orig_grid=grid)
             except (RuntimeError, ValueError) as e:
                 raise CheckpointError(f'{path}: position embeddings cannot be resized ({e})') from None
 
@@ -288,7 +317,8 @@ def fit_input_channels(model: nn.Module, state: StateDict, path: str):
     state[key] = adapt_input_channels(theirs, ours.shape[1])
 
 
-def load_pretrained_encoder(model: nn.Module, state: StateDict, path: str, model_name: str) -> List[str]:
+def load_pretrained_encoder(model: nn.Module, state: StateDict, path: str, model_name: str,
+                            grid: Optional[Tuple[int, int]] = None) -> List[str]:
     """An encoder-only or full MAE's weights (released, ours or converted from Hugging Face), or another
     classifier's, into a ViT classifier (load_weights(pretrained=True)): a head of another shape is dropped, the
     position embeddings are interpolated to the model's grid, and only the head and (with global pooling) fc_norm
@@ -299,7 +329,7 @@ def load_pretrained_encoder(model: nn.Module, state: StateDict, path: str, model
             print0(f'Removing key {k} from pretrained checkpoint (shape {tuple(state[k].shape)} vs '
                    f'{tuple(own[k].shape)})')
             del state[k]
-    fit_pos_embed(model, state, path)
+    fit_pos_embed(model, state, path, grid)
     fit_input_channels(model, state, path)
     allowed = set(FRESH_IN_A_CLASSIFIER)
     misfit = [k for k in own if k in state and state[k].shape != own[k].shape]

@@ -1,0 +1,140 @@
+"""Images of any channel count, read as float tensors [C, H, W]: NumPy `.npy` arrays (H, W, C), multi-band TIFF
+(read with tifffile, the library remote sensing and microscopy use for it), and PNG/JPEG/TIFF that Pillow reads,
+with their own channels (a greyscale PNG is one channel, not three copies).
+
+Values: unsigned integers are divided by their type's maximum (uint8 by 255 as ToTensor does, uint16 by 65535, so
+16-bit data keep their full range), floating-point values are kept as stored. A float image holding NaN or
+infinity is refused like a damaged file (no-data pixels would make the loss NaN). The file's format is told by
+its first bytes, so shards and Parquet rows read the same way as files.
+
+A run reads arrays when its images are not 3 channels or its data are .npy or TIFF files (reads_arrays); RGB
+photos keep the official PIL path (util/images.py) and its exact numbers.
+"""
+import io
+import os
+from typing import Tuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from util.images import EXIF_ORIENTATION, check_size_of
+
+NPY_MAGIC = b'\x93NUMPY'
+TIFF_MAGICS = (b'II*\x00', b'MM\x00*', b'II+\x00', b'MM\x00+')  # classic and BigTIFF, both byte orders
+ARRAY_SUFFIXES = ('.npy', '.tif', '.tiff')
+
+
+class ChannelMismatch(RuntimeError):
+    """An image with another channel count than the run's --in_chans; one line naming both and the file."""
+
+    def __init__(self, where: str, detail: str):
+        self.detail = detail
+        super().__init__(f'{where}: {detail}')
+
+
+def reads_arrays(in_chans: int, first_file: str) -> bool:
+    """Whether a run decodes to float tensors (this module) rather than 8-bit RGB PIL images: any channel count
+    but 3, or data stored as .npy or TIFF."""
+    return in_chans != 3 or first_file.lower().endswith(ARRAY_SUFFIXES)
+
+
+class ArrayDecoder:
+    """decode(f, max_pixels) for ImageFolderDataset: an open file (or SampleBytes) -> float32 [in_chans, H, W].
+    Raises ChannelMismatch for another channel count, and a DECODE_ERRORS error for a damaged file, a non-finite
+    value or more than max_pixels pixels (ImageTooLarge)."""
+
+    def __init__(self, in_chans: int):
+        self.in_chans = in_chans
+
+    def __call__(self, f, max_pixels: int) -> torch.Tensor:
+        array = read_array(f.read(), max_pixels)
+        if array.shape[2] != self.in_chans:
+            raise ChannelMismatch(where(f), f'{array.shape[2]} channel{"s" * (array.shape[2] != 1)} (an array '
+                                  f'of shape {tuple(array.shape)}, read as height, width, channels), but --in_chans '
+                                  f'is {self.in_chans}; every image of a run has --in_chans channels')
+        return to_tensor(array)
+
+
+def where(f) -> str:
+    """The file (or SHARD:KEY) an open image came from, for messages."""
+    return getattr(f, 'where', None) or getattr(f, 'name', None) or 'an image'
+
+
+def read_array(data: bytes, max_pixels: int) -> np.ndarray:
+    """An image file's bytes -> its pixels (H, W, C), in the file's own type."""
+    if data.startswith(NPY_MAGIC):
+        array = np.load(io.BytesIO(data), allow_pickle=False)  # never unpickles: loading executes no code
+    elif data[:4] in TIFF_MAGICS:
+        array = read_tiff(data)
+    else:
+        array = read_with_pillow(data, max_pixels)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or 0 in array.shape:
+        raise ValueError(f'an array of shape {tuple(array.shape)}; images are (height, width) or (height, width, '
+                         'channels)')
+    check_pixels(array.shape[:2], max_pixels)
+    return array
+
+
+def read_tiff(data: bytes) -> np.ndarray:
+    """A TIFF's first image as (H, W, C): interleaved bands ('YXS') as stored, band-by-band planes ('SYX',
+    'CYX', 'QYX', as GDAL and rasterio write them) moved last."""
+    import tifffile  # only runs that read TIFF need it
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+            series = tiff.series[0]
+            array, axes = series.asarray(), series.axes
+    except (tifffile.TiffFileError, KeyError, IndexError) as e:
+        raise ValueError(f'TIFF: {e}') from None
+    if array.ndim == 3 and axes[0] in 'SCQI' and axes[1:] == 'YX':
+        array = np.moveaxis(array, 0, -1)
+    return array
+
+
+def read_with_pillow(data: bytes, max_pixels: int) -> np.ndarray:
+    """PNG, JPEG and the rest, with their own channels: greyscale 1, RGB 3, RGBA 4; 16-bit greyscale kept 16-bit;
+    a palette image as the colours it shows."""
+    img = Image.open(io.BytesIO(data))
+    check_pixels((img.height, img.width), max_pixels)
+    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        img = ImageOps.exif_transpose(img)
+    if img.mode == 'P':
+        img = img.convert('RGBA' if 'transparency' in img.info else 'RGB')
+    elif img.mode in ('1', 'CMYK', 'YCbCr', 'LAB', 'HSV'):
+        img = img.convert('L' if img.mode == '1' else 'RGB')
+    array = np.asarray(img)
+    if img.mode.startswith('I;16'):
+        array = array.astype(np.uint16)
+    return array
+
+
+def check_pixels(height_width: Tuple[int, int], max_pixels: int):
+    check_size_of(height_width[1], height_width[0], max_pixels)
+
+
+def to_tensor(array: np.ndarray) -> torch.Tensor:
+    """(H, W, C) of any type -> float32 [C, H, W]: unsigned integers over their maximum, the rest as stored."""
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    if np.issubdtype(array.dtype, np.unsignedinteger):
+        scaled = array.astype(np.float32) / np.float32(np.iinfo(array.dtype).max)
+    else:
+        scaled = array.astype(np.float32)
+        if not np.isfinite(scaled).all():
+            raise ValueError(f'{int((~np.isfinite(scaled)).sum()):,} NaN or infinite values (no-data pixels?): '
+                             'fill them before training, they would make the loss NaN')
+    return torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1)))
+
+
+def first_image_file(root: str) -> str:
+    """The first image file of a folder of class folders in listing order ('' when there is none)."""
+    from util.folders import class_folders, image_files
+    if not os.path.isdir(root):
+        return ''
+    for name in class_folders(root)[0]:
+        files = image_files(os.path.join(root, name))[0]
+        if files:
+            return files[0]
+    return ''
