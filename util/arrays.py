@@ -28,9 +28,11 @@ ARRAY_SUFFIXES = ('.npy', '.tif', '.tiff')
 class ChannelMismatch(RuntimeError):
     """An image with another channel count than the run's --in_chans; one line naming both and the file."""
 
-    def __init__(self, where: str, detail: str):
-        self.detail = detail
-        super().__init__(f'{where}: {detail}')
+    def __init__(self, where: str, detail: str = ''):
+        """where: the file; detail: what is wrong. One argument (a DataLoader re-raising it from a worker): the
+        whole message."""
+        self.detail = detail or where
+        super().__init__(f'{where}: {detail}' if detail else where)
 
 
 def reads_arrays(in_chans: int, first_file: str) -> bool:

@@ -22,7 +22,7 @@ from util.distributed import get_rank, print0
 from util.folders import IMG_EXTENSIONS, class_folders, describe_skipped, image_files
 from util.imagenet import imagenet_aliases
 from util.images import DECODE_ERRORS, DEFAULT_MAX_PIXELS, decode_image
-from util.preemption import ignore_stop_signals_in_workers
+from util.preemption import ignore_stop_signals_in_workers, stop_workers_at_exit
 from util.rng import loader_seed
 from util.transforms import build_eval_transform, build_finetune_transform
 
@@ -418,6 +418,7 @@ def build_loader(dataset, args, runtime, train: bool, rank: int, world_size: int
     # a private generator: worker seeds never draw from (and shift) the global RNG that masking uses
     generator = torch.Generator()
     generator.manual_seed(loader_seed(args.seed, 0, rank))
+    stop_workers_at_exit()  # its workers ignore SIGTERM: ended at exit by us, not by multiprocessing
     return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
                       pin_memory=args.pin_mem and runtime.pin_memory_supported, drop_last=train,
                       generator=generator, persistent_workers=args.persistent_workers and args.num_workers > 0,

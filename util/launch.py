@@ -14,6 +14,7 @@ from util.bad_images import BadImageBudgetError
 from util.checkpoint_files import CheckpointError
 from util.checks import UsageError
 from util.classes import ClassListError
+from util.arrays import ChannelMismatch
 from util.datasets import DataError
 from util.device import DeviceError, Runtime, setup_runtime
 from util.distributed import print0
@@ -21,7 +22,8 @@ from util.progress import NonFiniteLossError
 from util.rng import seed_everything
 
 # failures that are the user's to fix: one line on stderr, exit code 2
-USER_ERRORS = (UsageError, DeviceError, CheckpointError, DataError, ClassListError, BadImageBudgetError)
+USER_ERRORS = (UsageError, DeviceError, CheckpointError, DataError, ClassListError, BadImageBudgetError,
+               ChannelMismatch)
 
 
 def start(args, training: bool) -> Runtime:
@@ -69,13 +71,22 @@ def compile_model(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
         return model
 
 
+def raised_in_worker(message: str) -> str:
+    """The error's own message when a DataLoader worker raised it (the loader re-raises it in the main process
+    wrapped in 'Caught X in DataLoader worker process N.' and the worker's traceback, whose last line holds it)."""
+    if not message.startswith('Caught ') or 'Original Traceback' not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]
+    return last.split(': ', 1)[1] if ': ' in last else last
+
+
 def run_main(main_fn, args):
     """Call main_fn(args); turn expected failures into one line on stderr and an exit code."""
     start_time = time.time()
     try:
         main_fn(args)
     except USER_ERRORS as e:
-        for line in str(e).splitlines():
+        for line in raised_in_worker(str(e)).splitlines():
             print(f'error: {line}', file=sys.stderr, flush=True)
         sys.exit(2)
     except NonFiniteLossError as e:

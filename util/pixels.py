@@ -103,7 +103,7 @@ def check_args(args, errors: List[str]):
     if (mean is None) != (std is None):
         errors.append(f'{"--mean" if mean is not None else "--std"} without '
                       f'{"--std" if mean is not None else "--mean"}: give both (python -m tools.data_stats '
-                      'DATA_PATH prints them)')
+                      f'{getattr(args, "data_path", None) or "DATA_PATH"} prints them)')
     elif mean is None and n != 3:
         errors.append(f'--in_chans {n}: the ImageNet statistics are for 3 channels; pass --mean and --std with '
                       f'{n} values each (python -m tools.data_stats {getattr(args, "data_path", None) or "DATA_PATH"} '

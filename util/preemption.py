@@ -4,7 +4,9 @@ first Ctrl-C (SIGINT) only set a flag: every rank stops at the same point, a tra
 checkpoint-last.pth, and the process exits with 128 + signal (130 for Ctrl-C). A second Ctrl-C stops at once,
 without saving. DataLoader workers ignore all of them (the signal reaches a whole process group, workers included,
 and a worker it killed would end the run before the save); they end with the main process."""
+import atexit
 import contextlib
+import multiprocessing
 import os
 import signal
 import sys
@@ -80,6 +82,27 @@ def ignore_stop_signals_in_workers(_worker_id: int):
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
+def stop_workers_at_exit():
+    """Register (once, in the main process) the exit step that kills the DataLoader workers still alive. At exit
+    multiprocessing terminates its daemon children (SIGTERM) and then joins them; ours ignore SIGTERM and only end
+    when the main process has, so a run that stopped on an error raised while its loader ran (a DataError from a
+    worker, a non-finite loss) waited for them forever. atexit runs this before multiprocessing's own step."""
+    global _WORKERS_STOPPED_AT_EXIT
+    if not _WORKERS_STOPPED_AT_EXIT:
+        atexit.register(kill_daemon_children)
+        _WORKERS_STOPPED_AT_EXIT = True
+
+
+_WORKERS_STOPPED_AT_EXIT = False
+
+
+def kill_daemon_children():
+    for child in multiprocessing.active_children():
+        if child.daemon:  # DataLoader workers (non-daemon children are someone else's, joined as usual)
+            child.kill()
+            child.join()
+
+
 @contextlib.contextmanager
 def stop_signals_blocked():
     """Hold the stop signals back (they stay pending and arrive when the block ends): a worker process started
@@ -93,6 +116,7 @@ def stop_signals_blocked():
 
 def iterate(loader):
     """Iterate a DataLoader with its workers started while the stop signals are held back (see above)."""
+    stop_workers_at_exit()
     with stop_signals_blocked():
         batches = iter(loader)
     yield from batches

@@ -1,0 +1,267 @@
+"""Images of any channel count and non-square sizes (issue 24): .npy, multi-band TIFF and 1-channel PNG read with
+their own channels and range, the flags (--in_chans, --input_size H W, --mean/--std) in every script, and every
+refusal one line with exit code 2 before any work."""
+import argparse
+import io
+import os
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+import main_finetune
+import main_pretrain
+import models_mae
+from conftest import read_json_log, run_in_process, run_script
+from tools import data_stats
+from util.arrays import ArrayDecoder, ChannelMismatch, read_array, to_tensor
+from util.datasets import build_image_folder
+from util.pixels import Normalization
+from util.transforms import build_array_pretrain_transform, build_eval_transform
+from util.weights import load_weights
+
+FOUR = ['--in_chans', '4', '--mean', '0.3', '0.3', '0.3', '0.3', '--std', '0.2', '0.2', '0.2', '0.2']
+RECT = ['--input_size', '16', '24', '--patch_size', '4']
+SMALL = ['--num_workers', '0', '--batch_size', '8', '--print_freq', '4', '--device', 'cpu']
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def tiff_bytes(array: np.ndarray, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, array, photometric='minisblack', **kwargs)
+    return buffer.getvalue()
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, 'PNG')  # uint8: mode L, uint16: I;16
+    return buffer.getvalue()
+
+
+def band_folder(root, make_file, suffix: str, channels: int, per_class=(8, 4), seed=0):
+    """root/train and root/val, classes 'dark' and 'bright' of 20x28 (H x W) uint16 images with `channels` bands;
+    make_file(array) -> the file's bytes."""
+    rng = np.random.default_rng(seed)
+    for split, count in zip(('train', 'val'), per_class):
+        for name, level in (('dark', 8000), ('bright', 40000)):
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder)
+            for i in range(count):
+                array = (level + rng.normal(0, 3000, (20, 28, channels))).clip(0, 65535).astype(np.uint16)
+                with open(os.path.join(folder, f'{i}{suffix}'), 'wb') as f:
+                    f.write(make_file(array))
+    return str(root)
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+
+def test_npy_tiff_and_png_keep_their_channels_and_range():
+    rng = np.random.default_rng(0)
+    bands = rng.integers(0, 65536, (6, 10, 5), dtype=np.uint16)
+    for data in (npy_bytes(bands), tiff_bytes(bands, planarconfig='contig'),
+                 tiff_bytes(np.moveaxis(bands, -1, 0), planarconfig='separate'),  # as GDAL / rasterio write bands
+                 tiff_bytes(np.moveaxis(bands, -1, 0))):  # one page per band
+        tensor = to_tensor(read_array(data, 0))
+        assert tensor.shape == (5, 6, 10)
+        assert torch.equal(tensor, torch.from_numpy(np.moveaxis(bands, -1, 0).astype(np.float32) / 65535))
+    grey = rng.integers(0, 256, (6, 10), dtype=np.uint8)
+    assert torch.equal(to_tensor(read_array(png_bytes(grey), 0)), torch.from_numpy(grey[None] / np.float32(255)))
+    sixteen = rng.integers(0, 65536, (6, 10), dtype=np.uint16)  # a 16-bit PNG keeps all 16 bits
+    assert torch.equal(to_tensor(read_array(png_bytes(sixteen), 0)),
+                       torch.from_numpy(sixteen[None] / np.float32(65535)))
+    floats = rng.normal(0, 100, (6, 10, 2)).astype(np.float32)  # floats as stored
+    assert torch.equal(to_tensor(read_array(npy_bytes(floats), 0)), torch.from_numpy(np.moveaxis(floats, -1, 0)))
+
+
+def test_a_float_image_with_nan_is_a_damaged_file_and_another_channel_count_is_refused(tmp_path):
+    floats = np.ones((6, 10, 2), np.float32)
+    floats[2, 3, 1] = np.nan
+    with pytest.raises(ValueError, match='1 NaN or infinite values'):
+        to_tensor(read_array(npy_bytes(floats), 0))
+    path = tmp_path / 'three.npy'
+    np.save(path, np.zeros((6, 10, 3), np.uint8))
+    with open(path, 'rb') as f, pytest.raises(ChannelMismatch) as error:
+        ArrayDecoder(4)(f, 0)
+    assert str(error.value).startswith(f'{path}: 3 channels (an array of shape (6, 10, 3)')
+    assert 'but --in_chans is 4' in str(error.value)
+
+
+def test_the_crops_and_evaluation_resize_give_the_rectangle_on_any_channel_count():
+    norm = Normalization(5, (0.5,) * 5, (0.25,) * 5)
+    image = torch.rand(5, 40, 30)
+    assert build_array_pretrain_transform((16, 48), norm)(image).shape == (5, 16, 48)
+    evaluated = build_eval_transform((16, 48), norm, arrays=True)(image)
+    assert evaluated.shape == (5, 16, 48)
+    # normalised with the run's statistics: (0.75 - 0.5) / 0.25
+    constant = build_eval_transform(32, norm, arrays=True)(torch.full((5, 40, 30), 0.75))
+    assert torch.allclose(constant, torch.ones_like(constant), atol=1e-5)
+
+
+def test_data_stats_prints_the_numpy_mean_and_std_as_flags(tmp_path, capsys):
+    root = band_folder(tmp_path / 'bands', npy_bytes, '.npy', 3)
+    assert data_stats.main([root, '--num_workers', '0']) == 0
+    line = capsys.readouterr().out.strip()
+    arrays = np.stack([np.load(os.path.join(d, f)) for d, _, files in os.walk(os.path.join(root, 'train'))
+                       for f in files]).astype(np.float64) / 65535
+    mean, std = arrays.mean(axis=(0, 1, 2)), arrays.std(axis=(0, 1, 2))
+    assert line == ('--in_chans 3 --mean ' + ' '.join(f'{m:.4g}' for m in mean) + ' --std '
+                    + ' '.join(f'{s:.4g}' for s in std))
+
+
+# --- the command line, end to end -------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize('layout', ['npy, 4 bands', 'tiff, 5 bands'])
+def test_multiband_images_pretrain_fine_tune_and_infer_from_the_command_line(tmp_path, layout):
+    channels = 4 if layout.startswith('npy') else 5
+    if channels == 4:
+        suffix, make = '.npy', npy_bytes
+    else:  # band by band, as GDAL and rasterio write them
+        suffix, make = '.tif', lambda a: tiff_bytes(np.moveaxis(a, -1, 0), planarconfig='separate')
+    data = band_folder(tmp_path / 'data', make, suffix, channels)
+    stats = ['--in_chans', str(channels), '--mean', *['0.4'] * channels, '--std', *['0.25'] * channels]
+    pretrain, finetune = tmp_path / 'pretrain', tmp_path / 'finetune'
+    run_script('main_pretrain.py', '--model', 'mae_vit_tiny_patch16', *RECT, *stats, *SMALL, '--epochs', '1',
+               '--data_path', data, '--output_dir', pretrain, check=True)
+    checkpoint = torch.load(pretrain / 'checkpoint-0.pth', map_location='cpu', weights_only=False)
+    assert checkpoint['model']['patch_embed.proj.weight'].shape[1] == channels
+    assert checkpoint['model']['decoder_pred.weight'].shape[0] == 4 * 4 * channels
+    assert checkpoint['model']['pos_embed'].shape[1] == 1 + 4 * 6
+    proc = run_script('main_finetune.py', '--model', 'vit_tiny_patch16', *RECT, *stats, *SMALL, '--epochs', '1',
+                      '--nb_classes', '2', '--aa', 'none', '--data_path', data, '--output_dir', finetune,
+                      '--finetune', pretrain / 'checkpoint-0.pth', check=True)
+    assert '16x24 px' in proc.stdout and f'{channels} channels' in proc.stdout
+    assert read_json_log(finetune)[-1]['test_num_images'] == 8
+    image = os.path.join(data, 'val', 'bright', f'0{suffix}')
+    proc = run_script('main_infer.py', '--model', 'vit_tiny_patch16', '--resume', finetune / 'checkpoint-best.pth',
+                      '--img_path', image, '--topk', '2', check=True)
+    assert 'bright' in proc.stdout and 'dark' in proc.stdout
+    proc = run_script('main_infer.py', '--model', 'mae_vit_tiny_patch16', '--resume', pretrain / 'checkpoint-0.pth',
+                      '--img_path', image, '--show_channels', '3,2,1', '--output_dir', tmp_path / 'figures',
+                      check=True)
+    assert 'reconstruction loss' in proc.stdout and (tmp_path / 'figures' / '0_mae.png').is_file()
+
+
+def test_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, capsys):
+    data = band_folder(tmp_path / 'data', npy_bytes, '.npy', 4, per_class=(2, 1))
+    out = tmp_path / 'out'
+    base = ['--model', 'mae_vit_tiny_patch16', *SMALL, '--data_path', data, '--output_dir', out]
+    cases = {
+        ('--in_chans', '3', *RECT): "data/train/bright/0.npy: 4 channels (an array of shape (20, 28, 4), read as "
+                                    'height, width, channels), but --in_chans is 3',
+        ('--in_chans', '4', *RECT): '--in_chans 4: the ImageNet statistics are for 3 channels; pass --mean and --std',
+        ('--in_chans', '4', '--mean', '1', '2', '--std', '1', '1', '1', '1', *RECT):
+            '--mean has 2 values, --in_chans is 4: give one per channel',
+        (*FOUR, '--input_size', '16', '22', '--patch_size', '4'):
+            '--input_size 16 22: must be divisible by the patch size 4',
+    }
+    for flags, expected in cases.items():
+        code, _, err = run_in_process(main_pretrain, [*base, *flags], capsys)
+        assert code == 2 and len(err) == 1 and expected in err[0], (flags, err)
+        assert not out.exists()
+    code, _, err = run_in_process(main_finetune, ['--model', 'vit_tiny_patch16', *RECT, *FOUR, *SMALL,
+                                                  '--nb_classes', '2', '--data_path', data, '--output_dir', out],
+                                  capsys)
+    assert code == 2 and err == ['error: --aa rand-m9-mstd0.5-inc1: RandAugment is defined on RGB photos, not on '
+                                 '--in_chans 4 (images read as arrays); pass --aa none']
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_an_image_with_other_channels_met_by_a_loader_worker_stops_the_run_in_one_line(tmp_path):
+    """The error is raised in a DataLoader worker, which ignores SIGTERM: the run used to print it and then wait
+    for that worker forever at exit."""
+    data = band_folder(tmp_path / 'data', npy_bytes, '.npy', 4, per_class=(8, 1))
+    np.save(os.path.join(data, 'train', 'dark', '7.npy'), np.zeros((20, 28, 3), np.uint8))
+    proc = run_script('main_pretrain.py', '--model', 'mae_vit_tiny_patch16', *RECT, *FOUR, '--num_workers', '1',
+                      '--batch_size', '8', '--epochs', '1', '--data_path', data, '--output_dir', tmp_path / 'out',
+                      timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {os.path.join(data, 'train', 'dark', '7.npy')}: 3 channels (an array of shape (20, 28, 3), read as "
+        'height, width, channels), but --in_chans is 4; every image of a run has --in_chans channels']
+
+
+# --- position tables of rectangles ----------------------------------------------------------------------------
+
+def test_a_checkpoint_of_a_wide_grid_is_interpolated_into_a_tall_one_of_the_same_length():
+    """4x6 and 6x4 grids have tables of the same length: only the checkpoint's saved --input_size tells them
+    apart, and loading one into the other without interpolation would scramble the positions silently."""
+    wide = models_mae.MaskedAutoencoderViT(img_size=(16, 24), patch_size=4, in_chans=2, embed_dim=32, depth=1,
+                                           num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    tall = models_mae.MaskedAutoencoderViT(img_size=(24, 16), patch_size=4, in_chans=2, embed_dim=32, depth=1,
+                                           num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    checkpoint = {'model': wide.state_dict(), 'args': argparse.Namespace(input_size=(16, 24))}
+    load_weights(tall, checkpoint, 'wide.pth', 'tiny', fit_grid=True)
+    # the sin-cos table of the wide grid, interpolated to the tall one, is not the wide table reread in order
+    assert not torch.equal(tall.pos_embed, wide.pos_embed)
+    assert torch.allclose(tall.pos_embed[0, 1], wide.pos_embed[0, 1], atol=0.2)  # the top-left corner stays
+
+
+# --- a 1-channel MAE learns ------------------------------------------------------------------------------------
+
+def digits_folder(root) -> str:
+    """scikit-learn's handwritten digits (1,797 real 8x8 scans, shipped with the package) as 16x16 greyscale PNGs:
+    the first 1,400 in train/, the rest in val/."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+        folder = os.path.join(root, 'train' if i < 1400 else 'val', str(label))
+        os.makedirs(folder, exist_ok=True)
+        pixels = np.kron((image * 255 / 16).round().astype(np.uint8), np.ones((2, 2), np.uint8))
+        Image.fromarray(pixels, 'L').save(os.path.join(folder, f'{i}.png'))
+    return str(root)
+
+
+def augmented_images(dataset, seed: int) -> torch.Tensor:
+    """Every image of `dataset` once through its (random) transform, drawn from `seed`."""
+    torch.manual_seed(seed)
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+def masked_losses(model, images: torch.Tensor, mean_image: torch.Tensor) -> dict:
+    """The masked-patch loss of the model, of predicting zeros and of predicting the mean training image, on the
+    same masks."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        loss, _, mask = model(images, mask_ratio=0.75)
+        target = model.patchify(images)
+
+        def of(prediction):
+            return float((((target - prediction) ** 2).mean(dim=-1) * mask).sum() / mask.sum())
+        return {'model': float(loss), 'zeros': of(0), 'mean image': of(model.patchify(mean_image))}
+
+
+@pytest.mark.slow
+def test_a_one_channel_mae_learns_on_scikit_learn_digits(tmp_path):
+    """Held-out digits, cropped and flipped as in training: the masked-patch loss ends well below predicting zeros
+    (the normalised pixels' mean) and below predicting the mean training image."""
+    root = digits_folder(tmp_path / 'digits')
+    norm = Normalization(1, (0.3056,), (0.3755,))  # python -m tools.data_stats on this folder
+    transform = build_array_pretrain_transform(16, norm)
+    train = build_image_folder(os.path.join(root, 'train'), transform, in_chans=1)
+    held_out = augmented_images(build_image_folder(os.path.join(root, 'val'), transform, in_chans=1), seed=5)
+    mean_image = augmented_images(train, seed=6).mean(dim=0, keepdim=True)
+    assert held_out.shape == (397, 1, 16, 16)
+    torch.manual_seed(0)
+    model = models_mae.MaskedAutoencoderViT(img_size=16, patch_size=2, in_chans=1, embed_dim=64, depth=2,
+                                            num_heads=4, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95))
+    loader = torch.utils.data.DataLoader(train, batch_size=100, shuffle=True, drop_last=True)
+    before = masked_losses(model.eval(), held_out, mean_image)
+    for _ in range(8):
+        model.train()
+        for batch, _ in loader:
+            loss, _, _ = model(batch, mask_ratio=0.75)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    after = masked_losses(model.eval(), held_out, mean_image)
+    assert after['model'] < 0.75 * after['zeros'] and after['model'] < after['mean image'], (before, after)
