@@ -120,10 +120,10 @@ def load_model(args, checkpoint: dict, path: str) -> nn.Module:
     size = kwargs['img_size'] = kwargs.get('img_size') or 224
     if any(side % patch for side in pixels.height_width(size)):
         flag = '--input_size' if args.input_size else '--patch_size'
-        given = args.input_size or args.patch_size
-        raise checks.UsageError(f'{flag} {" ".join(map(str, pixels.height_width(given))) if args.input_size else given}'
-                                f': the image size {pixels.size_text(size)} is not a multiple of the patch size '
-                                f'{patch} px')
+        given = ' '.join(map(str, dict.fromkeys(pixels.height_width(args.input_size or args.patch_size))))
+        what = 'side' if isinstance(size, int) else 'size'
+        raise checks.UsageError(f'{flag} {given}: the image {what} {pixels.size_text(size)} is not a multiple of the '
+                                f'patch size {patch} px')
     if args.model in models_mae.MODELS:
         kwargs = {k: v for k, v in kwargs.items() if k in ('patch_size', 'img_size', 'in_chans')}
         model = models_mae.build_mae(args.model, **kwargs)

@@ -4,6 +4,7 @@ refusal one line with exit code 2 before any work."""
 import argparse
 import io
 import os
+from functools import partial
 
 import numpy as np
 import pytest
@@ -14,9 +15,11 @@ from PIL import Image
 import main_finetune
 import main_pretrain
 import models_mae
+import models_vit
 from conftest import read_json_log, run_in_process, run_script
-from tools import data_stats
+from tools import data_stats, export
 from util.arrays import ArrayDecoder, ChannelMismatch, read_array, to_tensor
+from util.checkpoint_files import load_checkpoint
 from util.datasets import build_image_folder
 from util.pixels import Normalization
 from util.transforms import build_array_pretrain_transform, build_eval_transform
@@ -265,3 +268,60 @@ def test_a_one_channel_mae_learns_on_scikit_learn_digits(tmp_path):
             optimizer.step()
     after = masked_losses(model.eval(), held_out, mean_image)
     assert after['model'] < 0.75 * after['zeros'] and after['model'] < after['mean image'], (before, after)
+
+
+# --- weights out: Hugging Face and timm ---------------------------------------------------------------------
+
+def test_a_four_channel_mae_goes_to_transformers_and_back_with_the_same_numbers(tmp_path):
+    import transformers
+    torch.manual_seed(0)
+    ours = models_mae.MaskedAutoencoderViT(img_size=16, patch_size=4, in_chans=4, embed_dim=32, depth=1, num_heads=2,
+                                           decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
+                                           norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)).eval()  # as the factories
+    torch.save({'model': ours.state_dict(), 'args': argparse.Namespace(in_chans=4, input_size=16)},
+               tmp_path / 'mae.pth')
+    assert export.main([str(tmp_path / 'mae.pth'), str(tmp_path / 'hf'), '--to', 'hf', '--num_heads', '2',
+                        '--decoder_num_heads', '2']) == 0
+    theirs = transformers.ViTMAEForPreTraining.from_pretrained(tmp_path / 'hf').eval()
+    assert theirs.config.num_channels == 4 and theirs.config.image_size == 16
+    generator = torch.Generator().manual_seed(2)
+    x, noise = torch.randn(2, 4, 16, 16, generator=generator), torch.rand(2, 16, generator=generator)
+    with torch.no_grad():
+        loss, pred, mask = ours(x, mask_ratio=0.75, noise=noise)
+        out = theirs(pixel_values=x, noise=noise)
+    assert pred.shape == out.logits.shape == (2, 16, 4 * 4 * 4)
+    assert torch.allclose(loss, out.loss, rtol=1e-5, atol=1e-5), (loss, out.loss)
+    assert (pred - out.logits).abs().max() <= 1e-5 and torch.equal(mask, out.mask)
+    back = load_checkpoint(str(tmp_path / 'hf'))
+    assert back['args'].in_chans == 4
+    assert all(torch.equal(back['model'][k], v) for k, v in ours.state_dict().items())
+
+
+def test_a_rectangular_mae_is_refused_by_the_transformers_export_in_one_line(tmp_path, capsys):
+    mae = models_mae.MaskedAutoencoderViT(img_size=(16, 24), patch_size=4, in_chans=2, embed_dim=32, depth=1,
+                                          num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+    torch.save({'model': mae.state_dict(), 'args': argparse.Namespace(input_size=(16, 24), in_chans=2)},
+               tmp_path / 'mae.pth')
+    assert export.main([str(tmp_path / 'mae.pth'), str(tmp_path / 'hf'), '--to', 'hf', '--num_heads', '2',
+                        '--decoder_num_heads', '2']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "its images are 16x24 px, not square; Hugging Face's ViTMAE builds" in err[0]
+    assert not (tmp_path / 'hf').exists()
+
+
+def test_a_rectangular_five_channel_classifier_goes_to_timm_with_its_size_channels_and_statistics(tmp_path):
+    import timm
+    torch.manual_seed(0)
+    ours = models_vit.VisionTransformer(img_size=(16, 24), patch_size=4, in_chans=5, num_classes=3, embed_dim=32,
+                                        depth=1, num_heads=2).eval()
+    stats = dict(mean=[0.1, 0.2, 0.3, 0.4, 0.5], std=[0.5, 0.4, 0.3, 0.2, 0.1])
+    torch.save({'model': ours.state_dict(),
+                'args': argparse.Namespace(model='vit_tiny_patch16', input_size=(16, 24), in_chans=5, **stats)},
+               tmp_path / 'vit.pth')
+    assert export.main([str(tmp_path / 'vit.pth'), str(tmp_path / 'timm'), '--to', 'timm', '--num_heads', '2']) == 0
+    theirs = timm.create_model(f'local-dir:{tmp_path / "timm"}', pretrained=True).eval()
+    assert tuple(theirs.pretrained_cfg['input_size']) == (5, 16, 24)
+    assert list(theirs.pretrained_cfg['mean']) == stats['mean'] and list(theirs.pretrained_cfg['std']) == stats['std']
+    x = torch.randn(2, 5, 16, 24, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (ours(x) - theirs(x)).abs().max() <= 1e-5

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from util import flags as cli
-from util.arrays import ARRAY_SUFFIXES, NPY_MAGIC, TIFF_MAGICS, first_image_file, read_array
+from util.arrays import first_image_file, read_array
 from util.checks import UsageError, check_data_path, raise_if_errors
 from util.datasets import LEFT_OUT, DataError, build_image_folder, cap_per_class, reads_arrays
 from util.images import DEFAULT_MAX_PIXELS
@@ -40,12 +40,10 @@ def get_args_parser() -> cli.ArgumentParser:
 
 
 def first_file_channels(path: str) -> int:
-    """The channel count of the file at path as util/arrays.py reads it (RGB photos: 3)."""
+    """The channel count of the file at path as util/arrays.py reads it (greyscale 1, RGB 3, a .npy its last
+    axis)."""
     with open(path, 'rb') as f:
-        data = f.read()
-    if data.startswith(NPY_MAGIC) or data[:4] in TIFF_MAGICS or path.lower().endswith(ARRAY_SUFFIXES):
-        return read_array(data, 0).shape[2]
-    return 3
+        return read_array(f.read(), 0).shape[2]
 
 
 def image_moments(image: torch.Tensor) -> Moments:

@@ -17,14 +17,13 @@ from typing import Dict, Optional
 
 import safetensors.torch
 import torch
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import models_mae
 import models_vit
 from util import flags as cli
-from util import hf_layout
+from util import hf_layout, pixels
 from util.checkpoint_files import CheckpointError, load_checkpoint
-from util.weights import model_state_from
+from util.weights import checkpoint_image_size, model_state_from
 from util.architecture import KIND_WORDS, Architecture, architecture_of, attention_heads
 
 WEIGHTS_NAME = 'model.safetensors'
@@ -106,6 +105,11 @@ def hf_folder(checkpoint: dict, state: dict, arch: Architecture, args) -> tuple:
         raise ExportError(f'it is {KIND_WORDS.get(arch.kind, "not ViT weights")}; --to hf writes an MAE or its '
                           'encoder (a fine-tuned classifier goes to timm: --to timm)')
     saved = checkpoint.get('args')
+    size = checkpoint_image_size(checkpoint, state)
+    if isinstance(size, tuple):
+        raise ExportError(f'its images are {pixels.size_text(size)}, not square; Hugging Face\'s ViTMAE builds its '
+                          'sin-cos position tables for square grids only (export the encoder of a square run, or '
+                          'a fine-tuned classifier with --to timm)')
     norm_pix = args.norm_pix_loss if args.norm_pix_loss is not None else getattr(saved, 'norm_pix_loss', None)
     if norm_pix is None and arch.kind == 'mae':
         print('Note: the checkpoint does not say whether it predicts normalised pixels; config.json says '
@@ -124,15 +128,27 @@ def timm_architecture(saved_model: Optional[str]) -> str:
 
 
 def timm_config(checkpoint: dict, state: dict, arch: Architecture, heads: Dict[str, int]) -> dict:
-    """config.json as timm's push_to_hub writes it: architecture, model_args (every size, our pooling), the
-    preprocessing of our --eval (bicubic, crop 224/256, ImageNet mean and std) and the class names."""
+    """config.json as timm's push_to_hub writes it: architecture, model_args (every size, our pooling, the channel
+    count), the preprocessing of our --eval (bicubic, crop 224/256, the run's --mean/--std: ImageNet's by default)
+    and the class names."""
     pool = 'avg' if arch.global_pool else 'token'
-    model_args = dict(img_size=arch.img_size, patch_size=arch.patch_size, embed_dim=arch.embed_dim, depth=arch.depth,
+    height, width = pixels.height_width(checkpoint_image_size(checkpoint, state))
+    try:
+        normalization = pixels.normalization_of(checkpoint.get('args'))
+    except ValueError:
+        normalization = None
+    if normalization is None or normalization.in_chans != arch.in_chans:
+        if arch.in_chans != 3:
+            raise ExportError(f'its patch embedding reads {arch.in_chans} channels and its saved args do not say '
+                              "their --mean and --std, which timm's pretrained_cfg must name")
+        normalization = pixels.IMAGENET_RGB
+    model_args = dict(img_size=pixels.as_size(height, width), patch_size=arch.patch_size, in_chans=arch.in_chans,
+                      embed_dim=arch.embed_dim, depth=arch.depth,
                       num_heads=heads['encoder'], mlp_ratio=arch.mlp_dim / arch.embed_dim,
                       qkv_bias=True, class_token=True, global_pool=pool, fc_norm=bool(arch.global_pool))
-    pretrained_cfg = dict(input_size=[arch.in_chans, arch.img_size, arch.img_size], interpolation='bicubic',
-                          crop_pct=224 / 256 if arch.img_size <= 224 else 1.0, crop_mode='center',
-                          mean=list(IMAGENET_DEFAULT_MEAN), std=list(IMAGENET_DEFAULT_STD),
+    pretrained_cfg = dict(input_size=[arch.in_chans, height, width], interpolation='bicubic',
+                          crop_pct=224 / 256 if max(height, width) <= 224 else 1.0, crop_mode='center',
+                          mean=list(normalization.mean), std=list(normalization.std),
                           num_classes=arch.num_classes, first_conv='patch_embed.proj', classifier='head',
                           fixed_input_size=True)
     config = dict(architecture=timm_architecture(getattr(checkpoint.get('args'), 'model', None)),

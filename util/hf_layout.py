@@ -141,9 +141,6 @@ def check_config(config: dict, has_decoder: bool):
                               '(the exact erf form)')
     if not setting(config, 'qkv_bias'):
         raise ConversionError('config.json: qkv_bias false; the MAE here has biases on query, key and value')
-    if setting(config, 'num_channels') != 3:
-        raise ConversionError(f"config.json: num_channels {setting(config, 'num_channels')}; the scripts here read "
-                              '3-channel (RGB) images')
     eps = setting(config, 'layer_norm_eps')
     if eps not in (OFFICIAL_EPS, TRANSFORMERS_DEFAULT_EPS):
         raise ConversionError(f'config.json: layer_norm_eps {eps:g} makes another model; the MAE here normalises with '
@@ -163,7 +160,7 @@ def check_weights_fit_config(state: StateDict, config: dict):
     """The sizes the weights show must be those the config names: a mismatch means the two were not saved together."""
     arch = architecture_of(state)
     shown = {'hidden_size': arch.embed_dim, 'patch_size': arch.patch_size, 'image_size': arch.img_size,
-             'num_hidden_layers': arch.depth}
+             'num_hidden_layers': arch.depth, 'num_channels': arch.in_chans}
     if arch.kind == 'mae':
         shown.update(decoder_hidden_size=arch.decoder_embed_dim, decoder_num_hidden_layers=arch.decoder_depth)
     for field, value in shown.items():
@@ -195,7 +192,8 @@ def checkpoint_from_hf(weights: StateDict, config: dict) -> dict:
         heads['decoder'] = setting(config, 'decoder_num_attention_heads')
     # our checkpoints keep the run's settings in an argparse.Namespace under 'args'
     args = argparse.Namespace(norm_pix_loss=bool(setting(config, 'norm_pix_loss')),
-                              mask_ratio=float(setting(config, 'mask_ratio')))
+                              mask_ratio=float(setting(config, 'mask_ratio')),
+                              in_chans=int(setting(config, 'num_channels')))
     return {'model': state, 'args': args, 'attention_heads': heads, 'hf_config': config}
 
 

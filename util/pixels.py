@@ -118,11 +118,13 @@ def check_args(args, errors: List[str]):
 
 def normalization_of(args) -> Normalization:
     """The run's Normalization from its (checked) flags; the official one where a script or an old checkpoint's
-    saved args have none of them."""
+    saved args have none of them. ValueError when they name another channel count than 3 without statistics."""
     n = getattr(args, 'in_chans', 3) or 3
     mean, std = getattr(args, 'mean', None), getattr(args, 'std', None)
-    if mean is None:
-        return Normalization(n) if n == 3 else Normalization(n, (0.5,) * n, (0.5,) * n)
+    if mean is None or std is None:
+        if n != 3:
+            raise ValueError(f'{n} channels without --mean and --std: the normalisation is unknown')
+        return Normalization(n)
     return Normalization(n, tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
 
