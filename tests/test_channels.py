@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import main_finetune
+import main_infer
 import main_pretrain
 import models_mae
 import models_vit
@@ -122,7 +123,7 @@ def test_data_stats_prints_the_numpy_mean_and_std_as_flags(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('layout', ['npy, 4 bands', 'tiff, 5 bands'])
-def test_multiband_images_pretrain_fine_tune_and_infer_from_the_command_line(tmp_path, layout):
+def test_multiband_images_pretrain_fine_tune_and_infer_from_the_command_line(tmp_path, layout, capsys):
     channels = 4 if layout.startswith('npy') else 5
     if channels == 4:
         suffix, make = '.npy', npy_bytes
@@ -143,13 +144,14 @@ def test_multiband_images_pretrain_fine_tune_and_infer_from_the_command_line(tmp
     assert '16x24 px' in proc.stdout and f'{channels} channels' in proc.stdout
     assert read_json_log(finetune)[-1]['test_num_images'] == 8
     image = os.path.join(data, 'val', 'bright', f'0{suffix}')
-    proc = run_script('main_infer.py', '--model', 'vit_tiny_patch16', '--resume', finetune / 'checkpoint-best.pth',
-                      '--img_path', image, '--topk', '2', check=True)
-    assert 'bright' in proc.stdout and 'dark' in proc.stdout
-    proc = run_script('main_infer.py', '--model', 'mae_vit_tiny_patch16', '--resume', pretrain / 'checkpoint-0.pth',
-                      '--img_path', image, '--show_channels', '3,2,1', '--output_dir', tmp_path / 'figures',
-                      check=True)
-    assert 'reconstruction loss' in proc.stdout and (tmp_path / 'figures' / '0_mae.png').is_file()
+    # main_infer reads the channels, the 16x24 size and --mean/--std off each checkpoint
+    assert main_infer.main(['--model', 'vit_tiny_patch16', '--resume', str(finetune / 'checkpoint-best.pth'),
+                            '--img_path', image, '--topk', '2']) == 0
+    assert 'bright' in capsys.readouterr().out
+    assert main_infer.main(['--model', 'mae_vit_tiny_patch16', '--resume', str(pretrain / 'checkpoint-0.pth'),
+                            '--img_path', image, '--show_channels', '3,2,1',
+                            '--output_dir', str(tmp_path / 'figures')]) == 0
+    assert 'reconstruction loss' in capsys.readouterr().out and (tmp_path / 'figures' / '0_mae.png').is_file()
 
 
 def test_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, capsys):
