@@ -27,9 +27,12 @@ def _read(checkpoint):
     return loaded, _weights.model_state_from(loaded, checkpoint)
 
 
-def _sizes(state, kwargs: dict, keys) -> dict:
-    """kwargs, completed with the sizes the checkpoint shows (those the caller did not pass)."""
+def _sizes(loaded: dict, state, kwargs: dict, keys) -> dict:
+    """kwargs, completed with the sizes the checkpoint shows (those the caller did not pass): patch, channels, and
+    the image size of its run (a rectangle from its saved args)."""
     shown = _architecture_of(state).size_kwargs()
+    if 'img_size' in shown:
+        shown['img_size'] = _weights.checkpoint_image_size(loaded, state)
     return {**{k: v for k, v in shown.items() if k in keys}, **kwargs}
 
 
@@ -43,7 +46,7 @@ def _mae_entry(name: str):
     def entry(checkpoint=None, **kwargs):
         loaded, state = _read(checkpoint) if checkpoint else (None, None)
         if state is not None:
-            kwargs = _sizes(state, kwargs, ('patch_size', 'img_size'))
+            kwargs = _sizes(loaded, state, kwargs, ('patch_size', 'img_size', 'in_chans'))
         model = _models_mae.build_mae(name, **kwargs)
         return _load(model, loaded, checkpoint, name) if state is not None else model
     entry.__name__ = name
@@ -56,7 +59,7 @@ def _vit_entry(name: str):
     def entry(checkpoint=None, finetune=None, **kwargs):
         loaded, state = _read(checkpoint) if checkpoint else (None, None)
         if state is not None:
-            kwargs = _sizes(state, kwargs, ('patch_size', 'img_size', 'num_classes', 'global_pool'))
+            kwargs = _sizes(loaded, state, kwargs, ('patch_size', 'img_size', 'in_chans', 'num_classes', 'global_pool'))
         model = _models_vit.build_classifier(name, **kwargs)
         if state is not None:
             if _architecture_of(state).kind == 'linear probe':
@@ -67,7 +70,7 @@ def _vit_entry(name: str):
         return model
     entry.__name__ = name
     entry.__doc__ = f'{name} (models_vit.py). checkpoint: a fine-tuned classifier; finetune: MAE encoder weights; ' \
-                    'kwargs: num_classes, global_pool, drop_path_rate, img_size, patch_size'
+                    'kwargs: num_classes, global_pool, drop_path_rate, img_size (side or (H, W)), patch_size, in_chans'
     return entry
 
 

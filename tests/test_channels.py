@@ -327,3 +327,23 @@ def test_a_rectangular_five_channel_classifier_goes_to_timm_with_its_size_channe
     x = torch.randn(2, 5, 16, 24, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (ours(x) - theirs(x)).abs().max() <= 1e-5
+
+
+def test_torch_hub_and_eval_take_the_channels_and_the_rectangle_from_the_checkpoint(tmp_path):
+    import hubconf
+    from util.classification import resolve_sizes
+    from util.output_dir import Resumable
+    torch.manual_seed(0)
+    ours = models_vit.build_classifier('vit_tiny_patch16', img_size=(16, 24), patch_size=4, in_chans=4,
+                                       num_classes=3).eval()
+    checkpoint = {'model': ours.state_dict(), 'args': argparse.Namespace(input_size=(16, 24), in_chans=4)}
+    torch.save(checkpoint, tmp_path / 'vit.pth')
+    theirs = hubconf.vit_tiny_patch16(checkpoint=str(tmp_path / 'vit.pth')).eval()
+    assert tuple(theirs.patch_embed.img_size) == (16, 24) and theirs.patch_embed.proj.in_channels == 4
+    x = torch.randn(1, 4, 16, 24)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+    args = argparse.Namespace(eval=True, input_size=None, patch_size=None, nb_classes=None, global_pool=None,
+                              model='vit_tiny_patch16')
+    sizes = resolve_sizes(args, Resumable(str(tmp_path / 'vit.pth'), checkpoint, False), global_pool_default=True)
+    assert sizes.input_size == (16, 24) and sizes.patch_size == 4 and sizes.nb_classes == 3

@@ -16,7 +16,7 @@ from util.output_dir import Resumable, find_resumable, holds_training_state
 from util.classes import ClassListError, folder_classes, run_classes
 from util.datasets import DataError, ImageFolderDataset, build_dataset, describe
 from util.distributed import print0
-from util.weights import check_heads_up_front, load_weights, model_state_from
+from util.weights import check_heads_up_front, checkpoint_image_size, load_weights, model_state_from
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,11 @@ def resolve_sizes(args, resumable: Optional[Resumable], global_pool_default: boo
     """--input_size, --patch_size, --nb_classes and the pooling, those the user left out filled in: with --eval
     from the checkpoint (so a checkpoint evaluates without its sizes typed again), else 224 px, the model's patch,
     1000 classes and the script's pooling (the official defaults). The patch grid is checked (UsageError)."""
-    arch = architecture_of(model_state_from(resumable.checkpoint, resumable.path)) if args.eval else None
-    sizes = sizes_of(args, arch, global_pool_default)
+    arch, image_size = None, None
+    if args.eval:
+        state = model_state_from(resumable.checkpoint, resumable.path)
+        arch, image_size = architecture_of(state), checkpoint_image_size(resumable.checkpoint, state)
+    sizes = sizes_of(args, arch, global_pool_default, image_size)
     patch = sizes.patch_size or models_vit.default_patch_size(models_vit.MODELS[args.model])
     errors = []
     checks.check_patch_grid(sizes.input_size, patch, errors)
@@ -81,16 +84,18 @@ def resolve_sizes(args, resumable: Optional[Resumable], global_pool_default: boo
     return sizes
 
 
-def sizes_of(args, arch: Optional[Architecture], global_pool_default: bool) -> Sizes:
-    """The sizes args give, those left unset taken from `arch` (a classifier's checkpoint), else the defaults. Also
-    reads the saved args of a run being resumed, which may lack a flag (the official scripts have no
-    --patch_size) or hold the values resolved (ours before, the official code)."""
+def sizes_of(args, arch: Optional[Architecture], global_pool_default: bool,
+             image_size: Optional[pixels.Size] = None) -> Sizes:
+    """The sizes args give, those left unset taken from `arch` (a classifier's checkpoint; image_size: its images',
+    util/weights.checkpoint_image_size), else the defaults. Also reads the saved args of a run being resumed, which
+    may lack a flag (the official scripts have no --patch_size) or hold the values resolved (ours before, the
+    official code)."""
     from_checkpoint = arch is not None and arch.kind in CLASSIFIER_KINDS
 
     def given_or(name, from_arch, default):
         value = getattr(args, name, None)
         return value if value is not None else (from_arch if from_checkpoint else default)
-    return Sizes(input_size=given_or('input_size', arch and arch.grid and arch.img_size or 224, 224),
+    return Sizes(input_size=given_or('input_size', image_size or (arch and arch.grid and arch.img_size) or 224, 224),
                  patch_size=given_or('patch_size', arch and arch.patch_size, None),
                  nb_classes=given_or('nb_classes', arch and arch.num_classes, 1000),
                  global_pool=given_or('global_pool', arch and arch.global_pool, global_pool_default))

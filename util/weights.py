@@ -128,11 +128,12 @@ class Phrasing:
     classes: str = '--nb_classes {}'
     global_pool: str = 'drop --cls_token'
     cls_token: str = 'pass --cls_token'
+    channels: str = '--in_chans {} with its --mean and --std'
 
 
 CLI = Phrasing()
 HUB = Phrasing(model='entry point', patch='patch_size={}', img='img_size={}', classes='num_classes={}',
-               global_pool='global_pool=True', cls_token='global_pool=False')
+               global_pool='global_pool=True', cls_token='global_pool=False', channels='in_chans={}')
 
 
 def no_vit_cause(state: StateDict) -> str:
@@ -172,7 +173,8 @@ def size_cause(theirs: Architecture, ours: Architecture, say: Phrasing) -> str:
         causes.append(f'embed dim {theirs.embed_dim} and {theirs.depth} blocks in the checkpoint, {ours.embed_dim} '
                       f'and {ours.depth} in the model (another {say.model})')
     if theirs.in_chans != ours.in_chans:
-        causes.append(f'{theirs.in_chans} input channels in the checkpoint, {ours.in_chans} in the model')
+        causes.append(f'{theirs.in_chans} input channels in the checkpoint, {ours.in_chans} in the model (pass '
+                      f'{say.channels.format(theirs.in_chans)})')
     if theirs.grid and theirs.grid != ours.grid and theirs.patch_size == ours.patch_size:
         causes.append(f'a {theirs.grid}x{theirs.grid} patch grid ({theirs.img_size} px) in the checkpoint, '
                       f'{ours.grid}x{ours.grid} ({ours.img_size} px) in the model '
