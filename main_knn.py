@@ -95,7 +95,11 @@ def build_encoder(args, checkpoint: dict) -> models_vit.VisionTransformer:
 
 def main(args):
     check_args(args)
-    encoder = build_encoder(args, load_checkpoint(args.resume))  # a checkpoint that does not fit stops the run here
+    checkpoint = load_checkpoint(args.resume)
+    refusal = pixels.saved_normalization_refusal(pixels.normalization_of(args), checkpoint.get('args'), args.resume)
+    if refusal:
+        raise checks.UsageError(refusal)
+    encoder = build_encoder(args, checkpoint)  # a checkpoint that does not fit stops the run here
     data = knn.read_knn_data(args.data_path, args.input_size, args.train_per_class, args.val_per_class,
                              args.max_image_pixels, pixels.normalization_of(args))
     print0(f'data: bank {describe(data.bank, training=False)}; queries {describe(data.queries, training=False)}')

@@ -347,3 +347,68 @@ def test_torch_hub_and_eval_take_the_channels_and_the_rectangle_from_the_checkpo
                               model='vit_tiny_patch16')
     sizes = resolve_sizes(args, Resumable(str(tmp_path / 'vit.pth'), checkpoint, False), global_pool_default=True)
     assert sizes.input_size == (16, 24) and sizes.patch_size == 4 and sizes.nb_classes == 3
+
+
+# --- RGB data keep the official path ------------------------------------------------------------------------
+
+def test_npy_files_beside_rgb_photos_and_rgb_tiffs_keep_the_official_path(tmp_path, monkeypatch):
+    """A depth map or feature file kept beside each photo is not an image of a 3-channel run, in a folder or in a
+    shard (where the photo member wins), and 3-channel TIFFs are decoded by PIL as before."""
+    import tarfile
+    from util.datasets import IndexedImageDataset, reads_arrays
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))  # a fresh shard index
+    photo = io.BytesIO()
+    Image.new('RGB', (20, 20), (200, 10, 10)).save(photo, 'JPEG')
+    root = tmp_path / 'data' / 'train'
+    for name in ('a', 'b'):
+        (root / name).mkdir(parents=True)
+        (root / name / 'x.jpg').write_bytes(photo.getvalue())
+        np.save(root / name / 'x_depth.npy', np.zeros((20, 20), np.float32))
+        np.save(root / name / 'a_first.npy', np.zeros((20, 20), np.float32))  # sorts before the photo
+    assert not reads_arrays(str(root), 3)
+    dataset = build_image_folder(str(root), None)
+    assert [os.path.basename(p) for p, _ in dataset.samples] == ['x.jpg', 'x.jpg']
+    assert isinstance(dataset[0][0], Image.Image)
+    with tarfile.open(tmp_path / 'data' / 'pairs-train-0000.tar', 'w') as tar:
+        for key in ('k0', 'k1'):
+            for suffix, data in (('npy', npy_bytes(np.zeros((20, 20), np.float32))), ('jpg', photo.getvalue()),
+                                 ('cls', b'0')):
+                info = tarfile.TarInfo(f'{key}.{suffix}')
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (root / 'a').rename(tmp_path / 'moved_a')
+    (root / 'b').rename(tmp_path / 'moved_b')
+    root.rmdir()
+    shards = build_image_folder(str(root), None)
+    assert isinstance(shards, IndexedImageDataset) and not reads_arrays(str(root), 3)
+    assert isinstance(shards[0][0], Image.Image) and shards[0][0].size == (20, 20)
+    tiffs = tmp_path / 'tiffs' / 'train' / 'a'
+    tiffs.mkdir(parents=True)
+    tifffile.imwrite(tiffs / 'rgb.tif', np.full((20, 20, 3), 7, np.uint8), photometric='rgb')
+    assert not reads_arrays(str(tiffs.parent), 3)
+
+
+def test_a_timm_export_reads_back_with_its_size_channels_and_statistics(tmp_path):
+    ours = models_vit.VisionTransformer(img_size=(16, 24), patch_size=4, in_chans=2, num_classes=3, embed_dim=32,
+                                        depth=1, num_heads=2)
+    args = argparse.Namespace(model='vit_tiny_patch16', input_size=(16, 24), in_chans=2, mean=[0.1, 0.2],
+                              std=[0.3, 0.4])
+    torch.save({'model': ours.state_dict(), 'args': args}, tmp_path / 'vit.pth')
+    assert export.main([str(tmp_path / 'vit.pth'), str(tmp_path / 'timm'), '--to', 'timm', '--num_heads', '2']) == 0
+    back = load_checkpoint(str(tmp_path / 'timm'))
+    assert (back['args'].input_size, back['args'].in_chans) == ((16, 24), 2)
+    assert (back['args'].mean, back['args'].std) == ([0.1, 0.2], [0.3, 0.4])
+
+
+def test_eval_of_a_checkpoint_trained_with_other_statistics_is_refused_in_one_line(tmp_path, capsys):
+    data = band_folder(tmp_path / 'data', npy_bytes, '.npy', 4, per_class=(2, 1))
+    model = models_vit.build_classifier('vit_tiny_patch16', img_size=(16, 24), patch_size=4, in_chans=4,
+                                        num_classes=2)
+    saved = argparse.Namespace(in_chans=4, input_size=(16, 24), mean=[0.3] * 4, std=[0.2] * 4)
+    torch.save({'model': model.state_dict(), 'args': saved, 'classes': ['bright', 'dark']}, tmp_path / 'vit.pth')
+    other = ['--in_chans', '4', '--mean', '0.5', '0.5', '0.5', '0.5', '--std', '0.2', '0.2', '0.2', '0.2']
+    code, _, err = run_in_process(main_finetune, ['--model', 'vit_tiny_patch16', '--eval', '--resume',
+                                                  tmp_path / 'vit.pth', *other, *SMALL, '--data_path', data], capsys)
+    assert code == 2 and len(err) == 1
+    assert err[0].endswith('pass --in_chans 4 --mean 0.3 0.3 0.3 0.3 --std 0.2 0.2 0.2 0.2 to evaluate it as it was '
+                           'trained')

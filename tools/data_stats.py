@@ -19,10 +19,11 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from util import flags as cli
-from util.arrays import first_image_file, read_array
+from util.arrays import ChannelMismatch, first_image_file, read_array
 from util.checks import UsageError, check_data_path, raise_if_errors
 from util.datasets import LEFT_OUT, DataError, build_image_folder, cap_per_class, reads_arrays
-from util.images import DEFAULT_MAX_PIXELS
+from util.images import DECODE_ERRORS, DEFAULT_MAX_PIXELS, describe_error
+from util.launch import raised_in_worker
 
 Moments = Tuple[float, np.ndarray, np.ndarray]  # (pixels, per-channel mean, per-channel sum of squared deviations)
 
@@ -41,9 +42,13 @@ def get_args_parser() -> cli.ArgumentParser:
 
 def first_file_channels(path: str) -> int:
     """The channel count of the file at path as util/arrays.py reads it (greyscale 1, RGB 3, a .npy its last
-    axis)."""
-    with open(path, 'rb') as f:
-        return read_array(f.read(), 0).shape[2]
+    axis); DataError naming the file when it cannot be read."""
+    try:
+        with open(path, 'rb') as f:
+            return read_array(f.read(), 0).shape[2]
+    except DECODE_ERRORS as e:
+        raise DataError(f'{path}: cannot read the first image to count its channels ({describe_error(e)}); pass '
+                        '--in_chans') from None
 
 
 def image_moments(image: torch.Tensor) -> Moments:
@@ -114,6 +119,6 @@ def main(argv=None) -> int:
 if __name__ == '__main__':
     try:
         sys.exit(main())
-    except (UsageError, DataError) as e:
-        print(f'error: {e}', file=sys.stderr)
+    except (UsageError, DataError, ChannelMismatch, *DECODE_ERRORS) as e:
+        print(f'error: {raised_in_worker(str(e)).splitlines()[0]}', file=sys.stderr)
         sys.exit(2)

@@ -62,6 +62,11 @@ def check_folders(args):
     """Before anything is written: the folders must be the demo's own, since it replaces their runs and images.
     A real dataset or run is refused, and nothing changes."""
     errors = []
+    for flag, given in (('--in_chans', args.in_chans != 3), ('--input_size H W', not isinstance(args.input_size, int)),
+                        ('--mean/--std', args.mean is not None or args.std is not None)):
+        if given:
+            errors.append(f'{flag}: --demo generates square RGB photos; this flag is for your own images (README, '
+                          '"Your own kind of images"): leave it out here')
     if not args.output_dir:
         errors.append("--output_dir '': --demo needs a folder for its checkpoint and figures; leave the flag out "
                       '(demo_output) or name a folder')

@@ -7,8 +7,8 @@ Values: unsigned integers are divided by their type's maximum (uint8 by 255 as T
 infinity is refused like a damaged file (no-data pixels would make the loss NaN). The file's format is told by
 its first bytes, so shards and Parquet rows read the same way as files.
 
-A run reads arrays when its images are not 3 channels or its data are .npy or TIFF files (reads_arrays); RGB
-photos keep the official PIL path (util/images.py) and its exact numbers.
+A run reads arrays when its images are not 3 channels or its data are .npy files (reads_arrays); RGB photos and
+TIFFs with 3 channels keep the official PIL path (util/images.py) and its exact numbers.
 """
 import io
 import os
@@ -22,7 +22,6 @@ from util.images import EXIF_ORIENTATION, check_size_of
 
 NPY_MAGIC = b'\x93NUMPY'
 TIFF_MAGICS = (b'II*\x00', b'MM\x00*', b'II+\x00', b'MM\x00+')  # classic and BigTIFF, both byte orders
-ARRAY_SUFFIXES = ('.npy', '.tif', '.tiff')
 
 
 class ChannelMismatch(RuntimeError):
@@ -35,10 +34,10 @@ class ChannelMismatch(RuntimeError):
         super().__init__(f'{where}: {detail}' if detail else where)
 
 
-def reads_arrays(in_chans: int, first_file: str) -> bool:
-    """Whether a run decodes to float tensors (this module) rather than 8-bit RGB PIL images: any channel count
-    but 3, or data stored as .npy or TIFF."""
-    return in_chans != 3 or first_file.lower().endswith(ARRAY_SUFFIXES)
+def reads_arrays(in_chans: int, path: str) -> bool:
+    """Whether a file is decoded to a float tensor (this module) rather than an 8-bit RGB PIL image: any channel
+    count but 3, or a .npy array (3-channel photos and TIFFs keep the official PIL decoding)."""
+    return in_chans != 3 or path.lower().endswith('.npy')
 
 
 class ArrayDecoder:
@@ -130,13 +129,25 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1)))
 
 
+def holds_only_arrays(root: str) -> bool:
+    """Whether the first class folder under root holds .npy files and no image Pillow would read."""
+    from util.folders import ARRAY_IMG_EXTENSIONS, class_folders, image_files
+    if not os.path.isdir(root):
+        return False
+    for name in class_folders(root)[0]:
+        files = image_files(os.path.join(root, name), ARRAY_IMG_EXTENSIONS)[0]
+        if files:
+            return all(f.lower().endswith('.npy') for f in files)
+    return False
+
+
 def first_image_file(root: str) -> str:
     """The first image file of a folder of class folders in listing order ('' when there is none)."""
-    from util.folders import class_folders, image_files
+    from util.folders import ARRAY_IMG_EXTENSIONS, class_folders, image_files
     if not os.path.isdir(root):
         return ''
     for name in class_folders(root)[0]:
-        files = image_files(os.path.join(root, name))[0]
+        files = image_files(os.path.join(root, name), ARRAY_IMG_EXTENSIONS)[0]
         if files:
             return files[0]
     return ''

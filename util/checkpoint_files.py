@@ -123,7 +123,9 @@ def hf_checkpoint(weights: dict, config_path: str, path: str) -> dict:
 
 
 def timm_classes(config_path: str) -> dict:
-    """{'classes': [...]} from the label names of a timm config.json (ours, from tools/export.py), else {}."""
+    """What a timm config.json (ours, from tools/export.py) adds to its weights: {'classes': [...]} from its label
+    names, and 'args' with the image size, channels and normalisation of its pretrained_cfg (input_size [C, H, W],
+    mean, std), as a checkpoint of ours keeps them; {} without one."""
     if not os.path.isfile(config_path):
         return {}
     try:
@@ -132,7 +134,14 @@ def timm_classes(config_path: str) -> dict:
         return {}  # the names are an extra; the weights stand on their own
     pretrained_cfg = config.get('pretrained_cfg') if isinstance(config.get('pretrained_cfg'), dict) else {}
     names = config.get('label_names') or pretrained_cfg.get('label_names')
-    return {'classes': list(names)} if isinstance(names, list) else {}
+    extras = {'classes': list(names)} if isinstance(names, list) else {}
+    size, mean, std = (pretrained_cfg.get(k) for k in ('input_size', 'mean', 'std'))
+    if isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) for v in size):
+        args = argparse.Namespace(in_chans=size[0], input_size=size[1] if size[1] == size[2] else tuple(size[1:]))
+        if isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == size[0]:
+            args.mean, args.std = list(mean), list(std)
+        extras['args'] = args
+    return extras
 
 
 def is_safetensors(path: str) -> bool:

@@ -51,6 +51,11 @@ def read_up_front(args, world_size: int, global_pool_default: bool,
     (said in one line). `train_transform(input_size, arrays)` is the script's training transform (arrays: for the
     float tensors of util/arrays.py)."""
     resumable = find_resumable(args)  # --resume, or this --output_dir's checkpoint
+    if args.eval:
+        refusal = pixels.saved_normalization_refusal(pixels.normalization_of(args), resumable.checkpoint.get('args'),
+                                                     resumable.path)
+        if refusal:
+            raise checks.UsageError(refusal)
     sizes = resolve_sizes(args, resumable, global_pool_default)
     if not args.eval and training_plan.check_rerun(resumable, args, world_size,
                                                    resolve=lambda run: sizes_of(run, None, global_pool_default)):

@@ -19,7 +19,7 @@ from torchvision import datasets
 from util import arrays, pixels, shards
 from util.bad_images import BadImageLog
 from util.distributed import get_rank, print0
-from util.folders import IMG_EXTENSIONS, class_folders, describe_skipped, image_files
+from util.folders import ARRAY_IMG_EXTENSIONS, IMG_EXTENSIONS, class_folders, describe_skipped, image_files
 from util.imagenet import imagenet_aliases
 from util.images import DECODE_ERRORS, DEFAULT_MAX_PIXELS, decode_image
 from util.preemption import ignore_stop_signals_in_workers, stop_workers_at_exit
@@ -52,8 +52,8 @@ class ImageFolderDataset(datasets.ImageFolder):
                  substitute: bool = True):
         self.run_classes = list(classes) if classes is not None else None
         self.skipped: List[str] = []  # hidden and metadata entries, filled by the scan
+        self.decode = decode  # before the scan: a run that reads arrays lists .npy files too
         super().__init__(root, transform=transform)
-        self.decode = decode
         self.max_pixels = max_pixels
         self.substitute = substitute
         self.bad_images = BadImageLog('replaced by another sample' if substitute else 'left out of the evaluation')
@@ -71,8 +71,9 @@ class ImageFolderDataset(datasets.ImageFolder):
     def make_dataset(self, directory: str, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         """torchvision's samples and order (its make_dataset), by util/folders.py's walk."""
         samples, empty = [], []
+        extensions = ARRAY_IMG_EXTENSIONS if isinstance(self.decode, arrays.ArrayDecoder) else IMG_EXTENSIONS
         for name in sorted(class_to_idx):
-            files, skipped = image_files(os.path.join(directory, name))
+            files, skipped = image_files(os.path.join(directory, name), extensions)
             self.skipped += skipped
             samples += [(path, class_to_idx[name]) for path in files]
             if not files:
@@ -251,8 +252,16 @@ def check_channels(dataset: ImageFolderDataset):
 
 
 def reads_arrays(root: str, in_chans: int) -> bool:
-    """Whether the split at root is read as float tensors (util/arrays.py): not 3 channels, or .npy/TIFF files."""
-    return arrays.reads_arrays(in_chans, arrays.first_image_file(root))
+    """Whether the split at root is read as float tensors (util/arrays.py): any channel count but 3, or 3 channels
+    stored as .npy arrays (a folder whose first class holds .npy files and no photo; shards whose first sample is
+    one). 3-channel photos and TIFFs keep the official PIL path."""
+    if in_chans != 3:
+        return True
+    kind, files = shards.layout_of_split(root)
+    if kind == 'wds':
+        records = shards.read_split(kind, files)
+        return bool(records) and records[0].suffix == 'npy'
+    return arrays.holds_only_arrays(root)
 
 
 def build_transform(is_train: bool, args, input_size: Optional[pixels.Size] = None, arrays: bool = False):

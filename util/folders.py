@@ -16,7 +16,10 @@ from typing import Dict, List, Tuple
 from torchvision.datasets.folder import IMG_EXTENSIONS as TORCHVISION_EXTENSIONS
 
 # torchvision's ImageFolder extensions, and GIF (decoded by its first frame), which torchvision leaves out
-IMG_EXTENSIONS = TORCHVISION_EXTENSIONS + ('.gif', '.npy')  # .npy: arrays of any channel count (util/arrays.py)
+IMG_EXTENSIONS = TORCHVISION_EXTENSIONS + ('.gif',)
+# what a run that reads arrays (util/arrays.py) lists: .npy too (never listed otherwise: a depth map or feature
+# file kept beside RGB photos is not one of them)
+ARRAY_IMG_EXTENSIONS = IMG_EXTENSIONS + ('.npy',)
 # names (lower case) that file managers, archivers, NAS boxes and file systems leave beside data
 METADATA_NAMES = frozenset({'__macosx', '@eadir', 'thumbs.db', 'ehthumbs.db', 'desktop.ini', '$recycle.bin',
                             'system volume information', 'lost+found', 'icon\r'})
@@ -36,12 +39,12 @@ def class_folders(root: str) -> Tuple[List[str], List[str]]:
     return sorted(n for n in folders if is_data_name(n)), sorted(n for n in folders if not is_data_name(n))
 
 
-def image_files(folder: str) -> Tuple[List[str], List[str]]:
+def image_files(folder: str, extensions: Tuple[str, ...] = IMG_EXTENSIONS) -> Tuple[List[str], List[str]]:
     """(the image files under `folder`, in torchvision's make_dataset order: the walked folders sorted by path,
     each one's files sorted; the paths of the hidden and metadata entries skipped on the way)."""
     found, skipped, seen = [], [], set()
     for path, names in sorted(walk(folder, skipped, seen)):
-        found += [os.path.join(path, n) for n in sorted(names) if n.lower().endswith(IMG_EXTENSIONS)]
+        found += [os.path.join(path, n) for n in sorted(names) if n.lower().endswith(extensions)]
     return found, skipped
 
 

@@ -128,6 +128,23 @@ def normalization_of(args) -> Normalization:
     return Normalization(n, tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
 
+def saved_normalization_refusal(run: Normalization, saved_args, path: str) -> str:
+    """'' when a checkpoint is evaluated with the statistics it was trained with, else the one-line refusal: its
+    saved args name another channel count or another --mean/--std than the run's (which would score every image
+    off by a constant shift, silently)."""
+    try:
+        saved = normalization_of(saved_args) if saved_args is not None else None
+    except ValueError:
+        return ''  # the saved args do not say; the weights' channel count is checked when they load
+    if saved is None or saved == run or (getattr(saved_args, 'mean', None) is None and saved.in_chans == run.in_chans):
+        return ''
+    flags = f'--in_chans {saved.in_chans}'
+    if not saved.imagenet_rgb:
+        flags += f' --mean {" ".join(f"{m:g}" for m in saved.mean)} --std {" ".join(f"{v:g}" for v in saved.std)}'
+    return (f'{path} was trained on {saved.describe()}, this run normalises {run.describe()}: pass {flags} to '
+            'evaluate it as it was trained')
+
+
 def channel_list(text: str, in_chans: int) -> List[int]:
     """--show_channels '3,2,1' (1-based) -> [2, 1, 0]; one or three channels, each in 1..in_chans (ValueError)."""
     try:

@@ -22,11 +22,13 @@ from typing import Dict, List, Optional, Tuple
 
 from util.imagenet import imagenet_synset_of
 
-IMAGE_SUFFIXES = ('jpg', 'jpeg', 'png', 'webp', 'npy', 'tif', 'tiff')  # npy, tif: util/arrays.py
+# a sample's image member, the first of these it has: photos before arrays (util/arrays.py), so that a .npy kept
+# beside each .jpg (a depth map, features) never stands in for the photo
+IMAGE_SUFFIXES = ('jpg', 'jpeg', 'png', 'webp', 'tif', 'tiff', 'npy')
 SPLIT_NAMES = {'train': ('train',), 'val': ('validation', 'val')}  # our split -> the names files use for it
 SHARD_NAME = re.compile(r'^(?P<name>.+)-(?P<split>train|validation|val)-(?P<number>\d+)\.tar$')
 PARQUET_NAME = re.compile(r'^(?P<split>train|validation|val)-.*\.parquet$')
-INDEX_VERSION = 2  # 2: the class index beside the name
+INDEX_VERSION = 3  # 2: the class index beside the name; 3: the image member's suffix
 SHARDS_MIXED = 16  # groups (shards, row groups) whose samples one stretch of an epoch interleaves
 
 
@@ -43,6 +45,7 @@ class Sample:
     size: int  # the tar member's size, or the row within its group
     label: str  # the class name, or the index standing in for it
     index: int = -1  # the class index the files give (.cls, a Parquet label), -1 if none
+    suffix: str = ''  # a tar sample's image member suffix ('jpg', 'npy', ...); '' for Parquet
 
 
 def cache_folder() -> str:
@@ -103,7 +106,8 @@ def by_imagenet_synset(samples: Tuple[Sample, ...]) -> Tuple[Sample, ...]:
     synset = {(s.label, s.index): imagenet_synset_of(s.label, s.index) for s in samples}
     if not synset or None in synset.values():
         return samples
-    return tuple(Sample(s.source, s.key, s.offset, s.size, synset[(s.label, s.index)], s.index) for s in samples)
+    return tuple(Sample(s.source, s.key, s.offset, s.size, synset[(s.label, s.index)], s.index, s.suffix)
+                 for s in samples)
 
 
 INFO_FILES = ('_info.json', 'info.json')  # what timm's WebDataset reader reads beside the shards
@@ -172,7 +176,7 @@ def shard_samples(path: str) -> List[Sample]:
     os.makedirs(cache_folder(), exist_ok=True)
     tmp = f'{cached}.{os.getpid()}.tmp'
     with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump([[s.key, s.offset, s.size, s.label, s.index] for s in samples], f)
+        json.dump([[s.key, s.offset, s.size, s.label, s.index, s.suffix] for s in samples], f)
     os.replace(tmp, cached)
     return samples
 
@@ -190,8 +194,8 @@ def index_shard(path: str, file_size: int) -> List[Sample]:
                 suffix = suffix.lower()
                 if member.offset_data + member.size > file_size:
                     raise LayoutError(f'{path}: truncated (member {member.name} ends past the end of the file)')
-                if suffix in IMAGE_SUFFIXES:
-                    entry['image'] = (member.offset_data, member.size)
+                if suffix in IMAGE_SUFFIXES and IMAGE_SUFFIXES.index(suffix) < entry.get('rank', len(IMAGE_SUFFIXES)):
+                    entry['image'], entry['rank'] = (member.offset_data, member.size), IMAGE_SUFFIXES.index(suffix)
                 elif suffix == 'cls':
                     entry['cls'] = tar.extractfile(member).read().decode().strip()
                 elif suffix == 'json':
@@ -219,7 +223,7 @@ def index_shard(path: str, file_size: int) -> List[Sample]:
             raise LayoutError(f'{path}: sample {key} has no class: no {key}.cls, and no class_name or synset in '
                               f'{key}.json')
         index = int(entry['cls']) if entry.get('cls', '').isdecimal() and entry['cls'].isascii() else -1
-        samples.append(Sample(path, key, *entry['image'], label, index))
+        samples.append(Sample(path, key, *entry['image'], label, index, IMAGE_SUFFIXES[entry['rank']]))
     return samples
 
 
