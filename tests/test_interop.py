@@ -299,7 +299,7 @@ def with_config(hf_folder, **changes):
     (dict(layer_norm_eps=1e-5), 'config.json: layer_norm_eps 1e-05 makes another model; the MAE here normalises '
                                 'with 1e-06'),
     (dict(patch_size=[4, 8]), 'config.json: patch_size [4, 8] is not square'),
-    (dict(num_channels=1), 'config.json: num_channels 1; the scripts here read 3-channel (RGB) images'),
+    (dict(num_channels=1), 'config.json says num_channels 1, the weights have 3: they do not belong together'),
     (dict(hidden_act='gelu_new'), "config.json: hidden_act 'gelu_new'; the MAE here uses 'gelu'"),
     (dict(intermediate_size=128), 'config.json: intermediate_size 128 is not 4 x hidden_size 64'),
     (dict(patch_size=8), 'config.json says patch_size 8, the weights have 4: they do not belong together'),

@@ -259,7 +259,10 @@ def reads_arrays(root: str, in_chans: int) -> bool:
         return True
     kind, files = shards.layout_of_split(root)
     if kind == 'wds':
-        records = shards.read_split(kind, files)
+        try:
+            records = shards.read_split(kind, files)
+        except shards.LayoutError:
+            return False  # reported in one line when the dataset is built
         return bool(records) and records[0].suffix == 'npy'
     return arrays.holds_only_arrays(root)
 
