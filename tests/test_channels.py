@@ -70,11 +70,12 @@ def test_npy_tiff_and_png_keep_their_channels_and_range():
     rng = np.random.default_rng(0)
     bands = rng.integers(0, 65536, (6, 10, 5), dtype=np.uint16)
     for data in (npy_bytes(bands), tiff_bytes(bands, planarconfig='contig'),
-                 tiff_bytes(np.moveaxis(bands, -1, 0), planarconfig='separate'),  # as GDAL / rasterio write bands
-                 tiff_bytes(np.moveaxis(bands, -1, 0))):  # one page per band
+                 tiff_bytes(np.moveaxis(bands, -1, 0), planarconfig='separate')):  # as GDAL / rasterio write bands
         tensor = to_tensor(read_array(data, 0))
         assert tensor.shape == (5, 6, 10)
         assert torch.equal(tensor, torch.from_numpy(np.moveaxis(bands, -1, 0).astype(np.float32) / 65535))
+    with pytest.raises(ValueError, match='TIFF of 6 pages of 10x5 px: a page stack'):  # plain imwrite of (H, W, 5)
+        read_array(tiff_bytes(bands), 0)
     grey = rng.integers(0, 256, (6, 10), dtype=np.uint8)
     assert torch.equal(to_tensor(read_array(png_bytes(grey), 0)), torch.from_numpy(grey[None] / np.float32(255)))
     sixteen = rng.integers(0, 65536, (6, 10), dtype=np.uint16)  # a 16-bit PNG keeps all 16 bits
@@ -386,6 +387,13 @@ def test_npy_files_beside_rgb_photos_and_rgb_tiffs_keep_the_official_path(tmp_pa
     tiffs.mkdir(parents=True)
     tifffile.imwrite(tiffs / 'rgb.tif', np.full((20, 20, 3), 7, np.uint8), photometric='rgb')
     assert not reads_arrays(str(tiffs.parent), 3)
+    # a 16-bit 3-band TIFF, or one stored band by band, would lose its low 8 bits or not open in PIL: arrays
+    for name, kwargs in (('a16.tif', dict(data=np.full((20, 20, 3), 5990, np.uint16), photometric='rgb')),
+                         ('a8planar.tif', dict(data=np.full((3, 20, 20), 7, np.uint8), photometric='minisblack',
+                                               planarconfig='separate'))):
+        tifffile.imwrite(tiffs / name, kwargs.pop('data'), **kwargs)
+        assert reads_arrays(str(tiffs.parent), 3), name
+        os.remove(tiffs / name)
 
 
 def test_a_timm_export_reads_back_with_its_size_channels_and_statistics(tmp_path):

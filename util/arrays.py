@@ -36,8 +36,10 @@ class ChannelMismatch(RuntimeError):
 
 def reads_arrays(in_chans: int, path: str) -> bool:
     """Whether a file is decoded to a float tensor (this module) rather than an 8-bit RGB PIL image: any channel
-    count but 3, or a .npy array (3-channel photos and TIFFs keep the official PIL decoding)."""
-    return in_chans != 3 or path.lower().endswith('.npy')
+    count but 3, a .npy array, or a TIFF that Pillow would damage (3-channel photos and 8-bit TIFFs keep the
+    official PIL decoding)."""
+    lower = path.lower()
+    return in_chans != 3 or lower.endswith('.npy') or (lower.endswith(('.tif', '.tiff')) and tiff_needs_arrays(path))
 
 
 class ArrayDecoder:
@@ -89,9 +91,27 @@ def read_tiff(data: bytes) -> np.ndarray:
             array, axes = series.asarray(), series.axes
     except (tifffile.TiffFileError, KeyError, IndexError) as e:
         raise ValueError(f'TIFF: {e}') from None
-    if array.ndim == 3 and axes[0] in 'SCQI' and axes[1:] == 'YX':
+    if array.ndim == 3 and axes[0] in 'QI' and axes[1:] == 'YX':
+        raise ValueError(f'TIFF of {array.shape[0]} pages of {array.shape[1]}x{array.shape[2]} px: a page stack, '
+                         'which cannot tell bands from rows; write the bands as one image: '
+                         "tifffile.imwrite(f, hwc_array, photometric='minisblack', planarconfig='contig'), or an "
+                         "(N, H, W) array with planarconfig='separate' (as GDAL and rasterio write them)")
+    if array.ndim == 3 and axes[0] in 'SC' and axes[1:] == 'YX':
         array = np.moveaxis(array, 0, -1)
     return array
+
+
+def tiff_needs_arrays(path: str) -> bool:
+    """A TIFF that Pillow's 8-bit RGB decoding would damage: more than 8 bits per sample (it would keep the top 8),
+    bands stored plane by plane, or other than 1, 3 or 4 samples per pixel."""
+    import tifffile
+    try:
+        with tifffile.TiffFile(path) as tiff:
+            page = tiff.pages.first
+            return (page.bitspersample > 8 or page.planarconfig == tifffile.PLANARCONFIG.SEPARATE
+                    or page.samplesperpixel not in (1, 3, 4))
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError):
+        return False  # reported when the run reads it
 
 
 def read_with_pillow(data: bytes, max_pixels: int) -> np.ndarray:
@@ -130,14 +150,17 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def holds_only_arrays(root: str) -> bool:
-    """Whether the first class folder under root holds .npy files and no image Pillow would read."""
+    """Whether a 3-channel split under root is read as arrays: its first class folder holds .npy files and no image
+    Pillow would read, or its first image is a TIFF that Pillow would damage (tiff_needs_arrays)."""
     from util.folders import ARRAY_IMG_EXTENSIONS, class_folders, image_files
     if not os.path.isdir(root):
         return False
     for name in class_folders(root)[0]:
         files = image_files(os.path.join(root, name), ARRAY_IMG_EXTENSIONS)[0]
         if files:
-            return all(f.lower().endswith('.npy') for f in files)
+            first = files[0].lower()
+            return all(f.lower().endswith('.npy') for f in files) or (
+                first.endswith(('.tif', '.tiff')) and tiff_needs_arrays(files[0]))
     return False
 
 

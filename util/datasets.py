@@ -21,7 +21,7 @@ from util.bad_images import BadImageLog
 from util.distributed import get_rank, print0
 from util.folders import ARRAY_IMG_EXTENSIONS, IMG_EXTENSIONS, class_folders, describe_skipped, image_files
 from util.imagenet import imagenet_aliases
-from util.images import DECODE_ERRORS, DEFAULT_MAX_PIXELS, decode_image
+from util.images import DECODE_ERRORS, DEFAULT_MAX_PIXELS, decode_image, describe_error
 from util.preemption import ignore_stop_signals_in_workers, stop_workers_at_exit
 from util.rng import loader_seed
 from util.transforms import build_eval_transform, build_finetune_transform
@@ -243,12 +243,16 @@ def build_image_folder(root: str, transform, decode: Callable = decode_image,
 def check_channels(dataset: ImageFolderDataset):
     """Read the first readable image of an arrays dataset: another channel count than the run's is refused now
     (ChannelMismatch, one line), not after the run has started."""
+    first_error = None
     for path, _ in dataset.samples[:MAX_CONSECUTIVE_BAD]:
         try:
             dataset.read(path)
             return
-        except DECODE_ERRORS:
-            continue  # reported when the run reads it
+        except DECODE_ERRORS as e:
+            first_error = first_error or f'{path}: {describe_error(e)}'  # one bad file is reported when read
+    if first_error:
+        raise DataError(f'none of the first {min(len(dataset.samples), MAX_CONSECUTIVE_BAD)} images of '
+                        f'{dataset.root} could be read; the first: {first_error}')
 
 
 def reads_arrays(root: str, in_chans: int) -> bool:

@@ -108,10 +108,12 @@ def check_args(args, errors: List[str]):
         errors.append(f'--in_chans {n}: the ImageNet statistics are for 3 channels; pass --mean and --std with '
                       f'{n} values each (python -m tools.data_stats {getattr(args, "data_path", None) or "DATA_PATH"} '
                       'computes them)')
-    for flag, values in (('--mean', mean), ('--std', std)):
-        if values is not None and len(values) != n:
-            errors.append(f'{flag} has {len(values)} value{"s" * (len(values) != 1)}, --in_chans is {n}: give one '
-                          'per channel')
+    wrong = [(flag, values) for flag, values in (('--mean', mean), ('--std', std))
+             if values is not None and len(values) != n]
+    if wrong:  # one line for both flags
+        counts = ', '.join(f'{flag} has {len(values)} value{"s" * (len(values) != 1)}' for flag, values in wrong)
+        errors.append(f'{counts}, --in_chans is {n}: give one per channel'
+                      + (f' (or pass --in_chans {len(wrong[0][1])})' if n == 3 else ''))
     if std is not None and not all(s > 0 for s in std):
         errors.append(f'--std {" ".join(map(str, std))}: every value must be > 0')
 
