@@ -12,7 +12,7 @@ TIFFs with 3 channels keep the official PIL path (util/images.py) and its exact 
 """
 import io
 import os
-from typing import Tuple
+from typing import List
 
 import numpy as np
 import torch
@@ -77,7 +77,7 @@ def read_array(data: bytes, max_pixels: int) -> np.ndarray:
     if array.ndim != 3 or 0 in array.shape:
         raise ValueError(f'an array of shape {tuple(array.shape)}; images are (height, width) or (height, width, '
                          'channels)')
-    check_pixels(array.shape[:2], max_pixels)
+    check_size_of(array.shape[1], array.shape[0], max_pixels)
     return array
 
 
@@ -118,7 +118,7 @@ def read_with_pillow(data: bytes, max_pixels: int) -> np.ndarray:
     """PNG, JPEG and the rest, with their own channels: greyscale 1, RGB 3, RGBA 4; 16-bit greyscale kept 16-bit;
     a palette image as the colours it shows."""
     img = Image.open(io.BytesIO(data))
-    check_pixels((img.height, img.width), max_pixels)
+    check_size_of(img.width, img.height, max_pixels)
     if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
         img = ImageOps.exif_transpose(img)
     if img.mode == 'P':
@@ -129,10 +129,6 @@ def read_with_pillow(data: bytes, max_pixels: int) -> np.ndarray:
     if img.mode.startswith('I;16'):
         array = array.astype(np.uint16)
     return array
-
-
-def check_pixels(height_width: Tuple[int, int], max_pixels: int):
-    check_size_of(height_width[1], height_width[0], max_pixels)
 
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:
@@ -149,28 +145,29 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(scaled.transpose(2, 0, 1)))
 
 
-def holds_only_arrays(root: str) -> bool:
-    """Whether a 3-channel split under root is read as arrays: its first class folder holds .npy files and no image
-    Pillow would read, or its first image is a TIFF that Pillow would damage (tiff_needs_arrays)."""
+def first_class_files(root: str) -> List[str]:
+    """The image files (.npy included) of the first class folder under root that holds any; [] when none does."""
     from util.folders import ARRAY_IMG_EXTENSIONS, class_folders, image_files
     if not os.path.isdir(root):
-        return False
+        return []
     for name in class_folders(root)[0]:
         files = image_files(os.path.join(root, name), ARRAY_IMG_EXTENSIONS)[0]
         if files:
-            first = files[0].lower()
-            return all(f.lower().endswith('.npy') for f in files) or (
-                first.endswith(('.tif', '.tiff')) and tiff_needs_arrays(files[0]))
-    return False
+            return files
+    return []
+
+
+def holds_only_arrays(root: str) -> bool:
+    """Whether a 3-channel split under root is read as arrays: its first class folder holds .npy files and no image
+    Pillow would read, or its first image is a TIFF that Pillow would damage (tiff_needs_arrays)."""
+    files = first_class_files(root)
+    if not files:
+        return False
+    return all(f.lower().endswith('.npy') for f in files) or (
+        files[0].lower().endswith(('.tif', '.tiff')) and tiff_needs_arrays(files[0]))
 
 
 def first_image_file(root: str) -> str:
     """The first image file of a folder of class folders in listing order ('' when there is none)."""
-    from util.folders import ARRAY_IMG_EXTENSIONS, class_folders, image_files
-    if not os.path.isdir(root):
-        return ''
-    for name in class_folders(root)[0]:
-        files = image_files(os.path.join(root, name), ARRAY_IMG_EXTENSIONS)[0]
-        if files:
-            return files[0]
-    return ''
+    files = first_class_files(root)
+    return files[0] if files else ''
