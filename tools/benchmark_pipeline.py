@@ -69,7 +69,7 @@ def measure_end_to_end(args, runtime, fast_decode: bool) -> Dict[str, float]:
     from util.loss_scaler import LossScaler
     dataset = main_pretrain.build_pretraining_dataset(
         SimpleNamespace(data_path=args.data_path, input_size=args.input_size, fast_decode=fast_decode,
-                        max_image_pixels=DEFAULT_MAX_PIXELS))
+                        max_image_pixels=DEFAULT_MAX_PIXELS, in_chans=3, mean=None, std=None))
     if len(dataset) < args.batch_size:
         raise DataError(f'--data_path {args.data_path}: {len(dataset)} images in train/, fewer than one batch of '
                         f'{args.batch_size}')
