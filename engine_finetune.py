@@ -11,42 +11,47 @@ from util.metrics import topk_hits
 from util.datasets import LEFT_OUT
 from util.lr_sched import LrSchedule
 from util.progress import begin_epoch, end_epoch, evaluation_batches
+from util.rollback import Rollbacks
 from util.transforms import to_device_normalized
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader,
                     optimizer: torch.optim.Optimizer,
                     lr_schedule: LrSchedule, runtime, epoch: int, loss_scaler, args, tensorboard,
-                    checkpointer: Checkpointer, start: ResumeState, mixup_fn: Optional[Callable] = None,
-                    clip_grad: Optional[float] = None) -> dict:
+                    checkpointer: Checkpointer, start: ResumeState, rollbacks: Rollbacks,
+                    mixup_fn: Optional[Callable] = None, clip_grad: Optional[float] = None) -> dict:
     trained = start.training_done(epoch)
     if trained is not None:  # stopped during this epoch's evaluation: train no further
         return trained
-    progress = begin_epoch(model, optimizer, data_loader, runtime, epoch, args, tensorboard, checkpointer, start,
-                           'loss')
-    for it, is_update, (samples, targets) in progress.iterate(data_loader, args.accum_iter):
-        if it % args.accum_iter == 0:  # per-iteration (not per-epoch) LR schedule
-            lr_schedule.apply(optimizer, progress.epoch_fraction(it) + epoch)
-        samples, targets = to_device_normalized(samples, runtime.device), targets.to(runtime.device, non_blocking=True)
-        if mixup_fn is not None:
-            samples, targets = mixup_fn(samples, targets)
+    for attempt in rollbacks.attempts(epoch, start):  # one pass; --on_nonfinite rollback: again from a snapshot
+        progress = begin_epoch(model, optimizer, data_loader, runtime, epoch, args, tensorboard, checkpointer,
+                               attempt.start, 'loss')
+        with attempt.watching(progress):
+            for it, is_update, (samples, targets) in progress.iterate(data_loader, args.accum_iter):
+                if it % args.accum_iter == 0:  # per-iteration (not per-epoch) LR schedule
+                    lr_schedule.apply(optimizer, progress.epoch_fraction(it) + epoch)
+                samples = to_device_normalized(samples, runtime.device)
+                targets = targets.to(runtime.device, non_blocking=True)
+                if mixup_fn is not None:
+                    samples, targets = mixup_fn(samples, targets)
 
-        with grad_sync(model, is_update):  # accumulation micro-steps skip the gradient all-reduce
-            with runtime.autocast():
-                loss = criterion(model(samples), targets)
-            loss_scaler(loss / args.accum_iter, optimizer, clip_grad=clip_grad, parameters=model.parameters(),
-                        update_grad=is_update)
-        if is_update:
-            optimizer.zero_grad()
+                with grad_sync(model, is_update):  # accumulation micro-steps skip the gradient all-reduce
+                    with runtime.autocast():
+                        loss = criterion(model(samples), targets)
+                    loss_scaler(loss / args.accum_iter, optimizer, clip_grad=clip_grad,
+                                parameters=model.parameters(), update_grad=is_update)
 
-        # the losses are checked every --print_freq steps (one host sync): NonFiniteLossError names the step
-        progress.update(it, loss, max(group['lr'] for group in optimizer.param_groups), samples.shape[0],
-                        write_tb=is_update)
-        if is_update:
-            checkpointer.save_if_due(epoch, it + 1, progress)  # --save_every_iters
-            if progress.stops_before(it + 1):  # a stop signal reached a rank: every rank stops at this step
-                raise checkpointer.interrupt(epoch, it + 1, progress)
-    return end_epoch(progress)  # holds the unreadable images to --max_bad_images
+                # checked every --print_freq steps (one host sync): NonFiniteLossError names the step, or a
+                # rollback goes back to the snapshot; before zero_grad, as it may check the gradients too
+                progress.update(it, loss, max(group['lr'] for group in optimizer.param_groups), samples.shape[0],
+                                is_update)
+                if is_update:
+                    optimizer.zero_grad()
+                    checkpointer.save_if_due(epoch, it + 1, progress)  # --save_every_iters
+                    rollbacks.snapshot_if_due(epoch, it + 1, progress)  # --snapshot_every
+                    if progress.stops_before(it + 1):  # a stop signal reached a rank: every rank stops here
+                        raise checkpointer.interrupt(epoch, it + 1, progress)
+            return end_epoch(progress)  # holds the unreadable images to --max_bad_images
 
 
 @torch.no_grad()

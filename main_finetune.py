@@ -25,6 +25,7 @@ from util.lr_decay import param_groups_lrd
 from util.lr_sched import LrSchedule
 from util.optim import make_adamw
 from util.preemption import stop_if_signalled
+from util.rollback import Rollbacks
 from util.transforms import auto_augment_policy, build_finetune_transform
 
 CUTMIX_BOX: cli.Rule = ((lambda v: v is None or (len(v) == 2 and 0 < v[0] < v[1] <= 1)),
@@ -106,10 +107,11 @@ def main(args):
     run_log = RunLog(args, model_to_save, optimizer, lr_schedule, runtime, world_size, start, 'MAE fine-tuning',
                      classification.describe_data(run), describe_recipe(args, run.sizes, mixup_fn),
                      n_parameters=classification.trainable_parameters(model))
+    rollbacks = Rollbacks(args, checkpointer, loader_train, start)  # --on_nonfinite
     for epoch in range(start.epoch, args.epochs):
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, lr_schedule, runtime, epoch,
-                                      loss_scaler, args, run_log.tensorboard, checkpointer, start, mixup_fn,
-                                      args.clip_grad)
+                                      loss_scaler, args, run_log.tensorboard, checkpointer, start, rollbacks,
+                                      mixup_fn, args.clip_grad)
         with checkpointer.saving_if_stopped(epoch, train_stats):  # a stop signal during it saves, then exits
             test_stats = evaluate(loader_val, model, runtime, args)
         run_log.write(epoch, train_stats, test_stats, max_accuracy=checkpointer.keep_best(epoch, test_stats))

@@ -20,6 +20,7 @@ from util.lars import LARS
 from util.logs import RunLog
 from util.lr_sched import LrSchedule
 from util.preemption import stop_if_signalled
+from util.rollback import Rollbacks
 from util.transforms import build_linprobe_transform
 
 
@@ -62,9 +63,11 @@ def main(args):
                      classification.describe_data(run), f'weight decay {args.weight_decay}, frozen encoder, '
                      f'{"global pool" if run.sizes.global_pool else "class token"}',
                      n_parameters=classification.trainable_parameters(model))
+    rollbacks = Rollbacks(args, checkpointer, loader_train, start)  # --on_nonfinite
     for epoch in range(start.epoch, args.epochs):
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, lr_schedule, runtime, epoch,
-                                      loss_scaler, args, run_log.tensorboard, checkpointer, start)  # no mixup/clip
+                                      loss_scaler, args, run_log.tensorboard, checkpointer, start,
+                                      rollbacks)  # no mixup, no clipping
         with checkpointer.saving_if_stopped(epoch, train_stats):  # a stop signal during it saves, then exits
             test_stats = evaluate(loader_val, model, runtime, args)
         run_log.write(epoch, train_stats, test_stats, max_accuracy=checkpointer.keep_best(epoch, test_stats))

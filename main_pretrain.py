@@ -28,6 +28,7 @@ from util.lr_decay import param_groups_weight_decay
 from util.lr_sched import LrSchedule
 from util.optim import make_adamw
 from util.preemption import stop_if_signalled
+from util.rollback import Rollbacks
 from util.transforms import build_array_pretrain_transform, build_fast_pretrain_transform, build_pretrain_transform
 
 
@@ -148,9 +149,10 @@ def main(args, start_over: Optional[bool] = None):
                                 run_values={'lr': lr_schedule.lr})
     run_log = RunLog(args, model_to_save, optimizer, lr_schedule, runtime, world_size, start, 'MAE pretraining',
                      describe(dataset_train), describe_recipe(args))
+    rollbacks = Rollbacks(args, checkpointer, data_loader_train, start)  # --on_nonfinite
     for epoch in range(start.epoch, args.epochs):
         train_stats = train_one_epoch(model, data_loader_train, optimizer, lr_schedule, runtime, epoch, loss_scaler,
-                                      args, run_log.tensorboard, checkpointer, start)
+                                      args, run_log.tensorboard, checkpointer, start, rollbacks)
         with checkpointer.saving_if_stopped(epoch, train_stats):  # a stop signal during it saves, then exits
             knn_stats = knn_monitor.run(knn_data, model_to_save, epoch, runtime, args, run_log.tensorboard)
         run_log.write(epoch, train_stats, **knn_stats)

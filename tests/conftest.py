@@ -136,9 +136,9 @@ def run_script(script, *args, timeout=600, env=None, check=False):
     return proc
 
 
-def run_torchrun(script, *args, nproc: int = 2, timeout=600, check=False):
-    """Run a script under torchrun with `nproc` processes (gloo on the CPU)."""
-    proc = subprocess.run(torchrun_command(script, *args, nproc=nproc), cwd=ROOT, env=subprocess_env(), text=True,
+def run_torchrun(script, *args, nproc: int = 2, timeout=600, env=None, check=False):
+    """Run a script under torchrun with `nproc` processes (gloo on the CPU); `env` adds variables."""
+    proc = subprocess.run(torchrun_command(script, *args, nproc=nproc), cwd=ROOT, env=subprocess_env(env), text=True,
                           capture_output=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f'torchrun {script} exited {proc.returncode}:\n{proc.stderr[-3000:]}')

@@ -10,6 +10,7 @@ python -m tools.benchmark --pipeline --data_path /datasets/imagenet --num_worker
 python -m tools.benchmark --layouts --data_path /tmp/jpegs --num_workers 2   # folders / shards / Parquet
 python -m tools.benchmark --memory --model mae_vit_base_patch16 --device cpu --memory_processes 1 2 4
 python -m tools.benchmark --knn --batch_size 16 --device cpu     # the k-NN monitor's and main_knn.py's costs
+python -m tools.benchmark --rollback --batch_size 8 --device cpu   # what --on_nonfinite rollback costs a step
 Prints a table; --json FILE also writes every number.
 """
 import argparse
@@ -26,7 +27,7 @@ from util import flags as cli
 from util import checks
 from tools import benchmark_memory as memory
 from tools import benchmark_pipeline as pipeline
-from tools import benchmark_knn, benchmark_layouts
+from tools import benchmark_knn, benchmark_layouts, benchmark_snapshot
 from tools import benchmark_step as step
 from util import knn, knn_monitor
 from util.datasets import DataError
@@ -90,6 +91,10 @@ def get_args_parser() -> cli.ArgumentParser:
                         help="for --knn: the monitor's bank images per class")
     parser.add_argument('--knn_val_per_class', default=knn_monitor.MONITOR_VAL_PER_CLASS, type=int,
                         help="for --knn: the monitor's queries per class")
+    parser.add_argument('--rollback', action='store_true',
+                        help='what --on_nonfinite rollback costs: the gradient check per step, a snapshot, a restore')
+    parser.add_argument('--rollback_models', nargs='+', default=['mae_vit_tiny_patch16', 'mae_vit_small_patch16'],
+                        choices=list(models_mae.MODELS), metavar='MODEL', help='for --rollback: the models timed')
     parser.add_argument('--json', default=None, help='also write every number to this JSON file')
     return parser
 
@@ -151,6 +156,24 @@ def memory_table(args, runtime) -> List[Dict]:
     return rows
 
 
+def rollback_tables(args, runtime) -> Dict:
+    """--on_nonfinite rollback's costs measured on --rollback_models, and every MAE size's snapshot from its size
+    (tools/benchmark_snapshot.py)."""
+    result = benchmark_snapshot.report(args, runtime)
+    every = benchmark_snapshot.SNAPSHOT_EVERY
+    print_table(f'--on_nonfinite rollback, batch {args.batch_size}: the step, its gradient check, one snapshot and '
+                f'restore, and the overhead at --snapshot_every {every}', result['measured'],
+                [('model', 'model', 22, ''), ('step ms', 'step_ms', 9, '.1f'), ('check ms', 'check_ms', 9, '.2f'),
+                 ('snapshot ms', 'snapshot_ms', 11, '.1f'), ('restore ms', 'restore_ms', 10, '.1f'),
+                 ('host MiB', 'host_mib', 9, '.1f'), ('copy GB/s', 'copy_gb_per_s', 9, '.2f'),
+                 ('overhead', 'overhead', 8, '.2%')])
+    print_table(f"Snapshot of each MAE (12 bytes per trained parameter) at {result['copy_gb_per_s']:.2f} GB/s, the "
+                'copy rate measured above', result['sizes'],
+                [('model', 'model', 22, ''), ('trained M', 'trained_parameters_m', 9, '.1f'),
+                 ('host GiB', 'host_gib', 8, '.2f'), ('snapshot s', 'snapshot_s', 10, '.2f')])
+    return result
+
+
 def end_to_end(args, runtime, synthetic: dict) -> List[Dict]:
     """The pretraining step fed by the real loader, both decoders, as a fraction of the synthetic step."""
     rows = [pipeline.measure_end_to_end(args, runtime, fast_decode) for fast_decode in (False, True)]
@@ -188,6 +211,8 @@ def run(args):
         benchmark_knn.print_report(results['knn'], args)
     elif args.layouts:
         results['layouts'] = benchmark_layouts.report(args)
+    elif args.rollback:
+        results['rollback'] = rollback_tables(args, runtime)
     elif args.pipeline:
         rows = []
         variants = pipeline.variants(args)

@@ -135,7 +135,8 @@ def resume_training(resumable: Optional[Resumable], model: nn.Module, optimizer,
         return ResumeState(epoch=args.start_epoch)
     checkpoint = resumable.checkpoint
     load_resumable(resumable, model, args.model)
-    extra = {'max_accuracy': checkpoint.get('max_accuracy', 0.0)}
+    # the optimizer steps rollbacks skipped (util/rollback.py): part of the run, honoured by the resumed run
+    extra = {'max_accuracy': checkpoint.get('max_accuracy', 0.0), 'rollbacks': checkpoint.get('rollbacks', [])}
     if not holds_training_state(resumable):
         print0(f'{resumable.path} holds weights only (no optimizer state or epoch; only our .pth checkpoints hold '
                f'them): training starts from these weights at epoch {args.start_epoch} (--start_epoch)')

@@ -115,6 +115,11 @@ def check_output(args, errors: List[str], training: bool = True):
     if getattr(args, 'fsdp', False) and distributed.detect_launch(dist_on_itp=args.dist_on_itp).launcher == 'single':
         errors.append('--fsdp: shards over the processes of a launch; start the run with torchrun (e.g. torchrun '
                       '--nproc_per_node=8 ...) or SLURM')  # only pretraining and fine-tuning have --fsdp
+    if args.on_nonfinite != 'rollback':
+        for flag in ('snapshot_every', 'max_rollbacks'):
+            if getattr(args, flag) is not None:
+                errors.append(f'--{flag} {getattr(args, flag)}: belongs to --on_nonfinite rollback; add it, or drop '
+                              f'--{flag}')
     if args.save_every_iters and args.save_every_iters % args.accum_iter:
         errors.append(f'--save_every_iters {args.save_every_iters}: must be a multiple of --accum_iter '
                       f'{args.accum_iter} (checkpoints are taken after an optimizer step)')

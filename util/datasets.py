@@ -360,16 +360,20 @@ class ResumableSampler(DistributedSampler):
         self.start_index = min(num_samples, self.num_samples)
 
     def __iter__(self):
+        return iter(self.epoch_share()[self.start_index:])
+
+    def epoch_share(self) -> List[int]:
+        """This rank's sample indices of the current epoch, in order, from the epoch's start (skip() aside)."""
         groups = getattr(self.dataset, 'groups', None)
         if not self.shuffle or groups is None:  # image folders: DistributedSampler's own order
-            return iter(list(super().__iter__())[self.start_index:])
+            return list(super().__iter__())
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
         order = shard_aware_order(groups, generator, self.dataset.mixed)
         padding = self.total_size - len(order)  # as DistributedSampler pads
         order += (order * math.ceil(padding / len(order)))[:padding] if padding > len(order) else order[:padding]
-        share = order[self.rank * self.num_samples:(self.rank + 1) * self.num_samples]  # consecutive stretches:
-        return iter(share[self.start_index:])  # a shard is read by one rank, but where a share ends mid-stretch
+        # consecutive stretches: a shard is read by one rank, but where a share ends mid-stretch
+        return order[self.rank * self.num_samples:(self.rank + 1) * self.num_samples]
 
     def __len__(self):
         return self.num_samples - self.start_index

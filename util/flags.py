@@ -159,6 +159,7 @@ def add_run_args(parser, folders: str):
     """The flags every training script shares: data, outputs and checkpoints, device and processes."""
     add_data_args(parser, folders)
     add_output_args(parser)
+    add_nonfinite_args(parser)
     add_runtime_args(parser)
 
 
@@ -212,6 +213,19 @@ def add_output_args(parser):
     parser.add_argument('--verbose', action='store_true',
                         help='also print every setting, the model and the optimizer (always written to '
                              'output_dir/run_details.txt)')
+
+
+def add_nonfinite_args(parser):
+    """What a NaN or infinite loss does (util/rollback.py). The two numbers belong to rollback; util/checks.py
+    refuses them without it (their defaults, 200 and 5, are util/rollback.py's)."""
+    parser.add_argument('--on_nonfinite', default='stop', choices=('stop', 'rollback'),
+                        help='on a NaN or infinite loss: stop with the last good checkpoint, or roll back to a '
+                             'snapshot in host memory, skip the bad batch and go on')
+    parser.add_argument('--snapshot_every', default=None, type=int, metavar='K', check=at_least(1),
+                        help='with --on_nonfinite rollback: snapshot every K optimizer steps (default: 200)')
+    parser.add_argument('--max_rollbacks', default=None, type=int, metavar='M', check=at_least(1),
+                        help='with --on_nonfinite rollback: stop at the fault after M rollbacks in the run '
+                             '(default: 5)')
 
 
 def add_runtime_args(parser, training: bool = True):

@@ -108,8 +108,14 @@ class RunLog:
             return
         stats = {**{f'train_{k}': v for k, v in train.items()}, **{f'test_{k}': v for k, v in (test or {}).items()},
                  'epoch': epoch, **self.constant, **values}
-        with open(os.path.join(self.output_dir, 'log.txt'), mode='a', encoding='utf-8') as f:
-            f.write(json.dumps(stats) + '\n')
+        append_log_line(self.output_dir, stats)
+
+
+def append_log_line(output_dir: str, entry: dict):
+    """One JSON line onto output_dir/log.txt: an epoch's stats, or an event within an epoch (a rollback), which
+    carries its 'epoch' too, so a resumed run's truncate_log treats it as that epoch's."""
+    with open(os.path.join(output_dir, 'log.txt'), mode='a', encoding='utf-8') as f:
+        f.write(json.dumps(entry) + '\n')
 
 
 def truncate_log(output_dir: str, start_epoch: int):

@@ -36,6 +36,11 @@ class LossScaler:
             optimizer.step()
         return norm
 
+    @property
+    def scales_loss(self) -> bool:
+        """Whether a GradScaler scales the loss (fp16): it then skips the steps whose gradients overflow."""
+        return self._scaler is not None
+
     def state_dict(self) -> dict:
         return self._scaler.state_dict() if self._scaler is not None else {}
 

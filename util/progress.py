@@ -19,13 +19,26 @@ from util.metrics import MetricLogger, SmoothedValue
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message names where, the last good checkpoint and what to try."""
+    """The loss (or, checked with --on_nonfinite rollback, the gradients) became NaN or infinite; the message names
+    where, what was tried (`tried`: the rollbacks, when they ran out), the last good checkpoint and what to try."""
 
-    def __init__(self, epoch: int, iteration: int, value: float, last_good: str):
+    def __init__(self, epoch: int, iteration: int, value: float, last_good: str, what: str = 'Loss',
+                 tried: str = ''):
         self.epoch, self.iteration, self.value = epoch, iteration, value
-        super().__init__(f'Loss is {value} at epoch {epoch}, iteration {iteration}, stopping training. {last_good} '
-                         'With fp16, try --amp bf16; else set --clip_grad, or lower --blr (rerunning with '
-                         '--allow_recipe_change continues from that checkpoint).')
+        verb = 'is' if what == 'Loss' else 'are'
+        super().__init__(f'{what} {verb} {value} at epoch {epoch}, iteration {iteration}{tried}, stopping training. '
+                         f'{last_good} With fp16, try --amp bf16; else set --clip_grad, or lower --blr (rerunning '
+                         'with --allow_recipe_change continues from that checkpoint).')
+
+
+class NonFiniteStep(RuntimeError):
+    """With --on_nonfinite rollback: the first step of a logging window whose loss (`cause` 'loss') or gradients
+    ('gradients') were not finite on some rank. Every rank raises it at the same iteration (the values are the
+    all-reduced ones), and util/rollback.py catches it."""
+
+    def __init__(self, epoch: int, iteration: int, value: float, cause: str):
+        self.epoch, self.iteration, self.value, self.cause = epoch, iteration, value, cause
+        super().__init__(f'{cause} {value} at epoch {epoch}, iteration {iteration}')
 
 
 def format_seconds(seconds: float) -> str:
@@ -56,7 +69,12 @@ class EpochProgress:
         self.header = f'Epoch: [{epoch}]'
         self.meters = MetricLogger()
         self.meters.add_meter('lr', SmoothedValue(window_size=1, fmt='{value:.6f}'))
-        self.window = []  # (iteration, loss on device, lr, write to TensorBoard)
+        self.window = []  # (iteration, loss on device, lr, an optimizer step, its gradients' fault flag or None)
+        # set by util/rollback.py (watch): optimizer steps to pass over, and the --on_nonfinite rollback checks
+        self.skipped: frozenset = frozenset()
+        self.rollback = False
+        self.gradients_of = None  # the parameters whose gradients each optimizer step checks, or None
+        self.tensorboard_from = 0  # a replay after a rollback does not write the iterations already written
         self.world_size = distributed.get_world_size()
         self._stop_agreed = False
         self.epoch_images = 0
@@ -66,21 +84,36 @@ class EpochProgress:
         self.window_images = 0
         self.window_data_time = 0.0
 
+    def watch(self, skipped: frozenset, rollback: bool, gradients_of=None, tensorboard_from: int = 0):
+        """What util/rollback.py sets before the pass: the iterations to pass over (the run's skipped optimizer
+        steps in this epoch), whether a fault raises NonFiniteStep (rollback) rather than NonFiniteLossError, and
+        the parameters whose gradients each optimizer step checks (None: the loss only)."""
+        self.skipped, self.rollback = skipped, rollback
+        self.gradients_of, self.tensorboard_from = gradients_of, tensorboard_from
+
     def iterate(self, loader, accum_iter: int):
         """Yield (iteration, ends an accumulation cycle, batch), timing how long the loop waits for each batch.
-        The optimizer steps on the iterations that end a cycle of `accum_iter`."""
+        The optimizer steps on the iterations that end a cycle of `accum_iter`. Skipped iterations (a step a
+        rollback passed over) are read from the loader, so the data position moves on, but not yielded."""
         iteration = self.start_iter
         waited_since = time.perf_counter()
         for batch in preemption.iterate(loader):
             wait = time.perf_counter() - waited_since
             self.data_time += wait
             self.window_data_time += wait
-            yield iteration, (iteration + 1) % accum_iter == 0, batch
+            if iteration not in self.skipped:
+                yield iteration, (iteration + 1) % accum_iter == 0, batch
             iteration += 1
             waited_since = time.perf_counter()
 
-    def update(self, iteration: int, loss: torch.Tensor, lr: float, batch_size: int, write_tb: bool = True):
-        self.window.append((iteration, loss.detach(), lr, write_tb))
+    def update(self, iteration: int, loss: torch.Tensor, lr: float, batch_size: int, is_update: bool = True):
+        """Record an iteration's loss (on the device; checked at the window's end). `is_update`: an optimizer
+        step ended here, so TensorBoard gets it and, when watched (--on_nonfinite rollback), its gradients are
+        checked, on the device: call it before zero_grad."""
+        fault = None
+        if is_update and self.gradients_of is not None:
+            fault = gradient_fault(self.gradients_of)
+        self.window.append((iteration, loss.detach(), lr, is_update, fault))
         self.window_images += batch_size
         self.epoch_images += batch_size
         if (iteration + 1) % self.print_freq == 0 or iteration + 1 == self.iters_per_epoch:
@@ -118,38 +151,61 @@ class EpochProgress:
         shares among the images taken, which another process count cannot place."""
         return self.stop_agreed and next_iteration < self.iters_per_epoch
 
-    def flush(self):
-        """Synchronise the window: reduce losses across ranks, check them, log, write TensorBoard."""
+    def flush(self, show: bool = True):
+        """Synchronise the window: reduce losses across ranks, check them, log, write TensorBoard. `show`: print
+        its line (a snapshot checks the window without printing; the next line covers it)."""
         if not self.window:
             return
-        local = torch.stack([loss.float() for _, loss, _, _ in self.window])
+        count = len(self.window)
+        local = torch.stack([loss.float() for _, loss, _, _, _ in self.window])
+        checked = [local]
+        if self.gradients_of is not None:  # 1 where a step's gradients were not finite on this rank
+            checked.append(torch.stack([torch.zeros((), device=local.device) if fault is None else fault.float()
+                                        for *_, fault in self.window]))
         bad_images = self.budget.local_count() if self.budget is not None else 0
         flags = torch.tensor([float(preemption.stop_requested()), float(bad_images)], device=local.device)
-        reduced = distributed.all_reduce_sum(torch.cat([local, flags]))
+        reduced = distributed.all_reduce_sum(torch.cat([*checked, flags]))
         self._stop_agreed = self._stop_agreed or reduced[-2].item() > 0
         if self.budget is not None:
             self.hold_budget(reduced[-1].item())  # over --max_bad_images: stop now, not at the epoch's end
-        reduced_losses = (reduced[:-2] / self.world_size).tolist()
+        reduced_losses = (reduced[:count] / self.world_size).tolist()
+        gradient_faults = reduced[count:-2].tolist() or [0.0] * count
         local_losses = local.tolist()
         self.runtime.synchronize()  # the window's time includes its last backward and step
-        for (iteration, _, lr, write_tb), value, value_all in zip(self.window, local_losses, reduced_losses):
-            if not math.isfinite(value) or not math.isfinite(value_all):
-                bad = value if not math.isfinite(value) else value_all
-                raise NonFiniteLossError(self.epoch, iteration, bad, self.describe_last_good())
+        for (iteration, _, lr, is_update, _), value, value_all, gradients_bad in zip(
+                self.window, local_losses, reduced_losses, gradient_faults):
+            self.check_finite(iteration, value, value_all, gradients_bad)
             self.meters.update(loss=value, lr=lr)
-            if self.log_writer is not None and write_tb:
+            if self.log_writer is not None and is_update and iteration >= self.tensorboard_from:
                 step = int((iteration / self.iters_per_epoch + self.epoch) * 1000)  # epoch_1000x, as official
                 self.log_writer.add_scalar(self.tb_loss_name, value_all, step)
                 self.log_writer.add_scalar('lr', lr, step)
-        self.print_window(self.window[-1][0])
+        if show:
+            self.print_window(self.window[-1][0])
         self.window = []
+
+    def check_finite(self, iteration: int, value: float, value_all: float, gradients_bad: float):
+        """NonFiniteLossError for a non-finite loss; watched (--on_nonfinite rollback), NonFiniteStep for a loss
+        or gradients not finite on any rank, judged on the reduced values only, so every rank agrees."""
+        if self.rollback:
+            if not math.isfinite(value_all):
+                raise NonFiniteStep(self.epoch, iteration, value_all, 'loss')
+            if gradients_bad:
+                raise NonFiniteStep(self.epoch, iteration, float('nan'), 'gradients')
+        elif not math.isfinite(value) or not math.isfinite(value_all):
+            bad = value if not math.isfinite(value) else value_all
+            raise NonFiniteLossError(self.epoch, iteration, bad, self.describe_last_good())
+
+    def own_sums(self) -> dict:
+        """This rank's running sums of the epoch so far, {meter: [total, count]} (no collective)."""
+        return {name: [meter.total, meter.count] for name, meter in self.meters.meters.items()}
 
     def partial_state(self) -> list:
         """The epoch so far, for a mid-epoch checkpoint: every rank's running sums, [{meter: [total, count]}]
         indexed by rank. A collective: call it on every rank."""
         self.flush()
-        own = {name: [meter.total, meter.count] for name, meter in self.meters.meters.items()}
-        return [json.loads(blob.decode()) for blob in distributed.all_gather_bytes(json.dumps(own).encode())]
+        gathered = distributed.all_gather_bytes(json.dumps(self.own_sums()).encode())
+        return [json.loads(blob.decode()) for blob in gathered]
 
     def restore(self, per_rank: list):
         """Continue a partial epoch's averages: each rank its own sums. If the world size changed, rank 0
@@ -199,6 +255,23 @@ class EpochProgress:
                f'({self.world_size} process{"es" if self.world_size > 1 else ""})  '
                f'data wait {stats["data_wait_frac"]:.0%}  peak mem {stats["peak_mem_gib"]:.2f} GiB')
         return stats
+
+
+def gradient_fault(parameters: list) -> Optional[torch.Tensor]:
+    """On the device, no host sync: True when a gradient of `parameters` holds a NaN or an infinity (under --fsdp,
+    in this rank's shards; the window's all-reduce combines the ranks); None when there are no gradients. One
+    fused norm per device and dtype: a norm is finite exactly when every element is (short of a norm over
+    3e38)."""
+    grads = [local_part(p.grad) for p in parameters if p.grad is not None]
+    if not grads:
+        return None
+    norms = torch._foreach_norm(grads)
+    return ~torch.stack([norm.float() for norm in norms]).isfinite().all()
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of `tensor` this rank holds: its shard of an --fsdp DTensor, else the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, 'to_local') else tensor
 
 
 def begin_epoch(model: torch.nn.Module, optimizer, data_loader, runtime, epoch: int, args, tensorboard,

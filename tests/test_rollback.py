@@ -1,0 +1,266 @@
+"""--on_nonfinite rollback: a NaN met in training rolls every rank back to a snapshot in host memory, skips the bad
+step's batch and goes on (util/rollback.py). Faults are injected by tests/nan_injection.py."""
+import os
+
+import pytest
+import torch
+from conftest import (
+    ROOT,
+    TINY_CLASSIFIER_ARGS,
+    TINY_PRETRAIN_ARGS,
+    read_json_log,
+    run_in_process,
+    run_script,
+    run_torchrun,
+)
+
+import main_pretrain
+from util.checkpoint_files import load_checkpoint
+from util.loss_scaler import LossScaler
+from util.rollback import Position, Snapshot
+
+INJECT = os.path.join(ROOT, 'tests', 'nan_injection.py')
+# 2 epochs of 8 optimizer steps on the 128 texture images; a snapshot every 2 steps, a checkpoint every 2
+RUN = ['--epochs', '2', '--blr', '1.6e-2', '--warmup_epochs', '1', '--seed', '3', '--save_every_iters', '2',
+       *TINY_PRETRAIN_ARGS]
+ROLLBACK = ['--on_nonfinite', 'rollback', '--snapshot_every', '2']
+
+
+def pretrain(data, out, *extra, env=None, check=True):
+    return run_script(INJECT, 'main_pretrain.py', '--data_path', data, '--output_dir', out, *RUN, *extra, env=env,
+                      check=check)
+
+
+def final_model(out) -> dict:
+    return load_checkpoint(str(out / 'checkpoint-last.pth'))['model']
+
+
+def assert_bit_identical(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
+
+
+def rollback_lines(out, timed: bool = True) -> list:
+    """The rollback records in log.txt; not `timed`: without their 'seconds' (a measurement of that run)."""
+    return [{k: v for k, v in entry['rollback'].items() if timed or k != 'seconds'}
+            for entry in read_json_log(out) if 'rollback' in entry]
+
+
+def epoch_lines(out) -> list:
+    return [(e['epoch'], e['train_loss'], e['train_lr']) for e in read_json_log(out) if 'rollback' not in e]
+
+
+@pytest.fixture(scope='module')
+def two_faults(texture_data, tmp_path_factory):
+    """A run that meets a NaN loss once at epoch 0, iteration 3 and once at epoch 1, iteration 5 (the snapshots
+    before them: iterations 2 and 4)."""
+    out = tmp_path_factory.mktemp('faults')
+    proc = pretrain(texture_data, out, *ROLLBACK, env={'NAN_AT': '0:3,1:5'})
+    return out, proc
+
+
+def tensorboard_points(out, tag: str) -> list:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+@pytest.mark.slow
+def test_without_a_fault_rollback_mode_trains_the_very_same_weights(texture_data, tmp_path):
+    pretrain(texture_data, tmp_path / 'stop')
+    pretrain(texture_data, tmp_path / 'rollback', *ROLLBACK)
+    assert_bit_identical(final_model(tmp_path / 'stop'), final_model(tmp_path / 'rollback'))
+    assert epoch_lines(tmp_path / 'stop') == epoch_lines(tmp_path / 'rollback')
+
+
+@pytest.mark.slow
+def test_each_nan_is_rolled_back_skipped_recorded_and_the_run_finishes(two_faults, texture_data):
+    out, proc = two_faults
+    lines = [line for line in proc.stdout.splitlines() if 'Rollback ' in line]
+    assert len(lines) == 2 and (
+        f'] Rollback 2 of at most 5: loss nan at epoch 1, iteration 5; back to the snapshot of iteration 4, replaying '
+        f'to the step and skipping iteration 5 (16 samples: {texture_data}/train/') in lines[1], lines
+    records = rollback_lines(out)
+    assert [(r['epoch'], r['iteration'], r['iterations'], r['snapshot_iteration']) for r in records] == \
+        [(0, 3, [3, 3], 2), (1, 5, [5, 5], 4)]
+    assert all((r['cause'], r['value']) == ('loss', 'nan') and r['seconds'] > 0 for r in records)
+    assert all(len(r['samples']) == 16 and all(os.path.isfile(path) for path in r['samples']) for r in records)
+    checkpoint = load_checkpoint(str(out / 'checkpoint-last.pth'))
+    assert checkpoint['epoch'] == 1 and checkpoint['rollbacks'] == records
+    assert all(torch.isfinite(tensor).all() for tensor in checkpoint['model'].values())
+    assert [epoch for epoch, _, _ in epoch_lines(out)] == [0, 1]
+    # TensorBoard: every step once (the replays do not write them again), none of them NaN, the skipped ones absent
+    points = tensorboard_points(out, 'train_loss')
+    steps = [step for step, _ in points]
+    assert len(steps) == len(set(steps)) == 2 * 8 - 2 and all(torch.isfinite(torch.tensor(v)) for _, v in points)
+    assert 375 not in steps and 1625 not in steps  # epoch_1000x of epoch 0 iteration 3, epoch 1 iteration 5
+
+
+@pytest.mark.slow
+def test_killed_after_rollbacks_and_resumed_the_run_skips_the_same_batches_and_ends_bit_identical(
+        two_faults, texture_data, tmp_path):
+    """Killed at epoch 1, iteration 7, after both rollbacks: the newest checkpoint is the one the second rollback
+    wrote at its snapshot (iteration 4), and the relaunched run meets no NaN (the faults were transient), so only
+    the records in the checkpoint make it skip iteration 5. The first part repeats the fixture's run: the same
+    on every repeat."""
+    reference, _ = two_faults
+    out = tmp_path / 'run'
+    killed = pretrain(texture_data, out, *ROLLBACK, check=False,
+                      env={'NAN_AT': '0:3,1:5', 'KILL_AT': '1:7', 'KILL_MARKER': str(tmp_path / 'killed')})
+    assert killed.returncode == -9 and 'Rollback 2 of at most 5' in killed.stdout
+    assert load_checkpoint(str(out / 'checkpoint-last.pth'))['epoch_in_progress']['iteration'] == 4
+    relaunched = pretrain(texture_data, out, *ROLLBACK)
+    assert 'Continuing at epoch 1, iteration 4' in relaunched.stdout and 'Rollback' not in relaunched.stdout
+    assert_bit_identical(final_model(out), final_model(reference))
+    assert rollback_lines(out, timed=False) == rollback_lines(reference, timed=False)  # each once
+    assert epoch_lines(out) == epoch_lines(reference)
+
+
+@pytest.mark.slow
+def test_a_nan_anywhere_in_an_accumulation_cycle_skips_the_whole_cycle_and_nothing_of_it_leaks(texture_data,
+                                                                                              tmp_path):
+    """--accum_iter 2, no loss scaler on the CPU (the gradients are checked at each optimizer step): NaN gradients
+    from iteration 2, the first of a cycle, under a finite loss; and a NaN loss at iteration 3, its last. Either
+    way both iterations are skipped, and the two runs end bit-identical: no gradient of the cycle leaks on."""
+    flags = [*ROLLBACK, '--accum_iter', '2', '--batch_size', '8', '--epochs', '1', '--save_every_iters', '4']
+    gradients = pretrain(texture_data, tmp_path / 'gradients', *flags, env={'NAN_AT': '0:2', 'NAN_MODE': 'gradients'})
+    pretrain(texture_data, tmp_path / 'loss', *flags, env={'NAN_AT': '0:3'})
+    for name, cause, at in (('gradients', 'gradients', 3), ('loss', 'loss', 3)):
+        [record] = rollback_lines(tmp_path / name)
+        assert (record['iterations'], record['cause'], record['iteration']) == ([2, 3], cause, at)
+        assert len(record['samples']) == 16
+    assert ('gradients nan at epoch 0, iteration 3; back to the snapshot of iteration 0, replaying to the step and '
+            'skipping iterations 2-3 (16 samples: ') in gradients.stdout
+    assert_bit_identical(final_model(tmp_path / 'gradients'), final_model(tmp_path / 'loss'))
+    assert all(torch.isfinite(tensor).all() for tensor in final_model(tmp_path / 'loss').values())
+
+
+@pytest.mark.slow
+def test_fp16_loss_scaler_overflow_skips_are_not_rollbacks(texture_data, tmp_path):
+    """With --amp fp16 the GradScaler skips a step whose gradients overflow and lowers its scale: its own business,
+    not a rollback (and not one of --max_rollbacks)."""
+    out = tmp_path / 'run'
+    proc = pretrain(texture_data, out, *ROLLBACK, '--amp', 'fp16', '--epochs', '1',
+                    env={'NAN_AT': '0:2', 'NAN_MODE': 'gradients'})
+    assert 'Rollback' not in proc.stdout and rollback_lines(out) == []
+    checkpoint = load_checkpoint(str(out / 'checkpoint-last.pth'))
+    assert checkpoint['scaler']['scale'] == 65536.0 / 2  # the one overflow halved the initial scale
+    assert 'rollbacks' not in checkpoint
+
+
+@pytest.mark.slow
+def test_a_nan_at_every_step_stops_after_max_rollbacks_in_one_line_leaving_a_finite_checkpoint(texture_data,
+                                                                                                tmp_path):
+    out = tmp_path / 'run'
+    proc = pretrain(texture_data, out, *ROLLBACK, '--max_rollbacks', '2', check=False,
+                    env={'NAN_AT': '1:3', 'NAN_MODE': 'from'})
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+    assert errors == [line for line in proc.stderr.splitlines() if line.strip()], proc.stderr[-2000:]
+    assert errors[0].startswith('error: Loss is nan at epoch 1, iteration 5, again after 2 rollbacks '
+                                '(--max_rollbacks 2; steps skipped at epoch:iteration 1:3, 1:4)')
+    assert f'Last good checkpoint, left untouched: {out / "checkpoint-last.pth"} (epoch 1, iteration 2)' in errors[0]
+    checkpoint = load_checkpoint(str(out / 'checkpoint-last.pth'))
+    assert checkpoint['epoch_in_progress']['iteration'] == 2 and len(checkpoint['rollbacks']) == 2
+    assert all(torch.isfinite(tensor).all() for tensor in checkpoint['model'].values())
+
+
+@pytest.mark.slow
+def test_fine_tuning_rolls_back_a_nan_and_finishes(texture_data, tmp_path):
+    out = tmp_path / 'run'
+    proc = run_script(INJECT, 'main_finetune.py', '--data_path', texture_data, '--output_dir', out, '--epochs', '1',
+                      *TINY_CLASSIFIER_ARGS, '--on_nonfinite', 'rollback', env={'NAN_AT': '0:6'}, check=True)
+    assert 'Rollback 1 of at most 5: loss nan at epoch 0, iteration 6; back to the snapshot of iteration 0' \
+        in proc.stdout
+    [record] = rollback_lines(out)
+    assert record['iterations'] == [6, 6] and read_json_log(out)[-1]['test_acc1'] >= 0
+
+
+@pytest.fixture(scope='module')
+def ddp_and_fsdp_rollbacks(texture_data, tmp_path_factory):
+    """2 processes x 8 images x --accum_iter 2, a snapshot every optimizer step; rank 1 alone meets a NaN at epoch
+    1, iteration 3 (the snapshot before it: iteration 2)."""
+    out = tmp_path_factory.mktemp('distributed')
+    flags = ['--epochs', '2', '--blr', '1.6e-2', '--warmup_epochs', '1', '--seed', '1', '--model',
+             'mae_vit_tiny_patch16', '--input_size', '32', '--patch_size', '4', '--num_workers', '0',
+             '--batch_size', '8', '--accum_iter', '2', '--print_freq', '2', '--save_every_iters', '2', *ROLLBACK,
+             '--snapshot_every', '1']
+    env = {'NAN_AT': '1:3', 'NAN_RANK': '1'}
+    runs = {}
+    for name, extra in (('ddp', []), ('fsdp', ['--fsdp'])):
+        runs[name] = run_torchrun(INJECT, 'main_pretrain.py', '--data_path', texture_data, '--output_dir',
+                                  out / name, *flags, *extra, env=env, check=True)
+    return out / 'ddp', out / 'fsdp', runs
+
+
+@pytest.mark.slow
+def test_under_ddp_every_rank_rolls_back_when_one_meets_the_nan(ddp_and_fsdp_rollbacks):
+    ddp, _, runs = ddp_and_fsdp_rollbacks
+    [record] = rollback_lines(ddp)
+    assert (record['epoch'], record['iterations'], record['snapshot_iteration']) == (1, [2, 3], 2)
+    assert len(record['samples']) == 32  # 2 iterations x 8 images x 2 ranks
+    assert runs['ddp'].stdout.count('Rollback 1 of at most 5') == 1  # rank 0 reports it
+    assert all(torch.isfinite(tensor).all() for tensor in final_model(ddp).values())
+
+
+@pytest.mark.slow
+def test_under_fsdp_each_rank_restores_its_own_shards_and_ends_with_the_ddp_weights(ddp_and_fsdp_rollbacks):
+    ddp, fsdp, _ = ddp_and_fsdp_rollbacks
+    assert rollback_lines(fsdp, timed=False) == rollback_lines(ddp, timed=False)
+    a, b = final_model(ddp), final_model(fsdp)
+    difference = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert difference <= 1e-5  # fp32 rounding only: a shard restored wrong would be off by the learning rate
+
+
+def test_the_rollback_numbers_belong_to_rollback_and_are_refused_without_it(texture_data, tmp_path, capsys):
+    code, out, errors = run_in_process(main_pretrain, ['--data_path', texture_data, '--output_dir', tmp_path / 'o',
+                                                       '--snapshot_every', '50', *TINY_PRETRAIN_ARGS], capsys)
+    assert code == 2 and errors == ['error: --snapshot_every 50: belongs to --on_nonfinite rollback; add it, or '
+                                    'drop --snapshot_every']
+    assert not (tmp_path / 'o').exists()
+
+
+def test_a_snapshot_restores_weights_optimizer_moments_scaler_and_rng_exactly(tiny_mae):
+    """Taken before the first step (AdamW has no state yet) and again after two: each restore gives back the
+    state of its moment bit for bit, and the first one leaves AdamW without state, as it was."""
+    class CpuRuntime:
+        pin_memory_supported = False
+
+        def get_rng_state(self):
+            return None
+
+    model = tiny_mae
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    snapshot = Snapshot(model, optimizer, LossScaler(None), CpuRuntime())
+
+    def step():
+        loss = model(torch.randn(2, 3, 32, 32), mask_ratio=0.75)[0]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def state():
+        return ({k: v.clone() for k, v in model.state_dict().items()},
+                [{k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+                 for p in model.parameters() if p in optimizer.state],
+                torch.get_rng_state())
+
+    snapshot.take(Position(0, 0, {}, 0, 0.0))
+    before = state()
+    step()
+    snapshot.restore()
+    assert not optimizer.state and all(torch.equal(before[0][k], v) for k, v in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), before[2])
+    step()
+    step()
+    snapshot.take(Position(0, 2, {}, 0, 0.0))
+    middle = state()
+    step()
+    snapshot.restore()
+    after = state()
+    assert all(torch.equal(middle[0][k], after[0][k]) for k in middle[0])
+    assert len(middle[1]) == len(after[1]) > 0
+    for kept, restored in zip(middle[1], after[1]):
+        assert kept.keys() == restored.keys() and all(torch.equal(kept[k], restored[k]) for k in kept)
+    assert torch.equal(middle[2], after[2])
