@@ -1,5 +1,7 @@
 """--on_nonfinite rollback: a NaN met in training rolls every rank back to a snapshot in host memory, skips the bad
 step's batch and goes on (util/rollback.py). Faults are injected by tests/nan_injection.py."""
+import hashlib
+import json
 import os
 
 import pytest
@@ -15,6 +17,7 @@ from conftest import (
 )
 
 import main_pretrain
+import models_mae
 from util.checkpoint_files import load_checkpoint
 from util.loss_scaler import LossScaler
 from util.rollback import Position, Snapshot
@@ -211,6 +214,45 @@ def test_under_fsdp_each_rank_restores_its_own_shards_and_ends_with_the_ddp_weig
     a, b = final_model(ddp), final_model(fsdp)
     difference = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert difference <= 1e-5  # fp32 rounding only: a shard restored wrong would be off by the learning rate
+
+
+@pytest.mark.slow
+def test_without_rollback_nan_gradients_under_a_finite_loss_never_overwrite_the_last_good_checkpoint(texture_data,
+                                                                                                   tmp_path):
+    """--on_nonfinite stop, fp32: the last step of epoch 1 makes NaN gradients under a finite loss. Before, the
+    epoch's checkpoint saved the NaN weights over the good one, and the next epoch's NaN loss pointed to it as
+    the last good checkpoint. Now the save refuses them and the checkpoint of epoch 0 stays as it was."""
+    out = tmp_path / 'run'
+    pretrain(texture_data, out, '--epochs', '1', '--save_every_iters', '0')
+    digest = hashlib.sha256((out / 'checkpoint-last.pth').read_bytes()).hexdigest()
+    proc = pretrain(texture_data, out, '--epochs', '3', '--save_every_iters', '0', check=False,
+                    env={'NAN_AT': '1:7', 'NAN_MODE': 'gradients'})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "error: Weights are NaN or infinite after epoch 1 (a step's gradients were, under a finite loss), so they "
+        f"were not saved, stopping training. Last good checkpoint, left untouched: {out / 'checkpoint-last.pth'} "
+        "(end of epoch 0). With fp16, try --amp bf16; else set --clip_grad, or lower --blr (rerunning with "
+        "--allow_recipe_change continues from that checkpoint)."]
+    assert hashlib.sha256((out / 'checkpoint-last.pth').read_bytes()).hexdigest() == digest
+    assert not (out / 'checkpoint-1.pth').exists()
+
+
+def test_the_rollback_benchmark_measures_a_snapshot_of_12_bytes_per_trained_parameter(tmp_path, capsys):
+    from tools import benchmark
+    report = tmp_path / 'rollback.json'
+    assert benchmark.main(['--rollback', '--rollback_models', 'mae_vit_tiny_patch16', '--input_size', '32',
+                           '--patch_size', '4', '--batch_size', '2', '--device', 'cpu', '--warmup', '0',
+                           '--steps', '2', '--windows', '1', '--json', str(report)]) == 0
+    result = json.loads(report.read_text())['rollback']
+    [row] = result['measured']
+    model = models_mae.build_mae('mae_vit_tiny_patch16', patch_size=4, img_size=32)
+    trained = [p.numel() for p in model.parameters() if p.requires_grad]
+    # float32 weights and two AdamW moments, and each tensor's float32 step count: nothing else
+    assert row['host_bytes'] == 12 * sum(trained) + 4 * len(trained)
+    assert row['step_ms'] > 0 and row['check_ms'] > 0 and row['snapshot_ms'] > 0 and 0 < row['overhead'] < 1
+    sizes = {r['model']: r for r in result['sizes']}
+    assert round(sizes['mae_vit_base_patch16']['trained_parameters_m'], 1) == 111.7
+    assert '--on_nonfinite rollback, batch 2' in capsys.readouterr().out
 
 
 def test_the_rollback_numbers_belong_to_rollback_and_are_refused_without_it(texture_data, tmp_path, capsys):

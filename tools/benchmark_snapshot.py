@@ -2,9 +2,9 @@
 
 Two costs: the per-step gradient check (one fused norm of the gradients on the device; only without an fp16 loss
 scaler) and a snapshot every --snapshot_every steps (its parameters and AdamW state copied into host memory). For
-each --rollback_models model, measured in one run: the plain step, the step with the check (their windows
-alternate, so drifts of the machine hit both alike), a snapshot and a restore; the overhead at K steps is
-(check + snapshot / K) / step. For every MAE size, the snapshot's host memory follows from the parameter count:
+each --rollback_models model, measured in one run: the step, the check after a step's backward (timed on its own,
+the device synchronised around it), a snapshot and a restore; the overhead at K steps is (check + snapshot / K) /
+step. For every MAE size, the snapshot's host memory follows from the parameter count:
 4 bytes of weights and 8 of AdamW moments per trained parameter, and its time at a copy bandwidth."""
 import statistics
 import time
@@ -50,27 +50,27 @@ def measure(name: str, args, runtime) -> Dict[str, float]:
     loss_scaler = LossScaler(runtime.grad_scaler())
     trained = [p for p in model.parameters() if p.requires_grad]
     checks = not loss_scaler.scales_loss
-    faults = []
+    check_times = []
 
-    def train_step(check: bool):
+    def train_step():
         loss_scaler(forward(model, images), optimizer, parameters=trained)
-        if check:
-            faults.append(gradient_fault(trained))
         optimizer.zero_grad(set_to_none=True)
-    for _ in range(args.warmup):
-        train_step(checks)
-    plain, checked = [], []
-    for _ in range(args.windows):  # alternating windows
-        plain += step.time_windows(lambda: train_step(False), runtime, 0, 1, args.steps)
-        checked += step.time_windows(lambda: train_step(checks), runtime, 0, 1, args.steps)
+
+    def checked_step():  # the check timed on its own, the device synchronised around it
+        loss_scaler(forward(model, images), optimizer, parameters=trained)
+        check_times.append(timed_each(lambda: gradient_fault(trained), runtime, repeats=1))
+        optimizer.zero_grad(set_to_none=True)
+    step_s = statistics.median(step.time_windows(train_step, runtime, args.warmup, args.windows, args.steps))
+    for _ in range(args.steps):
+        checked_step()
+    check_s = statistics.median(check_times) if checks else 0.0
     snapshot = Snapshot(model, optimizer, loss_scaler, runtime)
     take = timed_each(lambda: snapshot.take(Position(0, 0, {}, 0, 0.0)), runtime)
     restore = timed_each(snapshot.restore, runtime)
-    step_s, check_s = statistics.median(plain), max(statistics.median(checked) - statistics.median(plain), 0.0)
     host = snapshot.copies.bytes()
     return {'model': name, 'batch_size': args.batch_size, 'step_ms': 1000 * step_s,
             'check_ms': 1000 * check_s if checks else None, 'snapshot_ms': 1000 * take, 'restore_ms': 1000 * restore,
-            'host_mib': host / 2 ** 20, 'copy_gb_per_s': host / take / 1e9,
+            'host_bytes': host, 'host_mib': host / 2 ** 20, 'copy_gb_per_s': host / take / 1e9,
             'overhead': (check_s + take / SNAPSHOT_EVERY) / step_s}
 
 

@@ -19,6 +19,7 @@ from util.bad_images import BadImageBudgetError
 from util.checkpoint_files import CheckpointError, save_atomic
 from util.distributed import print0
 from util.output_dir import BEST, LAST, Resumable, checkpoint_epoch_name, holds_training_state
+from util.progress import NonFiniteLossError, any_non_finite
 from util.rng import gather_rng_states, restore_rng_states
 from util.weights import load_weights
 
@@ -230,6 +231,7 @@ class Checkpointer:
         --output_dir)."""
         if not self.args.output_dir:
             return None
+        self.check_weights(epoch, next_iteration)
         rng_states = gather_rng_states(self.runtime)
         partial = {'meters': [], 'epoch_images': None}  # the epoch so far, for a mid-epoch save
         if progress is not None and next_iteration:
@@ -247,6 +249,18 @@ class Checkpointer:
         distributed.barrier()
         self.last_saved = (self.last_path, epoch, next_iteration)
         return path
+
+    def check_weights(self, epoch: int, next_iteration: int):
+        """Before a save: NonFiniteLossError, and nothing written, when a weight is NaN or infinite on some rank.
+        The losses are checked, but a step's NaN gradients under a finite loss (bf16, fp32: no loss scaler skips
+        them) leave NaN weights the next loss would show only after this save had overwritten the last good
+        checkpoint. One fused norm on the device and one all-reduce (a collective, as save is)."""
+        fault = any_non_finite([*self.model.parameters(), *(b for b in self.model.buffers() if b.is_floating_point())])
+        if distributed.all_reduce_sum(torch.zeros(()) if fault is None else fault.float()).item():
+            where = f'after epoch {epoch}, iteration {next_iteration}' if next_iteration else f'after epoch {epoch}'
+            raise NonFiniteLossError(epoch, next_iteration, 'NaN or infinite', self.describe_last_good(),
+                                     what='Weights', where=where, tried=' (a step\'s gradients were, under a finite '
+                                     'loss), so they were not saved')
 
     def save_if_due(self, epoch: int, next_iteration: int, progress):
         """After an optimizer step: update checkpoint-last.pth every --save_every_iters iterations (mid-epoch)."""
@@ -283,6 +297,7 @@ class Checkpointer:
         """checkpoint-best.pth when this epoch's top-1 beats the best so far; returns the best top-1 (printed)."""
         if test_stats['acc1'] > self.extra_state['max_accuracy']:  # the same on every rank: evaluation is reduced
             self.extra_state['max_accuracy'] = test_stats['acc1']
+            self.check_weights(epoch, 0)
             model_state = (util_fsdp.full_model_state(self.model) if util_fsdp.is_sharded(self.model)
                            else self.model.state_dict())
             if self.args.output_dir and distributed.is_main_process():

@@ -22,11 +22,12 @@ class NonFiniteLossError(RuntimeError):
     """The loss (or, checked with --on_nonfinite rollback, the gradients) became NaN or infinite; the message names
     where, what was tried (`tried`: the rollbacks, when they ran out), the last good checkpoint and what to try."""
 
-    def __init__(self, epoch: int, iteration: int, value: float, last_good: str, what: str = 'Loss',
-                 tried: str = ''):
+    def __init__(self, epoch: int, iteration: int, value, last_good: str, what: str = 'Loss', tried: str = '',
+                 where: str = ''):
         self.epoch, self.iteration, self.value = epoch, iteration, value
         verb = 'is' if what == 'Loss' else 'are'
-        super().__init__(f'{what} {verb} {value} at epoch {epoch}, iteration {iteration}{tried}, stopping training. '
+        where = where or f'at epoch {epoch}, iteration {iteration}'
+        super().__init__(f'{what} {verb} {value} {where}{tried}, stopping training. '
                          f'{last_good} With fp16, try --amp bf16; else set --clip_grad, or lower --blr (rerunning '
                          'with --allow_recipe_change continues from that checkpoint).')
 
@@ -259,13 +260,18 @@ class EpochProgress:
 
 def gradient_fault(parameters: list) -> Optional[torch.Tensor]:
     """On the device, no host sync: True when a gradient of `parameters` holds a NaN or an infinity (under --fsdp,
-    in this rank's shards; the window's all-reduce combines the ranks); None when there are no gradients. One
-    fused norm per device and dtype: a norm is finite exactly when every element is (short of a norm over
-    3e38)."""
-    grads = [local_part(p.grad) for p in parameters if p.grad is not None]
-    if not grads:
+    in this rank's shards; the window's all-reduce combines the ranks); None when there are no gradients."""
+    return any_non_finite([p.grad for p in parameters if p.grad is not None])
+
+
+def any_non_finite(tensors: list) -> Optional[torch.Tensor]:
+    """A 0-dim bool tensor on the device, True when one of `tensors` (this rank's part of each) holds a NaN or an
+    infinity; None for no tensors. One fused norm per device and dtype: a norm is finite exactly when every
+    element is (short of a norm over 3e38)."""
+    parts = [local_part(t) for t in tensors]
+    if not parts:
         return None
-    norms = torch._foreach_norm(grads)
+    norms = torch._foreach_norm(parts)
     return ~torch.stack([norm.float() for norm in norms]).isfinite().all()
 
 
