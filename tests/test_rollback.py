@@ -3,6 +3,7 @@ step's batch and goes on (util/rollback.py). Faults are injected by tests/nan_in
 import hashlib
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ import main_pretrain
 import models_mae
 from util.checkpoint_files import load_checkpoint
 from util.loss_scaler import LossScaler
-from util.rollback import Position, Snapshot
+from util.checkpointer import ResumeState
+from util.rollback import Position, Rollbacks, Snapshot
 
 INJECT = os.path.join(ROOT, 'tests', 'nan_injection.py')
 # 2 epochs of 8 optimizer steps on the 128 texture images; a snapshot every 2 steps, a checkpoint every 2
@@ -133,7 +135,8 @@ def test_a_nan_anywhere_in_an_accumulation_cycle_skips_the_whole_cycle_and_nothi
         [record] = rollback_lines(tmp_path / name)
         assert (record['iterations'], record['cause'], record['iteration']) == ([2, 3], cause, at)
         assert len(record['samples']) == 16
-    assert ('gradients nan at epoch 0, iteration 3; back to the snapshot of iteration 0, replaying to the step and '
+    assert ('gradients not finite at epoch 0, iteration 3; back to the snapshot of iteration 0, replaying to the step '
+            'and '
             'skipping iterations 2-3 (16 samples: ') in gradients.stdout
     assert_bit_identical(final_model(tmp_path / 'gradients'), final_model(tmp_path / 'loss'))
     assert all(torch.isfinite(tensor).all() for tensor in final_model(tmp_path / 'loss').values())
@@ -170,50 +173,80 @@ def test_a_nan_at_every_step_stops_after_max_rollbacks_in_one_line_leaving_a_fin
 
 
 @pytest.mark.slow
-def test_fine_tuning_rolls_back_a_nan_and_finishes(texture_data, tmp_path):
+@pytest.mark.parametrize('script', ['main_finetune.py', 'main_linprobe.py'])
+def test_fine_tuning_and_linear_probing_roll_back_a_nan_and_finish(script, texture_data, tmp_path):
+    """Fine-tuning (mixup's numpy draws in the RNG snapshot) and linear probing (LARS, the head's BatchNorm
+    running statistics: buffers, in the snapshot too)."""
     out = tmp_path / 'run'
-    proc = run_script(INJECT, 'main_finetune.py', '--data_path', texture_data, '--output_dir', out, '--epochs', '1',
+    proc = run_script(INJECT, script, '--data_path', texture_data, '--output_dir', out, '--epochs', '1',
                       *TINY_CLASSIFIER_ARGS, '--on_nonfinite', 'rollback', env={'NAN_AT': '0:6'}, check=True)
     assert 'Rollback 1 of at most 5: loss nan at epoch 0, iteration 6; back to the snapshot of iteration 0' \
         in proc.stdout
     [record] = rollback_lines(out)
     assert record['iterations'] == [6, 6] and read_json_log(out)[-1]['test_acc1'] >= 0
+    assert all(torch.isfinite(tensor).all() for tensor in final_model(out).values())
+    # the skipped steps belong to the run's state, not to the weights a --resume or --finetune of best would take
+    assert len(load_checkpoint(str(out / 'checkpoint-last.pth'))['rollbacks']) == 1
+    assert 'rollbacks' not in load_checkpoint(str(out / 'checkpoint-best.pth'))
 
 
 @pytest.fixture(scope='module')
-def ddp_and_fsdp_rollbacks(texture_data, tmp_path_factory):
-    """2 processes x 8 images x --accum_iter 2, a snapshot every optimizer step; rank 1 alone meets a NaN at epoch
-    1, iteration 3 (the snapshot before it: iteration 2)."""
+def two_process_runs(texture_data, tmp_path_factory):
+    """2 processes x 8 images x --accum_iter 2, logging windows of 3 iterations (they end on optimizer steps when
+    watched), a snapshot every optimizer step: without a fault, with and without rollback; rank 1 alone meeting
+    a NaN once at iteration 3 (the snapshot before it: iteration 2), under DDP and under --fsdp; and a NaN at every
+    step from iteration 3 on. One epoch of 8 iterations each."""
     out = tmp_path_factory.mktemp('distributed')
-    flags = ['--epochs', '2', '--blr', '1.6e-2', '--warmup_epochs', '1', '--seed', '1', '--model',
+    flags = ['--epochs', '1', '--blr', '1.6e-2', '--warmup_epochs', '0', '--seed', '1', '--model',
              'mae_vit_tiny_patch16', '--input_size', '32', '--patch_size', '4', '--num_workers', '0',
-             '--batch_size', '8', '--accum_iter', '2', '--print_freq', '2', '--save_every_iters', '2', *ROLLBACK,
-             '--snapshot_every', '1']
-    env = {'NAN_AT': '1:3', 'NAN_RANK': '1'}
+             '--batch_size', '8', '--accum_iter', '2', '--print_freq', '3', '--save_every_iters', '2']
+    rollback = ['--on_nonfinite', 'rollback', '--snapshot_every', '1']
+    once, every = {'NAN_AT': '0:3', 'NAN_RANK': '1'}, {'NAN_AT': '0:3', 'NAN_MODE': 'from'}
     runs = {}
-    for name, extra in (('ddp', []), ('fsdp', ['--fsdp'])):
-        runs[name] = run_torchrun(INJECT, 'main_pretrain.py', '--data_path', texture_data, '--output_dir',
-                                  out / name, *flags, *extra, env=env, check=True)
-    return out / 'ddp', out / 'fsdp', runs
+    for name, extra, env in (('stop', [], None), ('rollback', rollback, None), ('ddp', rollback, once),
+                             ('fsdp', [*rollback, '--fsdp'], once),
+                             ('every', [*rollback, '--max_rollbacks', '1'], every)):
+        runs[name] = run_torchrun(INJECT, 'main_pretrain.py', '--data_path', texture_data, '--output_dir', out / name,
+                                  *flags, *extra, env=env, check=name != 'every')
+    return out, runs
 
 
 @pytest.mark.slow
-def test_under_ddp_every_rank_rolls_back_when_one_meets_the_nan(ddp_and_fsdp_rollbacks):
-    ddp, _, runs = ddp_and_fsdp_rollbacks
-    [record] = rollback_lines(ddp)
-    assert (record['epoch'], record['iterations'], record['snapshot_iteration']) == (1, [2, 3], 2)
-    assert len(record['samples']) == 32  # 2 iterations x 8 images x 2 ranks
+def test_two_processes_without_a_fault_train_the_same_weights_with_and_without_rollback(two_process_runs):
+    out, _ = two_process_runs
+    assert_bit_identical(final_model(out / 'stop'), final_model(out / 'rollback'))
+    assert epoch_lines(out / 'stop') == epoch_lines(out / 'rollback')
+
+
+@pytest.mark.slow
+def test_under_ddp_every_rank_rolls_back_when_one_meets_the_nan(two_process_runs):
+    out, runs = two_process_runs
+    [record] = rollback_lines(out / 'ddp')
+    assert (record['epoch'], record['iterations'], record['snapshot_iteration']) == (0, [2, 3], 2)
+    assert record['images'] == [32, 64] and len(record['samples']) == 32  # 2 iterations x 8 images x 2 ranks
     assert runs['ddp'].stdout.count('Rollback 1 of at most 5') == 1  # rank 0 reports it
-    assert all(torch.isfinite(tensor).all() for tensor in final_model(ddp).values())
+    assert all(torch.isfinite(tensor).all() for tensor in final_model(out / 'ddp').values())
 
 
 @pytest.mark.slow
-def test_under_fsdp_each_rank_restores_its_own_shards_and_ends_with_the_ddp_weights(ddp_and_fsdp_rollbacks):
-    ddp, fsdp, _ = ddp_and_fsdp_rollbacks
-    assert rollback_lines(fsdp, timed=False) == rollback_lines(ddp, timed=False)
-    a, b = final_model(ddp), final_model(fsdp)
+def test_under_fsdp_each_rank_restores_its_own_shards_and_ends_with_the_ddp_weights(two_process_runs):
+    out, _ = two_process_runs
+    assert rollback_lines(out / 'fsdp', timed=False) == rollback_lines(out / 'ddp', timed=False)
+    a, b = final_model(out / 'ddp'), final_model(out / 'fsdp')
     difference = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
     assert difference <= 1e-5  # fp32 rounding only: a shard restored wrong would be off by the learning rate
+
+
+@pytest.mark.slow
+def test_two_processes_stop_after_max_rollbacks_with_one_line_and_a_finite_checkpoint(two_process_runs):
+    out, runs = two_process_runs
+    proc = runs['every']
+    assert proc.returncode != 0
+    assert ('error: Loss is nan at epoch 0, iteration 4, again after 1 rollback (--max_rollbacks 1; steps skipped '
+            'at epoch:iteration 0:2)') in proc.stderr
+    checkpoint = load_checkpoint(str(out / 'every' / 'checkpoint-last.pth'))
+    assert checkpoint['epoch_in_progress']['iteration'] == 2 and len(checkpoint['rollbacks']) == 1
+    assert all(torch.isfinite(tensor).all() for tensor in checkpoint['model'].values())
 
 
 @pytest.mark.slow
@@ -255,6 +288,19 @@ def test_the_rollback_benchmark_measures_a_snapshot_of_12_bytes_per_trained_para
     assert '--on_nonfinite rollback, batch 2' in capsys.readouterr().out
 
 
+def test_a_skipped_step_maps_onto_the_same_images_at_another_division_of_the_epoch():
+    """Recorded at 16 images per iteration (iteration 5 of epoch 1: images 80 to 96 of its order), resumed at 8 per
+    iteration with --accum_iter 2 (the same effective batch): iterations 10 and 11, the same optimizer step."""
+    record = {'epoch': 1, 'iteration': 5, 'iterations': [5, 5], 'images': [80, 96]}
+    args = SimpleNamespace(on_nonfinite='stop', snapshot_every=None, max_rollbacks=None, accum_iter=2, output_dir='')
+    checkpointer = SimpleNamespace(extra_state={})
+    for batch_size, expected in ((8, {10, 11}), (16, {5}), (4, {20, 21, 22, 23})):
+        loader = SimpleNamespace(batch_size=batch_size)
+        rollbacks = Rollbacks(args, checkpointer, loader, ResumeState(epoch=1, extra={'rollbacks': [record]}))
+        assert rollbacks.skipped_in(1) == expected and rollbacks.skipped_in(0) == frozenset()
+    assert checkpointer.extra_state['rollbacks'] == [record]
+
+
 def test_the_rollback_numbers_belong_to_rollback_and_are_refused_without_it(texture_data, tmp_path, capsys):
     code, out, errors = run_in_process(main_pretrain, ['--data_path', texture_data, '--output_dir', tmp_path / 'o',
                                                        '--snapshot_every', '50', *TINY_PRETRAIN_ARGS], capsys)
@@ -274,19 +320,21 @@ def test_a_snapshot_restores_weights_optimizer_moments_scaler_and_rng_exactly(ti
 
     model = tiny_mae
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    snapshot = Snapshot(model, optimizer, LossScaler(None), CpuRuntime())
+    scaler = torch.amp.GradScaler('cpu')
+    snapshot = Snapshot(model, optimizer, LossScaler(scaler), CpuRuntime())
 
     def step():
         loss = model(torch.randn(2, 3, 32, 32), mask_ratio=0.75)[0]
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update(scaler.get_scale() / 2)  # a scale the restore must take back
         optimizer.zero_grad()
 
     def state():
         return ({k: v.clone() for k, v in model.state_dict().items()},
                 [{k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
                  for p in model.parameters() if p in optimizer.state],
-                torch.get_rng_state())
+                torch.get_rng_state(), scaler.get_scale())
 
     snapshot.take(Position(0, 0, {}, 0, 0.0))
     before = state()
@@ -305,4 +353,4 @@ def test_a_snapshot_restores_weights_optimizer_moments_scaler_and_rng_exactly(ti
     assert len(middle[1]) == len(after[1]) > 0
     for kept, restored in zip(middle[1], after[1]):
         assert kept.keys() == restored.keys() and all(torch.equal(kept[k], restored[k]) for k in kept)
-    assert torch.equal(middle[2], after[2])
+    assert torch.equal(middle[2], after[2]) and middle[3] == after[3] == 65536.0 / 4

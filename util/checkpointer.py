@@ -136,8 +136,7 @@ def resume_training(resumable: Optional[Resumable], model: nn.Module, optimizer,
         return ResumeState(epoch=args.start_epoch)
     checkpoint = resumable.checkpoint
     load_resumable(resumable, model, args.model)
-    # the optimizer steps rollbacks skipped (util/rollback.py): part of the run, honoured by the resumed run
-    extra = {'max_accuracy': checkpoint.get('max_accuracy', 0.0), 'rollbacks': checkpoint.get('rollbacks', [])}
+    extra = {'max_accuracy': checkpoint.get('max_accuracy', 0.0)}
     if not holds_training_state(resumable):
         print0(f'{resumable.path} holds weights only (no optimizer state or epoch; only our .pth checkpoints hold '
                f'them): training starts from these weights at epoch {args.start_epoch} (--start_epoch)')
@@ -151,6 +150,8 @@ def resume_training(resumable: Optional[Resumable], model: nn.Module, optimizer,
     except (ValueError, KeyError) as e:
         raise CheckpointError(f'{resumable.path}: optimizer state does not fit this run ({e})') from None
     loss_scaler.load_state_dict(checkpoint.get('scaler') or {})
+    # the optimizer steps rollbacks skipped (util/rollback.py): part of the run, honoured by the resumed run
+    extra['rollbacks'] = checkpoint.get('rollbacks', [])
     restore_rng_states(checkpoint.get('rng_states'), checkpoint.get('world_size', 1), runtime)
     in_progress, pending = checkpoint.get('epoch_in_progress'), checkpoint.get('evaluation_pending')
     if in_progress:
@@ -231,11 +232,11 @@ class Checkpointer:
         --output_dir)."""
         if not self.args.output_dir:
             return None
+        partial = {'meters': [], 'epoch_images': None}  # the epoch so far, for a mid-epoch save
+        if progress is not None and next_iteration:  # checks the window's losses first: a NaN loss is named as one
+            partial = {'meters': progress.partial_state(), 'epoch_images': progress.images_per_epoch}
         self.check_weights(epoch, next_iteration)
         rng_states = gather_rng_states(self.runtime)
-        partial = {'meters': [], 'epoch_images': None}  # the epoch so far, for a mid-epoch save
-        if progress is not None and next_iteration:
-            partial = {'meters': progress.partial_state(), 'epoch_images': progress.images_per_epoch}
         model_state, optimizer_state = self.model_and_optimizer_state()
         numbered = numbered and next_iteration == 0
         path = os.path.join(self.args.output_dir, f'checkpoint-{epoch}.pth') if numbered else self.last_path
@@ -259,7 +260,7 @@ class Checkpointer:
         if distributed.all_reduce_sum(torch.zeros(()) if fault is None else fault.float()).item():
             where = f'after epoch {epoch}, iteration {next_iteration}' if next_iteration else f'after epoch {epoch}'
             raise NonFiniteLossError(epoch, next_iteration, 'NaN or infinite', self.describe_last_good(),
-                                     what='Weights', where=where, tried=' (a step\'s gradients were, under a finite '
+                                     what='Weights', where=where, detail=' (a step\'s gradients were, under a finite '
                                      'loss), so they were not saved')
 
     def save_if_due(self, epoch: int, next_iteration: int, progress):
@@ -302,7 +303,8 @@ class Checkpointer:
                            else self.model.state_dict())
             if self.args.output_dir and distributed.is_main_process():
                 save_atomic({'model': model_state, 'epoch': epoch, 'args': self.saved_args,
-                             'acc1': test_stats['acc1'], 'acc5': test_stats['acc5'], **self.extra_state},
+                             'acc1': test_stats['acc1'], 'acc5': test_stats['acc5'],
+                             **{k: v for k, v in self.extra_state.items() if k != 'rollbacks'}},
                             os.path.join(self.args.output_dir, BEST))
         print0(f"Max accuracy: {self.extra_state['max_accuracy']:.2f}%")
         return self.extra_state['max_accuracy']

@@ -19,15 +19,16 @@ from util.metrics import MetricLogger, SmoothedValue
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss (or, checked with --on_nonfinite rollback, the gradients) became NaN or infinite; the message names
-    where, what was tried (`tried`: the rollbacks, when they ran out), the last good checkpoint and what to try."""
+    """The loss (or the gradients, or the weights about to be saved) became NaN or infinite; the message names
+    where (`where` replaces 'at epoch E, iteration I'), what else is known (`detail`: e.g. the rollbacks that ran
+    out), the last good checkpoint and what to try."""
 
-    def __init__(self, epoch: int, iteration: int, value, last_good: str, what: str = 'Loss', tried: str = '',
+    def __init__(self, epoch: int, iteration: int, value, last_good: str, what: str = 'Loss', detail: str = '',
                  where: str = ''):
         self.epoch, self.iteration, self.value = epoch, iteration, value
         verb = 'is' if what == 'Loss' else 'are'
         where = where or f'at epoch {epoch}, iteration {iteration}'
-        super().__init__(f'{what} {verb} {value} {where}{tried}, stopping training. '
+        super().__init__(f'{what} {verb} {value} {where}{detail}, stopping training. '
                          f'{last_good} With fp16, try --amp bf16; else set --clip_grad, or lower --blr (rerunning '
                          'with --allow_recipe_change continues from that checkpoint).')
 
@@ -37,7 +38,7 @@ class NonFiniteStep(RuntimeError):
     ('gradients') were not finite on some rank. Every rank raises it at the same iteration (the values are the
     all-reduced ones), and util/rollback.py catches it."""
 
-    def __init__(self, epoch: int, iteration: int, value: float, cause: str):
+    def __init__(self, epoch: int, iteration: int, value: str, cause: str):
         self.epoch, self.iteration, self.value, self.cause = epoch, iteration, value, cause
         super().__init__(f'{cause} {value} at epoch {epoch}, iteration {iteration}')
 
@@ -76,6 +77,7 @@ class EpochProgress:
         self.rollback = False
         self.gradients_of = None  # the parameters whose gradients each optimizer step checks, or None
         self.tensorboard_from = 0  # a replay after a rollback does not write the iterations already written
+        self.window_due = False  # a window ended (--print_freq) but waits for its optimizer step
         self.world_size = distributed.get_world_size()
         self._stop_agreed = False
         self.epoch_images = 0
@@ -85,7 +87,7 @@ class EpochProgress:
         self.window_images = 0
         self.window_data_time = 0.0
 
-    def watch(self, skipped: frozenset, rollback: bool, gradients_of=None, tensorboard_from: int = 0):
+    def watch(self, skipped: frozenset, rollback: bool, gradients_of: Optional[list], tensorboard_from: int):
         """What util/rollback.py sets before the pass: the iterations to pass over (the run's skipped optimizer
         steps in this epoch), whether a fault raises NonFiniteStep (rollback) rather than NonFiniteLossError, and
         the parameters whose gradients each optimizer step checks (None: the loss only)."""
@@ -117,8 +119,13 @@ class EpochProgress:
         self.window.append((iteration, loss.detach(), lr, is_update, fault))
         self.window_images += batch_size
         self.epoch_images += batch_size
-        if (iteration + 1) % self.print_freq == 0 or iteration + 1 == self.iters_per_epoch:
+        last = iteration + 1 == self.iters_per_epoch
+        self.window_due = self.window_due or (iteration + 1) % self.print_freq == 0
+        # watched, a window ends on an optimizer step: a fault found mid-cycle would leave the cycle's gradients
+        # (FSDP keeps them apart from .grad) to leak into the replay
+        if (self.window_due and (is_update or not self.rollback)) or last:
             self.flush()
+            self.window_due = False
 
     @property
     def stop_agreed(self) -> bool:
@@ -126,6 +133,10 @@ class EpochProgress:
         if self.world_size == 1:
             return preemption.stop_requested()
         return self._stop_agreed
+
+    def agree_on_stop(self, agreed: bool):
+        """Carry over a stop every rank already agreed on (a rollback's new pass), so it is not waited for again."""
+        self._stop_agreed = self._stop_agreed or agreed
 
     def hold_budget(self, summed_local_counts: Optional[float] = None) -> int:
         """--max_bad_images at a window (the ranks' local counts, summed) or, without them, at the epoch's end (the
@@ -190,9 +201,9 @@ class EpochProgress:
         or gradients not finite on any rank, judged on the reduced values only, so every rank agrees."""
         if self.rollback:
             if not math.isfinite(value_all):
-                raise NonFiniteStep(self.epoch, iteration, value_all, 'loss')
+                raise NonFiniteStep(self.epoch, iteration, repr(value_all), 'loss')
             if gradients_bad:
-                raise NonFiniteStep(self.epoch, iteration, float('nan'), 'gradients')
+                raise NonFiniteStep(self.epoch, iteration, 'not finite', 'gradients')
         elif not math.isfinite(value) or not math.isfinite(value_all):
             bad = value if not math.isfinite(value) else value_all
             raise NonFiniteLossError(self.epoch, iteration, bad, self.describe_last_good())
@@ -266,8 +277,9 @@ def gradient_fault(parameters: list) -> Optional[torch.Tensor]:
 
 def any_non_finite(tensors: list) -> Optional[torch.Tensor]:
     """A 0-dim bool tensor on the device, True when one of `tensors` (this rank's part of each) holds a NaN or an
-    infinity; None for no tensors. One fused norm per device and dtype: a norm is finite exactly when every
-    element is (short of a norm over 3e38)."""
+    infinity; None for no tensors. One fused L2 norm per device and dtype (the max-abs and L1 norms have no fused
+    CPU kernel: 10 and 80 times slower there): a norm is finite when every element is, and below float32's range,
+    which a tensor holding values near 1e19 leaves, as no trained weight or usable gradient does."""
     parts = [local_part(t) for t in tensors]
     if not parts:
         return None

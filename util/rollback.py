@@ -142,6 +142,7 @@ class Rollbacks:
         self.accum_iter = args.accum_iter
         self.checkpointer, self.data_loader = checkpointer, data_loader
         self.records: List[dict] = list(start.extra.get('rollbacks') or [])
+        self.earlier = len(self.records)  # recorded by earlier launches: --max_rollbacks counts this one's
         if self.records:
             checkpointer.extra_state['rollbacks'] = self.records
         self.snapshot = None
@@ -157,8 +158,12 @@ class Rollbacks:
                     append_log_line(self.output_dir, log_entry(record))
 
     def skipped_in(self, epoch: int) -> frozenset:
+        """The iterations of `epoch` to pass over, in this run's division of the epoch: a record holds the positions
+        of its images in the epoch's order, which a resume at another division (the same effective batch) maps
+        onto the same whole optimizer steps (util/checkpointer.py: resumed_iteration)."""
+        per_iteration = self.data_loader.batch_size * distributed.get_world_size()
         return frozenset(i for r in self.records if r['epoch'] == epoch
-                         for i in range(r['iterations'][0], r['iterations'][1] + 1))
+                         for i in range(r['images'][0] // per_iteration, -(-r['images'][1] // per_iteration)))
 
     def attempts(self, epoch: int, start: ResumeState) -> Iterator['Attempt']:
         """The passes over `epoch`: one, unless a fault is rolled back; then another from the snapshot, and so
@@ -186,13 +191,15 @@ class Rollbacks:
         NonFiniteLossError when --max_rollbacks steps were skipped already."""
         first = fault.iteration - fault.iteration % self.accum_iter
         iterations = [first, first + self.accum_iter - 1]
-        if len(self.records) >= self.max_rollbacks:
+        if self.count >= self.max_rollbacks:
             raise self.exhausted(fault)
+        per_iteration = self.data_loader.batch_size * distributed.get_world_size()
         position = self.snapshot.position
         self.snapshot.restore()
         self.records.append({'epoch': fault.epoch, 'iteration': fault.iteration, 'iterations': iterations,
+                             'images': [first * per_iteration, (iterations[1] + 1) * per_iteration],
                              'cause': fault.cause,
-                             'value': repr(fault.value), 'snapshot_iteration': position.iteration,
+                             'value': fault.value, 'snapshot_iteration': position.iteration,
                              'samples': self.samples_of(iterations)})
         self.checkpointer.extra_state['rollbacks'] = self.records
         meters = [position.sums] * distributed.get_world_size() if position.iteration else None
@@ -204,7 +211,7 @@ class Rollbacks:
         position, record = self.snapshot.position, self.records[-1]
         # lost: all the work since the snapshot (the replay redoes the part before the bad step) and the restore
         record['seconds'] = round(time.perf_counter() - position.taken_at, 3)
-        print0(describe(record, len(self.records), self.max_rollbacks))
+        print0(describe(record, self.count, self.max_rollbacks))
         if self.output_dir:
             append_log_line(self.output_dir, log_entry(record))
         if position.iteration:
@@ -221,13 +228,18 @@ class Rollbacks:
         gathered = distributed.all_gather_bytes('\n'.join(names).encode())
         return [name for blob in gathered for name in blob.decode().split('\n') if name]
 
+    @property
+    def count(self) -> int:
+        """Rollbacks in this launch (a rerun after changing what --max_rollbacks stopped gets its own budget)."""
+        return len(self.records) - self.earlier
+
     def exhausted(self, fault: NonFiniteStep) -> NonFiniteLossError:
-        skipped = ', '.join(f"{r['epoch']}:{r['iterations'][0]}" for r in self.records)
-        tried = (f', again after {len(self.records)} rollback{"s" if len(self.records) > 1 else ""} '
-                 f'(--max_rollbacks {self.max_rollbacks}; steps skipped at epoch:iteration {skipped}): the fault '
-                 'is not in single batches')
+        skipped = ', '.join(f"{r['epoch']}:{r['iterations'][0]}" for r in self.records[self.earlier:])
+        detail = (f', again after {self.count} rollback{"s" if self.count > 1 else ""} '
+                  f'(--max_rollbacks {self.max_rollbacks}; steps skipped at epoch:iteration {skipped}): the fault '
+                  'is not in single batches')
         return NonFiniteLossError(fault.epoch, fault.iteration, fault.value, self.checkpointer.describe_last_good(),
-                                  what='Loss' if fault.cause == 'loss' else 'Gradients', tried=tried)
+                                  what='Loss' if fault.cause == 'loss' else 'Gradients', detail=detail)
 
 
 class Attempt:
@@ -237,6 +249,7 @@ class Attempt:
         self.rollbacks, self.epoch, self.start = rollbacks, epoch, start
         self.after_rollback = previous is not None
         self.replay_to = previous.fault.iteration if previous is not None else 0
+        self.stop_agreed = previous.stop_agreed if previous is not None else False  # a stop signal the ranks knew of
         self.fault: Optional[NonFiniteStep] = None
         self.next_start: Optional[ResumeState] = None
 
@@ -251,13 +264,14 @@ class Attempt:
         progress.watch(rollbacks.skipped_in(self.epoch), rollbacks.enabled, gradients_of,
                        tensorboard_from=self.replay_to)
         if self.after_rollback:
+            progress.agree_on_stop(self.stop_agreed)
             rollbacks.settle(progress)
         elif rollbacks.enabled:
             rollbacks.take(self.epoch, progress.start_iter, progress)
         try:
             yield
         except NonFiniteStep as fault:
-            self.fault = fault
+            self.fault, self.stop_agreed = fault, progress.stop_agreed
             self.next_start = rollbacks.roll_back(fault)
 
 
