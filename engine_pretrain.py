@@ -38,8 +38,5 @@ def train_one_epoch(model: torch.nn.Module, data_loader, optimizer: torch.optim.
                 progress.update(it, loss, optimizer.param_groups[0]['lr'], samples.shape[0], is_update)
                 if is_update:
                     optimizer.zero_grad()
-                    checkpointer.save_if_due(epoch, it + 1, progress)  # --save_every_iters
-                    rollbacks.snapshot_if_due(epoch, it + 1, progress)  # --snapshot_every
-                    if progress.stops_before(it + 1):  # a stop signal reached a rank: every rank stops here
-                        raise checkpointer.interrupt(epoch, it + 1, progress)
+                    attempt.after_step(it + 1, progress)  # saves, snapshots, stops, when due
             return end_epoch(progress)  # holds the unreadable images to --max_bad_images

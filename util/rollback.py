@@ -253,6 +253,15 @@ class Attempt:
         self.fault: Optional[NonFiniteStep] = None
         self.next_start: Optional[ResumeState] = None
 
+    def after_step(self, next_iteration: int, progress: EpochProgress):
+        """After an optimizer step: checkpoint-last.pth every --save_every_iters iterations, a snapshot every
+        --snapshot_every steps, and a stop signal agreed on by every rank saves and raises TrainingInterrupted."""
+        checkpointer = self.rollbacks.checkpointer
+        checkpointer.save_if_due(self.epoch, next_iteration, progress)
+        self.rollbacks.snapshot_if_due(self.epoch, next_iteration, progress)
+        if progress.stops_before(next_iteration):
+            raise checkpointer.interrupt(self.epoch, next_iteration, progress)
+
     @contextlib.contextmanager
     def watching(self, progress: EpochProgress):
         """Around the pass: sets what `progress` skips and checks, snapshots its start (or, after a rollback,
