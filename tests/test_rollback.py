@@ -21,7 +21,8 @@ import main_pretrain
 import models_mae
 from util.checkpoint_files import load_checkpoint
 from util.loss_scaler import LossScaler
-from util.checkpointer import ResumeState
+from util.progress import NonFiniteLossError
+from util.checkpointer import Checkpointer, ResumeState
 from util.rollback import Position, Rollbacks, Snapshot
 
 INJECT = os.path.join(ROOT, 'tests', 'nan_injection.py')
@@ -95,6 +96,9 @@ def test_each_nan_is_rolled_back_skipped_recorded_and_the_run_finishes(two_fault
     assert checkpoint['epoch'] == 1 and checkpoint['rollbacks'] == records
     assert all(torch.isfinite(tensor).all() for tensor in checkpoint['model'].values())
     assert [epoch for epoch, _, _ in epoch_lines(out)] == [0, 1]
+    # an epoch's time counts its rollback too (its clock runs on from the first pass)
+    assert [e['train_epoch_time_sec'] > r['seconds'] for e, r in zip(
+        [e for e in read_json_log(out) if 'rollback' not in e], records)] == [True, True]
     # TensorBoard: every step once (the replays do not write them again), none of them NaN, the skipped ones absent
     points = tensorboard_points(out, 'train_loss')
     steps = [step for step, _ in points]
@@ -164,12 +168,18 @@ def test_a_nan_at_every_step_stops_after_max_rollbacks_in_one_line_leaving_a_fin
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
     assert errors == [line for line in proc.stderr.splitlines() if line.strip()], proc.stderr[-2000:]
-    assert errors[0].startswith('error: Loss is nan at epoch 1, iteration 5, again after 2 rollbacks '
+    assert errors[0].startswith('error: Loss is nan at epoch 1, iteration 5, again after 2 rollbacks in this run '
                                 '(--max_rollbacks 2; steps skipped at epoch:iteration 1:3, 1:4)')
     assert f'Last good checkpoint, left untouched: {out / "checkpoint-last.pth"} (epoch 1, iteration 2)' in errors[0]
     checkpoint = load_checkpoint(str(out / 'checkpoint-last.pth'))
     assert checkpoint['epoch_in_progress']['iteration'] == 2 and len(checkpoint['rollbacks']) == 2
     assert all(torch.isfinite(tensor).all() for tensor in checkpoint['model'].values())
+    # the same command again: the skipped steps are the run's, and so is the budget: it stops, it does not
+    # 'finish' an epoch of skipped steps
+    again = pretrain(texture_data, out, *ROLLBACK, '--max_rollbacks', '2', check=False,
+                     env={'NAN_AT': '1:3', 'NAN_MODE': 'from'})
+    assert again.returncode == 1 and 'Skipping the 2 optimizer steps that rollbacks skipped before' in again.stdout
+    assert 'again after 2 rollbacks in this run' in again.stderr and 'Epoch: [1] done' not in again.stdout
 
 
 @pytest.mark.slow
@@ -242,8 +252,8 @@ def test_two_processes_stop_after_max_rollbacks_with_one_line_and_a_finite_check
     out, runs = two_process_runs
     proc = runs['every']
     assert proc.returncode != 0
-    assert ('error: Loss is nan at epoch 0, iteration 4, again after 1 rollback (--max_rollbacks 1; steps skipped '
-            'at epoch:iteration 0:2)') in proc.stderr
+    assert ('error: Loss is nan at epoch 0, iteration 4, again after 1 rollback in this run (--max_rollbacks 1; '
+            'steps skipped at epoch:iteration 0:2)') in proc.stderr
     checkpoint = load_checkpoint(str(out / 'every' / 'checkpoint-last.pth'))
     assert checkpoint['epoch_in_progress']['iteration'] == 2 and len(checkpoint['rollbacks']) == 1
     assert all(torch.isfinite(tensor).all() for tensor in checkpoint['model'].values())
@@ -286,6 +296,18 @@ def test_the_rollback_benchmark_measures_a_snapshot_of_12_bytes_per_trained_para
     sizes = {r['model']: r for r in result['sizes']}
     assert round(sizes['mae_vit_base_patch16']['trained_parameters_m'], 1) == 111.7
     assert '--on_nonfinite rollback, batch 2' in capsys.readouterr().out
+
+
+def test_the_save_check_refuses_nan_weights_but_not_huge_finite_ones(tiny_mae):
+    """The fused norm overflows past 1e19; a weight of 1e30 is garbage but finite, and saved like any other."""
+    checkpointer = Checkpointer(SimpleNamespace(output_dir=''), tiny_mae, None, None, None, ResumeState(), 0, {})
+    with torch.no_grad():
+        tiny_mae.blocks[0].mlp.fc1.weight.fill_(1e30)
+    checkpointer.check_weights(0, 0)
+    with torch.no_grad():
+        tiny_mae.blocks[0].mlp.fc1.weight[0, 0] = float('nan')
+    with pytest.raises(NonFiniteLossError, match='Weights are NaN or infinite after epoch 0 '):
+        checkpointer.check_weights(0, 0)
 
 
 def test_a_skipped_step_maps_onto_the_same_images_at_another_division_of_the_epoch():

@@ -19,7 +19,7 @@ from util.bad_images import BadImageBudgetError
 from util.checkpoint_files import CheckpointError, save_atomic
 from util.distributed import print0
 from util.output_dir import BEST, LAST, Resumable, checkpoint_epoch_name, holds_training_state
-from util.progress import NonFiniteLossError, any_non_finite
+from util.progress import NonFiniteLossError, any_non_finite, local_part
 from util.rng import gather_rng_states, restore_rng_states
 from util.weights import load_weights
 
@@ -256,7 +256,10 @@ class Checkpointer:
         The losses are checked, but a step's NaN gradients under a finite loss (bf16, fp32: no loss scaler skips
         them) leave NaN weights the next loss would show only after this save had overwritten the last good
         checkpoint. One fused norm on the device and one all-reduce (a collective, as save is)."""
-        fault = any_non_finite([*self.model.parameters(), *(b for b in self.model.buffers() if b.is_floating_point())])
+        tensors = [*self.model.parameters(), *(b for b in self.model.buffers() if b.is_floating_point())]
+        fault = any_non_finite(tensors)
+        if fault is not None and fault.item():  # the fused norm also overflows for huge finite weights: look closer
+            fault = torch.tensor(not all(torch.isfinite(local_part(t)).all() for t in tensors))
         if distributed.all_reduce_sum(torch.zeros(()) if fault is None else fault.float()).item():
             where = f'after epoch {epoch}, iteration {next_iteration}' if next_iteration else f'after epoch {epoch}'
             raise NonFiniteLossError(epoch, next_iteration, 'NaN or infinite', self.describe_last_good(),

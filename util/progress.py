@@ -28,9 +28,10 @@ class NonFiniteLossError(RuntimeError):
         self.epoch, self.iteration, self.value = epoch, iteration, value
         verb = 'is' if what == 'Loss' else 'are'
         where = where or f'at epoch {epoch}, iteration {iteration}'
+        rerun = ('rerunning with --allow_recipe_change continues from that checkpoint' if last_good.startswith('Last')
+                 else 'then rerun: it starts over')
         super().__init__(f'{what} {verb} {value} {where}{detail}, stopping training. '
-                         f'{last_good} With fp16, try --amp bf16; else set --clip_grad, or lower --blr (rerunning '
-                         'with --allow_recipe_change continues from that checkpoint).')
+                         f'{last_good} With fp16, try --amp bf16; else set --clip_grad, or lower --blr ({rerun}).')
 
 
 class NonFiniteStep(RuntimeError):
@@ -133,6 +134,11 @@ class EpochProgress:
         if self.world_size == 1:
             return preemption.stop_requested()
         return self._stop_agreed
+
+    def carry_over(self, epoch_start: float, epoch_images: int, data_time: float):
+        """A rollback's new pass continues the epoch's clock and counts from its snapshot: the epoch's time then
+        includes what the rollback cost, and its images/s the images it kept."""
+        self.epoch_start, self.epoch_images, self.data_time = epoch_start, epoch_images, data_time
 
     def agree_on_stop(self, agreed: bool):
         """Carry over a stop every rank already agreed on (a rollback's new pass), so it is not waited for again."""

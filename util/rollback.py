@@ -40,12 +40,16 @@ SAMPLES_SHOWN = 3  # on the console; log.txt lists them all
 @dataclass
 class Position:
     """Where a snapshot was taken: the epoch, its next iteration, this rank's running sums of the epoch so far,
-    the epoch's size in images (for the learning rate's position), and when (time.perf_counter())."""
+    the epoch's size in images (for the learning rate's position), and when (time.perf_counter()); the epoch's
+    clock, images so far and data-loading time, which a new pass continues."""
     epoch: int
     iteration: int
     sums: Dict[str, list]
     epoch_images: int
     taken_at: float
+    epoch_start: float = 0.0
+    images_done: int = 0
+    data_time: float = 0.0
 
 
 class HostCopies:
@@ -142,9 +146,11 @@ class Rollbacks:
         self.accum_iter = args.accum_iter
         self.checkpointer, self.data_loader = checkpointer, data_loader
         self.records: List[dict] = list(start.extra.get('rollbacks') or [])
-        self.earlier = len(self.records)  # recorded by earlier launches: --max_rollbacks counts this one's
         if self.records:
             checkpointer.extra_state['rollbacks'] = self.records
+            print0(f'Skipping the {len(self.records)} optimizer step{"s" if len(self.records) > 1 else ""} that '
+                   f'rollbacks skipped before (epoch:iteration {steps_text(self.records)}; --max_rollbacks counts '
+                   'them too)')
         self.snapshot = None
         if self.enabled:
             self.snapshot = Snapshot(checkpointer.model, checkpointer.optimizer, checkpointer.loss_scaler,
@@ -184,14 +190,15 @@ class Rollbacks:
 
     def take(self, epoch: int, next_iteration: int, progress: EpochProgress):
         self.snapshot.take(Position(epoch, next_iteration, progress.own_sums(), progress.images_per_epoch,
-                                    time.perf_counter()))
+                                    time.perf_counter(), progress.epoch_start, progress.epoch_images,
+                                    progress.data_time))
 
     def roll_back(self, fault: NonFiniteStep) -> ResumeState:
         """Every rank: record the bad optimizer step, restore the snapshot, and return where the epoch goes on.
         NonFiniteLossError when --max_rollbacks steps were skipped already."""
         first = fault.iteration - fault.iteration % self.accum_iter
         iterations = [first, first + self.accum_iter - 1]
-        if self.count >= self.max_rollbacks:
+        if len(self.records) >= self.max_rollbacks:
             raise self.exhausted(fault)
         per_iteration = self.data_loader.batch_size * distributed.get_world_size()
         position = self.snapshot.position
@@ -211,7 +218,7 @@ class Rollbacks:
         position, record = self.snapshot.position, self.records[-1]
         # lost: all the work since the snapshot (the replay redoes the part before the bad step) and the restore
         record['seconds'] = round(time.perf_counter() - position.taken_at, 3)
-        print0(describe(record, self.count, self.max_rollbacks))
+        print0(describe(record, len(self.records), self.max_rollbacks))
         if self.output_dir:
             append_log_line(self.output_dir, log_entry(record))
         if position.iteration:
@@ -219,6 +226,17 @@ class Rollbacks:
         elif position.epoch > 0:
             self.checkpointer.save(position.epoch - 1, numbered=False)
         position.taken_at = time.perf_counter()  # from here the state is the snapshot's again
+
+    def check_steps_left(self, progress: EpochProgress):
+        """NonFiniteLossError when rollbacks skipped every step of the epoch still to train: no step would be taken,
+        and the epoch would 'finish' with no loss."""
+        left = set(range(progress.start_iter, progress.iters_per_epoch))
+        if left and left <= progress.skipped:
+            raise NonFiniteLossError(progress.epoch, progress.start_iter, 'all skipped',
+                                     self.checkpointer.describe_last_good(), what='The steps left',
+                                     where=f'in epoch {progress.epoch}',
+                                     detail=f' by {len(self.records)} rollbacks (epoch:iteration '
+                                            f'{steps_text(self.records)}): the fault is not in single batches')
 
     def samples_of(self, iterations: List[int]) -> List[str]:
         """The samples of those iterations on every rank, rank by rank: file paths, or SHARD:KEY (collective)."""
@@ -228,16 +246,11 @@ class Rollbacks:
         gathered = distributed.all_gather_bytes('\n'.join(names).encode())
         return [name for blob in gathered for name in blob.decode().split('\n') if name]
 
-    @property
-    def count(self) -> int:
-        """Rollbacks in this launch (a rerun after changing what --max_rollbacks stopped gets its own budget)."""
-        return len(self.records) - self.earlier
-
     def exhausted(self, fault: NonFiniteStep) -> NonFiniteLossError:
-        skipped = ', '.join(f"{r['epoch']}:{r['iterations'][0]}" for r in self.records[self.earlier:])
-        detail = (f', again after {self.count} rollback{"s" if self.count > 1 else ""} '
-                  f'(--max_rollbacks {self.max_rollbacks}; steps skipped at epoch:iteration {skipped}): the fault '
-                  'is not in single batches')
+        count = len(self.records)
+        detail = (f', again after {count} rollback{"s" if count > 1 else ""} in this run (--max_rollbacks '
+                  f'{self.max_rollbacks}; steps skipped at epoch:iteration {steps_text(self.records)}): the fault is '
+                  'not in single batches')
         return NonFiniteLossError(fault.epoch, fault.iteration, fault.value, self.checkpointer.describe_last_good(),
                                   what='Loss' if fault.cause == 'loss' else 'Gradients', detail=detail)
 
@@ -272,7 +285,10 @@ class Attempt:
             gradients_of = [p for p in rollbacks.checkpointer.model.parameters() if p.requires_grad]
         progress.watch(rollbacks.skipped_in(self.epoch), rollbacks.enabled, gradients_of,
                        tensorboard_from=self.replay_to)
+        rollbacks.check_steps_left(progress)
         if self.after_rollback:
+            position = rollbacks.snapshot.position
+            progress.carry_over(position.epoch_start, position.images_done, position.data_time)
             progress.agree_on_stop(self.stop_agreed)
             rollbacks.settle(progress)
         elif rollbacks.enabled:
@@ -290,10 +306,15 @@ def describe(record: dict, count: int, max_rollbacks: int) -> str:
     skipped = f'iteration {first}' if first == last else f'iterations {first}-{last}'
     samples = record['samples']
     shown = ', '.join(samples[:SAMPLES_SHOWN]) + (', ...' if len(samples) > SAMPLES_SHOWN else '')
+    replay = ', replaying to the step and' if record['snapshot_iteration'] < first else ' and'
     return (f"Rollback {count} of at most {max_rollbacks}: {record['cause']} {record['value']} at epoch "
             f"{record['epoch']}, iteration {record['iteration']}; back to the snapshot of iteration "
-            f"{record['snapshot_iteration']}, replaying to the step and skipping {skipped} ({len(samples)} samples: "
-            f"{shown}; all in log.txt); {record['seconds']:.1f} s lost")
+            f"{record['snapshot_iteration']}{replay} skipping {skipped} ({len(samples)} samples: {shown}; all in "
+            f"log.txt); {record['seconds']:.1f} s lost")
+
+
+def steps_text(records: List[dict]) -> str:
+    return ', '.join(f"{r['epoch']}:{r['iterations'][0]}" for r in records)
 
 
 def log_entry(record: dict) -> dict:
