@@ -19,7 +19,7 @@ import models_mae
 import models_vit
 from conftest import read_json_log, run_in_process, run_script
 from tools import data_stats, export
-from util.arrays import ArrayDecoder, ChannelMismatch, read_array, to_tensor
+from util.arrays import ArrayDecoder, ChannelMismatch, header_shape, read_array, to_tensor
 from util.checkpoint_files import load_checkpoint
 from util.datasets import build_image_folder
 from util.pixels import Normalization
@@ -180,19 +180,63 @@ def test_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.slow
-def test_an_image_with_other_channels_met_by_a_loader_worker_stops_the_run_in_one_line(tmp_path):
-    """The error is raised in a DataLoader worker, which ignores SIGTERM: the run used to print it and then wait
-    for that worker forever at exit."""
+def test_the_header_gives_the_shape_the_decoder_gives(tmp_path):
+    """What the up-front check reads from headers matches what the run decodes, for every kind of file it reads."""
+    files = {'a.npy': lambda p: np.save(p, np.zeros((6, 10, 5), np.float32)),
+             'b.npy': lambda p: np.save(p, np.zeros((6, 10), np.uint16)),
+             'c.tif': lambda p: tifffile.imwrite(p, np.zeros((6, 10, 5), np.uint16), photometric='minisblack',
+                                                 planarconfig='contig'),
+             'd.tif': lambda p: tifffile.imwrite(p, np.zeros((7, 6, 10), np.uint8), photometric='minisblack',
+                                                 planarconfig='separate'),
+             'e.png': lambda p: Image.new('L', (10, 6)).save(p),
+             'f.png': lambda p: Image.new('RGBA', (10, 6)).save(p),
+             'g.png': lambda p: Image.new('P', (10, 6)).save(p),
+             'h.png': lambda p: Image.new('I;16', (10, 6)).save(p)}
+    for name, write in files.items():
+        path = str(tmp_path / name)
+        write(path)
+        with open(path, 'rb') as f:
+            assert header_shape(path) == read_array(f.read(), 10 ** 6).shape, name
+    (tmp_path / 'broken.npy').write_bytes(b'not an array')
+    assert header_shape(str(tmp_path / 'broken.npy')) is None  # left to the run, which reports it
+
+
+def test_a_folder_holding_an_image_of_other_channels_is_refused_before_any_work(tmp_path, capsys):
+    """Every file's header is read up front (not the image): the eighth image of a class is named in one line,
+    exit code 2, and the output folder is never made."""
     data = band_folder(tmp_path / 'data', npy_bytes, '.npy', 4, per_class=(8, 1))
     np.save(os.path.join(data, 'train', 'dark', '7.npy'), np.zeros((20, 28, 3), np.uint8))
-    proc = run_script('main_pretrain.py', '--model', 'mae_vit_tiny_patch16', *RECT, *FOUR, '--num_workers', '1',
-                      '--batch_size', '8', '--epochs', '1', '--data_path', data, '--output_dir', tmp_path / 'out',
-                      timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
+    code, _, errors = run_in_process(main_pretrain, ['--model', 'mae_vit_tiny_patch16', *RECT, *FOUR,
+                                                     '--num_workers', '0', '--batch_size', '8', '--epochs', '1',
+                                                     '--data_path', data, '--output_dir', tmp_path / 'out'], capsys)
+    assert code == 2 and errors == [
         f"error: {os.path.join(data, 'train', 'dark', '7.npy')}: 3 channels (an array of shape (20, 28, 3), read as "
         'height, width, channels), but --in_chans is 4; every image of a run has --in_chans channels']
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.slow
+def test_an_image_with_other_channels_met_by_a_loader_worker_stops_the_run_in_one_line(tmp_path, monkeypatch):
+    """In a shard the channel counts are met as the images are read, in a DataLoader worker, which ignores
+    SIGTERM: the run used to print the error and then wait for that worker forever at exit."""
+    import tarfile
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))  # a fresh shard index
+    rng = np.random.default_rng(0)
+    (tmp_path / 'data').mkdir()
+    with tarfile.open(tmp_path / 'data' / 'bands-train-0000.tar', 'w') as tar:
+        for i in range(8):  # two batches of 4: every image is read
+            array = rng.integers(0, 65535, (20, 28, 3 if i == 7 else 4), dtype=np.uint16)
+            for suffix, data in (('npy', npy_bytes(array)), ('cls', str(i % 2).encode())):
+                info = tarfile.TarInfo(f'{i:03d}.{suffix}')
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    proc = run_script('main_pretrain.py', '--model', 'mae_vit_tiny_patch16', *RECT, *FOUR, '--num_workers', '1',
+                      '--batch_size', '4', '--epochs', '1', '--data_path', tmp_path / 'data', '--output_dir',
+                      tmp_path / 'out', timeout=120, env={'XDG_CACHE_HOME': str(tmp_path / 'cache')})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'data' / 'bands-train-0000.tar'}:007: 3 channels (an array of shape (20, 28, 3), read "
+        'as height, width, channels), but --in_chans is 4; every image of a run has --in_chans channels']
 
 
 # --- position tables of rectangles ----------------------------------------------------------------------------

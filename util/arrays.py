@@ -12,7 +12,7 @@ TIFFs with 3 channels keep the official PIL path (util/images.py) and its exact 
 """
 import io
 import os
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -53,10 +53,53 @@ class ArrayDecoder:
     def __call__(self, f, max_pixels: int) -> torch.Tensor:
         array = read_array(f.read(), max_pixels)
         if array.shape[2] != self.in_chans:
-            raise ChannelMismatch(where(f), f'{array.shape[2]} channel{"s" * (array.shape[2] != 1)} (an array '
-                                  f'of shape {tuple(array.shape)}, read as height, width, channels), but --in_chans '
-                                  f'is {self.in_chans}; every image of a run has --in_chans channels')
+            raise self.mismatch(where(f), tuple(array.shape))
         return to_tensor(array)
+
+    def mismatch(self, path: str, shape: tuple) -> ChannelMismatch:
+        return ChannelMismatch(path, f'{shape[2]} channel{"s" * (shape[2] != 1)} (an array of shape {shape}, read '
+                                     f'as height, width, channels), but --in_chans is {self.in_chans}; every image '
+                                     'of a run has --in_chans channels')
+
+    def check_headers(self, paths: List[str]):
+        """Before a run: ChannelMismatch for the first file whose header gives another channel count (reading
+        headers only: a .npy's, a TIFF's tags, Pillow's lazy open). A file whose header cannot be read is left to
+        the run, which reports it like any damaged image."""
+        for path in paths:
+            shape = header_shape(path)
+            if shape is not None and shape[2] != self.in_chans:
+                raise self.mismatch(path, shape)
+
+
+def header_shape(path: str) -> Optional[tuple]:
+    """(H, W, C) of an image file as read_array would give it, from its header; None when that cannot be told."""
+    try:
+        if path.lower().endswith('.npy'):
+            with open(path, 'rb') as f:
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
+                if read_header is None:
+                    return None
+                shape = read_header(f)[0]
+        elif path.lower().endswith(('.tif', '.tiff')):
+            import tifffile
+            with tifffile.TiffFile(path) as tiff:
+                series = tiff.series[0]
+                shape, axes = tuple(series.shape), series.axes
+            if len(shape) == 3 and axes[0] in 'QI':
+                return None  # a page stack: refused when read, with how to write it
+            if len(shape) == 3 and axes[0] in 'SC':
+                shape = shape[1:] + shape[:1]
+        else:
+            with Image.open(path) as img:
+                bands = {'P': 4 if 'transparency' in img.info else 3, '1': 1}.get(img.mode)
+                if bands is None:
+                    bands = 3 if img.mode in ('CMYK', 'YCbCr', 'LAB', 'HSV') else len(img.getbands())
+                shape = (img.height, img.width, bands)
+    except (OSError, ValueError, KeyError, IndexError, SyntaxError, EOFError):  # the run reads and reports it
+        return None
+    shape = tuple(int(n) for n in shape)
+    return shape + (1,) if len(shape) == 2 else shape if len(shape) == 3 else None
 
 
 def where(f) -> str:

@@ -218,8 +218,8 @@ def build_image_folder(root: str, transform, decode: Callable = decode_image,
     the same split stored in DATA_PATH as WebDataset shards or Parquet files (IndexedImageDataset). A one-line
     DataError when there is none, or it is empty or unreadable. substitute: True for training sets, False for
     evaluation sets (see ImageFolderDataset). in_chans: read the images as float tensors of that many channels
-    (util/arrays.py; `transform` must take them), the first one read now so that another channel count is
-    refused before any work."""
+    (util/arrays.py; `transform` must take them), their channel counts checked now (check_channels), so that
+    another count is refused before any work."""
     if in_chans is not None:
         dataset = build_image_folder(root, transform, arrays.ArrayDecoder(in_chans), classes, max_pixels, substitute)
         check_channels(dataset)
@@ -241,8 +241,11 @@ def build_image_folder(root: str, transform, decode: Callable = decode_image,
 
 
 def check_channels(dataset: ImageFolderDataset):
-    """Read the first readable image of an arrays dataset: another channel count than the run's is refused now
-    (ChannelMismatch, one line), not after the run has started."""
+    """Before a run, an arrays dataset's channel counts: in a folder, every file's header (ChannelMismatch for the
+    first of another count than the run's: one line, nothing written); in shards and Parquet, whose headers cost a
+    read of the data, the first readable image (a later one is refused when it is met)."""
+    if not isinstance(dataset, IndexedImageDataset):
+        dataset.decode.check_headers([path for path, _ in dataset.samples])
     first_error = None
     for path, _ in dataset.samples[:MAX_CONSECUTIVE_BAD]:
         try:
