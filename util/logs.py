@@ -92,7 +92,7 @@ class RunLog:
         if args.log_dir and distributed.is_main_process():
             from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
             os.makedirs(args.log_dir, exist_ok=True)
-            self.tensorboard = SummaryWriter(log_dir=args.log_dir)
+            self.tensorboard = SummaryWriter(log_dir=args.log_dir, purge_step=resume_step(start, args, world_size))
             atexit.register(self.tensorboard.close)
 
     def write(self, epoch: int, train: dict, test: Optional[dict] = None, **values):
@@ -109,6 +109,18 @@ class RunLog:
         stats = {**{f'train_{k}': v for k, v in train.items()}, **{f'test_{k}': v for k, v in (test or {}).items()},
                  'epoch': epoch, **self.constant, **values}
         append_log_line(self.output_dir, stats)
+
+
+def resume_step(start, args, world_size: int) -> Optional[int]:
+    """A resumed run's first TensorBoard step (epoch_1000x, as EpochProgress writes it), None for a fresh start.
+    The writer purges what the stopped run wrote from there on (it ran past its last checkpoint), so TensorBoard
+    shows each step once."""
+    if not start.path:
+        return None
+    fraction = 0.0
+    if start.iteration and start.epoch_images:  # the images done over the epoch's: iteration / iterations per epoch
+        fraction = start.iteration * args.batch_size * world_size / start.epoch_images
+    return int((fraction + start.epoch) * 1000)
 
 
 def append_log_line(output_dir: str, entry: dict):

@@ -164,9 +164,10 @@ class Rollbacks:
                     append_log_line(self.output_dir, log_entry(record))
 
     def skipped_in(self, epoch: int) -> frozenset:
-        """The iterations of `epoch` to pass over, in this run's division of the epoch: a record holds the positions
-        of its images in the epoch's order, which a resume at another division (the same effective batch) maps
-        onto the same whole optimizer steps (util/checkpointer.py: resumed_iteration)."""
+        """The iterations of `epoch` to pass over, in this run's division of the epoch: a record holds its images'
+        positions in the epoch's order (iteration x images per iteration over all ranks), which for image folders a
+        resume at another division of the same effective batch maps onto the same whole optimizer steps
+        (util/checkpointer.py: resumed_iteration; shards and Parquet continue an epoch only in its division)."""
         per_iteration = self.data_loader.batch_size * distributed.get_world_size()
         return frozenset(i for r in self.records if r['epoch'] == epoch
                          for i in range(r['images'][0] // per_iteration, -(-r['images'][1] // per_iteration)))
