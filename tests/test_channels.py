@@ -94,7 +94,7 @@ def test_a_float_image_with_nan_is_a_damaged_file_and_another_channel_count_is_r
     np.save(path, np.zeros((6, 10, 3), np.uint8))
     with open(path, 'rb') as f, pytest.raises(ChannelMismatch) as error:
         ArrayDecoder(4)(f, 0)
-    assert str(error.value).startswith(f'{path}: 3 channels (an array of shape (6, 10, 3)')
+    assert str(error.value).startswith(f'{path}: 3 channels (shape (6, 10, 3)')
     assert 'but --in_chans is 4' in str(error.value)
 
 
@@ -160,7 +160,7 @@ def test_refusals_are_one_line_exit_2_and_write_nothing(tmp_path, capsys):
     out = tmp_path / 'out'
     base = ['--model', 'mae_vit_tiny_patch16', *SMALL, '--data_path', data, '--output_dir', out]
     cases = {
-        ('--in_chans', '3', *RECT): "data/train/bright/0.npy: 4 channels (an array of shape (20, 28, 4), read as "
+        ('--in_chans', '3', *RECT): "data/train/bright/0.npy: 4 channels (shape (20, 28, 4), read as "
                                     'height, width, channels), but --in_chans is 3',
         ('--in_chans', '4', *RECT): '--in_chans 4: the ImageNet statistics are for 3 channels; pass --mean and --std',
         ('--in_chans', '4', '--mean', '1', '2', '--std', '1', '1', '1', '1', *RECT):
@@ -210,7 +210,7 @@ def test_a_folder_holding_an_image_of_other_channels_is_refused_before_any_work(
                                                      '--num_workers', '0', '--batch_size', '8', '--epochs', '1',
                                                      '--data_path', data, '--output_dir', tmp_path / 'out'], capsys)
     assert code == 2 and errors == [
-        f"error: {os.path.join(data, 'train', 'dark', '7.npy')}: 3 channels (an array of shape (20, 28, 3), read as "
+        f"error: {os.path.join(data, 'train', 'dark', '7.npy')}: 3 channels (shape (20, 28, 3), read as "
         'height, width, channels), but --in_chans is 4; every image of a run has --in_chans channels']
     assert not (tmp_path / 'out').exists()
 
@@ -235,7 +235,7 @@ def test_an_image_with_other_channels_met_by_a_loader_worker_stops_the_run_in_on
                       tmp_path / 'out', timeout=120, env={'XDG_CACHE_HOME': str(tmp_path / 'cache')})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'data' / 'bands-train-0000.tar'}:007: 3 channels (an array of shape (20, 28, 3), read "
+        f"error: {tmp_path / 'data' / 'bands-train-0000.tar'}:007: 3 channels (shape (20, 28, 3), read "
         'as height, width, channels), but --in_chans is 4; every image of a run has --in_chans channels']
 
 

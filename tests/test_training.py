@@ -108,6 +108,25 @@ def test_without_checkpoint_last_the_newest_numbered_checkpoint_is_resumed_and_a
 
 
 @pytest.mark.slow
+def test_a_run_killed_before_its_first_log_line_starts_over_says_so_and_tensorboard_shows_each_step_once(
+        texture_data, tmp_path):
+    """Killed at epoch 0, iteration 5: no checkpoint, no log.txt, but run_details.txt and a TensorBoard file with
+    its first steps. The rerun says it starts over, and TensorBoard hides the dead run's points."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / 'run'
+    inject = os.path.join(os.path.dirname(__file__), 'nan_injection.py')
+    killed = run_script(inject, 'main_pretrain.py', '--data_path', texture_data, '--output_dir', out, '--epochs', '1',
+                        *TINY_PRETRAIN_ARGS, env={'KILL_AT': '0:5', 'KILL_MARKER': str(tmp_path / 'killed')})
+    assert killed.returncode == -9 and not (out / 'log.txt').exists()
+    proc = pretrain(texture_data, out, '--epochs', '1')
+    assert 'holds no checkpoint to continue from: starting from scratch' in proc.stdout
+    events = EventAccumulator(str(out))
+    events.Reload()
+    steps = [event.step for event in events.Scalars('train_loss')]
+    assert steps == sorted(set(steps)) and len(steps) == 8
+
+
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_starts_over_and_says_so(texture_data, tmp_path):
     out = tmp_path / 'run'
     out.mkdir()

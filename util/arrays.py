@@ -57,9 +57,9 @@ class ArrayDecoder:
         return to_tensor(array)
 
     def mismatch(self, path: str, shape: tuple) -> ChannelMismatch:
-        return ChannelMismatch(path, f'{shape[2]} channel{"s" * (shape[2] != 1)} (an array of shape {shape}, read '
-                                     f'as height, width, channels), but --in_chans is {self.in_chans}; every image '
-                                     'of a run has --in_chans channels')
+        return ChannelMismatch(path, f'{shape[2]} channel{"s" * (shape[2] != 1)} (shape {shape}, read as height, '
+                                     f'width, channels), but --in_chans is {self.in_chans}; every image of a run '
+                                     'has --in_chans channels')
 
     def check_headers(self, paths: List[str]):
         """Before a run: ChannelMismatch for the first file whose header gives another channel count (reading

@@ -111,12 +111,12 @@ class RunLog:
         append_log_line(self.output_dir, stats)
 
 
-def resume_step(start, args, world_size: int) -> Optional[int]:
-    """A resumed run's first TensorBoard step (epoch_1000x, as EpochProgress writes it), None for a fresh start.
-    The writer purges what the stopped run wrote from there on (it ran past its last checkpoint), so TensorBoard
-    shows each step once."""
+def resume_step(start, args, world_size: int) -> int:
+    """The run's first TensorBoard step (epoch_1000x, as EpochProgress writes it): 0 for a start from scratch. The
+    writer purges what an earlier run in the same folder wrote from there on (a resumed one ran past its last
+    checkpoint; one killed before its first starts over), so TensorBoard shows each step once."""
     if not start.path:
-        return None
+        return 0
     fraction = 0.0
     if start.iteration and start.epoch_images:  # the images done over the epoch's: iteration / iterations per epoch
         fraction = start.iteration * args.batch_size * world_size / start.epoch_images

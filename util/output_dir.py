@@ -85,10 +85,13 @@ def find_resumable(args, auto_resume: Optional[bool] = None) -> Optional[Resumab
         resumable = Resumable(path, load_checkpoint(path), auto=True)
         check_same_run(resumable, args.model)
         return resumable
-    if auto_resume and args.output_dir and holds_a_run(args.output_dir):
-        # killed before its first checkpoint: no weights survive, so starting over loses nothing
+    started_before = args.output_dir and (holds_a_run(args.output_dir)
+                                          or os.path.isfile(os.path.join(args.output_dir, DETAILS)))
+    if auto_resume and started_before:
+        # killed before its first checkpoint (or even its first log line): no weights survive, so starting over
+        # loses nothing
         print0(f'{args.output_dir} holds no checkpoint to continue from: starting from scratch (log.txt '
-               'entries of epochs to redo are replaced)')
+               'entries of epochs to redo are replaced, and TensorBoard hides what that run wrote)')
     return None
 
 
