@@ -18,11 +18,12 @@ import main_pretrain
 import models_mae
 import models_vit
 from conftest import read_json_log, run_in_process, run_script
-from tools import data_stats, export
-from util.arrays import ArrayDecoder, ChannelMismatch, header_shape, read_array, to_tensor
+from tools import data_stats, export, make_shards
+from util.arrays import ArrayDecoder, ChannelMismatch, header_shape, read_array, stream_header_shape, to_tensor
 from util.checkpoint_files import load_checkpoint
 from util.datasets import build_image_folder
 from util.pixels import Normalization
+from util.shards import MemberWindow
 from util.transforms import build_array_pretrain_transform, build_eval_transform
 from util.weights import load_weights
 
@@ -31,9 +32,9 @@ RECT = ['--input_size', '16', '24', '--patch_size', '4']
 SMALL = ['--num_workers', '0', '--batch_size', '8', '--print_freq', '4', '--device', 'cpu']
 
 
-def npy_bytes(array: np.ndarray) -> bytes:
+def npy_bytes(array: np.ndarray, version=None) -> bytes:
     buffer = io.BytesIO()
-    np.save(buffer, array)
+    np.lib.format.write_array(buffer, array, version=version)
     return buffer.getvalue()
 
 
@@ -215,10 +216,63 @@ def test_a_folder_holding_an_image_of_other_channels_is_refused_before_any_work(
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.parametrize('layout', ['shards', 'parquet'])
+def test_shards_and_parquet_holding_an_image_of_other_channels_are_refused_before_any_work(tmp_path, monkeypatch,
+                                                                                             capsys, layout):
+    """The headers of every shard member (read where it lies) and Parquet row are checked up front, once per
+    version of the files: the run refuses in one line naming SHARD:KEY, and never makes its output folder."""
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))  # a fresh shard index
+    source = band_folder(tmp_path / 'folders', lambda a: tiff_bytes(a, planarconfig='contig'), '.tif', 4,
+                         per_class=(8, 1))
+    with open(os.path.join(source, 'train', 'dark', '7.tif'), 'wb') as f:
+        f.write(png_bytes(np.zeros((20, 28, 3), np.uint8)))  # a PNG named .tif: told by its bytes, as when read
+    convert = ['--parquet', '--row_group_size', '4'] if layout == 'parquet' else ['--shard_size', '6']
+    assert make_shards.main([source, str(tmp_path / 'data'), *convert]) == 0
+    capsys.readouterr()
+    run = ['--model', 'mae_vit_tiny_patch16', *RECT, *FOUR, '--num_workers', '0', '--batch_size', '8', '--epochs',
+           '1', '--data_path', tmp_path / 'data', '--output_dir', tmp_path / 'out']
+    cache, kept = tmp_path / 'cache' / 'mae-pytorch' / 'shard-index', []
+    for _ in range(2):  # the second run reads the shapes the first one kept, and writes nothing new
+        code, _, errors = run_in_process(main_pretrain, run, capsys)
+        assert code == 2 and len(errors) == 1, errors
+        assert errors[0].endswith(': 3 channels (shape (20, 28, 3), read as height, width, channels), but '
+                                  '--in_chans is 4; every image of a run has --in_chans channels'), errors
+        where = errors[0][len('error: '):errors[0].index(': 3 channels')]
+        dataset = build_image_folder(str(tmp_path / 'data' / 'train'), None)
+        assert np.asarray(dataset.read(where)).shape == (20, 28, 3)  # the sample named is the PNG
+        assert not (tmp_path / 'out').exists()
+        kept.append({name: os.stat(cache / name).st_mtime_ns for name in os.listdir(cache)})
+    assert kept[0] == kept[1] and kept[0]
+
+
+def test_a_tar_members_header_reads_as_the_member_decodes(tmp_path):
+    """The header of a member read in place through its window gives the shape the whole member decodes to."""
+    import tarfile
+    members = {'a.npy': npy_bytes(np.zeros((6, 10, 5), np.float32)),
+               'b.tif': tiff_bytes(np.zeros((7, 6, 10), np.uint8), planarconfig='separate'),
+               'c.png': png_bytes(np.zeros((6, 10), np.uint8))}
+    path = tmp_path / 'x.tar'
+    with tarfile.open(path, 'w') as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tar, open(path, 'rb') as f:
+        for member in tar:
+            window = io.BufferedReader(MemberWindow(f, member.offset_data, member.size))
+            data = members[member.name]
+            assert stream_header_shape(window) == read_array(data, 10 ** 6).shape == header_shape_of(data)
+
+
+def header_shape_of(data: bytes):
+    return stream_header_shape(io.BytesIO(data))
+
+
 @pytest.mark.slow
 def test_an_image_with_other_channels_met_by_a_loader_worker_stops_the_run_in_one_line(tmp_path, monkeypatch):
-    """In a shard the channel counts are met as the images are read, in a DataLoader worker, which ignores
-    SIGTERM: the run used to print the error and then wait for that worker forever at exit."""
+    """An image whose header the up-front check cannot read (a version 3.0 .npy: NumPy has no public reader for
+    its header) is met as it is read, in a DataLoader worker, which ignores SIGTERM: the run used to print the
+    error and then wait for that worker forever at exit."""
     import tarfile
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))  # a fresh shard index
     rng = np.random.default_rng(0)
@@ -226,7 +280,8 @@ def test_an_image_with_other_channels_met_by_a_loader_worker_stops_the_run_in_on
     with tarfile.open(tmp_path / 'data' / 'bands-train-0000.tar', 'w') as tar:
         for i in range(8):  # two batches of 4: every image is read
             array = rng.integers(0, 65535, (20, 28, 3 if i == 7 else 4), dtype=np.uint16)
-            for suffix, data in (('npy', npy_bytes(array)), ('cls', str(i % 2).encode())):
+            image = npy_bytes(array, version=(3, 0) if i == 7 else None)
+            for suffix, data in (('npy', image), ('cls', str(i % 2).encode())):
                 info = tarfile.TarInfo(f'{i:03d}.{suffix}')
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))

@@ -12,7 +12,7 @@ TIFFs with 3 channels keep the official PIL path (util/images.py) and its exact 
 """
 import io
 import os
-from typing import List, Optional
+from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -61,29 +61,43 @@ class ArrayDecoder:
                                      f'width, channels), but --in_chans is {self.in_chans}; every image of a run '
                                      'has --in_chans channels')
 
-    def check_headers(self, paths: List[str]):
-        """Before a run: ChannelMismatch for the first file whose header gives another channel count (reading
-        headers only: a .npy's, a TIFF's tags, Pillow's lazy open). A file whose header cannot be read is left to
-        the run, which reports it like any damaged image."""
-        for path in paths:
-            shape = header_shape(path)
+    def check_shapes(self, shapes: Iterable[Tuple[str, Optional[tuple]]]):
+        """Before a run: ChannelMismatch for the first (where, (H, W, C)) of another channel count; a shape of None
+        (a header that could not be read) is left to the run, which reports it like any damaged image."""
+        for where_from, shape in shapes:
             if shape is not None and shape[2] != self.in_chans:
-                raise self.mismatch(path, shape)
+                raise self.mismatch(where_from, shape)
+
+    def check_headers(self, paths: List[str]):
+        """check_shapes for image files, reading their headers only (header_shape)."""
+        self.check_shapes((path, header_shape(path)) for path in paths)
 
 
 def header_shape(path: str) -> Optional[tuple]:
     """(H, W, C) of an image file as read_array would give it, from its header; None when that cannot be told."""
     try:
-        if path.lower().endswith('.npy'):
-            with open(path, 'rb') as f:
-                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                               (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
-                if read_header is None:
-                    return None
-                shape = read_header(f)[0]
-        elif path.lower().endswith(('.tif', '.tiff')):
+        with open(path, 'rb') as f:
+            return stream_header_shape(f)
+    except OSError:
+        return None
+
+
+def stream_header_shape(f) -> Optional[tuple]:
+    """header_shape of an open, seekable binary stream at its start (a file, a tar member's window, a Parquet row's
+    bytes), told by its first bytes as read_array tells them: a .npy's header, a TIFF's tags, Pillow's lazy open.
+    Reads the header only, not the pixels."""
+    try:
+        start = f.read(max(len(NPY_MAGIC), 4))
+        f.seek(0)
+        if start.startswith(NPY_MAGIC):
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(np.lib.format.read_magic(f))
+            if read_header is None:
+                return None
+            shape = read_header(f)[0]
+        elif start[:4] in TIFF_MAGICS:
             import tifffile
-            with tifffile.TiffFile(path) as tiff:
+            with tifffile.TiffFile(f) as tiff:
                 series = tiff.series[0]
                 shape, axes = tuple(series.shape), series.axes
             if len(shape) == 3 and axes[0] in 'QI':
@@ -91,7 +105,7 @@ def header_shape(path: str) -> Optional[tuple]:
             if len(shape) == 3 and axes[0] in 'SC':
                 shape = shape[1:] + shape[:1]
         else:
-            with Image.open(path) as img:
+            with Image.open(f) as img:
                 bands = {'P': 4 if 'transparency' in img.info else 3, '1': 1}.get(img.mode)
                 if bands is None:
                     bands = 3 if img.mode in ('CMYK', 'YCbCr', 'LAB', 'HSV') else len(img.getbands())

@@ -27,6 +27,7 @@ from util.rng import loader_seed
 from util.transforms import build_eval_transform, build_finetune_transform
 
 MAX_CONSECUTIVE_BAD = 20
+NOTED_HEADER_PASS = 10_000  # images whose headers take long enough to read that the console says why it waits
 
 
 class DataError(RuntimeError):
@@ -241,10 +242,14 @@ def build_image_folder(root: str, transform, decode: Callable = decode_image,
 
 
 def check_channels(dataset: ImageFolderDataset):
-    """Before a run, an arrays dataset's channel counts: in a folder, every file's header (ChannelMismatch for the
-    first of another count than the run's: one line, nothing written); in shards and Parquet, whose headers cost a
-    read of the data, the first readable image (a later one is refused when it is met)."""
-    if not isinstance(dataset, IndexedImageDataset):
+    """Before a run, an arrays dataset's channel counts from every image's header (ChannelMismatch for the first of
+    another count than the run's: one line naming the file, nothing written): a folder's files; a shard's members
+    where they lie, a Parquet file's image column (read once per version of the file: util/shards.py,
+    image_shapes). Then the first images are read whole, so that a dataset none of whose images decode is refused
+    now."""
+    if isinstance(dataset, IndexedImageDataset):
+        dataset.decode.check_shapes(indexed_image_shapes(dataset))
+    else:
         dataset.decode.check_headers([path for path, _ in dataset.samples])
     first_error = None
     for path, _ in dataset.samples[:MAX_CONSECUTIVE_BAD]:
@@ -256,6 +261,21 @@ def check_channels(dataset: ImageFolderDataset):
     if first_error:
         raise DataError(f'none of the first {min(len(dataset.samples), MAX_CONSECUTIVE_BAD)} images of '
                         f'{dataset.root} could be read; the first: {first_error}')
+
+
+def indexed_image_shapes(dataset: 'IndexedImageDataset'):
+    """('SOURCE:KEY', (H, W, C) or None) of every sample of a dataset in shards or Parquet, file by file."""
+    by_source = collections.defaultdict(list)
+    for path, _ in dataset.samples:
+        by_source[dataset.locations[path].source].append(path)
+    unread = sum(len(paths) for source, paths in by_source.items() if not shards.image_shapes_cached(source))
+    if unread >= NOTED_HEADER_PASS:
+        print0(f'checking the channel count of {unread:,} images in {dataset.root} (their headers; once per version '
+              'of the files)', flush=True)
+    for source, paths in by_source.items():
+        shapes = shards.image_shapes(dataset.kind, source, [dataset.locations[p] for p in paths],
+                                     arrays.stream_header_shape)
+        yield from zip(paths, shapes)
 
 
 def reads_arrays(root: str, in_chans: int) -> bool:

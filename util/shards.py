@@ -13,6 +13,7 @@ import collections
 import functools
 import glob
 import hashlib
+import io
 import json
 import os
 import re
@@ -173,12 +174,17 @@ def shard_samples(path: str) -> List[Sample]:
         with open(cached, encoding='utf-8') as f:
             return [Sample(path, *entry) for entry in json.load(f)]
     samples = index_shard(path, stat.st_size)
-    os.makedirs(cache_folder(), exist_ok=True)
-    tmp = f'{cached}.{os.getpid()}.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump([[s.key, s.offset, s.size, s.label, s.index, s.suffix] for s in samples], f)
-    os.replace(tmp, cached)
+    write_cache(cached, [[s.key, s.offset, s.size, s.label, s.index, s.suffix] for s in samples])
     return samples
+
+
+def write_cache(path: str, entries: list):
+    """Keep `entries` as JSON in the cache, written whole or not at all (processes index the same shard at once)."""
+    os.makedirs(cache_folder(), exist_ok=True)
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        json.dump(entries, f)
+    os.replace(tmp, path)
 
 
 def index_shard(path: str, file_size: int) -> List[Sample]:
@@ -225,6 +231,37 @@ def index_shard(path: str, file_size: int) -> List[Sample]:
         index = int(entry['cls']) if entry.get('cls', '').isdecimal() and entry['cls'].isascii() else -1
         samples.append(Sample(path, key, *entry['image'], label, index, IMAGE_SUFFIXES[entry['rank']]))
     return samples
+
+
+class MemberWindow(io.RawIOBase):
+    """A tar member's bytes as a seekable binary stream over its shard's open file (no copy), for readers that
+    want a file: tifffile and Pillow read a header this way without reading the pixels."""
+
+    def __init__(self, f, start: int, size: int):
+        super().__init__()
+        self.f, self.start, self.size, self.position = f, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        count = max(0, min(len(buffer), self.size - self.position))
+        self.f.seek(self.start + self.position)
+        data = self.f.read(count)
+        buffer[:len(data)] = data
+        self.position += len(data)
+        return len(data)
 
 
 # --- Parquet ------------------------------------------------------------------------------------------------------
@@ -358,3 +395,43 @@ class TarReader:
         if len(data) != sample.size:
             raise OSError(f'{sample.source}: member {sample.key} is truncated')
         return data
+
+
+# --- what the images hold, from their headers ----------------------------------------------------------------------
+
+def image_shapes(kind: str, path: str, samples: List[Sample], header_shape) -> List[Optional[tuple]]:
+    """(H, W, C) of every sample of one shard or Parquet file, in `samples`' order, from the image headers
+    (header_shape: a binary stream -> (H, W, C) or None when it cannot be told; util/arrays.py), read once per
+    version of the file and kept in the index cache: a tar member's header is read where it lies, a Parquet row's
+    needs its row group's image column read."""
+    cached = shapes_cache(path)
+    if os.path.isfile(cached):
+        with open(cached, encoding='utf-8') as f:
+            shapes = json.load(f)
+        if len(shapes) == len(samples):
+            return [tuple(shape) if shape else None for shape in shapes]
+    if kind == 'wds':
+        with open(path, 'rb') as f:
+            shapes = [header_shape(io.BufferedReader(MemberWindow(f, s.offset, s.size))) for s in samples]
+    else:
+        shapes, groups = [], {}
+        pq_file = import_pyarrow().ParquetFile(path)
+        for sample in samples:
+            if sample.offset not in groups:
+                groups = {sample.offset: pq_file.read_row_group(sample.offset, columns=['image']).column('image')}
+            image = groups[sample.offset][sample.size].as_py()
+            data = image['bytes'] if isinstance(image, dict) else image
+            shapes.append(header_shape(io.BytesIO(data)) if isinstance(data, bytes) else None)
+    write_cache(cached, [list(shape) if shape else None for shape in shapes])
+    return shapes
+
+
+def shapes_cache(path: str) -> str:
+    """Where image_shapes keeps a file's shapes: keyed by its path, size and modification time."""
+    stat = os.stat(path)
+    digest = hashlib.sha1(f'shapes:{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}'.encode())
+    return os.path.join(cache_folder(), digest.hexdigest() + '.json')
+
+
+def image_shapes_cached(path: str) -> bool:
+    return os.path.isfile(shapes_cache(path))
