@@ -17,14 +17,14 @@ from util.transforms import to_device_normalized
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader,
                     optimizer: torch.optim.Optimizer,
-                    lr_schedule: LrSchedule, runtime, epoch: int, loss_scaler, args, tensorboard,
+                    lr_schedule: LrSchedule, runtime, epoch: int, loss_scaler, args, log_writer,
                     checkpointer: Checkpointer, start: ResumeState, rollbacks: Rollbacks,
                     mixup_fn: Optional[Callable] = None, clip_grad: Optional[float] = None) -> dict:
     trained = start.training_done(epoch)
     if trained is not None:  # stopped during this epoch's evaluation: train no further
         return trained
     for attempt in rollbacks.attempts(epoch, start):  # one pass; --on_nonfinite rollback: again from a snapshot
-        progress = begin_epoch(model, optimizer, data_loader, runtime, epoch, args, tensorboard, checkpointer,
+        progress = begin_epoch(model, optimizer, data_loader, runtime, epoch, args, log_writer, checkpointer,
                                attempt.start, 'loss')
         with attempt.watching(progress):
             for it, is_update, (samples, targets) in progress.iterate(data_loader, args.accum_iter):

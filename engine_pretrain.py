@@ -12,14 +12,14 @@ from util.transforms import to_device_normalized
 
 def train_one_epoch(model: torch.nn.Module, data_loader, optimizer: torch.optim.Optimizer,
                     lr_schedule: LrSchedule, runtime, epoch: int,
-                    loss_scaler, args, tensorboard, checkpointer: Checkpointer, start: ResumeState,
+                    loss_scaler, args, log_writer, checkpointer: Checkpointer, start: ResumeState,
                     rollbacks: Rollbacks) -> dict:
     trained = start.training_done(epoch)
     if trained is not None:  # stopped during this epoch's evaluation: train no further
         return trained
     normalization = normalization_of(args)
     for attempt in rollbacks.attempts(epoch, start):  # one pass; --on_nonfinite rollback: again from a snapshot
-        progress = begin_epoch(model, optimizer, data_loader, runtime, epoch, args, tensorboard, checkpointer,
+        progress = begin_epoch(model, optimizer, data_loader, runtime, epoch, args, log_writer, checkpointer,
                                attempt.start, 'train_loss')
         with attempt.watching(progress):
             for it, is_update, (samples, _) in progress.iterate(data_loader, args.accum_iter):

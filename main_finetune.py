@@ -21,6 +21,7 @@ from util.checkpointer import Checkpointer, load_resumable, resume_training
 from util.output_dir import prepare_output_dir
 from util.datasets import build_loaders, build_transform, describe
 from util.logs import RunLog
+from util.trackers import Trackers
 from util.lr_decay import param_groups_lrd
 from util.lr_sched import LrSchedule
 from util.optim import make_adamw
@@ -101,16 +102,18 @@ def main(args):
     criterion = build_criterion(args, mixup_fn)
 
     start = resume_training(run.resumable, model_to_save, optimizer, loss_scaler, runtime, args)
+    trackers = Trackers.start(args, start.extra.get('trackers'))  # W&B and MLflow: refused before anything is written
     prepare_output_dir(args, start.epoch)
     checkpointer = Checkpointer(args, model_to_save, optimizer, loss_scaler, runtime, start, len(run.dataset_train),
-                                run_values={'lr': lr_schedule.lr, **asdict(run.sizes)}, classes=run.classes)
+                                run_values={'lr': lr_schedule.lr, **asdict(run.sizes)}, classes=run.classes,
+                                tracker_ids=trackers.ids)
     run_log = RunLog(args, model_to_save, optimizer, lr_schedule, runtime, world_size, start, 'MAE fine-tuning',
                      classification.describe_data(run), describe_recipe(args, run.sizes, mixup_fn),
-                     n_parameters=classification.trainable_parameters(model))
+                     trackers, n_parameters=classification.trainable_parameters(model))
     rollbacks = Rollbacks(args, checkpointer, loader_train, start)  # --on_nonfinite
     for epoch in range(start.epoch, args.epochs):
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, lr_schedule, runtime, epoch,
-                                      loss_scaler, args, run_log.tensorboard, checkpointer, start, rollbacks,
+                                      loss_scaler, args, run_log.trackers, checkpointer, start, rollbacks,
                                       mixup_fn, args.clip_grad)
         with checkpointer.saving_if_stopped(epoch, train_stats):  # a stop signal during it saves, then exits
             test_stats = evaluate(loader_val, model, runtime, args)

@@ -18,6 +18,7 @@ from util.datasets import build_loaders
 from util.output_dir import prepare_output_dir
 from util.lars import LARS
 from util.logs import RunLog
+from util.trackers import Trackers
 from util.lr_sched import LrSchedule
 from util.preemption import stop_if_signalled
 from util.rollback import Rollbacks
@@ -56,17 +57,19 @@ def main(args):
     criterion = torch.nn.CrossEntropyLoss()
 
     start = resume_training(run.resumable, model_to_save, optimizer, loss_scaler, runtime, args)
+    trackers = Trackers.start(args, start.extra.get('trackers'))  # W&B and MLflow: refused before anything is written
     prepare_output_dir(args, start.epoch)
     checkpointer = Checkpointer(args, model_to_save, optimizer, loss_scaler, runtime, start, len(run.dataset_train),
-                                run_values={'lr': lr_schedule.lr, **asdict(run.sizes)}, classes=run.classes)
+                                run_values={'lr': lr_schedule.lr, **asdict(run.sizes)}, classes=run.classes,
+                                tracker_ids=trackers.ids)
     run_log = RunLog(args, model_to_save, optimizer, lr_schedule, runtime, world_size, start, 'MAE linear probing',
                      classification.describe_data(run), f'weight decay {args.weight_decay}, frozen encoder, '
                      f'{"global pool" if run.sizes.global_pool else "class token"}',
-                     n_parameters=classification.trainable_parameters(model))
+                     trackers, n_parameters=classification.trainable_parameters(model))
     rollbacks = Rollbacks(args, checkpointer, loader_train, start)  # --on_nonfinite
     for epoch in range(start.epoch, args.epochs):
         train_stats = train_one_epoch(model, criterion, loader_train, optimizer, lr_schedule, runtime, epoch,
-                                      loss_scaler, args, run_log.tensorboard, checkpointer, start,
+                                      loss_scaler, args, run_log.trackers, checkpointer, start,
                                       rollbacks)  # no mixup, no clipping
         with checkpointer.saving_if_stopped(epoch, train_stats):  # a stop signal during it saves, then exits
             test_stats = evaluate(loader_val, model, runtime, args)

@@ -24,6 +24,7 @@ from util.datasets import ImageFolderDataset, build_image_folder, build_loader, 
 from util.distributed import get_rank
 from util.images import decode_image_tensor
 from util.logs import RunLog
+from util.trackers import Trackers
 from util.lr_decay import param_groups_weight_decay
 from util.lr_sched import LrSchedule
 from util.optim import make_adamw
@@ -144,17 +145,18 @@ def main(args, start_over: Optional[bool] = None):
     loss_scaler = LossScaler(runtime.grad_scaler())
 
     start = resume_training(resumable, model_to_save, optimizer, loss_scaler, runtime, args)
+    trackers = Trackers.start(args, start.extra.get('trackers'))  # W&B and MLflow: refused before anything is written
     prepare_output_dir(args, start.epoch, start_over)
     checkpointer = Checkpointer(args, model_to_save, optimizer, loss_scaler, runtime, start, len(dataset_train),
-                                run_values={'lr': lr_schedule.lr})
+                                run_values={'lr': lr_schedule.lr}, tracker_ids=trackers.ids)
     run_log = RunLog(args, model_to_save, optimizer, lr_schedule, runtime, world_size, start, 'MAE pretraining',
-                     describe(dataset_train), describe_recipe(args))
+                     describe(dataset_train), describe_recipe(args), trackers)
     rollbacks = Rollbacks(args, checkpointer, data_loader_train, start)  # --on_nonfinite
     for epoch in range(start.epoch, args.epochs):
         train_stats = train_one_epoch(model, data_loader_train, optimizer, lr_schedule, runtime, epoch, loss_scaler,
-                                      args, run_log.tensorboard, checkpointer, start, rollbacks)
+                                      args, run_log.trackers, checkpointer, start, rollbacks)
         with checkpointer.saving_if_stopped(epoch, train_stats):  # a stop signal during it saves, then exits
-            knn_stats = knn_monitor.run(knn_data, model_to_save, epoch, runtime, args, run_log.tensorboard)
+            knn_stats = knn_monitor.run(knn_data, model_to_save, epoch, runtime, args)
         run_log.write(epoch, train_stats, **knn_stats)
         checkpointer.save(epoch, numbered=epoch % args.save_freq == 0 or epoch + 1 == args.epochs)
         stop_if_signalled(epoch, args.epochs, checkpointer.last_path)

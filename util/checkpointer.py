@@ -23,6 +23,8 @@ from util.progress import NonFiniteLossError, any_non_finite, local_part
 from util.rng import gather_rng_states, restore_rng_states
 from util.weights import load_weights
 
+TRAINING_ONLY = ('rollbacks', 'trackers')  # extra state of the run's checkpoints, not of checkpoint-best
+
 
 @dataclass
 class ResumeState:
@@ -152,6 +154,7 @@ def resume_training(resumable: Optional[Resumable], model: nn.Module, optimizer,
     loss_scaler.load_state_dict(checkpoint.get('scaler') or {})
     # the optimizer steps rollbacks skipped (util/rollback.py): part of the run, honoured by the resumed run
     extra['rollbacks'] = checkpoint.get('rollbacks', [])
+    extra['trackers'] = checkpoint.get('trackers', {})  # the tracker runs this run continues
     restore_rng_states(checkpoint.get('rng_states'), checkpoint.get('world_size', 1), runtime)
     in_progress, pending = checkpoint.get('epoch_in_progress'), checkpoint.get('evaluation_pending')
     if in_progress:
@@ -177,7 +180,8 @@ class Checkpointer:
     under --fsdp, the shards); rank 0 writes."""
 
     def __init__(self, args, model: nn.Module, optimizer, loss_scaler, runtime, start: ResumeState,
-                 train_images: int, run_values: dict, classes: Optional[List[str]] = None):
+                 train_images: int, run_values: dict, classes: Optional[List[str]] = None,
+                 tracker_ids: Optional[dict] = None):
         self.args = args
         # the checkpoint's 'args' are the run's settings as the official format has them: the flags as typed with
         # the values the run worked out (`run_values`: the lr, a classifier's sizes) filled in; `args` stays as typed
@@ -189,6 +193,8 @@ class Checkpointer:
         # the size of the training set, which a resumed run must see unchanged (training_plan.check_same_data);
         # classifier runs also keep their class list and best top-1 in every checkpoint
         self.extra_state = {'train_images': train_images}
+        if tracker_ids:  # the W&B and MLflow runs a resumed run continues (util/trackers.py)
+            self.extra_state['trackers'] = dict(tracker_ids)
         if classes is not None:
             self.extra_state.update(classes=list(classes), max_accuracy=start.extra.get('max_accuracy', 0.0))
         self.last_saved: Optional[tuple] = None  # (path, epoch, next_iteration)
@@ -307,7 +313,7 @@ class Checkpointer:
             if self.args.output_dir and distributed.is_main_process():
                 save_atomic({'model': model_state, 'epoch': epoch, 'args': self.saved_args,
                              'acc1': test_stats['acc1'], 'acc5': test_stats['acc5'],
-                             **{k: v for k, v in self.extra_state.items() if k != 'rollbacks'}},
+                             **{k: v for k, v in self.extra_state.items() if k not in TRAINING_ONLY}},
                             os.path.join(self.args.output_dir, BEST))
         print0(f"Max accuracy: {self.extra_state['max_accuracy']:.2f}%")
         return self.extra_state['max_accuracy']

@@ -10,6 +10,7 @@ import models_vit
 from util import hf_layout, pixels, shards
 from util.checkpoint_files import is_url
 from util.output_dir import LAST, holds_a_run, resumable_checkpoint_in
+from util.trackers import check_report_to
 from util import distributed
 
 DEMO_RUN_MARKER = 'demo_run.json'  # in an --output_dir the demo (tools/demo.py) made: it may replace that run
@@ -104,6 +105,7 @@ def check_output(args, errors: List[str], training: bool = True):
             errors.append(f'{flag} {path}: cannot create or write to this folder')
     if not training:
         return
+    check_report_to(args.report_to, errors)
     if args.output_dir and os.path.isfile(os.path.join(args.output_dir, DEMO_RUN_MARKER)) and not getattr(
             args, 'demo', False):  # only main_pretrain.py has --demo
         errors.append(f'--output_dir {args.output_dir}: holds the built-in demo\'s run; choose another --output_dir '

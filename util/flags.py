@@ -191,6 +191,10 @@ def add_output_args(parser):
     parser.add_argument('--output_dir', default='./output_dir',
                         help="folder for checkpoints and logs; '' saves nothing")
     parser.add_argument('--log_dir', default=None, help='TensorBoard folder (default: --output_dir)')
+    parser.add_argument('--report_to', default=['tensorboard'], nargs='+', choices=('tensorboard', 'wandb', 'mlflow',
+                                                                                    'none'),
+                        help='experiment trackers the run reports to, one or more: tensorboard (in --log_dir), wandb, '
+                             "mlflow (each set up by its own environment variables), or none (log.txt only)")
     parser.add_argument('--resume', default='',
                         help='checkpoint to continue from, path or https URL: our .pth (training state too), or '
                              'weights only: a .safetensors file or a Hugging Face ViTMAE folder')

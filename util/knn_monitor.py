@@ -80,11 +80,12 @@ def due(epoch: int, args) -> bool:
     return (epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs
 
 
-def run(data: Optional[KnnData], model: torch.nn.Module, epoch: int, runtime, args, tensorboard) -> dict:
+def run(data: Optional[KnnData], model: torch.nn.Module, epoch: int, runtime, args) -> dict:
     """The k-NN monitor after a pretraining epoch: {'knn_top1', 'knn_top5', 'knn_time_sec'} when it is due
     (every --knn_every epochs and after the last), else {}. Call it on every rank (collectives); rank 0 prints
-    one line and writes TensorBoard. It draws no random number a training step would see: every RNG stream is
-    restored afterwards and its loaders have their own generator, so training continues bit-identically."""
+    one line (the trackers get the values with the epoch's log line). It draws no random number a training step
+    would see: every RNG stream is restored afterwards and its loaders have their own generator, so training
+    continues bit-identically."""
     if data is None or not due(epoch, args):
         return {}
     start = time.perf_counter()
@@ -99,8 +100,5 @@ def run(data: Optional[KnnData], model: torch.nn.Module, epoch: int, runtime, ar
     print0(f'k-NN monitor, epoch {epoch}: top-1 {top1:.3f} top-5 {top5:.3f} (k={args.knn_k}, '
            f'T={args.knn_temperature:g}, {args.knn_feature}, {describe_counts(data, results[args.knn_k])}) in '
            f'{elapsed:.1f} s')
-    if tensorboard is not None:
-        tensorboard.add_scalar('perf/knn_top1', top1, epoch)
-        tensorboard.add_scalar('perf/knn_top5', top5, epoch)
     return {'knn_top1': top1, 'knn_top5': top5, 'knn_time_sec': elapsed}
 

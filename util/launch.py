@@ -19,11 +19,12 @@ from util.datasets import DataError
 from util.device import DeviceError, Runtime, setup_runtime
 from util.distributed import print0
 from util.progress import NonFiniteLossError
+from util.trackers import TrackerError
 from util.rng import seed_everything
 
 # failures that are the user's to fix: one line on stderr, exit code 2
 USER_ERRORS = (UsageError, DeviceError, CheckpointError, DataError, ClassListError, BadImageBudgetError,
-               ChannelMismatch)
+               ChannelMismatch, TrackerError)
 
 
 def start(args, training: bool) -> Runtime:

@@ -1,6 +1,5 @@
 """What a training run reports, on rank 0: a short header on the console, every setting in run_details.txt, and
 each epoch a line of log.txt (one JSON object per epoch, the official format) and TensorBoard scalars."""
-import atexit
 import json
 import os
 import sys
@@ -14,6 +13,7 @@ from util import distributed
 from util.distributed import print0
 from util.lr_sched import LrSchedule, effective_batch
 from util.optim import describe_optimizer
+from util.trackers import Trackers
 
 DETAILS = 'run_details.txt'
 
@@ -31,7 +31,7 @@ def format_count(n: int) -> str:
 
 
 def run_header(title: str, args, model: torch.nn.Module, optimizer, lr_schedule: LrSchedule, runtime, world_size: int,
-               start, data: str, recipe: str) -> List[str]:
+               start, data: str, recipe: str, trackers: Trackers) -> List[str]:
     """The few lines a run prints before its first progress line: what trains, on what, with which optimizer and
     how fast it learns, where it starts and where its outputs go. The sizes, the optimizer and the learning rate
     are read off what the run built."""
@@ -44,8 +44,8 @@ def run_header(title: str, args, model: torch.nn.Module, optimizer, lr_schedule:
     if start.path:
         where = f'resuming {start.path} at epoch {start.epoch}' + (f', iteration {start.iteration}'
                                                                    if start.iteration else '')
-    outputs = (f'{args.output_dir} (checkpoints, log.txt; TensorBoard in {args.log_dir}); settings, model and '
-               f'optimizer in {os.path.join(args.output_dir, DETAILS)}' if args.output_dir else 'nothing is saved')
+    outputs = (f'{args.output_dir} (checkpoints, log.txt); settings, model and optimizer in '
+               f'{os.path.join(args.output_dir, DETAILS)}' if args.output_dir else 'nothing is saved')
     normalization = normalization_of(args)
     images = '' if normalization.imagenet_rgb else f', {normalization.describe()}'
     return [f'{title}: {args.model}, {size_text(as_size(*model.patch_embed.img_size))}{images}, patch '
@@ -57,7 +57,7 @@ def run_header(title: str, args, model: torch.nn.Module, optimizer, lr_schedule:
             f'{lr_schedule.min_lr:g}; {describe_optimizer(optimizer)}; {recipe}',
             f'start: {where}',
             f'device: {runtime.describe()}, {processes}',
-            f'output: {outputs}']
+            f'output: {outputs}', f'trackers: {trackers.describe(args)}']
 
 
 def run_details(args, model: torch.nn.Module, optimizer) -> str:
@@ -72,15 +72,19 @@ def run_details(args, model: torch.nn.Module, optimizer) -> str:
 
 class RunLog:
     """What a training run reports. On creation: the header on the console (rank 0; see run_header) and the
-    details (run_details) appended to output_dir/run_details.txt, and printed too with --verbose. Then each epoch:
-    a line of log.txt (one JSON object per epoch) and TensorBoard scalars in --log_dir (`tensorboard`, the
-    SummaryWriter the engines add scalars to; None off rank 0). `constant` values go into every log line."""
+    details (run_details) appended to output_dir/run_details.txt, and printed too with --verbose; TensorBoard opened
+    among the run's `trackers` (util/trackers.py, started before the output folder was prepared), which the engines
+    send training-step scalars to (`trackers`). Then each epoch: a line of log.txt (one JSON object per epoch) and
+    its numbers to every tracker. `constant` values go into every log line."""
 
     def __init__(self, args, model: torch.nn.Module, optimizer, lr_schedule: LrSchedule, runtime, world_size: int,
-                 start, title: str, data: str, recipe: str, **constant):
+                 start, title: str, data: str, recipe: str, trackers: Trackers, **constant):
         self.output_dir = args.output_dir if distributed.is_main_process() else ''
-        self.constant = constant
-        for line in run_header(title, args, model, optimizer, lr_schedule, runtime, world_size, start, data, recipe):
+        self.constant, self.epochs = constant, args.epochs
+        trackers.open_tensorboard(args, resume_step(start, args, world_size))
+        self.trackers = trackers
+        for line in run_header(title, args, model, optimizer, lr_schedule, runtime, world_size, start, data, recipe,
+                               trackers):
             print0(line)
         details = run_details(args, model, optimizer)
         if args.verbose:
@@ -88,27 +92,19 @@ class RunLog:
         if self.output_dir:
             with open(os.path.join(self.output_dir, DETAILS), 'a', encoding='utf-8') as f:
                 f.write(details)
-        self.tensorboard = None
-        if args.log_dir and distributed.is_main_process():
-            from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
-            os.makedirs(args.log_dir, exist_ok=True)
-            self.tensorboard = SummaryWriter(log_dir=args.log_dir, purge_step=resume_step(start, args, world_size))
-            atexit.register(self.tensorboard.close)
 
     def write(self, epoch: int, train: dict, test: Optional[dict] = None, **values):
-        """Append one epoch's line: train_* and test_* stats, the epoch and `values`. TensorBoard gets the test
-        figures and is flushed first. Written before the epoch's checkpoint (see truncate_log)."""
-        if self.tensorboard is not None:
-            # every evaluation metric (a float) under its own name; the image counts (ints) are in log.txt
-            for name, value in (test or {}).items():
-                if isinstance(value, float):
-                    self.tensorboard.add_scalar(f'perf/test_{name}', value, epoch)
-            self.tensorboard.flush()
-        if not self.output_dir:
-            return
+        """Append one epoch's line: train_* and test_* stats, the epoch and `values`; every tracker gets its numbers
+        first. Written before the epoch's checkpoint (see truncate_log)."""
         stats = {**{f'train_{k}': v for k, v in train.items()}, **{f'test_{k}': v for k, v in (test or {}).items()},
                  'epoch': epoch, **self.constant, **values}
-        append_log_line(self.output_dir, stats)
+        self.trackers.log_epoch(epoch, stats)
+        if epoch + 1 == self.epochs:
+            self.trackers.close(finished=True)  # the tracker runs end with the training, not at the process' exit
+        else:
+            self.trackers.flush()
+        if self.output_dir:
+            append_log_line(self.output_dir, stats)
 
 
 def resume_step(start, args, world_size: int) -> int:

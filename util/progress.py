@@ -77,7 +77,7 @@ class EpochProgress:
         self.skipped: frozenset = frozenset()
         self.rollback = False
         self.gradients_of = None  # the parameters whose gradients each optimizer step checks, or None
-        self.tensorboard_from = 0  # a replay after a rollback does not write the iterations already written
+        self.trackers_from = 0  # a replay after a rollback does not write the iterations already written
         self.window_due = False  # a window ended (--print_freq) but waits for its optimizer step
         self.world_size = distributed.get_world_size()
         self._stop_agreed = False
@@ -88,12 +88,12 @@ class EpochProgress:
         self.window_images = 0
         self.window_data_time = 0.0
 
-    def watch(self, skipped: frozenset, rollback: bool, gradients_of: Optional[list], tensorboard_from: int):
+    def watch(self, skipped: frozenset, rollback: bool, gradients_of: Optional[list], trackers_from: int):
         """What util/rollback.py sets before the pass: the iterations to pass over (the run's skipped optimizer
         steps in this epoch), whether a fault raises NonFiniteStep (rollback) rather than NonFiniteLossError, and
         the parameters whose gradients each optimizer step checks (None: the loss only)."""
         self.skipped, self.rollback = skipped, rollback
-        self.gradients_of, self.tensorboard_from = gradients_of, tensorboard_from
+        self.gradients_of, self.trackers_from = gradients_of, trackers_from
 
     def iterate(self, loader, accum_iter: int):
         """Yield (iteration, ends an accumulation cycle, batch), timing how long the loop waits for each batch.
@@ -194,7 +194,7 @@ class EpochProgress:
                 self.window, local_losses, reduced_losses, gradient_faults):
             self.check_finite(iteration, value, value_all, gradients_bad)
             self.meters.update(loss=value, lr=lr)
-            if self.log_writer is not None and is_update and iteration >= self.tensorboard_from:
+            if self.log_writer is not None and is_update and iteration >= self.trackers_from:
                 step = int((iteration / self.iters_per_epoch + self.epoch) * 1000)  # epoch_1000x, as official
                 self.log_writer.add_scalar(self.tb_loss_name, value_all, step)
                 self.log_writer.add_scalar('lr', lr, step)
@@ -298,7 +298,7 @@ def local_part(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, 'to_local') else tensor
 
 
-def begin_epoch(model: torch.nn.Module, optimizer, data_loader, runtime, epoch: int, args, tensorboard,
+def begin_epoch(model: torch.nn.Module, optimizer, data_loader, runtime, epoch: int, args, log_writer,
                 checkpointer, start, tb_loss_name: str) -> EpochProgress:
     """The start of a training epoch: training mode, gradients cleared, the loader reshuffled for `epoch` with its
     workers reseeded (skipping the iterations a resumed run already did), and the epoch's EpochProgress, which
@@ -310,7 +310,7 @@ def begin_epoch(model: torch.nn.Module, optimizer, data_loader, runtime, epoch: 
     iters_per_epoch = start_iter + len(data_loader)  # a resumed epoch's loader holds only what is left
     dataset = data_loader.dataset
     budget = BadImageBudget(dataset.bad_images, len(dataset), args.max_bad_images, args.output_dir)
-    progress = EpochProgress(runtime, epoch, iters_per_epoch, args.print_freq, start_iter, tensorboard, tb_loss_name,
+    progress = EpochProgress(runtime, epoch, iters_per_epoch, args.print_freq, start_iter, log_writer, tb_loss_name,
                              describe_last_good=checkpointer.describe_last_good, budget=budget,
                              images_per_iteration=args.batch_size * distributed.get_world_size(),
                              images_per_epoch=start.epoch_images_in(epoch))

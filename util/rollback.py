@@ -285,7 +285,7 @@ class Attempt:
         if rollbacks.checks_gradients:
             gradients_of = [p for p in rollbacks.checkpointer.model.parameters() if p.requires_grad]
         progress.watch(rollbacks.skipped_in(self.epoch), rollbacks.enabled, gradients_of,
-                       tensorboard_from=self.replay_to)
+                       trackers_from=self.replay_to)
         rollbacks.check_steps_left(progress)
         if self.after_rollback:
             position = rollbacks.snapshot.position

@@ -1,0 +1,197 @@
+"""--report_to: TensorBoard, Weights & Biases and MLflow, with the real packages in their offline modes (W&B's
+WANDB_MODE=offline, MLflow's local file store): what log.txt says is what each tracker holds, a killed and resumed
+run is one tracker run with each step once, and a missing package or a failing tracker is handled."""
+import json
+import os
+import struct
+import sys
+from unittest import mock
+
+import pytest
+
+import main_pretrain
+from conftest import TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, read_json_log, run_in_process, run_script
+from util import flags as cli
+from util import trackers
+from util.launch import run_main
+
+INJECT = os.path.join(os.path.dirname(__file__), 'nan_injection.py')
+
+
+def mlflow_env(tmp_path) -> dict:
+    return {'MLFLOW_TRACKING_URI': f'file:{tmp_path / "mlruns"}', 'MLFLOW_ALLOW_FILE_STORE': 'true',
+            'MLFLOW_EXPERIMENT_NAME': 'mae-tests'}
+
+
+def mlflow_runs(tmp_path) -> list:
+    """(client, runs) of the tests' experiment, read through MLflow's own client."""
+    from mlflow.tracking import MlflowClient
+    with mock.patch.dict(os.environ, mlflow_env(tmp_path)):  # the file store is opened with the client
+        client = MlflowClient(tracking_uri=mlflow_env(tmp_path)['MLFLOW_TRACKING_URI'])
+        experiment = client.get_experiment_by_name('mae-tests')
+        return client, client.search_runs([experiment.experiment_id])
+
+
+def history(client, run_id: str, key: str) -> list:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+@pytest.mark.slow
+def test_mlflow_holds_every_epoch_of_log_txt_once_across_a_kill_and_resume(texture_data, tmp_path):
+    """Killed in epoch 1 after a mid-epoch checkpoint: the rerun continues the same MLflow run (its id is in the
+    checkpoint) and does not send again what the killed run sent past its checkpoint."""
+    out = tmp_path / 'run'
+    args = ['main_pretrain.py', '--data_path', texture_data, '--output_dir', out, *TINY_PRETRAIN_ARGS, '--epochs',
+            '2', '--print_freq', '2', '--save_every_iters', '4', '--report_to', 'mlflow', 'tensorboard']
+    killed = run_script(INJECT, *args, env={**mlflow_env(tmp_path), 'KILL_AT': '1:7',
+                                            'KILL_MARKER': str(tmp_path / 'killed')})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    client, runs = mlflow_runs(tmp_path)
+    sent = history(client, runs[0].info.run_id, 'train_loss')
+    assert len(runs) == 1 and len(sent) >= 8 + 6  # epoch 1's iterations 4 and 5 were sent after its checkpoint
+    proc = run_script(*args, env=mlflow_env(tmp_path), check=True)
+    assert 'Continuing at epoch 1, iteration 4' in proc.stdout  # from the mid-epoch checkpoint
+    client, runs = mlflow_runs(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == 'FINISHED' and runs[0].info.run_name == 'run'
+    run_id = runs[0].info.run_id
+    log = read_json_log(out)
+    assert history(client, run_id, 'epoch/train_loss') == [(e['epoch'], e['train_loss']) for e in log]
+    assert history(client, run_id, 'epoch/train_lr') == [(e['epoch'], e['train_lr']) for e in log]
+    steps = [step for step, _ in history(client, run_id, 'train_loss')]
+    assert steps == [int((i / 8 + epoch) * 1000) for epoch in range(2) for i in range(8)]  # each once, none missing
+    params = runs[0].data.params
+    assert params['model'] == 'mae_vit_tiny_patch16' and params['epochs'] == '2' and params['mask_ratio'] == '0.75'
+
+
+@pytest.mark.slow
+def test_wandb_offline_history_holds_the_values_of_log_txt(texture_data, tmp_path):
+    out = tmp_path / 'run'
+    env = {'WANDB_MODE': 'offline', 'WANDB_DIR': str(tmp_path), 'WANDB_PROJECT': 'mae-tests'}
+    proc = run_script('main_pretrain.py', '--data_path', texture_data, '--output_dir', out, *TINY_PRETRAIN_ARGS,
+                      '--epochs', '2', '--report_to', 'wandb', env=env, check=True)
+    assert 'trackers: W&B run ' in proc.stdout
+    assert not any(name.startswith('events.out.tfevents') for name in os.listdir(out))  # TensorBoard not asked for
+    [path] = [os.path.join(root, name) for root, _, names in os.walk(tmp_path / 'wandb') for name in names
+              if name.endswith('.wandb')]
+    rows, config = wandb_records(path)
+    log = read_json_log(out)
+    by_epoch = {row['epoch']: row for row in rows if 'epoch' in row}
+    assert sorted(by_epoch) == [0, 1]
+    for entry in log:
+        assert by_epoch[entry['epoch']]['epoch/train_loss'] == pytest.approx(entry['train_loss'], rel=1e-12)
+    assert len([row for row in rows if 'train_loss' in row]) == 2 * 8  # every iteration, as TensorBoard has it
+    assert config['model'] == 'mae_vit_tiny_patch16' and config['report_to'] == "['wandb']"
+
+
+def wandb_records(path: str):
+    """The history rows and the config of an offline W&B run file: a LevelDB-style log (32 KiB blocks of records
+    with a 7-byte header: checksum, length, type) of Record protobufs, after a 7-byte W&B header."""
+    from wandb.proto import wandb_internal_pb2
+    with open(path, 'rb') as f:
+        data = f.read()
+    assert data[:4] == b':W&B'
+    rows, config, parts, position, block = [], {}, [], 7, 32768
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack('<IHB', data[position:position + 7])
+        parts.append(data[position + 7:position + 7 + length])
+        position += 7 + length
+        if kind in (1, 4):  # a whole record, or the last part of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b''.join(parts))
+            parts = []
+            if record.WhichOneof('record_type') == 'history':
+                rows.append({item_key(item): json.loads(item.value_json) for item in record.history.item})
+            elif record.WhichOneof('record_type') == 'run':
+                config.update({item_key(item): json.loads(item.value_json) for item in record.run.config.update})
+    return rows, config
+
+
+def item_key(item) -> str:
+    return item.key or '/'.join(item.nested_key)  # a name with '/' is kept as its parts
+
+
+@pytest.mark.slow
+def test_fine_tuning_sends_its_evaluation_to_mlflow_as_log_txt_has_it(texture_data, pretrained_checkpoint, tmp_path):
+    out = tmp_path / 'finetune'
+    run_script('main_finetune.py', '--data_path', texture_data, '--output_dir', out, '--finetune',
+               pretrained_checkpoint, '--epochs', '1', *TINY_CLASSIFIER_ARGS, '--report_to', 'mlflow',
+               env=mlflow_env(tmp_path), check=True)
+    client, [run] = mlflow_runs(tmp_path)
+    [entry] = read_json_log(out)
+    for key in ('test_acc1', 'test_acc5', 'test_loss', 'max_accuracy', 'n_parameters', 'test_num_images'):
+        name = trackers.epoch_scalar_name(key)
+        assert history(client, run.info.run_id, name) == [(0, pytest.approx(entry[key]))], key
+
+
+@pytest.fixture
+def pretrained_checkpoint(texture_data, tmp_path):
+    out = tmp_path / 'pretrain'
+    run_script('main_pretrain.py', '--data_path', texture_data, '--output_dir', out, *TINY_PRETRAIN_ARGS,
+               '--epochs', '1', '--report_to', 'none', check=True)
+    assert sorted(os.listdir(out)) == ['checkpoint-0.pth', 'checkpoint-last.pth', 'log.txt', 'run_details.txt']
+    return out / 'checkpoint-0.pth'
+
+
+@pytest.mark.parametrize('package', ['wandb', 'mlflow'])
+def test_a_tracker_whose_package_is_missing_is_one_line_and_exit_2(texture_data, tmp_path, monkeypatch, capsys,
+                                                                   package):
+    monkeypatch.setitem(sys.modules, package, None)  # as if not installed: importlib finds no module
+    code, _, errors = run_in_process(main_pretrain, ['--data_path', texture_data, '--output_dir', tmp_path / 'out',
+                                                     *TINY_PRETRAIN_ARGS, '--report_to', 'tensorboard', package],
+                                     capsys)
+    assert code == 2 and errors == [f'error: --report_to {package}: the {package} package is not installed; pip '
+                                    f'install {package} (or drop {package} from --report_to)']
+    assert not (tmp_path / 'out').exists()
+    code, _, errors = run_in_process(main_pretrain, ['--data_path', texture_data, '--output_dir', tmp_path / 'out',
+                                                     *TINY_PRETRAIN_ARGS, '--report_to', 'none', 'tensorboard'],
+                                     capsys)
+    assert code == 2 and errors == ['error: --report_to none tensorboard: none means no tracker; give it alone']
+
+
+def test_a_tracker_that_cannot_start_is_refused_before_anything_is_written(texture_data, tmp_path, monkeypatch,
+                                                                          capsys):
+    monkeypatch.delenv('MLFLOW_ALLOW_FILE_STORE', raising=False)
+    monkeypatch.setenv('MLFLOW_TRACKING_URI', f'file:{tmp_path / "mlruns"}')  # refused by MLflow 3 without it
+    code, _, errors = run_in_process(main_pretrain, ['--data_path', texture_data, '--output_dir', tmp_path / 'out',
+                                                     *TINY_PRETRAIN_ARGS, '--report_to', 'mlflow'], capsys)
+    assert code == 2 and len(errors) == 1 and errors[0].startswith('error: --report_to mlflow: could not start its '
+                                                                   'run (MlflowException: '), errors
+    assert errors[0].endswith('file:./mlruns with MLFLOW_ALLOW_FILE_STORE=true)')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_tracker_failing_mid_run_warns_once_and_training_goes_on(texture_data, tmp_path, monkeypatch, capsys):
+    """MLflow's store goes away after the first scalar (a network or quota error): one warning, the run finishes,
+    log.txt and TensorBoard are complete."""
+    for name, value in mlflow_env(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    sent = []
+
+    def fail_after_the_first(self, name, value, step):
+        if sent:
+            raise ConnectionError('quota exceeded')
+        sent.append(step)
+        self.log({name: value}, step)
+
+    monkeypatch.setattr(trackers.MlflowTracker, 'add_scalar', fail_after_the_first)
+    out = tmp_path / 'out'
+    run_main(main_pretrain.main, cli.parse_with(main_pretrain.get_args_parser(), [
+        '--data_path', texture_data, '--output_dir', str(out), *TINY_PRETRAIN_ARGS, '--epochs', '2',
+        '--report_to', 'mlflow', 'tensorboard']))
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors == ['warning: --report_to mlflow failed (ConnectionError: quota exceeded); the run goes on without '
+                      'it (log.txt and the checkpoints do not depend on it)']
+    assert [e['epoch'] for e in read_json_log(out)] == [0, 1] and (out / 'checkpoint-1.pth').is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out)).Reload()
+    assert len(events.Scalars('train_loss')) == 16 and [e.step for e in events.Scalars('epoch/train_loss')] == [0, 1]
+    client, [run] = mlflow_runs(tmp_path)
+    assert history(client, run.info.run_id, 'train_loss') == [(0, pytest.approx(read_first_loss(out)))]
+
+
+def read_first_loss(out) -> float:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    return EventAccumulator(str(out)).Reload().Scalars('train_loss')[0].value
