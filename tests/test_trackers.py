@@ -64,6 +64,25 @@ def test_mlflow_holds_every_epoch_of_log_txt_once_across_a_kill_and_resume(textu
 
 
 @pytest.mark.slow
+def test_a_resumed_mlflow_run_keeps_its_parameters_notes_changed_ones_and_a_failure_shows(texture_data, tmp_path):
+    """MLflow sets a parameter once: --epochs raised on the rerun is kept as a tag and said; the rerun stops on a
+    NaN loss (exit 1), and the run shows FAILED, not FINISHED or stopped."""
+    out = tmp_path / 'run'
+    args = ['main_pretrain.py', '--data_path', texture_data, '--output_dir', out, *TINY_PRETRAIN_ARGS,
+            '--report_to', 'mlflow']
+    run_script(*args, '--epochs', '1', env=mlflow_env(tmp_path), check=True)
+    _, [run] = mlflow_runs(tmp_path)
+    assert run.info.status == 'FINISHED'
+    proc = run_script(INJECT, *args, '--epochs', '2', env={**mlflow_env(tmp_path), 'NAN_AT': '1:2'})
+    assert proc.returncode == 1 and 'Loss is nan at epoch 1, iteration 2' in proc.stderr
+    assert (f'MLflow run {run.info.run_id}: parameters are set once; changed since it started, kept as tags '
+            'param_changed.<flag>: epochs 1 -> 2') in proc.stdout
+    _, [run] = mlflow_runs(tmp_path)
+    assert run.info.status == 'FAILED'
+    assert run.data.params['epochs'] == '1' and run.data.tags['param_changed.epochs'] == '2'
+
+
+@pytest.mark.slow
 def test_wandb_offline_history_holds_the_values_of_log_txt(texture_data, tmp_path):
     out = tmp_path / 'run'
     env = {'WANDB_MODE': 'offline', 'WANDB_DIR': str(tmp_path), 'WANDB_PROJECT': 'mae-tests'}

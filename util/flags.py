@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, Tuple
 from util import pixels
 from util.device import AMP_CHOICES, DEVICE_CHOICES
 from util.images import DEFAULT_MAX_PIXELS
+from util.trackers import TRACKERS
 
 
 Rule = Tuple[Callable[[Any], bool], str]  # (accepts the parsed value, the requirement in words)
@@ -191,8 +192,7 @@ def add_output_args(parser):
     parser.add_argument('--output_dir', default='./output_dir',
                         help="folder for checkpoints and logs; '' saves nothing")
     parser.add_argument('--log_dir', default=None, help='TensorBoard folder (default: --output_dir)')
-    parser.add_argument('--report_to', default=['tensorboard'], nargs='+', choices=('tensorboard', 'wandb', 'mlflow',
-                                                                                    'none'),
+    parser.add_argument('--report_to', default=['tensorboard'], nargs='+', choices=(*TRACKERS, 'none'),
                         help='experiment trackers the run reports to, one or more: tensorboard (in --log_dir), wandb, '
                              "mlflow (each set up by its own environment variables), or none (log.txt only)")
     parser.add_argument('--resume', default='',

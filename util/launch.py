@@ -19,7 +19,7 @@ from util.datasets import DataError
 from util.device import DeviceError, Runtime, setup_runtime
 from util.distributed import print0
 from util.progress import NonFiniteLossError
-from util.trackers import TrackerError
+from util.trackers import TrackerError, failures_end_runs
 from util.rng import seed_everything
 
 # failures that are the user's to fix: one line on stderr, exit code 2
@@ -85,7 +85,8 @@ def run_main(main_fn, args):
     """Call main_fn(args); turn expected failures into one line on stderr and an exit code."""
     start_time = time.time()
     try:
-        main_fn(args)
+        with failures_end_runs():
+            main_fn(args)
     except USER_ERRORS as e:
         for line in raised_in_worker(str(e)).splitlines():
             print(f'error: {line}', file=sys.stderr, flush=True)

@@ -18,17 +18,35 @@ gives a resumed run. A tracker that fails mid-run (network, quota, disk) warns o
 the checkpoints never depend on one.
 """
 import atexit
+import contextlib
 import importlib.util
 import os
 import sys
 import time
 from typing import Dict, List, Optional
 
-from util import distributed
+from util import distributed, preemption
 
 TRACKERS = ('tensorboard', 'wandb', 'mlflow')
 PACKAGES = {'wandb': 'wandb', 'mlflow': 'mlflow'}  # what to pip install (mlflow-skinny also provides `mlflow`)
 WANDB_STEPS_PER_EPOCH = 1000  # W&B's one step axis is epoch_1000x, TensorBoard's training step
+PARAM_LENGTH = 500  # characters of a parameter's value that MLflow servers before 2.x accept (later: 6000)
+
+
+OPEN: List['Trackers'] = []  # the trackers of the runs in this process, for failures_end_runs
+
+
+@contextlib.contextmanager
+def failures_end_runs():
+    """Around a script's main(): an error (not a stop signal or Ctrl-C, after which the run continues) ends the
+    tracker runs still open as failed, not merely stopped."""
+    try:
+        yield
+    except BaseException as e:
+        if not isinstance(e, (preemption.TrainingInterrupted, KeyboardInterrupt)):
+            for trackers in list(OPEN):
+                trackers.close(failed=True)
+        raise
 
 
 class TrackerError(RuntimeError):
@@ -74,6 +92,7 @@ class Trackers:
     def __init__(self, backends: Optional[list] = None, saved_ids: Optional[dict] = None):
         self.backends = backends or []
         self.saved_ids = saved_ids or {}  # kept for a tracker left out of this part of the run
+        OPEN.append(self)
         atexit.register(self.close)  # a run that stops before its last epoch: its tracker runs end as stopped
 
     @classmethod
@@ -122,10 +141,13 @@ class Trackers:
     def flush(self):
         self.each('flush')
 
-    def close(self, finished: bool = False):
-        """End every tracker's run: finished (the last epoch is logged), or stopped (a resumed run reopens it)."""
-        self.each('close', finished)
+    def close(self, finished: bool = False, failed: bool = False):
+        """End every tracker's run: finished (the last epoch is logged), failed (the run stopped on an error), or
+        else stopped (a signal, a kill); a resumed run reopens it."""
+        self.each('close', 'finished' if finished else 'failed' if failed else 'stopped')
         self.backends = []
+        if self in OPEN:
+            OPEN.remove(self)
 
     def each(self, method: str, *values):
         for backend in list(self.backends):
@@ -163,7 +185,7 @@ class TensorBoardTracker:
     def flush(self):
         self.writer.flush()
 
-    def close(self, finished: bool):
+    def close(self, how: str):
         self.writer.close()
 
 
@@ -200,8 +222,8 @@ class WandbTracker:
     def flush(self):
         pass  # W&B sends in the background
 
-    def close(self, finished: bool):
-        self.run.finish(exit_code=0 if finished else 1)
+    def close(self, how: str):
+        self.run.finish(exit_code=0 if how == 'finished' else 1)
 
 
 class MlflowTracker:
@@ -216,16 +238,29 @@ class MlflowTracker:
         import mlflow
         from mlflow.tracking import MlflowClient
         self.mlflow, self.client = mlflow, MlflowClient()
+        run_id = run_id or os.environ.get('MLFLOW_RUN_ID')  # MLflow's own way to name the run to continue
         if run_id:
             self.run_id = self.client.get_run(run_id).info.run_id
             self.client.update_run(run_id, status='RUNNING')
         else:
             self.run_id = self.client.create_run(self.experiment_id(), run_name=run_name(args)).info.run_id
         self.logged = self.logged_steps()
+        self.log_settings(settings(args))
+
+    def log_settings(self, values: Dict[str, str]):
+        """The flags as parameters. MLflow sets a parameter once: a resumed run whose flags changed (--epochs
+        raised) keeps the first values and records each new one as a tag, param_changed.<flag>, and says so."""
+        values = {k: v[:PARAM_LENGTH] for k, v in values.items()}
         held = self.client.get_run(self.run_id).data.params
-        params = [mlflow.entities.Param(k, v[:6000]) for k, v in settings(args).items() if k not in held]
-        for start in range(0, len(params), 100):  # a parameter is set once; at most 100 per call
-            self.client.log_batch(self.run_id, params=params[start:start + 100])
+        params = [self.mlflow.entities.Param(k, v) for k, v in values.items() if k not in held]
+        changed = {k: v for k, v in values.items() if k in held and held[k] != v}
+        tags = [self.mlflow.entities.RunTag(f'param_changed.{k}', v) for k, v in changed.items()]
+        for start in range(0, max(len(params), len(tags)), 100):  # at most 100 of each per call
+            self.client.log_batch(self.run_id, params=params[start:start + 100], tags=tags[start:start + 100])
+        if changed:
+            listed = ', '.join(f'{k} {held[k]} -> {v}' for k, v in changed.items())
+            distributed.print0(f'MLflow run {self.run_id}: parameters are set once; changed since it started, kept as '
+                               f'tags param_changed.<flag>: {listed}')
 
     def experiment_id(self) -> str:
         """MLFLOW_EXPERIMENT_ID, else MLFLOW_EXPERIMENT_NAME's experiment (made if new), else MLflow's Default."""
@@ -258,5 +293,5 @@ class MlflowTracker:
     def flush(self):
         pass  # every call is written when made
 
-    def close(self, finished: bool):
-        self.client.set_terminated(self.run_id, status='FINISHED' if finished else 'KILLED')
+    def close(self, how: str):
+        self.client.set_terminated(self.run_id, status={'finished': 'FINISHED', 'failed': 'FAILED'}.get(how, 'KILLED'))
