@@ -11,7 +11,7 @@ import os
 import models_mae
 import models_vit
 from util import flags as cli
-from util import checks, knn, knn_monitor, launch, pixels
+from util import checks, distributed, knn, knn_monitor, launch, pixels
 from util.checkpoint_files import load_checkpoint
 from util.datasets import describe
 from util.distributed import print0
@@ -93,6 +93,14 @@ def build_encoder(args, checkpoint: dict) -> models_vit.VisionTransformer:
     return model
 
 
+def header(args, encoder: models_vit.VisionTransformer) -> str:
+    """The run's first line, as the training scripts' headers start: what is evaluated, how."""
+    size = pixels.size_text(pixels.as_size(*encoder.patch_embed.img_size))
+    ks = ', '.join(map(str, args.nb_knn))
+    return (f'k-NN evaluation: the {args.model} encoder of {args.resume}, {size}, {args.feature} features; '
+            f'k {ks}, T {args.temperature:g}')
+
+
 def main(args):
     check_args(args)
     checkpoint = load_checkpoint(args.resume)
@@ -100,6 +108,7 @@ def main(args):
     if refusal:
         raise checks.UsageError(refusal)
     encoder = build_encoder(args, checkpoint)  # a checkpoint that does not fit stops the run here
+    print0(header(args, encoder))
     data = knn.read_knn_data(args.data_path, args.input_size, args.train_per_class, args.val_per_class,
                              args.max_image_pixels, pixels.normalization_of(args))
     print0(f'data: bank {describe(data.bank, training=False)}; queries {describe(data.queries, training=False)}')
@@ -108,6 +117,8 @@ def main(args):
         raise checks.UsageError(refusal)
 
     runtime = launch.start(args, training=False)
+    world_size = distributed.get_world_size()
+    print0(f'device: {runtime.describe()}, {world_size} process{"es" * (world_size > 1)}')
     results = knn.evaluate(encoder.to(runtime.device), data, args, runtime, args.feature, args.nb_knn,
                            args.temperature, args.query_chunk, args.bank_chunk)
     for k, result in results.items():

@@ -121,8 +121,13 @@ def test_a_second_demo_replaces_the_first_and_its_outputs_and_says_so(tmp_path):
     (out / 'finetune' / 'log.txt').write_text('{"epoch": 0}\n')
     procs = [run_script('main_pretrain.py', '--demo', '--epochs', '1', '--demo_images', '8', '--output_dir', out,
                         '--data_path', out / 'data', check=True) for _ in range(2)]
-    assert 'Demo: starting over' not in procs[0].stdout
-    assert f'Demo: starting over in {out} (the previous demo finished)' in procs[1].stdout
+    # said before anything is deleted: the fine-tuning run left in the folder goes
+    assert (f'Demo: starting over in {out} (no earlier demo run): it replaces the checkpoints, log.txt and '
+            f"TensorBoard files there, and deletes the fine-tuning run in {out / 'finetune'}/ (trained from the "
+            "previous demo's model; the commands printed at the end make them again)") in procs[0].stdout
+    assert procs[0].stdout.index('Demo: starting over') < procs[0].stdout.index('Epoch: [0]')
+    assert (f'Demo: starting over in {out} (the previous demo finished): it replaces the checkpoints, log.txt and '
+            'TensorBoard files there\n') in procs[1].stdout
     assert [e['epoch'] for e in read_json_log(out)] == [0]
     assert len([n for n in os.listdir(out) if n.startswith('events.out.tfevents')]) == 1  # not one per run
     assert not (out / 'finetune').exists()

@@ -5,6 +5,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -337,7 +338,23 @@ def test_main_knn_prints_feature_progress_every_print_freq_batches(texture_data,
     evaluate_checkpoint(tmp_path / 'mae.pth', texture_data, '--print_freq', '3', '--nb_knn', '5')
     lines = [line.split('] ', 1)[1] for line in capsys.readouterr().out.splitlines() if 'k-NN features' in line]
     train, val = os.path.join(texture_data, 'train'), os.path.join(texture_data, 'val')
-    assert lines == [f'k-NN features of {train}: [{i}/8]' for i in (3, 6)] + [f'k-NN features of {val}: [3/4]']
+    assert [line.split('  eta: ')[0] for line in lines] == ([f'k-NN features of {train}: [{i}/8]' for i in (3, 6)]
+                                                            + [f'k-NN features of {val}: [3/4]'])
+    assert all(re.fullmatch(r'.*\]  eta: \d+:\d\d:\d\d  img/s: \d+\.\d', line) for line in lines), lines
+
+
+def test_main_knn_starts_with_a_header_like_the_training_scripts(texture_data, tmp_path):
+    """It used to print nothing until its results: on ImageNet, hours of silence."""
+    torch.manual_seed(0)
+    torch.save({'model': models_mae.mae_vit_tiny_patch16(img_size=32, patch_size=4).state_dict()},
+               tmp_path / 'mae.pth')
+    proc = run_script('main_knn.py', '--resume', tmp_path / 'mae.pth', '--data_path', texture_data,
+                      *TINY_KNN_ARGS, '--nb_knn', '5', '--print_freq', '4', check=True)
+    lines = [line.split('] ', 1)[1] for line in proc.stdout.splitlines()]
+    assert lines[0] == (f"k-NN evaluation: the mae_vit_tiny_patch16 encoder of {tmp_path / 'mae.pth'}, 32 px, "
+                        'mean features; k 5, T 0.07')
+    assert lines[1].startswith('data: bank ') and lines[2].startswith('device: cpu')
+    assert lines[3].startswith('k-NN features of ') and lines[-2].startswith('* k-NN k=5 ')
 
 
 def test_main_knn_with_one_neighbour_reports_top_5_equal_to_top_1(tmp_path):

@@ -1,6 +1,7 @@
 """The training scripts as users run them (subprocesses, tiny models, generated images)."""
 import argparse
 import os
+import stat
 
 import pytest
 import torch
@@ -255,3 +256,28 @@ def test_the_linear_probe_header_counts_its_head_in_thousands(texture_data, tmp_
                       '1', '--finetune', pre, *TINY_CLASSIFIER_ARGS, check=True)
     assert 'parameters (772 trained)' in proc.stdout  # BatchNorm 192 + linear 192 x 4 + 4; not "0.00M"
     assert os.path.isfile(tmp_path / 'lp' / 'run_details.txt')
+
+
+def test_every_file_a_run_writes_has_the_mode_the_umask_gives(tmp_path):
+    """Checkpoints were written 0600 whatever the umask (mkstemp's mode, kept by the atomic rename): on shared
+    storage a teammate could not read them. Under umask 022 a checkpoint is 0644 as open() makes it; under 027,
+    0640."""
+    from util.checkpoint_files import save_atomic
+    for umask, mode in ((0o022, 0o644), (0o027, 0o640)):
+        previous = os.umask(umask)
+        try:
+            save_atomic({'model': {}}, str(tmp_path / f'checkpoint-{umask:o}.pth'))
+        finally:
+            os.umask(previous)
+        assert stat.S_IMODE(os.stat(tmp_path / f'checkpoint-{umask:o}.pth').st_mode) == mode
+
+
+@pytest.mark.slow
+def test_a_runs_outputs_are_readable_by_the_group_and_others_under_umask_022(pretrained):
+    """Every file of a pretraining run (checkpoints, log.txt, run_details.txt, TensorBoard) under the umask the
+    suite runs with: what open() gives (0644 under 022)."""
+    out, _ = pretrained
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in out.iterdir() if path.is_file()}
+    assert 'checkpoint-0.pth' in modes and set(modes.values()) == {0o666 & ~umask}, modes

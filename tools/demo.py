@@ -105,9 +105,22 @@ def decide_continue_or_start_over(args) -> bool:
                    'start over instead)')
             return True
         reason = 'the previous demo finished' if finished else f'settings changed ({", ".join(changed)})'
-    if holds_a_run(args.output_dir):
-        print0(f'Demo: starting over in {args.output_dir} ({reason}); its previous outputs are replaced')
+    stale = stale_runs(args.output_dir)
+    if holds_a_run(args.output_dir) or stale:
+        runs = ''.join(f', and deletes the {kind} run in {path}/' for kind, path in stale)
+        print0(f'Demo: starting over in {args.output_dir} ({reason}): it replaces the checkpoints, log.txt and '
+               f'TensorBoard files there{runs}' + (' (trained from the previous demo\'s model; the commands printed '
+                                                   'at the end make them again)' if stale else ''))
     return False
+
+
+STALE_RUNS = (('fine-tuning', 'finetune'), ('linear-probe', 'linprobe'))  # the runs the demo's next steps make
+
+
+def stale_runs(out: str) -> list:
+    """(kind, folder) of each run the demo's next steps made from an earlier demo's model: a demo that starts over
+    deletes them (finish), and says so first."""
+    return [(kind, os.path.join(out, name)) for kind, name in STALE_RUNS if holds_a_run(os.path.join(out, name))]
 
 
 def prepare_data(args):
@@ -173,9 +186,8 @@ def finish(args, before: float, continued: bool):
     save_figure(rows_before, os.path.join(out, 'reconstruction_before.png'), row_labels=list(CLASSES))
     figure = os.path.join(out, 'reconstruction_after.png')
     save_figure(rows, figure, row_labels=list(CLASSES))
-    for stale in ('finetune', 'linprobe'):  # runs of an earlier demo model: the commands below recreate them
-        if not continued and holds_a_run(os.path.join(out, stale)):
-            shutil.rmtree(os.path.join(out, stale))
+    for _, stale in stale_runs(out) if not continued else []:  # announced at the start
+        shutil.rmtree(stale)
     with open(os.path.join(out, 'demo_result.json'), 'w') as f:
         json.dump({'held_out_error_before': before, 'held_out_error_after': after, 'figure': figure}, f, indent=2)
     print(next_steps(args, before, after), flush=True)

@@ -217,12 +217,21 @@ def explain_load_failure(path: str, error: Exception) -> str:
     return f'{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {first_line})'
 
 
+def current_umask() -> int:
+    """The process' umask (reading it means setting it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_atomic(obj, path: str):
     """Write to a temporary file in the same folder, fsync, then rename over `path`: a crash at any moment
-    leaves either the old file or the new one, never a torn one."""
+    leaves either the old file or the new one, never a torn one. The file's mode is what open() would give it
+    under the user's umask (0644 under 022)."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix='.tmp-' + os.path.basename(path), dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide it from teammates: as open() makes it
         with os.fdopen(fd, 'wb') as f:
             torch.save(obj, f)
             f.flush()

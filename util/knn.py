@@ -16,6 +16,7 @@ same way on every run with the same chunk sizes. Other chunk sizes can move a si
 (about 1e-7), which changes a decision only between neighbours that close.
 """
 import os
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
@@ -31,7 +32,7 @@ from util.images import DEFAULT_MAX_PIXELS
 from util.datasets import (LEFT_OUT, DataError, ImageFolderDataset, build_image_folder, build_loader, cap_per_class,
                            reads_arrays)
 from util.pixels import IMAGENET_RGB, Normalization, Size
-from util.progress import evaluation_batches
+from util.progress import evaluation_batches, format_seconds
 from util.transforms import build_eval_transform, to_device_normalized
 
 FEATURES = ('cls', 'mean')
@@ -76,9 +77,10 @@ def extract_features(encoder: torch.nn.Module, loader, runtime, feature: str, bu
     caller drops it after gathering). A progress line every `every` batches, where stops and unreadable images are
     agreed on as in every evaluation (util/progress.evaluation_batches)."""
     features, labels = [], []
+    start = time.perf_counter()
     for i, (images, targets) in evaluation_batches(loader, budget, every):
         if (i + 1) % every == 0:
-            print0(f'k-NN features of {loader.dataset.root}: [{i + 1}/{len(loader)}]')
+            print0(progress_line(loader, i + 1, time.perf_counter() - start))
         images = to_device_normalized(images, runtime.device)
         with runtime.autocast():
             features.append(encoder_features(encoder, images, feature).float())
@@ -87,6 +89,15 @@ def extract_features(encoder: torch.nn.Module, loader, runtime, feature: str, bu
         dim = encoder.cls_token.shape[-1]
         return torch.zeros(0, dim, device=runtime.device), torch.zeros(0, dtype=torch.int64, device=runtime.device)
     return torch.cat(features), torch.cat(labels)
+
+
+def progress_line(loader, done: int, elapsed: float) -> str:
+    """'k-NN features of ROOT: [done/total]  eta: H:MM:SS  img/s: N', the training progress lines' conventions
+    (images per second over all ranks)."""
+    rate = done / max(elapsed, 1e-9)
+    images = done * loader.batch_size * distributed.get_world_size()
+    return (f'k-NN features of {loader.dataset.root}: [{done}/{len(loader)}]  eta: '
+            f'{format_seconds((len(loader) - done) / rate)}  img/s: {images / max(elapsed, 1e-9):.1f}')
 
 
 # --- the classifier ----------------------------------------------------------------------------------------
