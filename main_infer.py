@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import sys
-from typing import List, Optional, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -208,8 +208,11 @@ def output_png_path(output_dir: str, image_path: str, taken: set) -> str:
 
 # --- the command -------------------------------------------------------------------------------------------------
 
-def check_args(args):
-    errors = []
+def check_args(args) -> Tuple[List[str], List[str]]:
+    """Every flag before any work (no model is loaded, no folder made): one line per problem (UsageError). Returns
+    the image files --img_path names (folders expanded) and the entries skipped in them."""
+    files, missing, skipped = collect_images(args.img_path)
+    errors = [f"--img_path {entry['image']}: {entry['error']}" for entry in missing]
     if args.model not in models_vit.MODELS and args.model not in models_mae.MODELS:
         errors.append(f'--model {args.model}: unknown model; choose from '
                       f'{", ".join(list(models_vit.MODELS) + list(models_mae.MODELS))}')
@@ -223,6 +226,7 @@ def check_args(args):
     checks.raise_if_errors(errors)
     if args.model in models_mae.MODELS:
         figure_class()  # matplotlib, only for the figure: missing, one line before any work
+    return files, skipped
 
 
 def reconstruction_handler(args, model, checkpoint, runtime, report: dict):
@@ -271,16 +275,14 @@ def classification_handler(args, model, checkpoint, runtime):
 
 def run(args) -> dict:
     """Returns {'model', 'checkpoint', 'task', 'results': [...], 'errors': [...]}."""
-    check_args(args)
+    files, skipped = check_args(args)
     checkpoint = load_checkpoint(args.resume)
     model = load_model(args, checkpoint, args.resume)
     runtime = setup_runtime(args.device, args.amp)
     model.to(runtime.device)
-    files, errors, skipped = collect_images(args.img_path)
     if skipped:
         print(describe_skipped(' '.join(args.img_path), skipped), flush=True)
-    for error in errors:
-        print(f"error: {error['image']}: {error['error']}", file=sys.stderr, flush=True)
+    errors = []  # images that could not be read
     is_mae = args.model in models_mae.MODELS
     report = {'model': args.model, 'checkpoint': args.resume, 'task': 'reconstruction' if is_mae else
               'classification', 'device': runtime.device_str, 'results': [], 'errors': errors}

@@ -265,9 +265,20 @@ def test_missing_inputs_and_unknown_models_are_reported(checkpoints, tmp_path, c
               'vit_giant_patch14, vit_2b_patch14')
     every = f'{models}, {models.replace("vit_", "mae_vit_")}'
     assert code == 2 and f'error: --model vit_gigantic: unknown model; choose from {every}\n' in err
-    code, _, err = infer(capsys, '--model', 'vit_tiny_patch16', '--resume', checkpoints / 'vit4.pth',
-                         '--img_path', tmp_path / 'nothing.jpg')
-    assert code == 1 and f'error: {tmp_path / "nothing.jpg"}: no such file or folder' in err
+
+def test_a_missing_image_is_refused_before_the_model_loads_and_nothing_is_written(checkpoints, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """It was found after the model loaded, with exit code 1, after an unrelated note, leaving an empty output
+    folder. Now: one line per missing path or empty folder, exit 2, no checkpoint read, no folder made."""
+    monkeypatch.setattr(main_infer, 'load_checkpoint', lambda path: pytest.fail('the checkpoint was read'))
+    (tmp_path / 'empty').mkdir()
+    code, out, err = infer(capsys, '--model', 'mae_vit_tiny_patch16', '--resume', checkpoints / 'mae.pth',
+                           '--img_path', tmp_path / 'nothing.jpg', tmp_path / 'empty', '--output_dir',
+                           tmp_path / 'figures')
+    assert code == 2 and out == '' and err.splitlines() == [
+        f"error: --img_path {tmp_path / 'nothing.jpg'}: no such file or folder",
+        f"error: --img_path {tmp_path / 'empty'}: folder holds no image files"]
+    assert not (tmp_path / 'figures').exists()
 
 
 @pytest.mark.slow
