@@ -94,7 +94,7 @@ def evaluate(data_loader, model: torch.nn.Module, runtime, args, output_dir: Opt
     print0('* Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} loss {loss:.3f}'.format(**stats))
     count = stats['left_out']
     left_out = f' ({count} unreadable image{"s" if count > 1 else ""} left out)' if count else ''
-    print0(f"Accuracy of the network on the {stats['num_images']} test images: {stats['acc1']:.1f}%{left_out}")
+    print0(f"Accuracy of the network on the {stats['num_images']} test images: {stats['acc1']:.3f}%{left_out}")
     return stats
 
 

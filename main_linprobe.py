@@ -31,6 +31,9 @@ def get_args_parser() -> cli.ArgumentParser:
     cli.add_model_args(parser, model='vit_large_patch16', classifier=True)
     cli.add_classifier_args(parser, global_pool=False)
     cli.add_run_args(parser, folders='train/ and val/ (with --eval: val/)')
+    # each checkpoint holds the frozen encoder again (1.2 GB for ViT-L) for a head of a few thousand parameters:
+    # the newest numbered one is kept (with checkpoint-last and -best), not the official script's 90
+    parser.set_defaults(keep_last=1)
     return parser
 
 

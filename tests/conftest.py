@@ -63,6 +63,16 @@ def pytest_collection_modifyitems(config, items):
         config.hook.pytest_deselected(items=gpu)
         items[:] = [item for item in items if not item.get_closest_marker('gpu')]
         config._gpu_deselected = len(gpu)
+        if hasattr(config, 'workeroutput'):  # an xdist worker: the controller, which prints the summary, is told
+            config.workeroutput['gpu_deselected'] = len(gpu)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """xdist's controller collects nothing itself: each worker says how many gpu tests it deselected (-n auto hid
+    the line)."""
+    count = getattr(node, 'workeroutput', {}).get('gpu_deselected', 0)
+    node.config._gpu_deselected = max(getattr(node.config, '_gpu_deselected', 0), count)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -43,7 +43,7 @@ def test_eval_uses_the_class_list_stored_in_the_checkpoint_without_a_train_folde
     weights = save_classifier(tmp_path / 'ours.pth', colour_classifier(), classes='abcd')
     proc = run_script('main_finetune.py', '--eval', '--resume', weights, '--data_path', data, *EVAL_FLAGS, check=True)
     assert '* Acc@1 100.000' in accuracy_line(proc.stdout)
-    assert 'Accuracy of the network on the 3 test images: 100.0%' in proc.stdout
+    assert 'Accuracy of the network on the 3 test images: 100.000%' in proc.stdout
 
 
 def test_a_val_class_the_model_does_not_know_is_refused_in_one_line_naming_it(tmp_path, capsys):

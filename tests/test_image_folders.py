@@ -121,3 +121,22 @@ def test_pretraining_on_a_littered_folder_sees_only_the_classes_and_says_what_it
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert '6 images of 2 classes' in proc.stdout and 'hidden or metadata entries skipped' in proc.stdout
     assert 'Image replaced' not in proc.stdout  # no AppleDouble file was taken for a damaged image
+
+
+def test_more_loader_workers_than_cores_are_capped_and_said_once(texture_data, monkeypatch, capsys):
+    """The official default --num_workers 10 on a 2-core machine: torch warned that the loader may freeze. The
+    default stays; the loader uses the cores there are, and says so once."""
+    import argparse
+    from util import datasets
+    from util.device import Runtime
+    monkeypatch.setattr(datasets, 'usable_cpus', lambda: 2)
+    monkeypatch.setattr(datasets, 'CAPPED_WORKERS', set())
+    dataset = build_image_folder(os.path.join(texture_data, 'val'), None)
+    args = argparse.Namespace(seed=0, batch_size=4, num_workers=10, pin_mem=False, persistent_workers=False)
+    loaders = [datasets.build_loader(dataset, args, Runtime('cpu'), train, 0, 1) for train in (True, False)]
+    assert [loader.num_workers for loader in loaders] == [2, 2]
+    notes = [line for line in capsys.readouterr().out.splitlines() if 'num_workers' in line]
+    assert len(notes) == 1 and notes[0].endswith('Note: --num_workers 10 is more than the 2 CPU cores this process '
+                                                 'may use: 2 loader workers instead')
+    args.num_workers = 1
+    assert datasets.build_loader(dataset, args, Runtime('cpu'), True, 0, 1).num_workers == 1

@@ -315,7 +315,7 @@ class Checkpointer:
                              'acc1': test_stats['acc1'], 'acc5': test_stats['acc5'],
                              **{k: v for k, v in self.extra_state.items() if k not in TRAINING_ONLY}},
                             os.path.join(self.args.output_dir, BEST))
-        print0(f"Max accuracy: {self.extra_state['max_accuracy']:.2f}%")
+        print0(f"Max accuracy: {self.extra_state['max_accuracy']:.3f}%")  # as Acc@1: one number, one format
         return self.extra_state['max_accuracy']
 
     def describe_last_good(self) -> str:

@@ -462,10 +462,33 @@ def build_loader(dataset, args, runtime, train: bool, rank: int, world_size: int
     generator = torch.Generator()
     generator.manual_seed(loader_seed(args.seed, 0, rank))
     stop_workers_at_exit()  # its workers ignore SIGTERM: ended at exit by us, not by multiprocessing
-    return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+    workers = usable_workers(args.num_workers)
+    return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=workers,
                       pin_memory=args.pin_mem and runtime.pin_memory_supported, drop_last=train,
-                      generator=generator, persistent_workers=args.persistent_workers and args.num_workers > 0,
+                      generator=generator, persistent_workers=args.persistent_workers and workers > 0,
                       worker_init_fn=ignore_stop_signals_in_workers)
+
+
+def usable_cpus() -> int:
+    """The CPU cores this process may run on (its affinity, as torch's DataLoader counts them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
+
+CAPPED_WORKERS = set()  # the --num_workers values already said to be capped in this process
+
+
+def usable_workers(num_workers: int) -> int:
+    """--num_workers, but no more loader workers than the cores this process may use: more only compete for them
+    (torch warns that it may freeze). The official default, 10, stays; the first time it is capped, one note says
+    so. Note: each worker draws its own random crops, so a run's augmentations depend on the number used."""
+    cpus = usable_cpus()
+    if num_workers <= cpus:
+        return num_workers
+    if num_workers not in CAPPED_WORKERS:
+        CAPPED_WORKERS.add(num_workers)
+        print0(f'Note: --num_workers {num_workers} is more than the {cpus} CPU cores this process may use: '
+               f'{cpus} loader worker{"s" * (cpus > 1)} instead')
+    return cpus
 
 
 def build_loaders(dataset_train, dataset_val, args, runtime, world_size: int) -> tuple:
