@@ -101,16 +101,16 @@ class Trackers:
         `trackers`). Raises TrackerError when one cannot start."""
         if not distributed.is_main_process():
             return cls()
-        saved_ids = saved_ids or {}
-        backends = []
+        trackers = cls(saved_ids=saved_ids)
         for name, backend in (('wandb', WandbTracker), ('mlflow', MlflowTracker)):
             if name in args.report_to:
                 try:
-                    backends.append(backend(args, saved_ids.get(name)))
+                    trackers.backends.append(backend(args, trackers.saved_ids.get(name)))
                 except Exception as e:  # each library raises its own types
+                    trackers.close(failed=True)  # the ones started already
                     raise TrackerError(f'--report_to {name}: could not start its run ({type(e).__name__}: '
                                        f'{first_line(e)}); {backend.OFFLINE}') from None
-        return cls(backends, saved_ids)
+        return trackers
 
     def open_tensorboard(self, args, purge_step: int):
         """TensorBoard in --log_dir (--report_to tensorboard), purging what a stopped run wrote from purge_step."""
@@ -124,9 +124,6 @@ class Trackers:
     @property
     def ids(self) -> dict:
         return {**self.saved_ids, **{b.NAME: b.run_id for b in self.backends if getattr(b, 'run_id', None)}}
-
-    def __bool__(self) -> bool:
-        return bool(self.backends)
 
     def add_scalar(self, name: str, value: float, step: int):
         """A training-step scalar (train loss, lr) at TensorBoard's step, epoch_1000x."""
