@@ -57,7 +57,7 @@ def run_header(title: str, args, model: torch.nn.Module, optimizer, lr_schedule:
             f'{lr_schedule.min_lr:g}; {describe_optimizer(optimizer)}; {recipe}',
             f'start: {where}',
             f'device: {runtime.describe()}, {processes}',
-            f'output: {outputs}', f'trackers: {trackers.describe(args)}']
+            f'output: {outputs}; trackers: {trackers.describe(args)}']
 
 
 def run_details(args, model: torch.nn.Module, optimizer) -> str:
