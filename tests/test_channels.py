@@ -121,6 +121,57 @@ def test_data_stats_prints_the_numpy_mean_and_std_as_flags(tmp_path, capsys):
                     + ' '.join(f'{s:.4g}' for s in std))
 
 
+def npy_shards(tmp_path) -> str:
+    """band_folder's 4-band .npy set written as WebDataset shards by tools.make_shards."""
+    band_folder(tmp_path / 'bands', npy_bytes, '.npy', 4)
+    assert make_shards.main([str(tmp_path / 'bands'), str(tmp_path / 'wds'), '--shard_size', '5']) == 0
+    return str(tmp_path / 'wds')
+
+
+def test_make_shards_writes_npy_arrays_and_refuses_a_folder_with_no_image(tmp_path, capsys):
+    shards_path = npy_shards(tmp_path)
+    assert 'train: 16 samples of 2 classes' in capsys.readouterr().out
+    dataset = build_image_folder(os.path.join(shards_path, 'train'), None, in_chans=4)
+    assert len(dataset) == 16 and dataset[0][0].shape == (4, 20, 28)
+    (tmp_path / 'empty' / 'train' / 'dark').mkdir(parents=True)
+    (tmp_path / 'empty' / 'train' / 'dark' / 'notes.txt').write_text('not an image')
+    assert make_shards.main([str(tmp_path / 'empty'), str(tmp_path / 'out')]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'empty' / 'train'}: holds no image")
+    assert not (tmp_path / 'out').exists()
+
+
+def test_data_stats_counts_the_channels_of_shards_and_names_the_image_it_counted_on_a_mismatch(tmp_path, capsys):
+    shards_path = npy_shards(tmp_path)
+    capsys.readouterr()
+    assert data_stats.main([str(tmp_path / 'bands'), '--num_workers', '0']) == 0
+    on_folders = capsys.readouterr().out
+    assert data_stats.main([shards_path, '--num_workers', '2']) == 0  # workers read the shards too
+    assert capsys.readouterr().out == on_folders and on_folders.startswith('--in_chans 4 ')
+    np.save(tmp_path / 'bands' / 'train' / 'dark' / 'three.npy', np.zeros((20, 28, 3), np.uint16))
+    with pytest.raises(ChannelMismatch) as error:
+        data_stats.main([str(tmp_path / 'bands'), '--num_workers', '0'])
+    first = tmp_path / 'bands' / 'train' / 'bright' / '0.npy'
+    assert str(error.value).endswith(f'3 channels (shape (20, 28, 3), read as height, width, channels), but the '
+                                     f'first image ({first}) has 4; all images of a dataset have the same '
+                                     'channel count')
+
+
+def test_loader_workers_read_shards_through_their_own_files_not_the_main_process_ones(tmp_path, monkeypatch):
+    """check_channels reads the first images in the main process before the loader forks its workers: a worker
+    that kept the inherited handle shared its file position with its siblings, and two workers seeking and reading
+    at once gave one the other's bytes."""
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    dataset = build_image_folder(os.path.join(npy_shards(tmp_path), 'train'), None, in_chans=4)
+    assert dataset.reader is not None  # opened by check_channels
+    expected = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    handle = next(iter(dataset.reader.files.items.values()))
+    position = os.lseek(handle.fileno(), 0, os.SEEK_SET)  # where no read ends
+    context = torch.multiprocessing.get_context('fork')
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2, multiprocessing_context=context)
+    assert torch.equal(torch.cat([images for images, _ in loader]), expected)
+    assert os.lseek(handle.fileno(), 0, os.SEEK_CUR) == position  # the workers never moved the main one's file
+
+
 # --- the command line, end to end -------------------------------------------------------------------------------
 
 @pytest.mark.slow

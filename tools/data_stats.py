@@ -19,10 +19,11 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from util import flags as cli
-from util.arrays import ChannelMismatch, first_image_file, read_array
+from util import shards
+from util.arrays import ArrayDecoder, ChannelMismatch, first_image_file, read_array
 from util.checks import UsageError, check_data_path, raise_if_errors
 from util.datasets import LEFT_OUT, DataError, build_image_folder, cap_per_class, reads_arrays
-from util.images import DECODE_ERRORS, DEFAULT_MAX_PIXELS, describe_error
+from util.images import DECODE_ERRORS, DEFAULT_MAX_PIXELS, decode_image, describe_error
 from util.launch import raised_in_worker
 
 Moments = Tuple[float, np.ndarray, np.ndarray]  # (pixels, per-channel mean, per-channel sum of squared deviations)
@@ -40,14 +41,33 @@ def get_args_parser() -> cli.ArgumentParser:
     return parser
 
 
-def first_file_channels(path: str) -> int:
-    """The channel count of the file at path as util/arrays.py reads it (greyscale 1, RGB 3, a .npy its last
-    axis); DataError naming the file when it cannot be read."""
+def first_sample(root: str) -> Optional[Tuple[str, bytes]]:
+    """(where, the bytes) of the split's first image: a folder's first file in listing order, or the first sample
+    of its shards or Parquet files ('SOURCE:KEY'); None when there is none (the dataset reports why)."""
+    kind, files = shards.layout_of_split(root)
+    if kind in ('wds', 'parquet'):
+        try:
+            records = shards.read_split(kind, files)
+        except shards.LayoutError:
+            return None
+        if not records:
+            return None
+        reader = shards.TarReader() if kind == 'wds' else shards.RowGroupReader()
+        return f'{records[0].source}:{records[0].key}', reader.read(records[0])
+    path = first_image_file(root)
+    if not path:
+        return None
+    with open(path, 'rb') as f:
+        return path, f.read()
+
+
+def first_sample_channels(where: str, data: bytes) -> int:
+    """The channel count of an image as util/arrays.py reads it (greyscale 1, RGB 3, a .npy its last axis);
+    DataError naming it when it cannot be read."""
     try:
-        with open(path, 'rb') as f:
-            return read_array(f.read(), 0).shape[2]
+        return read_array(data, 0).shape[2]
     except DECODE_ERRORS as e:
-        raise DataError(f'{path}: cannot read the first image to count its channels ({describe_error(e)}); pass '
+        raise DataError(f'{where}: cannot read the first image to count its channels ({describe_error(e)}); pass '
                         '--in_chans') from None
 
 
@@ -97,11 +117,17 @@ def main(argv=None) -> int:
     check_data_path(args.data_path, ['train'], errors)
     raise_if_errors(errors)
     root = os.path.join(args.data_path, 'train')
-    first = first_image_file(root)
-    in_chans = args.in_chans or (first_file_channels(first) if first else 3)
+    in_chans, decoder = args.in_chans, None
+    if in_chans is None:
+        first = first_sample(root)
+        in_chans = first_sample_channels(*first) if first else 3
+        if first:  # a mismatch names the image the count came from, not a flag the user did not give
+            decoder = ArrayDecoder(in_chans, f'the first image ({first[0]}) has {in_chans}; all images of a dataset '
+                                             'have the same channel count')
     as_arrays = reads_arrays(root, in_chans)
-    dataset = build_image_folder(root, None if as_arrays else transforms.ToTensor(), max_pixels=DEFAULT_MAX_PIXELS,
-                                 substitute=False, in_chans=in_chans if as_arrays else None)
+    dataset = build_image_folder(root, None if as_arrays else transforms.ToTensor(), decoder or decode_image,
+                                 max_pixels=DEFAULT_MAX_PIXELS, substitute=False,
+                                 in_chans=in_chans if as_arrays else None)
     dataset = cap_per_class(dataset, args.max_images)
     print(f'{root}: {len(dataset):,} images, {in_chans} channel{"s" * (in_chans > 1)}'
           f'{" (read as arrays)" if as_arrays else " (RGB, as ToTensor gives them)"}', file=sys.stderr)

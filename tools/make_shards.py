@@ -21,7 +21,7 @@ from typing import List, Tuple
 
 from util import flags as cli
 from util.classes import folder_classes
-from util.folders import image_files
+from util.folders import ARRAY_IMG_EXTENSIONS, image_files
 
 SPLITS = {'train': 'train', 'val': 'validation'}  # our folder -> the name the files use (timm/imagenet-1k-wds)
 
@@ -41,10 +41,12 @@ def get_args_parser() -> cli.ArgumentParser:
 
 
 def split_samples(src: str, split: str, seed: int) -> Tuple[List[str], List[Tuple[str, int]]]:
-    """(the sorted class list, [(image path, class index)] in a shuffled order)."""
+    """(the sorted class list, [(image path, class index)] in a shuffled order): every file a run reads, .npy
+    arrays included (util/arrays.py: a run of --in_chans N reads them from shards as from folders)."""
     root = os.path.join(src, split)
     classes = folder_classes(root)
-    samples = [(path, i) for i, name in enumerate(classes) for path in image_files(os.path.join(root, name))[0]]
+    samples = [(path, i) for i, name in enumerate(classes)
+               for path in image_files(os.path.join(root, name), ARRAY_IMG_EXTENSIONS)[0]]
     random.Random(seed).shuffle(samples)
     return classes, samples
 
@@ -126,14 +128,19 @@ def main(argv=None) -> int:
     if not splits:
         print(f'error: {args.src}: has no train/ or val/ folder of class folders', file=sys.stderr)
         return 2
+    found = {split: split_samples(args.src, split, args.seed) for split in splits}
+    empty = [split for split, (_, samples) in found.items() if not samples]
+    if empty:
+        print(f'error: {os.path.join(args.src, empty[0])}: holds no image in class folders (files ending in '
+              f'{", ".join(ARRAY_IMG_EXTENSIONS)})', file=sys.stderr)
+        return 2
     os.makedirs(args.dst, exist_ok=True)
     if any(n.endswith('.tar') for n in os.listdir(args.dst)) or os.path.isdir(os.path.join(args.dst, 'data')):
         print(f'error: {args.dst}: already holds shards or Parquet files; choose an empty folder', file=sys.stderr)
         return 2
     name = args.name or os.path.basename(os.path.normpath(args.src))
     info = {'name': name, 'splits': {}}
-    for split in splits:
-        classes, samples = split_samples(args.src, split, args.seed)
+    for split, (classes, samples) in found.items():
         if args.parquet:
             count = write_parquet(split, classes, samples, args.dst, args.shard_size, args.row_group_size)
         else:

@@ -47,8 +47,10 @@ class ArrayDecoder:
     Raises ChannelMismatch for another channel count, and a DECODE_ERRORS error for a damaged file, a non-finite
     value or more than max_pixels pixels (ImageTooLarge)."""
 
-    def __init__(self, in_chans: int):
+    def __init__(self, in_chans: int, expected: str = ''):
+        """expected: where the count comes from, for the refusal (default: the run's --in_chans)."""
         self.in_chans = in_chans
+        self.expected = expected or f'--in_chans is {in_chans}; every image of a run has --in_chans channels'
 
     def __call__(self, f, max_pixels: int) -> torch.Tensor:
         array = read_array(f.read(), max_pixels)
@@ -58,8 +60,7 @@ class ArrayDecoder:
 
     def mismatch(self, path: str, shape: tuple) -> ChannelMismatch:
         return ChannelMismatch(path, f'{shape[2]} channel{"s" * (shape[2] != 1)} (shape {shape}, read as height, '
-                                     f'width, channels), but --in_chans is {self.in_chans}; every image of a run '
-                                     'has --in_chans channels')
+                                     f'width, channels), but {self.expected}')
 
     def check_shapes(self, shapes: Iterable[Tuple[str, Optional[tuple]]]):
         """Before a run: ChannelMismatch for the first (where, (H, W, C)) of another channel count; a shape of None

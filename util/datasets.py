@@ -142,7 +142,7 @@ class IndexedImageDataset(ImageFolderDataset):
         self.bad_images = BadImageLog('replaced by another sample' if substitute else 'left out of the evaluation')
         self.mixed = shards.mixed_row_groups(files) if kind == 'parquet' else shards.SHARDS_MIXED
         self.regroup()
-        self.reader = None  # opened in the process that reads (each DataLoader worker its own)
+        self.reader, self.reader_pid = None, None  # opened in the process that reads (each loader worker its own)
 
     def sorted_by_class(self) -> bool:
         """Whether the shards hold their samples grouped by class (written by walking the class folders) rather
@@ -162,12 +162,14 @@ class IndexedImageDataset(ImageFolderDataset):
         self.groups = group_ranges([(r.source, r.offset if self.kind == 'parquet' else 0) for r in records])
 
     def read(self, path: str):
-        if self.reader is None:
+        if self.reader_pid != os.getpid():  # a forked worker inherits the parent's open files and their position:
+            # reading through them would race with its siblings (check_channels reads in the main process first)
             self.reader = shards.TarReader() if self.kind == 'wds' else shards.RowGroupReader()
+            self.reader_pid = os.getpid()
         return self.decode(SampleBytes(self.reader.read(self.locations[path]), path), self.max_pixels)
 
     def __getstate__(self):
-        return {**self.__dict__, 'reader': None}  # a worker opens its own files
+        return {**self.__dict__, 'reader': None, 'reader_pid': None}  # a worker opens its own files
 
 
 class SampleBytes(io.BytesIO):
@@ -219,10 +221,11 @@ def build_image_folder(root: str, transform, decode: Callable = decode_image,
     the same split stored in DATA_PATH as WebDataset shards or Parquet files (IndexedImageDataset). A one-line
     DataError when there is none, or it is empty or unreadable. substitute: True for training sets, False for
     evaluation sets (see ImageFolderDataset). in_chans: read the images as float tensors of that many channels
-    (util/arrays.py; `transform` must take them), their channel counts checked now (check_channels), so that
-    another count is refused before any work."""
+    (util/arrays.py; `transform` must take them; `decode` if it is an ArrayDecoder of that count), their channel
+    counts checked now (check_channels), so that another count is refused before any work."""
     if in_chans is not None:
-        dataset = build_image_folder(root, transform, arrays.ArrayDecoder(in_chans), classes, max_pixels, substitute)
+        decoder = decode if isinstance(decode, arrays.ArrayDecoder) else arrays.ArrayDecoder(in_chans)
+        dataset = build_image_folder(root, transform, decoder, classes, max_pixels, substitute)
         check_channels(dataset)
         return dataset
     kind, files = shards.layout_of_split(root)
