@@ -21,7 +21,7 @@ from util.checkpointer import Checkpointer, load_resumable, resume_training
 from util.output_dir import prepare_output_dir
 from util.datasets import build_loaders, build_transform, describe
 from util.logs import RunLog
-from util.trackers import Trackers
+from util.trackers import Trackers, note_evaluation_only
 from util.lr_decay import param_groups_lrd
 from util.lr_sched import LrSchedule
 from util.optim import make_adamw
@@ -90,6 +90,7 @@ def main(args):
     loader_train, loader_val = build_loaders(run.dataset_train, run.dataset_val, args, runtime, world_size)
     model = classification.build_model(args, run, head_init_std=2e-5, drop_path_rate=args.drop_path)
     if args.eval:
+        note_evaluation_only(args)
         load_resumable(run.resumable, model, args.model, fit_grid=True)
         distributed.print0(f'data: {describe(run.dataset_val, training=False)}')
         return evaluate(loader_val, model.to(runtime.device), runtime, args, output_dir='')
@@ -102,11 +103,11 @@ def main(args):
     criterion = build_criterion(args, mixup_fn)
 
     start = resume_training(run.resumable, model_to_save, optimizer, loss_scaler, runtime, args)
-    trackers = Trackers.start(args, start.extra.get('trackers'))  # W&B and MLflow: refused before anything is written
+    trackers = Trackers.start(args, start, world_size)  # W&B and MLflow: refused before anything is written
     prepare_output_dir(args, start.epoch)
     checkpointer = Checkpointer(args, model_to_save, optimizer, loss_scaler, runtime, start, len(run.dataset_train),
                                 run_values={'lr': lr_schedule.lr, **asdict(run.sizes)}, classes=run.classes,
-                                tracker_ids=trackers.ids)
+                                trackers=trackers)
     run_log = RunLog(args, model_to_save, optimizer, lr_schedule, runtime, world_size, start, 'MAE fine-tuning',
                      classification.describe_data(run), describe_recipe(args, run.sizes, mixup_fn),
                      trackers, n_parameters=classification.trainable_parameters(model))
@@ -120,6 +121,7 @@ def main(args):
         run_log.write(epoch, train_stats, test_stats, max_accuracy=checkpointer.keep_best(epoch, test_stats))
         checkpointer.save(epoch)
         stop_if_signalled(epoch, args.epochs, checkpointer.last_path)
+    run_log.finish()
 
 
 def build_optimizer(args, model: torch.nn.Module, lr: float, device_type: str) -> torch.optim.Optimizer:

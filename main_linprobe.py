@@ -60,11 +60,11 @@ def main(args):
     criterion = torch.nn.CrossEntropyLoss()
 
     start = resume_training(run.resumable, model_to_save, optimizer, loss_scaler, runtime, args)
-    trackers = Trackers.start(args, start.extra.get('trackers'))  # W&B and MLflow: refused before anything is written
+    trackers = Trackers.start(args, start, world_size)  # W&B and MLflow: refused before anything is written
     prepare_output_dir(args, start.epoch)
     checkpointer = Checkpointer(args, model_to_save, optimizer, loss_scaler, runtime, start, len(run.dataset_train),
                                 run_values={'lr': lr_schedule.lr, **asdict(run.sizes)}, classes=run.classes,
-                                tracker_ids=trackers.ids)
+                                trackers=trackers)
     run_log = RunLog(args, model_to_save, optimizer, lr_schedule, runtime, world_size, start, 'MAE linear probing',
                      classification.describe_data(run), f'weight decay {args.weight_decay}, frozen encoder, '
                      f'{"global pool" if run.sizes.global_pool else "class token"}',
@@ -79,6 +79,7 @@ def main(args):
         run_log.write(epoch, train_stats, test_stats, max_accuracy=checkpointer.keep_best(epoch, test_stats))
         checkpointer.save(epoch)
         stop_if_signalled(epoch, args.epochs, checkpointer.last_path)
+    run_log.finish()
 
 
 def linear_probe(model: models_vit.VisionTransformer) -> models_vit.VisionTransformer:

@@ -145,10 +145,10 @@ def main(args, start_over: Optional[bool] = None):
     loss_scaler = LossScaler(runtime.grad_scaler())
 
     start = resume_training(resumable, model_to_save, optimizer, loss_scaler, runtime, args)
-    trackers = Trackers.start(args, start.extra.get('trackers'))  # W&B and MLflow: refused before anything is written
+    trackers = Trackers.start(args, start, world_size)  # W&B and MLflow: refused before anything is written
     prepare_output_dir(args, start.epoch, start_over)
     checkpointer = Checkpointer(args, model_to_save, optimizer, loss_scaler, runtime, start, len(dataset_train),
-                                run_values={'lr': lr_schedule.lr}, tracker_ids=trackers.ids)
+                                run_values={'lr': lr_schedule.lr}, trackers=trackers)
     run_log = RunLog(args, model_to_save, optimizer, lr_schedule, runtime, world_size, start, 'MAE pretraining',
                      describe(dataset_train), describe_recipe(args), trackers)
     rollbacks = Rollbacks(args, checkpointer, data_loader_train, start)  # --on_nonfinite
@@ -160,6 +160,7 @@ def main(args, start_over: Optional[bool] = None):
         run_log.write(epoch, train_stats, **knn_stats)
         checkpointer.save(epoch, numbered=epoch % args.save_freq == 0 or epoch + 1 == args.epochs)
         stop_if_signalled(epoch, args.epochs, checkpointer.last_path)
+    run_log.finish()
 
 
 def build_optimizer(args, model: torch.nn.Module, lr: float, device_type: str) -> torch.optim.Optimizer:

@@ -155,13 +155,13 @@ def run_torchrun(script, *args, nproc: int = 2, timeout=600, env=None, check=Fal
     return proc
 
 
-def start_process(command: list, log_path, own_group: bool = False) -> subprocess.Popen:
+def start_process(command: list, log_path, own_group: bool = False, env=None) -> subprocess.Popen:
     """Start a command in the background, stdout and stderr into log_path (for kill and signal tests). With
     own_group it leads a process group of its own, so a signal can go to it and its workers, as a terminal's
     Ctrl-C does, without reaching the test."""
     log = open(log_path, 'w')
     return subprocess.Popen([str(c) for c in command], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True,
-                            env=subprocess_env(), start_new_session=own_group)
+                            env=subprocess_env(env), start_new_session=own_group)
 
 
 def wait_for_line(log_path, text, proc, timeout=300):

@@ -1,18 +1,23 @@
 """--report_to: TensorBoard, Weights & Biases and MLflow, with the real packages in their offline modes (W&B's
 WANDB_MODE=offline, MLflow's local file store): what log.txt says is what each tracker holds, a killed and resumed
 run is one tracker run with each step once, and a missing package or a failing tracker is handled."""
+import importlib.machinery
 import json
 import os
+import signal
 import struct
 import sys
+import types
 from unittest import mock
 
 import pytest
 
 import main_pretrain
-from conftest import TINY_CLASSIFIER_ARGS, TINY_PRETRAIN_ARGS, read_json_log, run_in_process, run_script
+from conftest import (TINY_CLASSIFIER_ARGS, free_port, TINY_PRETRAIN_ARGS, read_json_log, run_in_process, run_script,
+                      script_command, start_process, wait_for_line)
 from util import flags as cli
 from util import trackers
+from util.checkpoint_files import load_checkpoint
 from util.launch import run_main
 
 INJECT = os.path.join(os.path.dirname(__file__), 'nan_injection.py')
@@ -83,6 +88,75 @@ def test_a_resumed_mlflow_run_keeps_its_parameters_notes_changed_ones_and_a_fail
 
 
 @pytest.mark.slow
+def test_a_resume_that_takes_another_path_goes_on_in_a_new_mlflow_run_holding_the_history_before_it(texture_data,
+                                                                                                   tmp_path):
+    """Resumed from epoch 0's checkpoint with another recipe, the run's epoch 1 differs from the one MLflow holds:
+    it used to be skipped as already sent, leaving the stopped run's numbers beside this run's log.txt. MLflow
+    cannot replace them: the run goes on in a new MLflow run holding epoch 0, and the old one is ended."""
+    out = tmp_path / 'run'
+    args = ['main_pretrain.py', '--data_path', texture_data, '--output_dir', out, *TINY_PRETRAIN_ARGS, '--epochs',
+            '2', '--report_to', 'mlflow']
+    run_script(*args, env=mlflow_env(tmp_path), check=True)
+    client, [first] = mlflow_runs(tmp_path)
+    proc = run_script(*args, '--resume', out / 'checkpoint-0.pth', '--mask_ratio', '0.5', '--allow_recipe_change',
+                      env=mlflow_env(tmp_path), check=True)
+    client, runs = mlflow_runs(tmp_path)
+    [new] = [run for run in runs if run.info.run_id != first.info.run_id]
+    assert (f'MLflow run {first.info.run_id} holds other values from step 1000 on than this run (resumed from an '
+            f'earlier checkpoint, or with another recipe): this run goes on in MLflow run {new.info.run_id}, which '
+            'holds the earlier values before that point') in proc.stdout
+    assert new.info.status == 'FINISHED' and new.info.run_name == 'run'
+    assert new.data.tags['mae.continues'] == first.info.run_id and new.data.params['mask_ratio'] == '0.75'
+    assert client.get_run(first.info.run_id).info.status == 'KILLED'
+    log = read_json_log(out)
+    assert history(client, new.info.run_id, 'epoch/train_loss') == [(e['epoch'], e['train_loss']) for e in log]
+    steps = [step for step, _ in history(client, new.info.run_id, 'train_loss')]
+    assert steps == [int((i / 8 + epoch) * 1000) for epoch in range(2) for i in range(8)]
+    assert history(client, new.info.run_id, 'train_loss')[:8] == history(client, first.info.run_id, 'train_loss')[:8]
+    assert load_checkpoint(str(out / 'checkpoint-last.pth'))['trackers'] == {'mlflow': new.info.run_id}
+
+
+def test_an_exact_resume_is_not_taken_for_another_path_by_its_own_epoch_time(tmp_path, monkeypatch):
+    """Killed after an epoch's log line and before its checkpoint, the resumed run sends the epoch's numbers again:
+    the same loss, but another epoch time. That is the same path (nothing sent twice, no new run); another loss
+    is not."""
+    for name, value in mlflow_env(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    args = cli.parse_with(main_pretrain.get_args_parser(), ['--output_dir', str(tmp_path / 'run'), '--report_to',
+                                                            'mlflow'])
+    first = trackers.MlflowTracker(args, None, 0)
+    first.log_epoch(0, {'epoch/train_loss': 0.5, 'epoch/train_epoch_time_sec': 3.0})
+    first.close('stopped')
+    resumed = trackers.MlflowTracker(args, first.run_id, 0)
+    resumed.log_epoch(0, {'epoch/train_loss': 0.5, 'epoch/train_epoch_time_sec': 4.0})
+    resumed.log_epoch(1, {'epoch/train_loss': 0.4, 'epoch/train_epoch_time_sec': 3.5})
+    resumed.close('finished')
+    client, [run] = mlflow_runs(tmp_path)
+    assert history(client, run.info.run_id, 'epoch/train_loss') == [(0, 0.5), (1, 0.4)]
+    assert history(client, run.info.run_id, 'epoch/train_epoch_time_sec') == [(0, 3.0), (1, 3.5)]
+    other = trackers.MlflowTracker(args, run.info.run_id, 0)
+    other.log_epoch(0, {'epoch/train_loss': 0.6, 'epoch/train_epoch_time_sec': 3.0})
+    other.close('finished')
+    client, runs = mlflow_runs(tmp_path)
+    assert len(runs) == 2 and history(client, other.run_id, 'epoch/train_loss') == [(0, 0.6)]
+
+
+@pytest.mark.slow
+def test_a_checkpoints_mlflow_run_missing_from_the_store_is_said_and_a_new_run_started(texture_data, tmp_path):
+    out = tmp_path / 'run'
+    args = ['main_pretrain.py', '--data_path', texture_data, '--output_dir', out, *TINY_PRETRAIN_ARGS,
+            '--report_to', 'mlflow']
+    run_script(*args, '--epochs', '1', env=mlflow_env(tmp_path / 'elsewhere'), check=True)
+    _, [old] = mlflow_runs(tmp_path / 'elsewhere')
+    proc = run_script(*args, '--epochs', '2', env=mlflow_env(tmp_path), check=True)
+    store = mlflow_env(tmp_path)['MLFLOW_TRACKING_URI']
+    assert (f'MLflow run {old.info.run_id} (of the resumed checkpoint) is not in {store}: this run goes to a new '
+            'MLflow run') in proc.stdout
+    client, [run] = mlflow_runs(tmp_path)
+    assert [step for step, _ in history(client, run.info.run_id, 'epoch/train_loss')] == [1]
+
+
+@pytest.mark.slow
 def test_wandb_offline_history_holds_the_values_of_log_txt(texture_data, tmp_path):
     out = tmp_path / 'run'
     env = {'WANDB_MODE': 'offline', 'WANDB_DIR': str(tmp_path), 'WANDB_PROJECT': 'mae-tests'}
@@ -100,6 +174,70 @@ def test_wandb_offline_history_holds_the_values_of_log_txt(texture_data, tmp_pat
         assert by_epoch[entry['epoch']]['epoch/train_loss'] == pytest.approx(entry['train_loss'], rel=1e-12)
     assert len([row for row in rows if 'train_loss' in row]) == 2 * 8  # every iteration, as TensorBoard has it
     assert config['model'] == 'mae_vit_tiny_patch16' and config['report_to'] == "['wandb']"
+
+
+@pytest.mark.slow
+def test_a_stopped_wandb_run_ends_before_wandbs_own_exit_step_without_a_false_warning(texture_data, tmp_path):
+    """A stop signal saves and exits 143; the W&B run is ended at exit. It was ended after W&B had shut its
+    service down, and every stop printed 'warning: --report_to wandb failed (ConnectionResetError ...)'."""
+    env = {'WANDB_MODE': 'offline', 'WANDB_DIR': str(tmp_path), 'WANDB_PROJECT': 'mae-tests'}
+    log = tmp_path / 'run.log'
+    proc = start_process([sys.executable, 'main_pretrain.py', '--data_path', texture_data, '--output_dir',
+                          tmp_path / 'run', *TINY_PRETRAIN_ARGS, '--epochs', '3', '--report_to', 'wandb'], log,
+                         own_group=True, env=env)
+    wait_for_line(log, 'Epoch: [1]', proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    output = log.read_text()
+    assert 'stopped by SIGTERM; checkpoint saved to' in output
+    assert 'warning' not in output.lower() and 'Traceback' not in output, output[-3000:]
+
+
+class WandbServer:
+    """What a W&B server keeps of a run and gives a resumed one, for the wandb module main_pretrain imports (no
+    server can run here): the logged rows, and the next step (`run.step`: one past the last logged)."""
+
+    def __init__(self):
+        self.rows = []
+
+    def init(self, id=None, **kwargs):
+        server = self
+
+        class Run:
+            offline, url, dir = False, 'https://wandb.example/run', '/tmp'
+
+            def __init__(self):
+                self.id = id or 'run1'
+                self.step = max((step for step, _ in server.rows), default=-1) + 1
+
+            def define_metric(self, *args, **kwargs):
+                pass
+
+            def log(self, row, step):
+                assert step >= self.step  # W&B drops a step before the run's (with a warning)
+                server.rows.append((step, row))
+                self.step = step
+
+            def finish(self, exit_code=0):
+                pass
+
+        return Run()
+
+
+def test_wandb_resumed_at_an_epochs_start_sends_its_first_step(texture_data, tmp_path, monkeypatch):
+    """The epoch's numbers went at step (epoch + 1) * 1000, the next epoch's first step: a run resumed there got
+    run.step 1001 from the server and dropped that step."""
+    server = WandbServer()
+    wandb = types.ModuleType('wandb')
+    wandb.__spec__, wandb.init = importlib.machinery.ModuleSpec('wandb', None), server.init
+    monkeypatch.setitem(sys.modules, 'wandb', wandb)
+    args = ['--data_path', texture_data, '--output_dir', str(tmp_path / 'run'), *TINY_PRETRAIN_ARGS,
+            '--report_to', 'wandb']
+    for epochs in ('1', '2'):
+        run_main(main_pretrain.main, cli.parse_with(main_pretrain.get_args_parser(), [*args, '--epochs', epochs]))
+    steps = [step for step, row in server.rows if 'train_loss' in row]
+    assert steps == [int((i / 8 + epoch) * 1000) for epoch in range(2) for i in range(8)]
+    assert [(step, row['epoch']) for step, row in server.rows if 'epoch' in row] == [(999, 0), (1999, 1)]
 
 
 def wandb_records(path: str):
@@ -143,6 +281,12 @@ def test_fine_tuning_sends_its_evaluation_to_mlflow_as_log_txt_has_it(texture_da
     for key in ('test_acc1', 'test_acc5', 'test_loss', 'max_accuracy', 'n_parameters', 'test_num_images'):
         name = trackers.epoch_scalar_name(key)
         assert history(client, run.info.run_id, name) == [(0, pytest.approx(entry[key]))], key
+    evaluated = run_script('main_finetune.py', '--eval', '--resume', out / 'checkpoint-0.pth', '--data_path',
+                           texture_data, '--model', 'vit_tiny_patch16', '--num_workers', '0', '--report_to', 'mlflow',
+                           env=mlflow_env(tmp_path), check=True)
+    assert '--eval: nothing is sent to mlflow (--report_to is for training runs; the evaluation is printed)' in \
+        evaluated.stdout
+    assert len(mlflow_runs(tmp_path)[1]) == 1
 
 
 @pytest.fixture
@@ -182,6 +326,28 @@ def test_a_tracker_that_cannot_start_is_refused_before_anything_is_written(textu
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.slow
+def test_launched_as_slurm_does_a_tracker_that_cannot_start_stops_every_rank(texture_data, tmp_path):
+    """Only rank 0 starts tracker runs: its refusal left rank 1 waiting for it forever at the next collective (srun
+    starts each rank itself and, unlike torchrun, does not end the others when one fails)."""
+    env = {**mlflow_env(tmp_path), 'MLFLOW_ALLOW_FILE_STORE': 'false', 'SLURM_NTASKS': '2', 'MASTER_ADDR': '127.0.0.1',
+           'MASTER_PORT': str(free_port())}
+    command = script_command('main_pretrain.py', '--data_path', texture_data, '--output_dir', tmp_path / 'out',
+                             *TINY_PRETRAIN_ARGS, '--report_to', 'mlflow')
+    ranks = [start_process(command, tmp_path / f'rank{rank}.log', env={**env, 'SLURM_PROCID': str(rank)})
+             for rank in range(2)]
+    try:
+        codes = [rank.wait(timeout=120) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    logs = [(tmp_path / f'rank{rank}.log').read_text() for rank in range(2)]
+    assert codes == [2, 2], logs
+    assert 'error: --report_to mlflow: could not start its run' in logs[0]
+    assert 'error: --report_to: rank 0 could not start a tracker run (its error is above)' in logs[1]
+    assert not (tmp_path / 'out').exists()
+
+
 def test_a_tracker_failing_mid_run_warns_once_and_training_goes_on(texture_data, tmp_path, monkeypatch, capsys):
     """MLflow's store goes away after the first scalar (a network or quota error): one warning, the run finishes,
     log.txt and TensorBoard are complete."""
@@ -193,7 +359,7 @@ def test_a_tracker_failing_mid_run_warns_once_and_training_goes_on(texture_data,
         if sent:
             raise ConnectionError('quota exceeded')
         sent.append(step)
-        self.log({name: value}, step)
+        self.log_batch(metrics=self.unsent({name: value}, step))
 
     monkeypatch.setattr(trackers.MlflowTracker, 'add_scalar', fail_after_the_first)
     out = tmp_path / 'out'
@@ -209,6 +375,7 @@ def test_a_tracker_failing_mid_run_warns_once_and_training_goes_on(texture_data,
     assert len(events.Scalars('train_loss')) == 16 and [e.step for e in events.Scalars('epoch/train_loss')] == [0, 1]
     client, [run] = mlflow_runs(tmp_path)
     assert history(client, run.info.run_id, 'train_loss') == [(0, pytest.approx(read_first_loss(out)))]
+    assert run.info.status == 'FAILED'  # ended where the tracker still could, not left running
 
 
 def read_first_loss(out) -> float:

@@ -181,7 +181,7 @@ class Checkpointer:
 
     def __init__(self, args, model: nn.Module, optimizer, loss_scaler, runtime, start: ResumeState,
                  train_images: int, run_values: dict, classes: Optional[List[str]] = None,
-                 tracker_ids: Optional[dict] = None):
+                 trackers=None):
         self.args = args
         # the checkpoint's 'args' are the run's settings as the official format has them: the flags as typed with
         # the values the run worked out (`run_values`: the lr, a classifier's sizes) filled in; `args` stays as typed
@@ -193,8 +193,7 @@ class Checkpointer:
         # the size of the training set, which a resumed run must see unchanged (training_plan.check_same_data);
         # classifier runs also keep their class list and best top-1 in every checkpoint
         self.extra_state = {'train_images': train_images}
-        if tracker_ids:  # the W&B and MLflow runs a resumed run continues (util/trackers.py)
-            self.extra_state['trackers'] = dict(tracker_ids)
+        self.trackers = trackers  # util/trackers.Trackers: the W&B and MLflow runs a resumed run continues
         if classes is not None:
             self.extra_state.update(classes=list(classes), max_accuracy=start.extra.get('max_accuracy', 0.0))
         self.last_saved: Optional[tuple] = None  # (path, epoch, next_iteration)
@@ -228,6 +227,9 @@ class Checkpointer:
         if pending_stats is not None:
             state['evaluation_pending'] = {'epoch': epoch, 'train_stats': pending_stats}
         state.update(self.extra_state)
+        tracker_ids = self.trackers.ids if self.trackers is not None else {}
+        if tracker_ids:  # read at each save: an MLflow run may go on in a new run (MlflowTracker.fork)
+            state['trackers'] = tracker_ids
         return state
 
     def save(self, epoch: int, next_iteration: int = 0, numbered: bool = True, progress=None,

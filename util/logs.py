@@ -1,5 +1,6 @@
 """What a training run reports, on rank 0: a short header on the console, every setting in run_details.txt, and
-each epoch a line of log.txt (one JSON object per epoch, the official format) and TensorBoard scalars."""
+each epoch a line of log.txt (one JSON object per epoch, the official format) and its numbers to the trackers of
+--report_to (util/trackers.py; TensorBoard by default)."""
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ from util import distributed
 from util.distributed import print0
 from util.lr_sched import LrSchedule, effective_batch
 from util.optim import describe_optimizer
-from util.trackers import Trackers
+from util.trackers import Trackers, resume_step
 
 DETAILS = 'run_details.txt'
 
@@ -80,7 +81,9 @@ class RunLog:
     def __init__(self, args, model: torch.nn.Module, optimizer, lr_schedule: LrSchedule, runtime, world_size: int,
                  start, title: str, data: str, recipe: str, trackers: Trackers, **constant):
         self.output_dir = args.output_dir if distributed.is_main_process() else ''
-        self.constant, self.epochs = constant, args.epochs
+        self.constant = constant
+        # TensorBoard purges what an earlier run in the same folder wrote from the run's first step on (a resumed
+        # one ran past its last checkpoint; one killed before its first starts over): each step is shown once
         trackers.open_tensorboard(args, resume_step(start, args, world_size))
         self.trackers = trackers
         for line in run_header(title, args, model, optimizer, lr_schedule, runtime, world_size, start, data, recipe,
@@ -99,24 +102,14 @@ class RunLog:
         stats = {**{f'train_{k}': v for k, v in train.items()}, **{f'test_{k}': v for k, v in (test or {}).items()},
                  'epoch': epoch, **self.constant, **values}
         self.trackers.log_epoch(epoch, stats)
-        if epoch + 1 == self.epochs:
-            self.trackers.close(finished=True)  # the tracker runs end with the training, not at the process' exit
-        else:
-            self.trackers.flush()
+        self.trackers.flush()
         if self.output_dir:
             append_log_line(self.output_dir, stats)
 
-
-def resume_step(start, args, world_size: int) -> int:
-    """The run's first TensorBoard step (epoch_1000x, as EpochProgress writes it): 0 for a start from scratch. The
-    writer purges what an earlier run in the same folder wrote from there on (a resumed one ran past its last
-    checkpoint; one killed before its first starts over), so TensorBoard shows each step once."""
-    if not start.path:
-        return 0
-    fraction = 0.0
-    if start.iteration and start.epoch_images:  # the images done over the epoch's: iteration / iterations per epoch
-        fraction = start.iteration * args.batch_size * world_size / start.epoch_images
-    return int((fraction + start.epoch) * 1000)
+    def finish(self):
+        """After the last epoch's checkpoint: the tracker runs end as finished (here, not at the process' exit: the
+        demo runs three trainings in one process)."""
+        self.trackers.close(finished=True)
 
 
 def append_log_line(output_dir: str, entry: dict):

@@ -198,6 +198,8 @@ class EpochProgress:
                 step = int((iteration / self.iters_per_epoch + self.epoch) * 1000)  # epoch_1000x, as official
                 self.log_writer.add_scalar(self.tb_loss_name, value_all, step)
                 self.log_writer.add_scalar('lr', lr, step)
+        if hasattr(self.log_writer, 'end_window'):  # Trackers (a SummaryWriter has no such step)
+            self.log_writer.end_window()
         if show:
             self.print_window(self.window[-1][0])
         self.window = []

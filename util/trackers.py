@@ -13,24 +13,32 @@ MLFLOW_EXPERIMENT_NAME, ...).
 
 A resumed run continues the same tracker run: the ids are kept in every checkpoint (`ids`), and what the stopped
 run sent past its checkpoint is not sent twice (a resumed run is bit-identical, so those values are the same):
-MLflow skips the steps the run's history already holds; W&B the steps before the run's step, which its server
-gives a resumed run. A tracker that fails mid-run (network, quota, disk) warns once and is left out: log.txt and
-the checkpoints never depend on one.
+MLflow skips a step its run holds with the same value; a different value (a resume from an earlier checkpoint,
+or with another recipe) continues in a new MLflow run that holds the history before that point (MlflowTracker.
+fork). W&B skips the steps before the run's step, which its server gives a resumed run; it never replaces a
+logged step, so such a resume shows the earlier values up to where the stopped run ended. A tracker that fails
+mid-run (network, quota, disk) warns once, is ended as failed and left out: log.txt and the checkpoints never
+depend on one.
 """
 import atexit
 import contextlib
 import importlib.util
+import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
+
+import torch
 
 from util import distributed, preemption
 
 TRACKERS = ('tensorboard', 'wandb', 'mlflow')
 PACKAGES = {'wandb': 'wandb', 'mlflow': 'mlflow'}  # what to pip install (mlflow-skinny also provides `mlflow`)
-WANDB_STEPS_PER_EPOCH = 1000  # W&B's one step axis is epoch_1000x, TensorBoard's training step
+STEPS_PER_EPOCH = 1000  # the official TensorBoard step, epoch_1000x: W&B's one step axis too
 PARAM_LENGTH = 500  # characters of a parameter's value that MLflow servers before 2.x accept (later: 6000)
+# flags that say how a run was started, not what it trains: a resumed run's new values are not parameter changes
+RUN_CONTROL_FLAGS = ('resume', 'start_epoch', 'no_auto_resume', 'overwrite', 'dist_url', 'local_rank')
 
 
 OPEN: List['Trackers'] = []  # the trackers of the runs in this process, for failures_end_runs
@@ -63,6 +71,14 @@ def check_report_to(report_to: List[str], errors: List[str]):
                           f'{PACKAGES[name]} (or drop {name} from --report_to)')
 
 
+def note_evaluation_only(args):
+    """An --eval run reports to no tracker: said when one outside TensorBoard was asked for."""
+    external = [name for name in args.report_to if name in PACKAGES]
+    if external:
+        distributed.print0(f'--eval: nothing is sent to {" or ".join(external)} (--report_to is for training runs; '
+                           'the evaluation is printed)')
+
+
 def epoch_scalar_name(key: str) -> str:
     """A log.txt key -> the name its value has in every tracker: perf/test_acc1, perf/knn_top1, epoch/train_loss."""
     return f'perf/{key}' if key.startswith(('test_', 'knn_')) else f'epoch/{key}'
@@ -72,6 +88,39 @@ def epoch_scalars(stats: dict) -> Dict[str, float]:
     """The numbers of a log.txt line (not the epoch itself, strings or flags) under their tracker names."""
     return {epoch_scalar_name(k): float(v) for k, v in stats.items()
             if k != 'epoch' and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def resume_step(start, args, world_size: int) -> int:
+    """The run's first training step (epoch_1000x, as EpochProgress writes it): 0 for a start from scratch.
+    `start`: the ResumeState (util/checkpointer.py)."""
+    if not start.path:
+        return 0
+    fraction = 0.0
+    if start.iteration and start.epoch_images:  # the images done over the epoch's: iteration / iterations per epoch
+        fraction = start.iteration * args.batch_size * world_size / start.epoch_images
+    return int((fraction + start.epoch) * STEPS_PER_EPOCH)
+
+
+def is_measurement(name: str) -> bool:
+    """A value measured off the machine (time, speed, waiting, memory), which differs between two runs of the same
+    numbers: a resumed run's is never taken for another path (MlflowTracker.unsent)."""
+    return any(word in name for word in ('time', 'per_sec', 'wait', 'mem'))
+
+
+def is_epoch_scalar(name: str) -> bool:
+    return name.startswith(('perf/', 'epoch/'))
+
+
+def epoch_end_step(epoch: int) -> int:
+    """The training step an epoch's numbers belong to on a one-axis tracker (W&B): after every step of the epoch
+    (int((i / n + epoch) * 1000) < (epoch + 1) * 1000) and before the next epoch's first."""
+    return (epoch + 1) * STEPS_PER_EPOCH - 1
+
+
+def position(name: str, step: int) -> Tuple[int, int]:
+    """Where a scalar falls in the run's order of logging: a training scalar at its step, an epoch's numbers
+    after the epoch's last step."""
+    return (epoch_end_step(step), 1) if is_epoch_scalar(name) else (step, 0)
 
 
 def run_name(args) -> Optional[str]:
@@ -93,24 +142,39 @@ class Trackers:
         self.backends = backends or []
         self.saved_ids = saved_ids or {}  # kept for a tracker left out of this part of the run
         OPEN.append(self)
-        atexit.register(self.close)  # a run that stops before its last epoch: its tracker runs end as stopped
 
     @classmethod
-    def start(cls, args, saved_ids: Optional[dict] = None) -> 'Trackers':
-        """Open the W&B and MLflow runs of --report_to, continuing the runs of `saved_ids` (a resumed checkpoint's
-        `trackers`). Raises TrackerError when one cannot start."""
-        if not distributed.is_main_process():
-            return cls()
-        trackers = cls(saved_ids=saved_ids)
+    def start(cls, args, start, world_size: int) -> 'Trackers':
+        """Open the W&B and MLflow runs of --report_to on rank 0, continuing those of the resumed checkpoint
+        (`start`, the ResumeState: its extra['trackers']). Raises TrackerError, on every rank, when one cannot
+        start."""
+        trackers = cls(saved_ids=start.extra.get('trackers') if distributed.is_main_process() else None)
+        error = None
+        if distributed.is_main_process():
+            error = trackers.start_external(args, resume_step(start, args, world_size))
+        if any(name in PACKAGES for name in args.report_to):  # the other ranks learn of rank 0's failure
+            failed = distributed.all_reduce_sum(torch.tensor([int(error is not None)])).item()
+            error = error or (TrackerError('--report_to: rank 0 could not start a tracker run (its error is '
+                                           'above)') if failed else None)
+        if error:
+            raise error
+        # registered after W&B has registered its own exit step, so that this one runs first (atexit runs the
+        # last registered first): a run that stops before its last epoch ends its tracker runs as stopped
+        atexit.register(trackers.close)
+        return trackers
+
+    def start_external(self, args, resumed_at: int) -> Optional[TrackerError]:
+        """Start the W&B and MLflow runs of --report_to; the error of the first that cannot start, after ending
+        the ones started (as failed)."""
         for name, backend in (('wandb', WandbTracker), ('mlflow', MlflowTracker)):
             if name in args.report_to:
                 try:
-                    trackers.backends.append(backend(args, trackers.saved_ids.get(name)))
+                    self.backends.append(backend(args, self.saved_ids.get(name), resumed_at))
                 except Exception as e:  # each library raises its own types
-                    trackers.close(failed=True)  # the ones started already
-                    raise TrackerError(f'--report_to {name}: could not start its run ({type(e).__name__}: '
-                                       f'{first_line(e)}); {backend.OFFLINE}') from None
-        return trackers
+                    self.close(failed=True)
+                    return TrackerError(f'--report_to {name}: could not start its run ({type(e).__name__}: '
+                                        f'{first_line(e)}); {backend.OFFLINE}')
+        return None
 
     def open_tensorboard(self, args, purge_step: int):
         """TensorBoard in --log_dir (--report_to tensorboard), purging what a stopped run wrote from purge_step."""
@@ -135,6 +199,10 @@ class Trackers:
         if scalars:
             self.each('log_epoch', epoch, scalars)
 
+    def end_window(self):
+        """After a logging window's add_scalar calls (EpochProgress): what a tracker batches goes out now."""
+        self.each('end_window')
+
     def flush(self):
         self.each('flush')
 
@@ -155,10 +223,18 @@ class Trackers:
                 print(f'warning: --report_to {backend.NAME} failed ({type(e).__name__}: {first_line(e)}); the run '
                       f'goes on without it (log.txt and the checkpoints do not depend on it)', file=sys.stderr,
                       flush=True)
+                if method != 'close':  # its run is ended as failed, not left running, where the tracker still can
+                    with contextlib.suppress(Exception):
+                        backend.close('failed')
 
 
-def first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [''])[0][:300]
+def first_line(error: Exception, length: int = 400) -> str:
+    """An error's first line, cut at a word boundary when longer than `length`."""
+    line = (str(error).strip().splitlines() or [''])[0]
+    if len(line) <= length:
+        return line
+    cut = line.rfind(' ', 0, length)
+    return line[:cut if cut > 0 else length] + ' ...'
 
 
 class TensorBoardTracker:
@@ -179,6 +255,9 @@ class TensorBoardTracker:
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, epoch)
 
+    def end_window(self):
+        pass  # the writer sends its events in the background
+
     def flush(self):
         self.writer.flush()
 
@@ -192,7 +271,9 @@ class WandbTracker:
     NAME = 'wandb'
     OFFLINE = 'log in with `wandb login`, or set WANDB_MODE=offline and `wandb sync` later'
 
-    def __init__(self, args, run_id: Optional[str]):
+    def __init__(self, args, run_id: Optional[str], resumed_at: int):
+        """run_id: the run a resumed checkpoint continues. resumed_at (the resumed run's first step) is not needed:
+        W&B's server gives a resumed run the step it is at (run.step); what it holds past resumed_at stays."""
         import wandb
         self.wandb = wandb
         self.run = wandb.init(id=run_id, resume='allow' if run_id else None, name=run_name(args),
@@ -212,12 +293,15 @@ class WandbTracker:
             self.run.log({name: value}, step=step)
 
     def log_epoch(self, epoch: int, scalars: Dict[str, float]):
-        step = (epoch + 1) * WANDB_STEPS_PER_EPOCH  # the epoch's end: no earlier than any step of the epoch
+        step = epoch_end_step(epoch)  # before the next epoch's first step, which a resumed run may start with
         if step >= self.first_step:
             self.run.log({**scalars, 'epoch': epoch}, step=step)
 
-    def flush(self):
+    def end_window(self):
         pass  # W&B sends in the background
+
+    def flush(self):
+        pass
 
     def close(self, how: str):
         self.run.finish(exit_code=0 if how == 'finished' else 1)
@@ -226,38 +310,66 @@ class WandbTracker:
 class MlflowTracker:
     """An MLflow run: MLFLOW_TRACKING_URI (a server, or a local store: sqlite:///mlflow.db; file:./mlruns, which
     MLflow 3 accepts only with MLFLOW_ALLOW_FILE_STORE=true), MLFLOW_EXPERIMENT_NAME and the rest of MLflow's
-    environment choose where it goes."""
+    environment choose where it goes. A logging window's training scalars go in one call, at its end."""
     NAME = 'mlflow'
     OFFLINE = ('set MLFLOW_TRACKING_URI to a reachable server, or to a local store (sqlite:///mlflow.db, or '
                'file:./mlruns with MLFLOW_ALLOW_FILE_STORE=true)')
 
-    def __init__(self, args, run_id: Optional[str]):
+    def __init__(self, args, run_id: Optional[str], resumed_at: int):
+        """run_id: the run a resumed checkpoint continues; resumed_at: its first training step (epoch_1000x)."""
         import mlflow
         from mlflow.tracking import MlflowClient
         self.mlflow, self.client = mlflow, MlflowClient()
-        run_id = run_id or os.environ.get('MLFLOW_RUN_ID')  # MLflow's own way to name the run to continue
-        if run_id:
-            self.run_id = self.client.get_run(run_id).info.run_id
-            self.client.update_run(run_id, status='RUNNING')
-        else:
-            self.run_id = self.client.create_run(self.experiment_id(), run_name=run_name(args)).info.run_id
-        self.logged = self.logged_steps()
+        self.pending: List[Tuple[int, Dict[str, float]]] = []  # the logging window's (step, training scalars)
+        self.run_id = self.continued_run(run_id) or self.client.create_run(self.experiment_id(),
+                                                                           run_name=run_name(args)).info.run_id
+        self.history = self.metric_history()
+        self.held = {key: {m.step: m.value for m in metrics} for key, metrics in self.history.items()}
         self.log_settings(settings(args))
+
+    def continued_run(self, saved_id: Optional[str]) -> Optional[str]:
+        """The run to continue, set running again: the checkpoint's, else MLFLOW_RUN_ID (MLflow's own way to name
+        one). A checkpoint's run that this store does not hold (another MLFLOW_TRACKING_URI, a deleted run) is
+        said and replaced by a new run; MLFLOW_RUN_ID's is an error."""
+        run_id = saved_id or os.environ.get('MLFLOW_RUN_ID')
+        if not run_id:
+            return None
+        try:
+            run = self.client.get_run(run_id)
+        except self.mlflow.exceptions.MlflowException as e:
+            if not saved_id or e.error_code != 'RESOURCE_DOES_NOT_EXIST':
+                raise
+            distributed.print0(f'MLflow run {run_id} (of the resumed checkpoint) is not in '
+                               f'{self.mlflow.get_tracking_uri()}: this run goes to a new MLflow run')
+            return None
+        if run.info.lifecycle_stage == 'deleted':
+            distributed.print0(f'MLflow run {run_id} (of the resumed checkpoint) is deleted: this run goes to a new '
+                               'MLflow run')
+            return None
+        self.client.update_run(run_id, status='RUNNING')
+        return run.info.run_id
 
     def log_settings(self, values: Dict[str, str]):
         """The flags as parameters. MLflow sets a parameter once: a resumed run whose flags changed (--epochs
-        raised) keeps the first values and records each new one as a tag, param_changed.<flag>, and says so."""
+        raised) keeps the first values and records each new one as a tag, param_changed.<flag>, and says so. The
+        flags that only say how the run was started (RUN_CONTROL_FLAGS) are not changes."""
         values = {k: v[:PARAM_LENGTH] for k, v in values.items()}
         held = self.client.get_run(self.run_id).data.params
         params = [self.mlflow.entities.Param(k, v) for k, v in values.items() if k not in held]
-        changed = {k: v for k, v in values.items() if k in held and held[k] != v}
+        changed = {k: v for k, v in values.items() if k in held and held[k] != v and k not in RUN_CONTROL_FLAGS}
         tags = [self.mlflow.entities.RunTag(f'param_changed.{k}', v) for k, v in changed.items()]
-        for start in range(0, max(len(params), len(tags)), 100):  # at most 100 of each per call
-            self.client.log_batch(self.run_id, params=params[start:start + 100], tags=tags[start:start + 100])
+        self.log_batch(params=params, tags=tags)
         if changed:
             listed = ', '.join(f'{k} {held[k]} -> {v}' for k, v in changed.items())
             distributed.print0(f'MLflow run {self.run_id}: parameters are set once; changed since it started, kept as '
                                f'tags param_changed.<flag>: {listed}')
+
+    def log_batch(self, metrics=(), params=(), tags=()):
+        """In calls within MLflow's limits: 1,000 metrics, 100 parameters, 100 tags."""
+        metrics, params, tags = list(metrics), list(params), list(tags)
+        while metrics or params or tags:
+            self.client.log_batch(self.run_id, metrics=metrics[:1000], params=params[:100], tags=tags[:100])
+            metrics, params, tags = metrics[1000:], params[100:], tags[100:]
 
     def experiment_id(self) -> str:
         """MLFLOW_EXPERIMENT_ID, else MLFLOW_EXPERIMENT_NAME's experiment (made if new), else MLflow's Default."""
@@ -270,25 +382,70 @@ class MlflowTracker:
     def describe(self, args) -> str:
         return f'MLflow run {self.run_id} ({self.mlflow.get_tracking_uri()})'
 
-    def logged_steps(self) -> Dict[str, set]:
-        """The steps of every metric the run already holds (a resumed run's stopped part)."""
+    def metric_history(self) -> dict:
+        """{metric: [Metric]} of everything the run holds (a resumed run's stopped part)."""
         keys = self.client.get_run(self.run_id).data.metrics.keys()
-        return {key: {m.step for m in self.client.get_metric_history(self.run_id, key)} for key in keys}
+        return {key: self.client.get_metric_history(self.run_id, key) for key in keys}
 
-    def log(self, scalars: Dict[str, float], step: int):
-        metrics = [self.mlflow.entities.Metric(name, value, int(time.time() * 1000), step)
-                   for name, value in scalars.items() if step not in self.logged.get(name, ())]
-        if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics)
+    def unsent(self, scalars: Dict[str, float], step: int) -> list:
+        """The Metrics of what the run does not hold yet. A value the run holds at this step is the stopped run's:
+        the same after an exact resume (skipped; a measurement such as the epoch's time is kept as held); another
+        one means this run takes another path from here: it goes on in a new run (fork) and everything is sent."""
+        new = {}
+        for name, value in scalars.items():
+            held = self.held.get(name, {}).get(step)
+            if held is None:
+                new[name] = value
+            elif not (same_value(held, value) or is_measurement(name)):
+                self.fork(name, step)
+                new = scalars
+                break
+        now = int(time.time() * 1000)
+        return [self.mlflow.entities.Metric(name, value, now, step) for name, value in new.items()]
+
+    def fork(self, name: str, step: int):
+        """Go on in a new run of the same name, parameters and tags, holding the stopped run's values logged
+        before `name` at `step` (position()), tagged mae.continues with the stopped run's id; the stopped run is
+        ended as killed. MLflow cannot replace a logged value, and two values at one step would chart as neither."""
+        old = self.client.get_run(self.run_id)
+        run = self.client.create_run(old.info.experiment_id, run_name=old.info.run_name,
+                                     tags={'mae.continues': old.info.run_id,
+                                           **{k: v for k, v in old.data.tags.items() if not k.startswith('mlflow.')}})
+        self.client.set_terminated(old.info.run_id, status='KILLED')
+        self.run_id = run.info.run_id
+        at = position(name, step)
+        kept = [m for key, metrics in self.history.items() for m in metrics if position(key, m.step) < at]
+        self.log_batch(metrics=kept, params=[self.mlflow.entities.Param(k, v) for k, v in old.data.params.items()])
+        self.history, self.held = {}, {}
+        where = f'epoch {step}' if is_epoch_scalar(name) else f'step {step}'
+        distributed.print0(f'MLflow run {old.info.run_id} holds other values from {where} on than this run (resumed '
+                           f'from an earlier checkpoint, or with another recipe): this run goes on in MLflow run '
+                           f'{self.run_id}, which holds the earlier values before that point')
 
     def add_scalar(self, name: str, value: float, step: int):
-        self.log({name: value}, step)
+        if not self.pending or self.pending[-1][0] != step:
+            self.pending.append((step, {}))
+        self.pending[-1][1][name] = value
+
+    def end_window(self):
+        """Send the logging window's training scalars in one call."""
+        pending, self.pending = self.pending, []
+        self.log_batch(metrics=[metric for step, scalars in pending for metric in self.unsent(scalars, step)])
 
     def log_epoch(self, epoch: int, scalars: Dict[str, float]):
-        self.log(scalars, epoch)
+        self.end_window()
+        self.log_batch(metrics=self.unsent(scalars, epoch))
 
     def flush(self):
-        pass  # every call is written when made
+        self.end_window()
 
     def close(self, how: str):
-        self.client.set_terminated(self.run_id, status={'finished': 'FINISHED', 'failed': 'FAILED'}.get(how, 'KILLED'))
+        try:
+            self.end_window()
+        finally:
+            self.client.set_terminated(self.run_id,
+                                       status={'finished': 'FINISHED', 'failed': 'FAILED'}.get(how, 'KILLED'))
+
+
+def same_value(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
