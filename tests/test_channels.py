@@ -2,8 +2,10 @@
 their own channels and range, the flags (--in_chans, --input_size H W, --mean/--std) in every script, and every
 refusal one line with exit code 2 before any work."""
 import argparse
+import glob
 import io
 import os
+import time
 from functools import partial
 
 import numpy as np
@@ -22,6 +24,7 @@ from tools import data_stats, export, make_shards
 from util.arrays import ArrayDecoder, ChannelMismatch, header_shape, read_array, stream_header_shape, to_tensor
 from util.checkpoint_files import load_checkpoint
 from util.datasets import build_image_folder
+from util import shards
 from util.pixels import Normalization
 from util.shards import MemberWindow
 from util.transforms import build_array_pretrain_transform, build_eval_transform
@@ -294,6 +297,32 @@ def test_shards_and_parquet_holding_an_image_of_other_channels_are_refused_befor
         assert not (tmp_path / 'out').exists()
         kept.append({name: os.stat(cache / name).st_mtime_ns for name in os.listdir(cache)})
     assert kept[0] == kept[1] and kept[0]
+
+
+def test_processes_checking_one_parquet_file_at_once_read_its_images_once(tmp_path, monkeypatch):
+    """Every rank checks the channels before the process group exists: the first reads a Parquet file's image
+    column (the whole file), the others wait for its cache instead of each reading the file again."""
+    import threading
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    band_folder(tmp_path / 'folders', npy_bytes, '.npy', 4)
+    assert make_shards.main([str(tmp_path / 'folders'), str(tmp_path / 'pq'), '--parquet']) == 0
+    [path] = glob.glob(str(tmp_path / 'pq' / 'data' / 'train-*.parquet'))
+    samples = shards.read_split('parquet', [path])
+    read, results = [], []
+
+    def slow_header_shape(stream):
+        read.append(1)
+        time.sleep(0.01)  # long enough for the other process to arrive while this one reads
+        return stream_header_shape(stream)
+
+    checks = [threading.Thread(target=lambda: results.append(shards.image_shapes('parquet', path, list(samples),
+                                                                                 slow_header_shape)))
+              for _ in range(2)]
+    for check in checks:
+        check.start()
+    for check in checks:
+        check.join()
+    assert len(read) == len(samples) == 16 and results[0] == results[1] == [(20, 28, 4)] * 16
 
 
 def test_a_tar_members_header_reads_as_the_member_decodes(tmp_path):

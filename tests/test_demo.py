@@ -117,20 +117,23 @@ def test_demo_refuses_a_real_run_and_a_real_dataset_and_changes_neither(tmp_path
 @pytest.mark.slow
 def test_a_second_demo_replaces_the_first_and_its_outputs_and_says_so(tmp_path):
     out = tmp_path / 'demo_output'
-    (out / 'finetune').mkdir(parents=True)  # a fine-tuning run of the first demo's model, left by its next step
-    (out / 'finetune' / 'log.txt').write_text('{"epoch": 0}\n')
+    # a fine-tuning run of the first demo's model, left by its next step; a linear probe of another model
+    for name, model in (('finetune', out / 'checkpoint-last.pth'), ('linprobe', tmp_path / 'mae_pretrain.pth')):
+        (out / name).mkdir(parents=True)
+        (out / name / 'log.txt').write_text('{"epoch": 0}\n')
+        torch.save({'model': {}, 'args': argparse.Namespace(finetune=str(model))}, out / name / 'checkpoint-0.pth')
     procs = [run_script('main_pretrain.py', '--demo', '--epochs', '1', '--demo_images', '8', '--output_dir', out,
                         '--data_path', out / 'data', check=True) for _ in range(2)]
-    # said before anything is deleted: the fine-tuning run left in the folder goes
-    assert (f'Demo: starting over in {out} (no earlier demo run): it replaces the checkpoints, log.txt and '
-            f"TensorBoard files there, and deletes the fine-tuning run in {out / 'finetune'}/ (trained from the "
-            "previous demo's model; the commands printed at the end make them again)") in procs[0].stdout
+    # said before anything is deleted: the fine-tuning run of the demo's model goes, the other run stays
+    assert (f"Demo: starting over in {out} (no earlier demo run): it deletes the fine-tuning run in "
+            f"{out / 'finetune'}/ (trained from the previous demo's model; the commands printed at the end make them "
+            'again)\n') in procs[0].stdout
     assert procs[0].stdout.index('Demo: starting over') < procs[0].stdout.index('Epoch: [0]')
     assert (f'Demo: starting over in {out} (the previous demo finished): it replaces the checkpoints, log.txt and '
             'TensorBoard files there\n') in procs[1].stdout
     assert [e['epoch'] for e in read_json_log(out)] == [0]
     assert len([n for n in os.listdir(out) if n.startswith('events.out.tfevents')]) == 1  # not one per run
-    assert not (out / 'finetune').exists()
+    assert not (out / 'finetune').exists() and (out / 'linprobe' / 'checkpoint-0.pth').is_file()
 
 
 @pytest.mark.slow

@@ -16,8 +16,8 @@ import torch
 import main_pretrain
 from util import flags as cli
 from util import launch
-from util.checkpoint_files import load_checkpoint
-from util.output_dir import LAST, holds_a_run
+from util.checkpoint_files import CheckpointError, load_checkpoint
+from util.output_dir import LAST, holds_a_run, resumable_checkpoint_in
 from util.checks import DEMO_RUN_MARKER, raise_if_errors
 from util.training_plan import recipe_changes
 from util.device import Runtime
@@ -106,11 +106,12 @@ def decide_continue_or_start_over(args) -> bool:
             return True
         reason = 'the previous demo finished' if finished else f'settings changed ({", ".join(changed)})'
     stale = stale_runs(args.output_dir)
-    if holds_a_run(args.output_dir) or stale:
-        runs = ''.join(f', and deletes the {kind} run in {path}/' for kind, path in stale)
-        print0(f'Demo: starting over in {args.output_dir} ({reason}): it replaces the checkpoints, log.txt and '
-               f'TensorBoard files there{runs}' + (' (trained from the previous demo\'s model; the commands printed '
-                                                   'at the end make them again)' if stale else ''))
+    replaces = 'replaces the checkpoints, log.txt and TensorBoard files there' if holds_a_run(args.output_dir) else ''
+    deletes = ('deletes ' + ' and '.join(f'the {kind} run in {path}/' for kind, path in stale) + ' (trained from '
+               "the previous demo's model; the commands printed at the end make them again)") if stale else ''
+    if replaces or deletes:
+        print0(f'Demo: starting over in {args.output_dir} ({reason}): it ' + ', and '.join(filter(None, (replaces,
+                                                                                                        deletes))))
     return False
 
 
@@ -118,9 +119,23 @@ STALE_RUNS = (('fine-tuning', 'finetune'), ('linear-probe', 'linprobe'))  # the 
 
 
 def stale_runs(out: str) -> list:
-    """(kind, folder) of each run the demo's next steps made from an earlier demo's model: a demo that starts over
-    deletes them (finish), and says so first."""
-    return [(kind, os.path.join(out, name)) for kind, name in STALE_RUNS if holds_a_run(os.path.join(out, name))]
+    """(kind, folder) of each run the demo's next steps made from an earlier demo's model (its checkpoint's
+    --finetune is out/checkpoint-last.pth): a demo that starts over deletes them (finish), and says so first. Any
+    other run in those folders is left alone."""
+    model = os.path.realpath(os.path.join(out, LAST))
+    return [(kind, os.path.join(out, name)) for kind, name in STALE_RUNS
+            if fine_tuned_from(os.path.join(out, name)) == model]
+
+
+def fine_tuned_from(folder: str) -> str:
+    """The real path of the pretrained checkpoint the run in `folder` started from (its --finetune); '' for no run,
+    a run without a readable checkpoint, or one not fine-tuned from a file."""
+    path = resumable_checkpoint_in(folder) if holds_a_run(folder) else ''
+    try:
+        start = getattr(load_checkpoint(path).get('args'), 'finetune', '') if path else ''
+    except CheckpointError:
+        return ''
+    return os.path.realpath(start) if isinstance(start, str) and start else ''
 
 
 def prepare_data(args):

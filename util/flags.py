@@ -211,7 +211,7 @@ def add_output_args(parser):
     parser.add_argument('--save_every_iters', default=0, type=int, check=at_least(0, ' (0: off)'),
                         help='also update checkpoint-last.pth every N iterations inside an epoch (0: off)')
     parser.add_argument('--keep_last', default=0, type=int, check=at_least(0, ' (0: keep all)'),
-                        help='keep only the K newest numbered checkpoints (0: keep all)')
+                        help='keep only the K newest numbered checkpoints (0: keep all; default %(default)s)')
     parser.add_argument('--print_freq', default=20, type=int, check=at_least(1),
                         help='print a progress line every N iterations')
     parser.add_argument('--verbose', action='store_true',

@@ -10,6 +10,7 @@ The tar index is built once per shard (its headers only) and kept in the user's 
 ~/.cache, mae-pytorch/shard-index/), keyed by the shard's path, size and modification time.
 """
 import collections
+import fcntl
 import functools
 import glob
 import hashlib
@@ -30,6 +31,7 @@ SPLIT_NAMES = {'train': ('train',), 'val': ('validation', 'val')}  # our split -
 SHARD_NAME = re.compile(r'^(?P<name>.+)-(?P<split>train|validation|val)-(?P<number>\d+)\.tar$')
 PARQUET_NAME = re.compile(r'^(?P<split>train|validation|val)-.*\.parquet$')
 INDEX_VERSION = 3  # 2: the class index beside the name; 3: the image member's suffix
+SHAPES_VERSION = 1  # of the image shapes kept beside the index (image_shapes): raised when the header reading changes
 SHARDS_MIXED = 16  # groups (shards, row groups) whose samples one stretch of an epoch interleaves
 
 
@@ -403,33 +405,50 @@ def image_shapes(kind: str, path: str, samples: List[Sample], header_shape) -> L
     """(H, W, C) of every sample of one shard or Parquet file, in `samples`' order, from the image headers
     (header_shape: a binary stream -> (H, W, C) or None when it cannot be told; util/arrays.py), read once per
     version of the file and kept in the index cache: a tar member's header is read where it lies, a Parquet row's
-    needs its row group's image column read."""
+    needs its row group's image column read. The processes of a run that start at once (every rank checks its
+    data before the process group exists) take turns on a lock file: the first reads, the others find its cache."""
     cached = shapes_cache(path)
-    if os.path.isfile(cached):
-        with open(cached, encoding='utf-8') as f:
-            shapes = json.load(f)
-        if len(shapes) == len(samples):
-            return [tuple(shape) if shape else None for shape in shapes]
+    shapes = cached_shapes(cached, len(samples))
+    if shapes is not None:
+        return shapes
+    os.makedirs(cache_folder(), exist_ok=True)
+    with open(cached + '.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        shapes = cached_shapes(cached, len(samples))
+        if shapes is None:
+            shapes = read_image_shapes(kind, path, samples, header_shape)
+            write_cache(cached, [list(shape) if shape else None for shape in shapes])
+    return shapes
+
+
+def cached_shapes(cached: str, count: int) -> Optional[List[Optional[tuple]]]:
+    if not os.path.isfile(cached):
+        return None
+    with open(cached, encoding='utf-8') as f:
+        shapes = json.load(f)
+    return [tuple(shape) if shape else None for shape in shapes] if len(shapes) == count else None
+
+
+def read_image_shapes(kind: str, path: str, samples: List[Sample], header_shape) -> List[Optional[tuple]]:
     if kind == 'wds':
         with open(path, 'rb') as f:
-            shapes = [header_shape(io.BufferedReader(MemberWindow(f, s.offset, s.size))) for s in samples]
-    else:
-        shapes, groups = [], {}
-        pq_file = import_pyarrow().ParquetFile(path)
-        for sample in samples:
-            if sample.offset not in groups:
-                groups = {sample.offset: pq_file.read_row_group(sample.offset, columns=['image']).column('image')}
-            image = groups[sample.offset][sample.size].as_py()
-            data = image['bytes'] if isinstance(image, dict) else image
-            shapes.append(header_shape(io.BytesIO(data)) if isinstance(data, bytes) else None)
-    write_cache(cached, [list(shape) if shape else None for shape in shapes])
+            return [header_shape(io.BufferedReader(MemberWindow(f, s.offset, s.size))) for s in samples]
+    shapes, groups = [], {}
+    pq_file = import_pyarrow().ParquetFile(path)
+    for sample in samples:
+        if sample.offset not in groups:
+            groups = {sample.offset: pq_file.read_row_group(sample.offset, columns=['image']).column('image')}
+        image = groups[sample.offset][sample.size].as_py()
+        data = image['bytes'] if isinstance(image, dict) else image
+        shapes.append(header_shape(io.BytesIO(data)) if isinstance(data, bytes) else None)
     return shapes
 
 
 def shapes_cache(path: str) -> str:
-    """Where image_shapes keeps a file's shapes: keyed by its path, size and modification time."""
+    """Where image_shapes keeps a file's shapes: keyed by SHAPES_VERSION and the file's path, size and modification
+    time."""
     stat = os.stat(path)
-    digest = hashlib.sha1(f'shapes:{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}'.encode())
+    digest = hashlib.sha1(f'shapes{SHAPES_VERSION}:{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}'.encode())
     return os.path.join(cache_folder(), digest.hexdigest() + '.json')
 
 
