@@ -18,7 +18,7 @@ from util.datasets import build_loaders
 from util.output_dir import prepare_output_dir
 from util.lars import LARS
 from util.logs import RunLog
-from util.trackers import Trackers
+from util.trackers import Trackers, note_evaluation_only
 from util.lr_sched import LrSchedule
 from util.preemption import stop_if_signalled
 from util.rollback import Rollbacks
@@ -50,6 +50,7 @@ def main(args):
     loader_train, loader_val = build_loaders(run.dataset_train, run.dataset_val, args, runtime, world_size)
     model = linear_probe(classification.build_model(args, run, head_init_std=0.01))
     if args.eval:
+        note_evaluation_only(args)
         load_resumable(run.resumable, model, args.model, fit_grid=True)
         return evaluate(loader_val, model.to(runtime.device), runtime, args, output_dir='')
 

@@ -136,11 +136,26 @@ def test_make_shards_writes_npy_arrays_and_refuses_a_folder_with_no_image(tmp_pa
     assert 'train: 16 samples of 2 classes' in capsys.readouterr().out
     dataset = build_image_folder(os.path.join(shards_path, 'train'), None, in_chans=4)
     assert len(dataset) == 16 and dataset[0][0].shape == (4, 20, 28)
+    photos = tmp_path / 'photos' / 'train' / 'cat'  # a .npy beside photos (a depth map) is no sample
+    photos.mkdir(parents=True)
+    Image.new('RGB', (8, 8)).save(photos / '0.png')
+    np.save(photos / '0.npy', np.zeros((8, 8), np.float32))
+    assert make_shards.main([str(tmp_path / 'photos'), str(tmp_path / 'photo_shards')]) == 0
+    assert 'train: 1 samples of 1 classes' in capsys.readouterr().out
     (tmp_path / 'empty' / 'train' / 'dark').mkdir(parents=True)
     (tmp_path / 'empty' / 'train' / 'dark' / 'notes.txt').write_text('not an image')
     assert make_shards.main([str(tmp_path / 'empty'), str(tmp_path / 'out')]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'empty' / 'train'}: holds no image")
     assert not (tmp_path / 'out').exists()
+
+
+def test_data_stats_of_rgb_photos_reads_them_as_totensor_gives_them(tmp_path, capsys):
+    root = tmp_path / 'photos'
+    for i, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
+        (root / 'train' / f'c{i}').mkdir(parents=True)
+        Image.new('RGB', (4, 4), colour).save(root / 'train' / f'c{i}' / '0.png')
+    assert data_stats.main([str(root), '--num_workers', '0']) == 0
+    assert capsys.readouterr().out.strip() == '--in_chans 3 --mean 0.5 0 0.5 --std 0.5 0 0.5'
 
 
 def test_data_stats_counts_the_channels_of_shards_and_names_the_image_it_counted_on_a_mismatch(tmp_path, capsys):

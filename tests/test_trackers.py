@@ -88,11 +88,11 @@ def test_a_resumed_mlflow_run_keeps_its_parameters_notes_changed_ones_and_a_fail
 
 
 @pytest.mark.slow
-def test_a_resume_that_takes_another_path_goes_on_in_a_new_mlflow_run_holding_the_history_before_it(texture_data,
-                                                                                                   tmp_path):
-    """Resumed from epoch 0's checkpoint with another recipe, the run's epoch 1 differs from the one MLflow holds:
-    it used to be skipped as already sent, leaving the stopped run's numbers beside this run's log.txt. MLflow
-    cannot replace them: the run goes on in a new MLflow run holding epoch 0, and the old one is ended."""
+def test_a_resume_from_an_older_checkpoint_goes_on_in_a_new_mlflow_run_holding_the_history_before_it(texture_data,
+                                                                                                    tmp_path):
+    """Resumed from epoch 0's checkpoint when the run went on to epoch 1: the stopped run's epoch 1 used to be
+    skipped as already sent, beside this run's log.txt. MLflow cannot replace it: the run goes on in a new MLflow
+    run holding epoch 0, and the old one is ended."""
     out = tmp_path / 'run'
     args = ['main_pretrain.py', '--data_path', texture_data, '--output_dir', out, *TINY_PRETRAIN_ARGS, '--epochs',
             '2', '--report_to', 'mlflow']
@@ -102,43 +102,52 @@ def test_a_resume_that_takes_another_path_goes_on_in_a_new_mlflow_run_holding_th
                       env=mlflow_env(tmp_path), check=True)
     client, runs = mlflow_runs(tmp_path)
     [new] = [run for run in runs if run.info.run_id != first.info.run_id]
-    assert (f'MLflow run {first.info.run_id} holds other values from step 1000 on than this run (resumed from an '
-            f'earlier checkpoint, or with another recipe): this run goes on in MLflow run {new.info.run_id}, which '
-            'holds the earlier values before that point') in proc.stdout
+    assert (f'MLflow run {first.info.run_id} holds values from step 1000 on that this run replaces (--allow_recipe_'
+            f'change): it goes on in MLflow run {new.info.run_id}, which holds the earlier values before that '
+            'point') in proc.stdout
     assert new.info.status == 'FINISHED' and new.info.run_name == 'run'
     assert new.data.tags['mae.continues'] == first.info.run_id and new.data.params['mask_ratio'] == '0.75'
+    assert new.data.tags['param_changed.mask_ratio'] == '0.5'
     assert client.get_run(first.info.run_id).info.status == 'KILLED'
     log = read_json_log(out)
     assert history(client, new.info.run_id, 'epoch/train_loss') == [(e['epoch'], e['train_loss']) for e in log]
     steps = [step for step, _ in history(client, new.info.run_id, 'train_loss')]
     assert steps == [int((i / 8 + epoch) * 1000) for epoch in range(2) for i in range(8)]
     assert history(client, new.info.run_id, 'train_loss')[:8] == history(client, first.info.run_id, 'train_loss')[:8]
-    assert load_checkpoint(str(out / 'checkpoint-last.pth'))['trackers'] == {'mlflow': new.info.run_id}
+    assert history(client, new.info.run_id, 'train_loss')[8:] != history(client, first.info.run_id, 'train_loss')[8:]
+    assert load_checkpoint(str(out / 'checkpoint-last.pth'))['trackers']['mlflow'] == new.info.run_id
 
 
-def test_an_exact_resume_is_not_taken_for_another_path_by_its_own_epoch_time(tmp_path, monkeypatch):
-    """Killed after an epoch's log line and before its checkpoint, the resumed run sends the epoch's numbers again:
-    the same loss, but another epoch time. That is the same path (nothing sent twice, no new run); another loss
-    is not."""
+def test_mlflow_continues_from_the_runs_newest_checkpoint_and_forks_from_an_older_one_or_another_recipe(
+        tmp_path, monkeypatch):
+    """Past its newest checkpoint (token 'b') the stopped run sent epoch 1: resumed from that checkpoint, the run
+    continues (epoch 1 is not sent twice, though its epoch time differs); from the one before ('a'), or with
+    --allow_recipe_change, epoch 1 is another path's: a new run holds epoch 0 and takes the rest."""
     for name, value in mlflow_env(tmp_path).items():
         monkeypatch.setenv(name, value)
     args = cli.parse_with(main_pretrain.get_args_parser(), ['--output_dir', str(tmp_path / 'run'), '--report_to',
                                                             'mlflow'])
-    first = trackers.MlflowTracker(args, None, 0)
+    first = trackers.MlflowTracker(args, None, trackers.Resume())
+    first.note_checkpoint('a')
     first.log_epoch(0, {'epoch/train_loss': 0.5, 'epoch/train_epoch_time_sec': 3.0})
+    first.note_checkpoint('b')
+    first.log_epoch(1, {'epoch/train_loss': 0.4, 'epoch/train_epoch_time_sec': 3.0})
     first.close('stopped')
-    resumed = trackers.MlflowTracker(args, first.run_id, 0)
-    resumed.log_epoch(0, {'epoch/train_loss': 0.5, 'epoch/train_epoch_time_sec': 4.0})
-    resumed.log_epoch(1, {'epoch/train_loss': 0.4, 'epoch/train_epoch_time_sec': 3.5})
+    resumed = trackers.MlflowTracker(args, first.run_id, trackers.Resume(1000, 'b'))
+    resumed.log_epoch(1, {'epoch/train_loss': 0.4, 'epoch/train_epoch_time_sec': 4.0})
+    resumed.log_epoch(2, {'epoch/train_loss': 0.3, 'epoch/train_epoch_time_sec': 3.5})
     resumed.close('finished')
     client, [run] = mlflow_runs(tmp_path)
-    assert history(client, run.info.run_id, 'epoch/train_loss') == [(0, 0.5), (1, 0.4)]
-    assert history(client, run.info.run_id, 'epoch/train_epoch_time_sec') == [(0, 3.0), (1, 3.5)]
-    other = trackers.MlflowTracker(args, run.info.run_id, 0)
-    other.log_epoch(0, {'epoch/train_loss': 0.6, 'epoch/train_epoch_time_sec': 3.0})
-    other.close('finished')
-    client, runs = mlflow_runs(tmp_path)
-    assert len(runs) == 2 and history(client, other.run_id, 'epoch/train_loss') == [(0, 0.6)]
+    assert history(client, run.info.run_id, 'epoch/train_loss') == [(0, 0.5), (1, 0.4), (2, 0.3)]
+    assert history(client, run.info.run_id, 'epoch/train_epoch_time_sec') == [(0, 3.0), (1, 3.0), (2, 3.5)]
+    for resume, recipe_changed in ((trackers.Resume(1000, 'a'), False), (trackers.Resume(1000, 'b'), True)):
+        args.allow_recipe_change = recipe_changed
+        other = trackers.MlflowTracker(args, first.run_id, resume)
+        other.log_epoch(1, {'epoch/train_loss': 0.6})
+        other.close('finished')
+        assert history(client, other.run_id, 'epoch/train_loss') == [(0, 0.5), (1, 0.6)]
+        assert client.get_run(other.run_id).data.tags['mae.continues'] == first.run_id
+    assert len(mlflow_runs(tmp_path)[1]) == 3
 
 
 @pytest.mark.slow
@@ -183,14 +192,14 @@ def test_a_stopped_wandb_run_ends_before_wandbs_own_exit_step_without_a_false_wa
     env = {'WANDB_MODE': 'offline', 'WANDB_DIR': str(tmp_path), 'WANDB_PROJECT': 'mae-tests'}
     log = tmp_path / 'run.log'
     proc = start_process([sys.executable, 'main_pretrain.py', '--data_path', texture_data, '--output_dir',
-                          tmp_path / 'run', *TINY_PRETRAIN_ARGS, '--epochs', '3', '--report_to', 'wandb'], log,
+                          tmp_path / 'run', *TINY_PRETRAIN_ARGS, '--epochs', '50', '--report_to', 'wandb'], log,
                          own_group=True, env=env)
     wait_for_line(log, 'Epoch: [1]', proc)
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     output = log.read_text()
     assert 'stopped by SIGTERM; checkpoint saved to' in output
-    assert 'warning' not in output.lower() and 'Traceback' not in output, output[-3000:]
+    assert 'warning: --report_to' not in output and 'Traceback' not in output, output[-3000:]
 
 
 class WandbServer:
@@ -376,6 +385,8 @@ def test_a_tracker_failing_mid_run_warns_once_and_training_goes_on(texture_data,
     client, [run] = mlflow_runs(tmp_path)
     assert history(client, run.info.run_id, 'train_loss') == [(0, pytest.approx(read_first_loss(out)))]
     assert run.info.status == 'FAILED'  # ended where the tracker still could, not left running
+    # and still named in the checkpoints: a resumed run continues it
+    assert load_checkpoint(str(out / 'checkpoint-1.pth'))['trackers']['mlflow'] == run.info.run_id
 
 
 def read_first_loss(out) -> float:

@@ -65,6 +65,8 @@ def first_sample_channels(where: str, data: bytes) -> int:
     """The channel count of an image as util/arrays.py reads it (greyscale 1, RGB 3, a .npy its last axis);
     DataError naming it when it cannot be read."""
     try:
+        if not isinstance(data, bytes):
+            raise ValueError('the sample holds no image bytes (a path only)')
         return read_array(data, 0).shape[2]
     except DECODE_ERRORS as e:
         raise DataError(f'{where}: cannot read the first image to count its channels ({describe_error(e)}); pass '
@@ -117,14 +119,14 @@ def main(argv=None) -> int:
     check_data_path(args.data_path, ['train'], errors)
     raise_if_errors(errors)
     root = os.path.join(args.data_path, 'train')
-    in_chans, decoder = args.in_chans, None
+    in_chans, decoder, first = args.in_chans, None, None
     if in_chans is None:
         first = first_sample(root)
         in_chans = first_sample_channels(*first) if first else 3
-        if first:  # a mismatch names the image the count came from, not a flag the user did not give
-            decoder = ArrayDecoder(in_chans, f'the first image ({first[0]}) has {in_chans}; all images of a dataset '
-                                             'have the same channel count')
     as_arrays = reads_arrays(root, in_chans)
+    if as_arrays and first:  # a mismatch names the image the count came from, not a flag
+        decoder = ArrayDecoder(in_chans, f'the first image ({first[0]}) has {in_chans}; all images of a dataset '
+                                         'have the same channel count')
     dataset = build_image_folder(root, None if as_arrays else transforms.ToTensor(), decoder or decode_image,
                                  max_pixels=DEFAULT_MAX_PIXELS, substitute=False,
                                  in_chans=in_chans if as_arrays else None)

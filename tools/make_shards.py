@@ -21,7 +21,8 @@ from typing import List, Tuple
 
 from util import flags as cli
 from util.classes import folder_classes
-from util.folders import ARRAY_IMG_EXTENSIONS, image_files
+from util.arrays import holds_only_arrays
+from util.folders import ARRAY_IMG_EXTENSIONS, IMG_EXTENSIONS, image_files
 
 SPLITS = {'train': 'train', 'val': 'validation'}  # our folder -> the name the files use (timm/imagenet-1k-wds)
 
@@ -41,12 +42,13 @@ def get_args_parser() -> cli.ArgumentParser:
 
 
 def split_samples(src: str, split: str, seed: int) -> Tuple[List[str], List[Tuple[str, int]]]:
-    """(the sorted class list, [(image path, class index)] in a shuffled order): every file a run reads, .npy
-    arrays included (util/arrays.py: a run of --in_chans N reads them from shards as from folders)."""
+    """(the sorted class list, [(image path, class index)] in a shuffled order): the files a run reads from the
+    folder: .npy arrays too in a split of arrays (util/arrays.py), not beside photos (a depth map is no sample)."""
     root = os.path.join(src, split)
     classes = folder_classes(root)
+    extensions = ARRAY_IMG_EXTENSIONS if holds_only_arrays(root) else IMG_EXTENSIONS
     samples = [(path, i) for i, name in enumerate(classes)
-               for path in image_files(os.path.join(root, name), ARRAY_IMG_EXTENSIONS)[0]]
+               for path in image_files(os.path.join(root, name), extensions)[0]]
     random.Random(seed).shuffle(samples)
     return classes, samples
 

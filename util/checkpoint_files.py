@@ -221,7 +221,7 @@ def current_umask() -> int:
     """The process' umask: from /proc/self/status where Linux shows it (since 4.7), else by setting it and back at
     once (which another thread creating a file in between would see)."""
     try:
-        with open('/proc/self/status', encoding='ascii') as f:
+        with open('/proc/self/status', encoding='ascii', errors='replace') as f:  # the process name may be any
             for line in f:
                 if line.startswith('Umask:'):
                     return int(line.split()[1], 8)

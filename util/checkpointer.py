@@ -227,9 +227,9 @@ class Checkpointer:
         if pending_stats is not None:
             state['evaluation_pending'] = {'epoch': epoch, 'train_stats': pending_stats}
         state.update(self.extra_state)
-        tracker_ids = self.trackers.ids if self.trackers is not None else {}
-        if tracker_ids:  # read at each save: an MLflow run may go on in a new run (MlflowTracker.fork)
-            state['trackers'] = tracker_ids
+        trackers = self.trackers.checkpoint_state() if self.trackers is not None else {}
+        if trackers:  # the tracker runs' ids and this save's token (util/trackers.py)
+            state['trackers'] = trackers
         return state
 
     def save(self, epoch: int, next_iteration: int = 0, numbered: bool = True, progress=None,

@@ -10,6 +10,7 @@ The tar index is built once per shard (its headers only) and kept in the user's 
 ~/.cache, mae-pytorch/shard-index/), keyed by the shard's path, size and modification time.
 """
 import collections
+import contextlib
 import fcntl
 import functools
 import glob
@@ -413,7 +414,8 @@ def image_shapes(kind: str, path: str, samples: List[Sample], header_shape) -> L
         return shapes
     os.makedirs(cache_folder(), exist_ok=True)
     with open(cached + '.lock', 'w') as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):  # a file system without locks (Lustre mounted without flock): each reads
+            fcntl.flock(lock, fcntl.LOCK_EX)
         shapes = cached_shapes(cached, len(samples))
         if shapes is None:
             shapes = read_image_shapes(kind, path, samples, header_shape)

@@ -11,23 +11,25 @@ Rank 0 only, from host values the run already has: no extra synchronisation in a
 settings from its own environment variables (WANDB_PROJECT, WANDB_MODE, MLFLOW_TRACKING_URI,
 MLFLOW_EXPERIMENT_NAME, ...).
 
-A resumed run continues the same tracker run: the ids are kept in every checkpoint (`ids`), and what the stopped
-run sent past its checkpoint is not sent twice (a resumed run is bit-identical, so those values are the same):
-MLflow skips a step its run holds with the same value; a different value (a resume from an earlier checkpoint,
-or with another recipe) continues in a new MLflow run that holds the history before that point (MlflowTracker.
-fork). W&B skips the steps before the run's step, which its server gives a resumed run; it never replaces a
-logged step, so such a resume shows the earlier values up to where the stopped run ended. A tracker that fails
-mid-run (network, quota, disk) warns once, is ended as failed and left out: log.txt and the checkpoints never
-depend on one.
+A resumed run continues the same tracker run: the ids are kept in every checkpoint (checkpoint_state), with a
+token of that save, which MLflow's run keeps too (tag mae.checkpoint). What the stopped run sent past the resumed
+checkpoint is not sent twice: MLflow skips the steps its run holds, W&B the steps before the run's step, which its
+server gives a resumed run (offline, W&B knows none: its resumed part is a second offline folder). A resume that
+takes another path where MLflow holds values past the resume point (a checkpoint older than the run's newest, or
+--allow_recipe_change) goes on in a new MLflow run holding the history before that point (MlflowTracker.fork):
+MLflow cannot replace a value. W&B never replaces a logged step either: there, such a resume shows the earlier
+values up to where the stopped run ended. A tracker that fails mid-run (network, quota, disk) warns once, is
+ended as failed and left out: log.txt and the checkpoints never depend on one.
 """
 import atexit
 import contextlib
 import importlib.util
-import math
 import os
 import sys
+import threading
 import time
-from typing import Dict, List, Optional, Tuple
+import uuid
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -38,7 +40,9 @@ PACKAGES = {'wandb': 'wandb', 'mlflow': 'mlflow'}  # what to pip install (mlflow
 STEPS_PER_EPOCH = 1000  # the official TensorBoard step, epoch_1000x: W&B's one step axis too
 PARAM_LENGTH = 500  # characters of a parameter's value that MLflow servers before 2.x accept (later: 6000)
 # flags that say how a run was started, not what it trains: a resumed run's new values are not parameter changes
-RUN_CONTROL_FLAGS = ('resume', 'start_epoch', 'no_auto_resume', 'overwrite', 'dist_url', 'local_rank')
+RUN_CONTROL_FLAGS = ('resume', 'start_epoch', 'auto_resume', 'overwrite', 'allow_recipe_change', 'dist_url',
+                     'dist_timeout', 'local_rank')
+CLOSE_WAIT = 10  # seconds a failed tracker gets to end its run before the training goes on without waiting
 
 
 OPEN: List['Trackers'] = []  # the trackers of the runs in this process, for failures_end_runs
@@ -95,16 +99,12 @@ def resume_step(start, args, world_size: int) -> int:
     `start`: the ResumeState (util/checkpointer.py)."""
     if not start.path:
         return 0
+    if start.trained_stats is not None:  # only the epoch's evaluation is left: training goes on at the next epoch
+        return (start.epoch + 1) * STEPS_PER_EPOCH
     fraction = 0.0
     if start.iteration and start.epoch_images:  # the images done over the epoch's: iteration / iterations per epoch
         fraction = start.iteration * args.batch_size * world_size / start.epoch_images
     return int((fraction + start.epoch) * STEPS_PER_EPOCH)
-
-
-def is_measurement(name: str) -> bool:
-    """A value measured off the machine (time, speed, waiting, memory), which differs between two runs of the same
-    numbers: a resumed run's is never taken for another path (MlflowTracker.unsent)."""
-    return any(word in name for word in ('time', 'per_sec', 'wait', 'mem'))
 
 
 def is_epoch_scalar(name: str) -> bool:
@@ -121,6 +121,13 @@ def position(name: str, step: int) -> Tuple[int, int]:
     """Where a scalar falls in the run's order of logging: a training scalar at its step, an epoch's numbers
     after the epoch's last step."""
     return (epoch_end_step(step), 1) if is_epoch_scalar(name) else (step, 0)
+
+
+class Resume(NamedTuple):
+    """Where a run starts, for its trackers: `step`, its first training step (epoch_1000x; 0 from scratch), and
+    `checkpoint`, the token of the resumed checkpoint's save ('' for none or an older checkpoint)."""
+    step: int = 0
+    checkpoint: str = ''
 
 
 def run_name(args) -> Optional[str]:
@@ -148,10 +155,11 @@ class Trackers:
         """Open the W&B and MLflow runs of --report_to on rank 0, continuing those of the resumed checkpoint
         (`start`, the ResumeState: its extra['trackers']). Raises TrackerError, on every rank, when one cannot
         start."""
-        trackers = cls(saved_ids=start.extra.get('trackers') if distributed.is_main_process() else None)
-        error = None
+        saved = dict(start.extra.get('trackers') or {}) if distributed.is_main_process() else {}
+        resume = Resume(resume_step(start, args, world_size), saved.pop('checkpoint', ''))
+        trackers, error = cls(saved_ids=saved), None
         if distributed.is_main_process():
-            error = trackers.start_external(args, resume_step(start, args, world_size))
+            error = trackers.start_external(args, resume)
         if any(name in PACKAGES for name in args.report_to):  # the other ranks learn of rank 0's failure
             failed = distributed.all_reduce_sum(torch.tensor([int(error is not None)])).item()
             error = error or (TrackerError('--report_to: rank 0 could not start a tracker run (its error is '
@@ -163,13 +171,13 @@ class Trackers:
         atexit.register(trackers.close)
         return trackers
 
-    def start_external(self, args, resumed_at: int) -> Optional[TrackerError]:
+    def start_external(self, args, resume: Resume) -> Optional[TrackerError]:
         """Start the W&B and MLflow runs of --report_to; the error of the first that cannot start, after ending
         the ones started (as failed)."""
         for name, backend in (('wandb', WandbTracker), ('mlflow', MlflowTracker)):
             if name in args.report_to:
                 try:
-                    self.backends.append(backend(args, self.saved_ids.get(name), resumed_at))
+                    self.backends.append(backend(args, self.saved_ids.get(name), resume))
                 except Exception as e:  # each library raises its own types
                     self.close(failed=True)
                     return TrackerError(f'--report_to {name}: could not start its run ({type(e).__name__}: '
@@ -189,6 +197,16 @@ class Trackers:
     def ids(self) -> dict:
         return {**self.saved_ids, **{b.NAME: b.run_id for b in self.backends if getattr(b, 'run_id', None)}}
 
+    def checkpoint_state(self) -> dict:
+        """What a checkpoint keeps of the trackers: the run ids and a new token of this save, which MLflow's run
+        keeps too, so that a resume can tell the run's newest checkpoint from an older one."""
+        ids = self.ids
+        if not ids:
+            return {}
+        token = uuid.uuid4().hex  # from os.urandom: no RNG of the run is drawn
+        self.each('note_checkpoint', token)
+        return {**ids, 'checkpoint': token}
+
     def add_scalar(self, name: str, value: float, step: int):
         """A training-step scalar (train loss, lr) at TensorBoard's step, epoch_1000x."""
         self.each('add_scalar', name, value, step)
@@ -207,8 +225,8 @@ class Trackers:
         self.each('flush')
 
     def close(self, finished: bool = False, failed: bool = False):
-        """End every tracker's run: finished (the last epoch is logged), failed (the run stopped on an error), or
-        else stopped (a signal, a kill); a resumed run reopens it."""
+        """End every tracker's run: finished (after the last epoch's checkpoint: RunLog.finish), failed (the run
+        stopped on an error), or else stopped (a stop signal; at exit); a resumed run reopens it."""
         self.each('close', 'finished' if finished else 'failed' if failed else 'stopped')
         self.backends = []
         if self in OPEN:
@@ -220,12 +238,24 @@ class Trackers:
                 getattr(backend, method)(*values)
             except Exception as e:  # a tracker's failure never stops training
                 self.backends.remove(backend)
+                if getattr(backend, 'run_id', None):
+                    self.saved_ids[backend.NAME] = backend.run_id  # a resumed run continues it
                 print(f'warning: --report_to {backend.NAME} failed ({type(e).__name__}: {first_line(e)}); the run '
                       f'goes on without it (log.txt and the checkpoints do not depend on it)', file=sys.stderr,
                       flush=True)
-                if method != 'close':  # its run is ended as failed, not left running, where the tracker still can
-                    with contextlib.suppress(Exception):
-                        backend.close('failed')
+                if method != 'close':
+                    end_failed(backend)
+
+
+def end_failed(backend):
+    """End a failed tracker's run as failed where it still can, within CLOSE_WAIT seconds: an unreachable server
+    retries for minutes, while the other ranks wait for this one at the next collective."""
+    def close():
+        with contextlib.suppress(Exception):
+            backend.close('failed')
+    closing = threading.Thread(target=close, daemon=True)
+    closing.start()
+    closing.join(CLOSE_WAIT)
 
 
 def first_line(error: Exception, length: int = 400) -> str:
@@ -258,6 +288,9 @@ class TensorBoardTracker:
     def end_window(self):
         pass  # the writer sends its events in the background
 
+    def note_checkpoint(self, token: str):
+        pass  # a resumed run's writer purges from its first step
+
     def flush(self):
         self.writer.flush()
 
@@ -271,9 +304,9 @@ class WandbTracker:
     NAME = 'wandb'
     OFFLINE = 'log in with `wandb login`, or set WANDB_MODE=offline and `wandb sync` later'
 
-    def __init__(self, args, run_id: Optional[str], resumed_at: int):
-        """run_id: the run a resumed checkpoint continues. resumed_at (the resumed run's first step) is not needed:
-        W&B's server gives a resumed run the step it is at (run.step); what it holds past resumed_at stays."""
+    def __init__(self, args, run_id: Optional[str], resume: Resume):
+        """run_id: the run a resumed checkpoint continues. `resume` is not needed: W&B's server gives a resumed run
+        the step it is at (run.step), and what it holds past the resume point stays (it replaces no step)."""
         import wandb
         self.wandb = wandb
         self.run = wandb.init(id=run_id, resume='allow' if run_id else None, name=run_name(args),
@@ -300,6 +333,9 @@ class WandbTracker:
     def end_window(self):
         pass  # W&B sends in the background
 
+    def note_checkpoint(self, token: str):
+        pass
+
     def flush(self):
         pass
 
@@ -315,17 +351,19 @@ class MlflowTracker:
     OFFLINE = ('set MLFLOW_TRACKING_URI to a reachable server, or to a local store (sqlite:///mlflow.db, or '
                'file:./mlruns with MLFLOW_ALLOW_FILE_STORE=true)')
 
-    def __init__(self, args, run_id: Optional[str], resumed_at: int):
-        """run_id: the run a resumed checkpoint continues; resumed_at: its first training step (epoch_1000x)."""
+    def __init__(self, args, run_id: Optional[str], resume: Resume):
+        """run_id: the run a resumed checkpoint continues; `resume`: where this run starts (see fork_if_another_path).
+        """
         import mlflow
         from mlflow.tracking import MlflowClient
         self.mlflow, self.client = mlflow, MlflowClient()
         self.pending: List[Tuple[int, Dict[str, float]]] = []  # the logging window's (step, training scalars)
         self.run_id = self.continued_run(run_id) or self.client.create_run(self.experiment_id(),
                                                                            run_name=run_name(args)).info.run_id
-        self.history = self.metric_history()
-        self.held = {key: {m.step: m.value for m in metrics} for key, metrics in self.history.items()}
+        history = self.metric_history()
+        self.held = {key: {m.step for m in metrics} for key, metrics in history.items()}
         self.log_settings(settings(args))
+        self.fork_if_another_path(history, resume, args.allow_recipe_change)
 
     def continued_run(self, saved_id: Optional[str]) -> Optional[str]:
         """The run to continue, set running again: the checkpoint's, else MLFLOW_RUN_ID (MLflow's own way to name
@@ -365,11 +403,13 @@ class MlflowTracker:
                                f'tags param_changed.<flag>: {listed}')
 
     def log_batch(self, metrics=(), params=(), tags=()):
-        """In calls within MLflow's limits: 1,000 metrics, 100 parameters, 100 tags."""
-        metrics, params, tags = list(metrics), list(params), list(tags)
-        while metrics or params or tags:
-            self.client.log_batch(self.run_id, metrics=metrics[:1000], params=params[:100], tags=tags[:100])
-            metrics, params, tags = metrics[1000:], params[100:], tags[100:]
+        """In calls within MLflow's limits (1,000 entities a call; of them at most 100 parameters and 100 tags)."""
+        params, tags, metrics = list(params), list(tags), list(metrics)
+        while params or tags:
+            self.client.log_batch(self.run_id, params=params[:100], tags=tags[:100])
+            params, tags = params[100:], tags[100:]
+        for start in range(0, len(metrics), 1000):
+            self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
 
     def experiment_id(self) -> str:
         """MLFLOW_EXPERIMENT_ID, else MLFLOW_EXPERIMENT_NAME's experiment (made if new), else MLflow's Default."""
@@ -387,40 +427,42 @@ class MlflowTracker:
         keys = self.client.get_run(self.run_id).data.metrics.keys()
         return {key: self.client.get_metric_history(self.run_id, key) for key in keys}
 
-    def unsent(self, scalars: Dict[str, float], step: int) -> list:
-        """The Metrics of what the run does not hold yet. A value the run holds at this step is the stopped run's:
-        the same after an exact resume (skipped; a measurement such as the epoch's time is kept as held); another
-        one means this run takes another path from here: it goes on in a new run (fork) and everything is sent."""
-        new = {}
-        for name, value in scalars.items():
-            held = self.held.get(name, {}).get(step)
-            if held is None:
-                new[name] = value
-            elif not (same_value(held, value) or is_measurement(name)):
-                self.fork(name, step)
-                new = scalars
-                break
-        now = int(time.time() * 1000)
-        return [self.mlflow.entities.Metric(name, value, now, step) for name, value in new.items()]
+    def fork_if_another_path(self, history: dict, resume: Resume, recipe_changed: bool):
+        """When the run holds values past the resume point and this run takes another path from there (the resumed
+        checkpoint is not the run's newest: its token is not the run's mae.checkpoint; or --allow_recipe_change),
+        fork: the held values there are not this run's. Otherwise they are the stopped run's, which this run does
+        not send again (the same numbers: an exact resume, up to workers' re-seeded augmentation and the device's
+        own rounding)."""
+        start = (resume.step, 0)
+        if not any(position(key, m.step) >= start for key, metrics in history.items() for m in metrics):
+            return
+        newest = self.client.get_run(self.run_id).data.tags.get('mae.checkpoint', '')
+        if resume.checkpoint == newest and not recipe_changed:
+            return
+        why = '--allow_recipe_change' if recipe_changed else 'the resumed checkpoint is older than its newest'
+        self.fork(history, resume.step, why)
 
-    def fork(self, name: str, step: int):
-        """Go on in a new run of the same name, parameters and tags, holding the stopped run's values logged
-        before `name` at `step` (position()), tagged mae.continues with the stopped run's id; the stopped run is
-        ended as killed. MLflow cannot replace a logged value, and two values at one step would chart as neither."""
+    def fork(self, history: dict, step: int, why: str):
+        """Go on in a new run of the same name, parameters and tags, holding the stopped run's values before training
+        step `step` (position()), tagged mae.continues with the stopped run's id; the stopped run is ended as killed."""
         old = self.client.get_run(self.run_id)
-        run = self.client.create_run(old.info.experiment_id, run_name=old.info.run_name,
-                                     tags={'mae.continues': old.info.run_id,
-                                           **{k: v for k, v in old.data.tags.items() if not k.startswith('mlflow.')}})
+        tags = {**{k: v for k, v in old.data.tags.items() if not k.startswith('mlflow.')},
+                'mae.continues': old.info.run_id}
+        run = self.client.create_run(old.info.experiment_id, run_name=old.info.run_name, tags=tags)
         self.client.set_terminated(old.info.run_id, status='KILLED')
         self.run_id = run.info.run_id
-        at = position(name, step)
-        kept = [m for key, metrics in self.history.items() for m in metrics if position(key, m.step) < at]
+        kept = [m for key, metrics in history.items() for m in metrics if position(key, m.step) < (step, 0)]
         self.log_batch(metrics=kept, params=[self.mlflow.entities.Param(k, v) for k, v in old.data.params.items()])
-        self.history, self.held = {}, {}
-        where = f'epoch {step}' if is_epoch_scalar(name) else f'step {step}'
-        distributed.print0(f'MLflow run {old.info.run_id} holds other values from {where} on than this run (resumed '
-                           f'from an earlier checkpoint, or with another recipe): this run goes on in MLflow run '
-                           f'{self.run_id}, which holds the earlier values before that point')
+        self.held = {}
+        distributed.print0(f'MLflow run {old.info.run_id} holds values from step {step} on that this run replaces '
+                           f'({why}): it goes on in MLflow run {self.run_id}, which holds the earlier values before '
+                           'that point')
+
+    def unsent(self, scalars: Dict[str, float], step: int) -> list:
+        """The Metrics of what the run does not hold yet (a resumed run's stopped part holds some)."""
+        now = int(time.time() * 1000)
+        return [self.mlflow.entities.Metric(name, value, now, step) for name, value in scalars.items()
+                if step not in self.held.get(name, ())]
 
     def add_scalar(self, name: str, value: float, step: int):
         if not self.pending or self.pending[-1][0] != step:
@@ -439,6 +481,9 @@ class MlflowTracker:
     def flush(self):
         self.end_window()
 
+    def note_checkpoint(self, token: str):
+        self.client.set_tag(self.run_id, 'mae.checkpoint', token)
+
     def close(self, how: str):
         try:
             self.end_window()
@@ -446,6 +491,3 @@ class MlflowTracker:
             self.client.set_terminated(self.run_id,
                                        status={'finished': 'FINISHED', 'failed': 'FAILED'}.get(how, 'KILLED'))
 
-
-def same_value(a: float, b: float) -> bool:
-    return a == b or (math.isnan(a) and math.isnan(b))
