@@ -126,7 +126,7 @@ def test_a_second_demo_replaces_the_first_and_its_outputs_and_says_so(tmp_path):
                         '--data_path', out / 'data', check=True) for _ in range(2)]
     # said before anything is deleted: the fine-tuning run of the demo's model goes, the other run stays
     assert (f"Demo: starting over in {out} (no earlier demo run): it deletes the fine-tuning run in "
-            f"{out / 'finetune'}/ (trained from the previous demo's model; the commands printed at the end make them "
+            f"{out / 'finetune'}/ (trained from the previous demo's model; the commands printed at the end make it "
             'again)\n') in procs[0].stdout
     assert procs[0].stdout.index('Demo: starting over') < procs[0].stdout.index('Epoch: [0]')
     assert (f'Demo: starting over in {out} (the previous demo finished): it replaces the checkpoints, log.txt and '

@@ -103,8 +103,9 @@ def test_a_resume_from_an_older_checkpoint_goes_on_in_a_new_mlflow_run_holding_t
     client, runs = mlflow_runs(tmp_path)
     [new] = [run for run in runs if run.info.run_id != first.info.run_id]
     assert (f'MLflow run {first.info.run_id} holds values from step 1000 on that this run replaces (--allow_recipe_'
-            f'change): it goes on in MLflow run {new.info.run_id}, which holds the earlier values before that '
-            'point') in proc.stdout
+            f'change): it is ended as killed, and this run goes on in MLflow run {new.info.run_id}, which holds its '
+            'values before that point') in proc.stdout
+    assert f'MLflow run {new.info.run_id}: parameters are set once; changed since it started' in proc.stdout
     assert new.info.status == 'FINISHED' and new.info.run_name == 'run'
     assert new.data.tags['mae.continues'] == first.info.run_id and new.data.params['mask_ratio'] == '0.75'
     assert new.data.tags['param_changed.mask_ratio'] == '0.5'

@@ -108,7 +108,8 @@ def decide_continue_or_start_over(args) -> bool:
     stale = stale_runs(args.output_dir)
     replaces = 'replaces the checkpoints, log.txt and TensorBoard files there' if holds_a_run(args.output_dir) else ''
     deletes = ('deletes ' + ' and '.join(f'the {kind} run in {path}/' for kind, path in stale) + ' (trained from '
-               "the previous demo's model; the commands printed at the end make them again)") if stale else ''
+               f"the previous demo's model; the commands printed at the end make {'them' if len(stale) > 1 else 'it'} "
+               'again)') if stale else ''
     if replaces or deletes:
         print0(f'Demo: starting over in {args.output_dir} ({reason}): it ' + ', and '.join(filter(None, (replaces,
                                                                                                         deletes))))

@@ -271,7 +271,7 @@ class EpochProgress:
                      data_wait_frac=self.data_time / max(elapsed, 1e-9), epoch_time_sec=elapsed,
                      peak_mem_gib=self.runtime.max_memory_allocated() / 2 ** 30)
         print0(f'{self.header} done in {format_seconds(elapsed)}: loss {stats.get("loss", float("nan")):.4f}  '
-               f'lr {stats.get("lr", 0):.6f}  {stats["images_per_sec"]:.1f} img/s '
+               f'lr {stats.get("lr", 0):.3g}  {stats["images_per_sec"]:.1f} img/s '
                f'({self.world_size} process{"es" if self.world_size > 1 else ""})  '
                f'data wait {stats["data_wait_frac"]:.0%}  peak mem {stats["peak_mem_gib"]:.2f} GiB')
         return stats

@@ -362,8 +362,8 @@ class MlflowTracker:
                                                                            run_name=run_name(args)).info.run_id
         history = self.metric_history()
         self.held = {key: {m.step for m in metrics} for key, metrics in history.items()}
-        self.log_settings(settings(args))
         self.fork_if_another_path(history, resume, args.allow_recipe_change)
+        self.log_settings(settings(args))  # on the run this one goes to
 
     def continued_run(self, saved_id: Optional[str]) -> Optional[str]:
         """The run to continue, set running again: the checkpoint's, else MLFLOW_RUN_ID (MLflow's own way to name
@@ -455,8 +455,8 @@ class MlflowTracker:
         self.log_batch(metrics=kept, params=[self.mlflow.entities.Param(k, v) for k, v in old.data.params.items()])
         self.held = {}
         distributed.print0(f'MLflow run {old.info.run_id} holds values from step {step} on that this run replaces '
-                           f'({why}): it goes on in MLflow run {self.run_id}, which holds the earlier values before '
-                           'that point')
+                           f'({why}): it is ended as killed, and this run goes on in MLflow run {self.run_id}, which '
+                           'holds its values before that point')
 
     def unsent(self, scalars: Dict[str, float], step: int) -> list:
         """The Metrics of what the run does not hold yet (a resumed run's stopped part holds some)."""
