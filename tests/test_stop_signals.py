@@ -76,6 +76,13 @@ def test_a_stop_during_an_epochs_evaluation_saves_it_trained_and_the_rerun_ends_
     assert 'Continuing at epoch 0 with its evaluation (its training was done)' in relaunch.stdout
     assert same_weights(tmp_path / 'run', tmp_path / 'reference')
     assert without_times(read_json_log(tmp_path / 'run')) == without_times(read_json_log(tmp_path / 'reference'))
+    # TensorBoard keeps epoch 0's training steps: the rerun starts writing at epoch 1 (it purged them from step 0)
+    assert tensorboard_steps(tmp_path / 'run', 'loss') == tensorboard_steps(tmp_path / 'reference', 'loss')
+
+
+def tensorboard_steps(folder, tag: str) -> list:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    return sorted(event.step for event in EventAccumulator(str(folder)).Reload().Scalars(tag))
 
 
 @pytest.mark.slow
