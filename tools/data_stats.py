@@ -52,7 +52,7 @@ def first_sample(root: str) -> Optional[Tuple[str, bytes]]:
             return None
         if not records:
             return None
-        reader = shards.TarReader() if kind == 'wds' else shards.RowGroupReader()
+        reader = shards.sample_reader(kind)
         return f'{records[0].source}:{records[0].key}', reader.read(records[0])
     path = first_image_file(root)
     if not path:

@@ -164,7 +164,7 @@ class IndexedImageDataset(ImageFolderDataset):
     def read(self, path: str):
         if self.reader_pid != os.getpid():  # a forked worker inherits the parent's open files and their position:
             # reading through them would race with its siblings (check_channels reads in the main process first)
-            self.reader = shards.TarReader() if self.kind == 'wds' else shards.RowGroupReader()
+            self.reader = shards.sample_reader(self.kind)
             self.reader_pid = os.getpid()
         return self.decode(SampleBytes(self.reader.read(self.locations[path]), path), self.max_pixels)
 

@@ -363,6 +363,12 @@ def mixed_row_groups(files: List[str]) -> int:
     return max(1, min(SHARDS_MIXED, ROW_GROUP_BUDGET // largest))
 
 
+def sample_reader(kind: str):
+    """A reader of the samples' image bytes for a split of `kind` ('wds' or 'parquet'), with read(Sample) -> bytes;
+    its files are this process's own."""
+    return TarReader() if kind == 'wds' else RowGroupReader()
+
+
 class RowGroupReader:
     """The image bytes of a Parquet row, reading each row group once while it is in play (OpenedLast, within
     ROW_GROUP_BUDGET): a worker that reads the rows of a group in order reads the group once. Memory: SHARDS_MIXED
